@@ -1,0 +1,1 @@
+"""spice-stream-helper: tells the service how to reach this graphical session's display."""
