@@ -1,0 +1,148 @@
+"""The stream-device protocol: builders match stream-device.h, the parser survives any input."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spice_stream_worker import protocol as p
+
+
+def test_header_layout_matches_stream_device_h():
+    # u8 version, u8 padding, u16 type, u32 size, little-endian: 8 bytes.
+    assert p.header(p.MsgType.DATA, 0x01020304) == bytes([1, 0, 3, 0, 4, 3, 2, 1])
+
+
+def test_format_is_twelve_bytes():
+    msg = p.format_msg(1920, 1080)
+    assert len(msg) == 8 + 12
+    assert struct.unpack("<BBHI", msg[:8]) == (1, 0, 2, 12)
+    assert p.decode_format(msg[8:]) == p.Format(1920, 1080, p.CODEC_MJPEG)
+
+
+def test_cursor_set_bounds_and_layout():
+    msg = p.cursor_set(2, 3, 1, 9, b"\xff" * 24)
+    assert struct.unpack("<HHHHB3x", msg[8:20]) == (2, 3, 1, 2, p.CursorType.ALPHA)  # hotspot clamped
+    with pytest.raises(p.MessageError):
+        p.cursor_set(1025, 1, 0, 0, b"\0" * 4100)
+    with pytest.raises(p.MessageError):
+        p.cursor_set(2, 2, 0, 0, b"\0" * 15)
+    with pytest.raises(p.MessageError):
+        p.cursor_set(1, 1, 0, 0, b"\0" * 4, cursor_type=1)  # MONO is not allowed on the stream device
+
+
+def test_data_header_bounds():
+    assert p.data_header(5)[2:] == struct.pack("<HI", 3, 5)
+    with pytest.raises(p.MessageError):
+        p.data_header(p.DATA_MAX_BYTES + 1)
+    with pytest.raises(p.MessageError):
+        p.data_header(0)
+
+
+def test_device_display_info_is_nul_terminated():
+    msg = p.device_display_info(0, 1, "pci/0000/02.0")
+    sid, did, alen = struct.unpack("<III", msg[8:20])
+    assert (sid, did, alen) == (0, 1, len("pci/0000/02.0") + 1)
+    assert msg[20:] == b"pci/0000/02.0\0"
+
+
+def test_capabilities_bitmap():
+    assert p.capabilities({p.Capability.QUALITY_INDICATOR}) == p.encode(1, b"\x01")
+    assert p.has_cap(b"\x01", p.Capability.QUALITY_INDICATOR)
+    assert not p.has_cap(b"", p.Capability.QUALITY_INDICATOR)
+
+
+def test_parser_splits_host_messages():
+    stream = p.capabilities(b"") + p.start_stop([1, 3]) + p.notify_error(7, "bad")
+    msgs = p.Parser().feed(stream)
+    assert [m.type for m in msgs] == [1, 4, 5]
+    assert p.decode_start_stop(msgs[1].payload) == p.StartStop((1, 3))
+    assert p.decode_notify_error(msgs[2].payload) == p.NotifyError(7, "bad")
+
+
+def test_parser_reports_garbage_once_and_resyncs():
+    parser = p.Parser()
+    out = parser.feed(b"\xde\xad\xbe\xef" * 10 + p.start_stop([1]))
+    assert isinstance(out[0], p.Violation) and out[0].discarded == 40
+    assert out[1] == p.Message(4, b"\x01\x01")
+    assert len(out) == 2
+
+
+def test_parser_refuses_oversized_message_without_buffering_it():
+    parser = p.Parser()
+    out = parser.feed(p.header(p.MsgType.NOTIFY_ERROR, 1 << 30) + b"x" * 100)
+    assert any(isinstance(m, p.Violation) and "exceeds" in m.reason for m in out)
+    assert parser.buffered < p.HEADER_SIZE
+
+
+def test_parser_refuses_guest_types_from_host():
+    out = p.Parser().feed(p.format_msg(10, 10))
+    assert isinstance(out[0], p.Violation) and "unexpected message type 2" in out[0].reason
+
+
+def test_start_stop_count_mismatch_is_an_error():
+    with pytest.raises(p.MessageError):
+        p.decode_start_stop(b"\x03\x01")
+    with pytest.raises(p.MessageError):
+        p.decode_start_stop(b"")
+
+
+@st.composite
+def split_points(draw, data: bytes):
+    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=8)))
+    pieces, last = [], 0
+    for c in cuts + [len(data)]:
+        pieces.append(data[last:c])
+        last = c
+    return pieces
+
+
+host_message = st.one_of(
+    st.lists(st.integers(0, 255), max_size=20).map(p.start_stop),
+    st.binary(max_size=40).map(p.capabilities),
+    st.tuples(st.integers(0, 2**32 - 1), st.text(max_size=30)).map(lambda t: p.notify_error(*t)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_valid_stream_any_split_gives_the_same_messages(data):
+    msgs = data.draw(st.lists(host_message, max_size=6))
+    stream = b"".join(msgs)
+    parser = p.Parser()
+    out = []
+    for piece in data.draw(split_points(stream)):
+        out += parser.feed(piece)
+    assert [encode_back(m) for m in out] == msgs
+    assert parser.buffered == 0
+
+
+def encode_back(m):
+    assert isinstance(m, p.Message)
+    return p.encode(m.type, m.payload)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=2000), st.data())
+def test_any_bytes_any_split_never_crash_and_stay_bounded(blob, data):
+    parser = p.Parser()
+    for piece in data.draw(split_points(blob)):
+        for item in parser.feed(piece):
+            assert isinstance(item, p.Message | p.Violation)
+            if isinstance(item, p.Message):
+                assert len(item.payload) <= p.HOST_TO_GUEST_LIMITS[item.type]
+        assert parser.buffered <= parser.max_buffer
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300), host_message)
+def test_garbage_then_valid_message_is_recovered(garbage, msg):
+    # Whatever came before, a valid message that follows a clean boundary is never lost for good:
+    # after at most one false header, the parser is back in step for the message after it.
+    parser = p.Parser()
+    out = parser.feed(garbage + msg + msg + msg)
+    messages = [m for m in out if isinstance(m, p.Message)]
+    assert p.encode(messages[-1].type, messages[-1].payload) == msg or parser.buffered > 0
