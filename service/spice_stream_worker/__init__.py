@@ -1,1 +1,1 @@
-"""spice-stream-worker: captures one X11 display and speaks the SPICE stream-device protocol on a file descriptor."""
+"""spice-stream-worker: captures one X11 display and speaks the SPICE stream-device protocol on an fd."""

@@ -1,0 +1,213 @@
+"""spice-stream-worker: the command line, the device fd, signals and the event loop around the Streamer."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import selectors
+import signal
+import sys
+import termios
+import time
+import tty
+
+from . import protocol as p
+from .errors import DeviceLost, DeviceUnavailable, ExitCode, WorkerError
+from .outbox import Outbox
+from .status import StatusReporter
+from .streamer import HostState, Streamer
+
+log = logging.getLogger("spice-stream-worker")
+
+READ_CHUNK = 64 * 1024
+STOP_GRACE_S = 2.0  # how long a stop may wait for the host to take the rest of a message
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="spice-stream-worker",
+        description="Capture the X display named by $DISPLAY and stream it as MJPEG on a SPICE stream port.",
+    )
+    dev = ap.add_mutually_exclusive_group(required=True)
+    dev.add_argument("--device", metavar="PATH",
+                     help="the stream port, e.g. /dev/virtio-ports/org.spice-space.stream.0")
+    dev.add_argument("--device-fd", metavar="N", type=int, help="an inherited, already open device fd")
+    ap.add_argument("--status-fd", metavar="N", type=int, help="write JSON status lines to this pipe")
+    ap.add_argument("--fps", type=int, default=30, help="frame rate cap (1-120, default 30)")
+    ap.add_argument("--quality", type=int, default=80, help="JPEG quality (1-100, default 80)")
+    ap.add_argument("--start-codecs", metavar="LIST", default=None,
+                    help="host state handed over: the last START_STOP codecs, comma separated, or 'none'")
+    ap.add_argument("--host-caps", metavar="HEX", default=None,
+                    help="host state handed over: its capabilities")
+    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = ap.parse_args(argv)
+    if not 1 <= args.fps <= 120:
+        ap.error(f"--fps {args.fps}: allowed 1-120")
+    if not 1 <= args.quality <= 100:
+        ap.error(f"--quality {args.quality}: allowed 1-100")
+    try:
+        args.host = HostState(
+            codecs=_parse_codecs(args.start_codecs),
+            caps=bytes.fromhex(args.host_caps) if args.host_caps else None,
+        )
+    except ValueError as exc:
+        ap.error(f"bad handed-over host state: {exc}")
+    return args
+
+
+def _parse_codecs(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    if text in ("", "none"):
+        return ()
+    codecs = tuple(int(c) for c in text.split(","))
+    if any(not 0 < c < 256 for c in codecs):
+        raise ValueError(f"codec out of range in {text!r}")
+    return codecs
+
+
+def open_device(path: str) -> int:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise DeviceUnavailable(f"cannot open device {path}: {exc.strerror}") from None
+    return fd
+
+
+def prepare_device(fd: int) -> None:
+    try:
+        os.fstat(fd)
+    except OSError as exc:
+        raise DeviceUnavailable(f"device fd {fd} is not open: {exc.strerror}") from None
+    os.set_blocking(fd, False)
+    if os.isatty(fd):
+        # A pty stand-in must not translate or echo our bytes; a virtio port is not a tty at all.
+        try:
+            tty.setraw(fd, termios.TCSANOW)
+        except termios.error as exc:
+            raise DeviceUnavailable(f"cannot make the device raw: {exc}") from None
+
+
+class Worker:
+    """Owns the loop's sources: the device fd, the X connection, the signal pipe."""
+
+    def __init__(self, args: argparse.Namespace, device_fd: int) -> None:
+        self.args = args
+        self.fd = device_fd
+        self.stop_signal: int | None = None
+        self.selector = selectors.DefaultSelector()
+        self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def run(self) -> ExitCode:
+        from .capture import Screen
+        from .cursor import read_cursor_for
+        from .display_info import find_display_device
+        from .encoder import JpegEncoder
+
+        screen = Screen(os.environ.get("DISPLAY"))
+        try:
+            log.info("display %s %dx%d (%s capture), device fd %d",
+                     os.environ.get("DISPLAY"), *screen.size,
+                     "MIT-SHM" if screen.uses_shm else "GetImage", self.fd)
+            outbox = Outbox(self.fd)
+            streamer = Streamer(
+                screen, JpegEncoder(self.args.quality), outbox,
+                fps=self.args.fps, host=self.args.host,
+                display_address=find_display_device(),
+                read_cursor=read_cursor_for(screen),
+            )
+            status = StatusReporter(self.args.status_fd)
+            return self._loop(screen, streamer, outbox, status)
+        finally:
+            screen.close()
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.stop_signal = signum
+
+    def _loop(self, screen, streamer: Streamer, outbox: Outbox, status: StatusReporter) -> ExitCode:
+        signal.set_wakeup_fd(self._sig_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        parser = p.Parser()
+        sel = self.selector
+        sel.register(self._sig_r, selectors.EVENT_READ, "signal")
+        sel.register(screen.fileno(), selectors.EVENT_READ, "x11")
+        sel.register(self.fd, selectors.EVENT_READ, "device")
+        streamer.start()
+        writing = False
+        while self.stop_signal is None:
+            status.report(streamer.state())
+            if outbox.pending and not outbox.flush() and not writing:
+                sel.modify(self.fd, selectors.EVENT_READ | selectors.EVENT_WRITE, "device")
+                writing = True
+            elif not outbox.pending and writing:
+                sel.modify(self.fd, selectors.EVENT_READ, "device")
+                writing = False
+            deadline = streamer.next_deadline()
+            timeout = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+            # python-xlib may have read events into its queue already: do not sleep on them.
+            if screen.pending_events():
+                timeout = 0.0
+            for key, mask in sel.select(timeout):
+                if key.data == "signal":
+                    _drain(self._sig_r)
+                elif key.data == "device" and mask & selectors.EVENT_READ:
+                    self._read_device(streamer, parser)
+            streamer.on_screen_changes(screen.poll())
+            streamer.tick()
+        log.info("stopping on signal %d", self.stop_signal)
+        torn = not outbox.finish_current(STOP_GRACE_S)
+        status.report(streamer.state() | {"streaming": False}, force=True)
+        return ExitCode.DEVICE_LOST if torn else ExitCode.OK
+
+    def _read_device(self, streamer: Streamer, parser: p.Parser) -> None:
+        try:
+            data = os.read(self.fd, READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            if exc.errno == errno.EIO:
+                raise DeviceLost("device closed by the host side (EIO)") from None
+            raise DeviceLost(f"device read failed: {exc.strerror}") from None
+        if not data:
+            raise DeviceLost("device reached end of file")
+        streamer.on_host_bytes(data, parser)
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format=f"spice-stream-worker[{os.getpid()}]: %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.device_fd is not None:
+            fd = args.device_fd
+        else:
+            fd = open_device(args.device)
+        prepare_device(fd)
+        return int(Worker(args, fd).run())
+    except WorkerError as exc:
+        log.error("%s", exc)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        return int(ExitCode.OK)
+    except Exception:
+        log.exception("unexpected error")
+        return int(ExitCode.FAILURE)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

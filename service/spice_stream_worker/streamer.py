@@ -1,0 +1,246 @@
+"""What goes on the wire and when: host requests, frame pacing, size changes, cursor, idle refresh."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import protocol as p
+from .outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+IDLE_REFRESH_S = 2.0  # a late client gets a picture within this long on a static screen
+CURSOR_MOVE_MIN_INTERVAL_S = 1 / 60
+VIOLATION_LOG_INTERVAL_S = 10.0
+
+
+@dataclass
+class HostState:
+    """What the host told us; handed to the next worker by the service so a switch does not wait."""
+
+    codecs: tuple[int, ...] | None = None  # last START_STOP; None = none seen yet
+    caps: bytes | None = None
+
+
+@dataclass
+class Counters:
+    frames: int = 0
+    frame_bytes: int = 0
+    started: float = field(default_factory=time.monotonic)
+    recent: list[float] = field(default_factory=list)
+
+    def add_frame(self, size: int, now: float) -> None:
+        self.frames += 1
+        self.frame_bytes += size
+        self.recent.append(now)
+        if len(self.recent) > 120:
+            del self.recent[:60]
+
+    def fps(self, now: float) -> float:
+        window = [t for t in self.recent if now - t <= 2.0]
+        return round(len(window) / 2.0, 1)
+
+
+class Streamer:
+    """Drives one screen onto one device. The caller owns the loop and calls the on_* methods."""
+
+    def __init__(
+        self,
+        screen: Any,
+        encoder: Any,
+        outbox: Outbox,
+        *,
+        fps: int,
+        host: HostState,
+        display_address: str | None = None,
+        read_cursor: Callable[[], Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.screen = screen
+        self.encoder = encoder
+        self.outbox = outbox
+        self.interval = 1.0 / fps
+        self.host = host
+        self.display_address = display_address
+        self.read_cursor = read_cursor
+        self.clock = clock
+        self.counters = Counters()
+        self.streaming = False
+        self._damage: list[Any] = []
+        self._need_full = True
+        self._last_frame_at = -1e9
+        self._last_jpeg: bytes | None = None
+        self._cursor_dirty = True
+        self._pointer_dirty = False
+        self._last_pointer: tuple[int, int] | None = None
+        self._last_pointer_at = -1e9
+        self._violations = 0
+        self._violation_logged_at = -1e9
+        self._format_sent: tuple[int, int] | None = None
+
+    # --- host side ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Announce ourselves; resume streaming if the previous worker was streaming."""
+        self.outbox.send(p.capabilities(b""))
+        if self.host.codecs is not None:
+            self._apply_start_stop(self.host.codecs, inherited=True)
+
+    def on_host_bytes(self, data: bytes, parser: p.Parser) -> None:
+        for item in parser.feed(data):
+            if isinstance(item, p.Violation):
+                self._note_violation(item.reason, item.discarded)
+            else:
+                self._on_message(item)
+
+    def _on_message(self, msg: p.Message) -> None:
+        try:
+            if msg.type == p.MsgType.CAPABILITIES:
+                self.host.caps = msg.payload
+                log.info("host capabilities: %s", msg.payload.hex() or "none")
+            elif msg.type == p.MsgType.START_STOP:
+                self._apply_start_stop(p.decode_start_stop(msg.payload).codecs)
+            elif msg.type == p.MsgType.NOTIFY_ERROR:
+                err = p.decode_notify_error(msg.payload)
+                log.error("host reported error %d: %s", err.code, err.text)
+        except p.MessageError as exc:
+            self._note_violation(str(exc), len(msg.payload) + p.HEADER_SIZE)
+
+    def _note_violation(self, reason: str, discarded: int) -> None:
+        self._violations += 1
+        now = self.clock()
+        if now - self._violation_logged_at >= VIOLATION_LOG_INTERVAL_S:
+            extra = f" ({self._violations - 1} more since the last report)" if self._violations > 1 else ""
+            log.warning("invalid data from host: %s; %d bytes discarded%s", reason, discarded, extra)
+            self._violation_logged_at = now
+            self._violations = 0
+
+    def _apply_start_stop(self, codecs: tuple[int, ...], inherited: bool = False) -> None:
+        self.host.codecs = tuple(codecs)
+        want = p.CODEC_MJPEG in codecs
+        how = "handed over" if inherited else "from host"
+        if want and not self.streaming:
+            log.info("start streaming (%s, codecs %s)", how, list(codecs))
+            self.streaming = True
+            self._need_full = True
+            self._format_sent = None
+            self._cursor_dirty = True
+            if self.display_address:
+                self.outbox.send(p.device_display_info(0, 0, self.display_address))
+            if self.host.caps and p.has_cap(self.host.caps, p.Capability.QUALITY_INDICATOR):
+                self.outbox.send(p.quality_indicator(f"mjpeg fps<={round(1 / self.interval)}"))
+        elif not want and self.streaming:
+            if codecs:
+                log.warning("host asked for codecs %s without MJPEG: stop streaming", list(codecs))
+            else:
+                log.info("stop streaming (%s)", how)
+            self.streaming = False
+        elif not want and codecs:
+            log.warning("host offers codecs %s, none of them MJPEG: not streaming", list(codecs))
+
+    # --- screen side --------------------------------------------------------------------------------
+
+    def on_screen_changes(self, changes: Any) -> None:
+        if changes.resized:
+            self._need_full = True
+            self._damage.clear()
+        elif changes.damage and not self._need_full:
+            self._damage.extend(changes.damage)
+        if changes.cursor_changed:
+            self._cursor_dirty = True
+        if changes.pointer_moved:
+            self._pointer_dirty = True
+
+    def next_deadline(self) -> float | None:
+        """When the loop should call tick() again, or None to wait for input (or the device) only."""
+        if not self.streaming:
+            return None
+        deadlines = []
+        if self._cursor_dirty and self.read_cursor is not None:
+            deadlines.append(self.clock())
+        if self._pointer_dirty:
+            deadlines.append(self._last_pointer_at + CURSOR_MOVE_MIN_INTERVAL_S)
+        if not self.outbox.frame_pending:  # a frame in flight: the device's writability wakes us
+            if self._need_full or self._damage:
+                deadlines.append(self._last_frame_at + self.interval)
+            elif self._last_jpeg is not None:
+                deadlines.append(self._last_frame_at + IDLE_REFRESH_S)
+        return min(deadlines) if deadlines else None
+
+    def tick(self) -> None:
+        if not self.streaming:
+            return
+        now = self.clock()
+        if self._cursor_dirty and self.read_cursor is not None:
+            self._send_cursor()
+        if self._pointer_dirty and now - self._last_pointer_at >= CURSOR_MOVE_MIN_INTERVAL_S:
+            self._send_pointer(now)
+        if self.outbox.frame_pending:
+            return  # latest wins: never queue a second frame behind a slow host
+        if now - self._last_frame_at < self.interval:
+            return
+        if self._need_full or self._damage:
+            self._send_frame(now)
+        elif self._last_jpeg is not None and now - self._last_frame_at >= IDLE_REFRESH_S:
+            # Same picture, same bytes: no capture and no encode for the idle refresh.
+            self.outbox.send(p.data_header(len(self._last_jpeg)) + self._last_jpeg, frame=True)
+            self._last_frame_at = now
+
+    def _send_frame(self, now: float) -> None:
+        width, height = self.screen.size
+        if self._format_sent != (width, height):
+            self.outbox.send(p.format_msg(width, height))
+            self._format_sent = (width, height)
+            self._need_full = True
+        if self._need_full:
+            frame = self.screen.grab(None)
+            jpeg = self.encoder.encode(frame, None)
+        else:
+            damage, self._damage = self._damage, []
+            frame = self.screen.grab(damage)
+            jpeg = self.encoder.encode(frame, damage)
+        self._damage.clear()
+        self._need_full = False
+        self._last_jpeg = jpeg
+        self.outbox.send(p.data_header(len(jpeg)) + jpeg, frame=True)
+        self._last_frame_at = now
+        self.counters.add_frame(len(jpeg), now)
+
+    def _send_cursor(self) -> None:
+        self._cursor_dirty = False
+        assert self.read_cursor is not None
+        cursor = self.read_cursor()
+        if cursor is None:
+            return
+        try:
+            self.outbox.send(
+                p.cursor_set(cursor.width, cursor.height, cursor.hot_x, cursor.hot_y, cursor.argb)
+            )
+        except p.MessageError as exc:
+            log.warning("cursor not sent: %s", exc)
+
+    def _send_pointer(self, now: float) -> None:
+        self._pointer_dirty = False
+        self._last_pointer_at = now
+        pos = self.screen.pointer_position()
+        if pos != self._last_pointer:
+            self._last_pointer = pos
+            self.outbox.send(p.cursor_move(*pos))
+
+    def state(self) -> dict[str, Any]:
+        width, height = self.screen.size
+        now = self.clock()
+        return {
+            "streaming": self.streaming,
+            "frames": self.counters.frames,
+            "bytes": self.outbox.bytes_written,
+            "fps": self.counters.fps(now),
+            "width": width,
+            "height": height,
+            "codecs": list(self.host.codecs) if self.host.codecs is not None else None,
+            "host_caps": self.host.caps.hex() if self.host.caps is not None else None,
+        }
