@@ -1,0 +1,88 @@
+"""Pure checks of a caller's DISPLAY string and Xauthority file contents (no I/O)."""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+
+from .errors import InvalidArgument
+
+MAX_XAUTHORITY_BYTES = 64 * 1024
+
+# Xauth families (X11/Xauth.h): only entries that can apply to a local display count.
+FAMILY_INTERNET = 0
+FAMILY_INTERNET6 = 6
+FAMILY_LOCALHOST = 252
+FAMILY_LOCAL = 256
+FAMILY_WILD = 65535
+LOCAL_FAMILIES = frozenset({FAMILY_LOCAL, FAMILY_WILD, FAMILY_LOCALHOST})
+
+_DISPLAY_RE = re.compile(r":([0-9]{1,4})(?:\.([0-9]{1,2}))?")
+
+
+@dataclass(frozen=True)
+class XauthEntry:
+    family: int
+    address: bytes
+    number: bytes
+    name: bytes
+    data: bytes
+
+
+def display_number(display: str) -> int:
+    """The N of a local display ":N" or ":N.S"; anything else (remote, odd characters) is refused."""
+    if not isinstance(display, str) or _DISPLAY_RE.fullmatch(display) is None:
+        shown = display if isinstance(display, str) and len(display) <= 40 else "(too long)"
+        raise InvalidArgument(
+            f"display {shown!r} is not a local X display: expected ':N' or ':N.S' (e.g. ':0')")
+    return int(_DISPLAY_RE.fullmatch(display).group(1))
+
+
+def parse_xauthority(data: bytes) -> list[XauthEntry]:
+    """Every entry of an Xauthority file; a truncated or oversized file is refused as a whole."""
+    if len(data) > MAX_XAUTHORITY_BYTES:
+        raise InvalidArgument(f"Xauthority file is larger than {MAX_XAUTHORITY_BYTES} bytes")
+    entries: list[XauthEntry] = []
+    pos = 0
+    end = len(data)
+
+    def counted() -> bytes:
+        nonlocal pos
+        if pos + 2 > end:
+            raise InvalidArgument("Xauthority file is truncated or not an Xauthority file")
+        (n,) = struct.unpack_from(">H", data, pos)
+        pos += 2
+        if pos + n > end:
+            raise InvalidArgument("Xauthority file is truncated or not an Xauthority file")
+        field = data[pos:pos + n]
+        pos += n
+        return field
+
+    while pos < end:
+        if pos + 2 > end:
+            raise InvalidArgument("Xauthority file is truncated or not an Xauthority file")
+        (family,) = struct.unpack_from(">H", data, pos)
+        pos += 2
+        address = counted()
+        number = counted()
+        name = counted()
+        cookie = counted()
+        entries.append(XauthEntry(family, address, number, name, cookie))
+    return entries
+
+
+def require_cookie_for(data: bytes, display: str) -> XauthEntry:
+    """The entry an X client would use for this local display; refuses a file without one."""
+    number = display_number(display)
+    entries = parse_xauthority(data)
+    if not entries:
+        raise InvalidArgument("Xauthority file is empty: it holds no cookie")
+    wanted = str(number).encode()
+    for entry in entries:
+        if entry.family in LOCAL_FAMILIES and entry.number == wanted and entry.name \
+                and entry.data:
+            return entry
+    raise InvalidArgument(
+        f"Xauthority file holds no cookie for local display :{number} "
+        f"(it has {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} for other displays)")
