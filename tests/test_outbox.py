@@ -1,0 +1,97 @@
+"""Whole messages reach the device even when it takes them a few bytes at a time."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from spice_stream_worker import protocol as p
+from spice_stream_worker.errors import DeviceLost
+from spice_stream_worker.outbox import MAX_QUEUED, Outbox
+from tests.support.hostpeer import RawPty
+
+
+def test_large_messages_survive_partial_writes_on_a_pty():
+    pty = RawPty()
+    os.set_blocking(pty.slave, False)
+    out = Outbox(pty.slave)
+    frames = [bytes([i]) * (300_000 + i) for i in range(3)]
+    for f in frames:
+        out.send(p.data_header(len(f)) + f, frame=True)
+    out.send(p.cursor_move(5, 6))
+    received = bytearray()
+    parser = p.Parser(p.GUEST_TO_HOST_LIMITS)
+    msgs = []
+    deadline = time.monotonic() + 20
+    partial_seen = False
+    while time.monotonic() < deadline:
+        done = out.flush()
+        partial_seen |= out.in_message
+        try:
+            chunk = os.read(pty.master, 4096)  # a slow host: small reads
+        except BlockingIOError:
+            chunk = b""
+        received += chunk
+        msgs += parser.feed(chunk)
+        if done and len(msgs) == 4:
+            break
+    pty.close()
+    assert partial_seen, "the pty never forced a partial write: the test did not exercise it"
+    assert [m.payload for m in msgs[:3]] == frames
+    assert msgs[3] == p.Message(p.MsgType.CURSOR_MOVE, p.CURSOR_MOVE.pack(5, 6))
+
+
+def test_finish_current_completes_the_message_in_progress_and_drops_the_rest():
+    pty = RawPty()
+    os.set_blocking(pty.slave, False)
+    out = Outbox(pty.slave)
+    frame = b"x" * 200_000
+    out.send(p.data_header(len(frame)) + frame, frame=True)
+    out.send(p.cursor_move(1, 1))
+    out.flush()
+    assert out.in_message
+    got = bytearray()
+
+    def drain():
+        end = time.monotonic() + 10
+        while time.monotonic() < end and len(got) < 8 + len(frame):
+            try:
+                got.extend(os.read(pty.master, 65536))
+            except BlockingIOError:
+                time.sleep(0.001)
+
+    os.set_blocking(pty.master, False)
+    t = threading.Thread(target=drain)
+    t.start()
+    assert out.finish_current(timeout=10)
+    t.join()
+    pty.close()
+    assert bytes(got) == p.data_header(len(frame)) + frame  # the queued cursor move was not started
+
+
+def test_finish_current_gives_up_when_the_host_never_reads():
+    pty = RawPty()
+    os.set_blocking(pty.slave, False)
+    out = Outbox(pty.slave)
+    out.send(b"y" * 1_000_000, frame=True)
+    out.flush()
+    t0 = time.monotonic()
+    assert out.finish_current(timeout=0.3) is False
+    assert time.monotonic() - t0 < 3
+    pty.close()
+
+
+def test_queue_is_bounded():
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    out = Outbox(w)
+    for _ in range(MAX_QUEUED + 10):
+        out.send(p.cursor_move(0, 0))
+    assert out.dropped == 10
+    os.close(r)
+    with pytest.raises(DeviceLost):
+        out.flush()
+    os.close(w)
