@@ -1,0 +1,280 @@
+"""A python-dbusmock logind on a private bus, extended with GetSessionByPID, VTNr and seat0 switching."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import dbus
+
+LOGIND_NAME = "org.freedesktop.login1"
+LOGIND_PATH = "/org/freedesktop/login1"
+MANAGER = "org.freedesktop.login1.Manager"
+SESSION = "org.freedesktop.login1.Session"
+SEAT = "org.freedesktop.login1.Seat"
+MOCK = "org.freedesktop.DBus.Mock"
+SEAT0 = "/org/freedesktop/login1/seat/seat0"
+
+# A permissive system-type bus for tests that do not exercise our policy (tests/support/bus.py
+# from helper C1 starts one with the real policy).
+_BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path={socket}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow receive_sender="*"/>
+  </policy>
+</busconfig>
+"""
+
+
+def wait_until(predicate, timeout: float = 5.0, what: str = "condition", interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+class PrivateBus:
+    """A dbus-daemon of type system on a unix socket in a temporary directory."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="spice-test-bus-")
+        os.chmod(self.dir, 0o755)  # helpers running as other uids must reach the socket
+        self.socket = os.path.join(self.dir, "bus")
+        self.address = f"unix:path={self.socket}"
+        conf = os.path.join(self.dir, "bus.conf")
+        with open(conf, "w") as f:
+            f.write(_BUS_CONFIG.format(socket=self.socket))
+        self.proc = subprocess.Popen(
+            ["dbus-daemon", "--config-file", conf, "--nofork", "--nopidfile"],
+            stdin=subprocess.DEVNULL,
+        )
+        try:
+            wait_until(lambda: os.path.exists(self.socket) or self.proc.poll() is not None,
+                       what="dbus-daemon socket")
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"dbus-daemon exited with {self.proc.returncode}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> PrivateBus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class LogindMock:
+    """dbusmock's logind template in a subprocess owning org.freedesktop.login1 on `address`.
+
+    The template gives every session VTNr 1 and lacks GetSessionByPID; add_session() sets the
+    real VT/type and maps pids, activate() switches seat0 like a VT switch does.
+    """
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=address)
+        # The template needs GLib's gi, which the venv lacks: borrow Debian's (same python3.11).
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (env.get("PYTHONPATH"), "/usr/lib/python3/dist-packages") if p
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dbusmock", "--system", "--template", "logind"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+        )
+        self._pids: dict[int, str] = {}
+        self._hang_s = 0.0
+        try:
+            self.conn = dbus.bus.BusConnection(address)
+            wait_until(self._owned, timeout=10, what="dbusmock to own org.freedesktop.login1")
+            self.manager = self.conn.get_object(LOGIND_NAME, LOGIND_PATH)
+            self._mock(LOGIND_PATH).AddSeat("seat0")
+            self._install_get_session_by_pid()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _owned(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"dbusmock exited with {self.proc.returncode}")
+        return bool(self.conn.name_has_owner(LOGIND_NAME))
+
+    def _mock(self, path: str) -> dbus.Interface:
+        return dbus.Interface(self.conn.get_object(LOGIND_NAME, path), MOCK)
+
+    def _install_get_session_by_pid(self) -> None:
+        mapping = {int(pid): f"/org/freedesktop/login1/session/{sid}"
+                   for pid, sid in self._pids.items()}
+        code = ""
+        if self._hang_s:
+            code += f"import time\ntime.sleep({self._hang_s!r})\n"
+        code += (
+            f"m = {mapping!r}\n"
+            "if args[0] not in m:\n"
+            "    raise dbus.exceptions.DBusException("
+            "'PID %d does not belong to any known session' % args[0], "
+            "name='org.freedesktop.login1.NoSessionForPID')\n"
+            "ret = dbus.ObjectPath(m[args[0]])\n"
+        )
+        self._mock(LOGIND_PATH).AddMethod(MANAGER, "GetSessionByPID", "u", "o", code)
+
+    @staticmethod
+    def session_path(session_id: str) -> str:
+        return f"/org/freedesktop/login1/session/{session_id}"
+
+    def add_session(
+        self,
+        session_id: str,
+        uid: int,
+        vt: int,
+        type: str = "x11",  # noqa: A002 - logind's property name
+        pids: Iterable[int] = (),
+        active: bool = False,
+        username: str | None = None,
+    ) -> str:
+        """Create a session on seat0 (not active unless active=True); map pids to it."""
+        name = username or f"user{uid}"
+        user_path = f"/org/freedesktop/login1/user/{uid}"
+        try:
+            self._mock(LOGIND_PATH).AddUser(dbus.UInt32(uid), name, False)
+        except dbus.exceptions.DBusException as e:
+            if not e.get_dbus_name().endswith("UserExists"):
+                raise
+        path = self.session_path(session_id)
+        props = {
+            "Id": session_id,
+            "User": dbus.Struct((dbus.UInt32(uid), dbus.ObjectPath(user_path))),
+            "Name": name,
+            "VTNr": dbus.UInt32(vt),
+            "Type": type,
+            "Class": "user",
+            "Active": False,
+            "State": "online",
+            "Remote": False,
+            "Service": "dbusmock",
+            "TTY": f"tty{vt}" if vt else "",
+            "Display": "",
+            "Leader": dbus.UInt32(1),
+            "Seat": dbus.Struct(("seat0", dbus.ObjectPath(SEAT0))),
+        }
+        self._mock(LOGIND_PATH).AddObject(
+            path, SESSION, dbus.Dictionary(props, signature="sv"),
+            [("Activate", "", "", ""), ("Terminate", "", "", "")],
+        )
+        seat = self.conn.get_object(LOGIND_NAME, SEAT0)
+        sessions = list(seat.Get(SEAT, "Sessions", dbus_interface=dbus.PROPERTIES_IFACE))
+        sessions.append(dbus.Struct((session_id, dbus.ObjectPath(path))))
+        self._mock(SEAT0).UpdateProperties(
+            SEAT, {"Sessions": dbus.Array(sessions, signature="(so)")}
+        )
+        self.map_pids(session_id, pids)
+        if active:
+            self.activate(session_id)
+        return path
+
+    def map_pids(self, session_id: str, pids: Iterable[int]) -> None:
+        for pid in pids:
+            self._pids[int(pid)] = session_id
+        self._install_get_session_by_pid()
+
+    def set_hang(self, seconds: float) -> None:
+        """Make GetSessionByPID block the mock for `seconds` (a logind that does not answer)."""
+        self._hang_s = float(seconds)
+        self._install_get_session_by_pid()
+
+    def set_property(self, session_id: str, name: str, value) -> None:
+        self._mock(self.session_path(session_id)).UpdateProperties(SESSION, {name: value})
+
+    def active_session(self) -> str:
+        seat = self.conn.get_object(LOGIND_NAME, SEAT0)
+        return str(seat.Get(SEAT, "ActiveSession", dbus_interface=dbus.PROPERTIES_IFACE)[0])
+
+    def _session_ids(self) -> list[str]:
+        seat = self.conn.get_object(LOGIND_NAME, SEAT0)
+        return [str(s[0]) for s in seat.Get(SEAT, "Sessions", dbus_interface=dbus.PROPERTIES_IFACE)]
+
+    def activate(self, session_id: str | None) -> None:
+        """Make session_id seat0's active session (None: no active session), as a VT switch."""
+        for sid in self._session_ids():
+            self._mock(self.session_path(sid)).UpdateProperties(
+                SESSION, {"Active": sid == session_id,
+                          "State": "active" if sid == session_id else "online"}
+            )
+        value = (
+            dbus.Struct((session_id, dbus.ObjectPath(self.session_path(session_id))))
+            if session_id else dbus.Struct(("", dbus.ObjectPath("/")))
+        )
+        self._mock(SEAT0).UpdateProperties(SEAT, {"ActiveSession": value})
+
+    def remove_session(self, session_id: str) -> None:
+        """Drop the session (and its pids) and emit Manager.SessionRemoved."""
+        path = self.session_path(session_id)
+        was_active = self.active_session() == session_id
+        remaining = [s for s in self._session_ids() if s != session_id]
+        self._mock(SEAT0).UpdateProperties(SEAT, {"Sessions": dbus.Array(
+            [dbus.Struct((s, dbus.ObjectPath(self.session_path(s)))) for s in remaining],
+            signature="(so)")})
+        if was_active:
+            self.activate(None)
+        self._mock(LOGIND_PATH).RemoveObject(path)
+        self._pids = {p: s for p, s in self._pids.items() if s != session_id}
+        self._install_get_session_by_pid()
+        self._mock(LOGIND_PATH).EmitSignal(
+            MANAGER, "SessionRemoved", "so", [session_id, dbus.ObjectPath(path)]
+        )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        conn = getattr(self, "conn", None)
+        if conn is not None:
+            conn.close()
+
+    def __enter__(self) -> LogindMock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextmanager
+def logind_on(address: str) -> Iterator[LogindMock]:
+    mock = LogindMock(address)
+    try:
+        yield mock
+    finally:
+        mock.stop()

@@ -1,0 +1,262 @@
+"""Session lookup: logind (dbusmock on a private bus) and the /proc fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+from dbus_next import BusType, Message, MessageType
+from dbus_next.aio import MessageBus
+from support.logind import LogindMock, PrivateBus, wait_until
+
+from spice_streamd import errors, sessioninfo
+from spice_streamd.sessioninfo import (
+    LogindSessionSource,
+    ProcSessionSource,
+    SessionInfo,
+    open_session_source,
+    parse_proc_stat_tty,
+    vt_of_tty_nr,
+)
+
+
+@pytest.fixture
+def bus():
+    with PrivateBus() as b:
+        yield b
+
+
+@pytest.fixture
+def logind(bus):
+    with LogindMock(bus.address) as m:
+        yield m
+
+
+async def connect(address: str) -> MessageBus:
+    return await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
+
+
+async def wait_async(predicate, timeout: float = 5.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def test_logind_session_of_pid(bus, logind):
+    logind.add_session("c2", uid=65534, vt=2, type="x11", pids=[4242], active=True)
+    logind.add_session("c7", uid=1000, vt=7, type="wayland", pids=[4343])
+
+    async def run():
+        conn = await connect(bus.address)
+        src = await open_session_source(conn)
+        try:
+            assert isinstance(src, LogindSessionSource)
+            assert await src.session_of_pid(4242) == SessionInfo("c2", 65534, 2, "x11", True)
+            assert await src.session_of_pid(4343) == SessionInfo("c7", 1000, 7, "wayland", False)
+            with pytest.raises(errors.NotInSession, match="no login session"):
+                await src.session_of_pid(999999)
+        finally:
+            await src.close()
+            conn.disconnect()
+
+    asyncio.run(run())
+
+
+def test_logind_session_not_on_vt(bus, logind):
+    logind.add_session("s0", uid=1000, vt=0, type="tty", pids=[77])
+
+    async def run():
+        conn = await connect(bus.address)
+        src = await open_session_source(conn)
+        try:
+            with pytest.raises(errors.NotInSession, match="not on a VT"):
+                await src.session_of_pid(77)
+        finally:
+            await src.close()
+            conn.disconnect()
+
+    asyncio.run(run())
+
+
+def test_logind_session_removed_signal(bus, logind):
+    logind.add_session("c3", uid=1000, vt=3, pids=[55])
+
+    async def run():
+        conn = await connect(bus.address)
+        src = await open_session_source(conn)
+        removed: list[str] = []
+        src.on_session_removed(removed.append)
+        try:
+            await asyncio.to_thread(logind.remove_session, "c3")
+            await wait_async(lambda: removed == ["c3"], what="SessionRemoved")
+            with pytest.raises(errors.NotInSession):
+                await src.session_of_pid(55)
+        finally:
+            await src.close()
+            conn.disconnect()
+
+    asyncio.run(run())
+
+
+def test_spoofed_session_removed_is_ignored(bus, logind):
+    """A SessionRemoved unicast by some other peer must not drop anyone's session."""
+    logind.add_session("c4", uid=1000, vt=4, pids=[66])
+
+    async def run():
+        conn = await connect(bus.address)
+        src = await open_session_source(conn)
+        removed: list[str] = []
+        src.on_session_removed(removed.append)
+        evil = await connect(bus.address)
+        try:
+            await evil.send(Message(
+                message_type=MessageType.SIGNAL, destination=conn.unique_name,
+                path="/org/freedesktop/login1", interface="org.freedesktop.login1.Manager",
+                member="SessionRemoved", signature="so",
+                body=["c4", "/org/freedesktop/login1/session/c4"]))
+            # A real removal afterwards proves the handler was live when the fake one arrived.
+            await asyncio.to_thread(logind.remove_session, "c4")
+            await wait_async(lambda: removed, what="real SessionRemoved")
+            assert removed == ["c4"]
+        finally:
+            await src.close()
+            evil.disconnect()
+            conn.disconnect()
+
+    asyncio.run(run())
+
+
+def test_logind_timeout_is_authority_unavailable(bus, logind):
+    logind.add_session("c5", uid=1000, vt=5, pids=[88])
+    logind.set_hang(1.5)
+
+    async def run():
+        conn = await connect(bus.address)
+        src = LogindSessionSource(conn, timeout=0.3)
+        await src.start()
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(errors.AuthorityUnavailable):
+                await src.session_of_pid(88)
+            assert time.monotonic() - t0 < 1.2
+        finally:
+            await src.close()
+            conn.disconnect()
+
+    asyncio.run(run())
+
+
+def test_logind_gone_is_authority_unavailable(bus, logind):
+    logind.add_session("c6", uid=1000, vt=6, pids=[99])
+
+    async def run():
+        conn = await connect(bus.address)
+        src = await open_session_source(conn)
+        try:
+            await asyncio.to_thread(logind.stop)
+            await asyncio.to_thread(
+                wait_until, lambda: not _has_owner(bus.address), 5, "logind gone")
+            with pytest.raises(errors.AuthorityUnavailable):
+                await src.session_of_pid(99)
+        finally:
+            await src.close()
+            conn.disconnect()
+
+    asyncio.run(run())
+
+
+def _has_owner(address: str) -> bool:
+    import dbus
+
+    conn = dbus.bus.BusConnection(address)
+    try:
+        return bool(conn.name_has_owner("org.freedesktop.login1"))
+    finally:
+        conn.close()
+
+
+def test_no_logind_gives_proc_source(bus):
+    async def run():
+        conn = await connect(bus.address)
+        src = await open_session_source(conn)
+        try:
+            assert isinstance(src, ProcSessionSource)
+        finally:
+            await src.close()
+            conn.disconnect()
+
+    asyncio.run(run())
+
+
+def test_proc_stat_parsing_survives_odd_names():
+    line = b"1234 (a) b (c)) S 1 1234 1234 1025 1234 4194560 0 0\n"
+    assert parse_proc_stat_tty(line) == 1025
+    with pytest.raises(ValueError):
+        parse_proc_stat_tty(b"garbage")
+
+
+@pytest.mark.parametrize(
+    "tty_nr,vt",
+    [(0x0401, 1), (0x0402, 2), (0x043F, 63), (0x0400, None), (0x0440, None),
+     (0x8800, None), (0x8801, None), (0, None)],
+)
+def test_vt_of_tty_nr(tty_nr, vt):
+    assert vt_of_tty_nr(tty_nr) == vt
+
+
+def _fake_proc(root, pid: int, stat: bytes, uid_line: bytes) -> None:
+    d = root / str(pid)
+    d.mkdir()
+    (d / "stat").write_bytes(stat)
+    (d / "status").write_bytes(b"Name:\tx\n" + uid_line + b"Gid:\t0 0 0 0\n")
+
+
+def test_proc_source(tmp_path):
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    active = tmp_path / "active"
+    active.write_bytes(b"tty3\n")
+    _fake_proc(proc, 10, b"10 (Xorg :0) S 1 10 10 1027 0 0\n", b"Uid:\t1000\t0\t0\t0\n")
+    _fake_proc(proc, 11, b"11 (gnome) S 1 11 11 0 0 0\n", b"Uid:\t1000\t1000\t1000\t1000\n")
+    _fake_proc(proc, 12, b"12 (bash) S 1 12 12 34816 0 0\n", b"Uid:\t0\t0\t0\t0\n")
+    _fake_proc(proc, 13, b"13 (x) S 1 13 13 1026 0 0\n", b"Uid:\t5\t5\t5\t5\n")
+    _fake_proc(proc, 14, b"14 (x) S", b"")
+    src = ProcSessionSource(str(proc), str(active))
+
+    async def run():
+        # Real uid, not the effective one: the effective uid is the process's to change.
+        assert await src.session_of_pid(10) == SessionInfo(None, 1000, 3, "unspecified", True)
+        assert await src.session_of_pid(13) == SessionInfo(None, 5, 2, "unspecified", False)
+        with pytest.raises(errors.NotInSession, match="not on a VT"):
+            await src.session_of_pid(11)
+        with pytest.raises(errors.NotInSession, match="not on a VT"):
+            await src.session_of_pid(12)  # a pty (major 136) is no VT
+        with pytest.raises(errors.NotInSession, match="gone"):
+            await src.session_of_pid(99)
+        with pytest.raises(errors.NotInSession, match="unreadable"):
+            await src.session_of_pid(14)
+        with pytest.raises(errors.NotInSession):
+            await src.session_of_pid(0)
+
+    asyncio.run(run())
+
+
+def test_proc_source_real_process():
+    """Against the real /proc: this test process has no VT as controlling tty here."""
+    src = ProcSessionSource()
+    with open(f"/proc/{os.getpid()}/stat", "rb") as f:
+        vt = vt_of_tty_nr(sessioninfo.parse_proc_stat_tty(f.read()))
+
+    async def run():
+        if vt is None:
+            with pytest.raises(errors.NotInSession):
+                await src.session_of_pid(os.getpid())
+        else:
+            info = await src.session_of_pid(os.getpid())
+            assert (info.uid, info.vt) == (os.getuid(), vt)
+
+    asyncio.run(run())
