@@ -1,0 +1,416 @@
+"""The worker's X connection: capture (MIT-SHM or GetImage), damage, RandR, cursor, pointer."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from Xlib import X
+from Xlib import display as xdisplay
+from Xlib import error as xerror
+from Xlib.ext import damage as xdamage
+from Xlib.ext import randr as xrandr
+from Xlib.ext import xfixes, xinput
+
+from . import xshm
+from .cursor import CursorImage, read_cursor
+from .errors import DisplayLost, DisplayUnavailable
+
+log = logging.getLogger(__name__)
+
+# Set to 1 to capture with plain GetImage even where MIT-SHM works (tests, debugging).
+NO_SHM_ENV = "SPICE_STREAM_WORKER_NO_SHM"
+
+# Past this many damage rectangles in one poll, report their bounding box instead: the encoder
+# works in full-width bands anyway, and an unbounded list would be an unbounded cost.
+MAX_RECTS = 64
+# At most this many events are handled per poll() so a flood cannot starve the caller.
+MAX_EVENTS_PER_POLL = 20000
+
+_GENERIC_EVENT = 35
+_XI_RAW_MOTION = 17
+_XI_RAW_MOTION_MASK = 1 << _XI_RAW_MOTION
+
+
+@dataclass(frozen=True)
+class Rect:
+    x: int
+    y: int
+    width: int
+    height: int
+
+    def clip(self, width: int, height: int) -> Rect | None:
+        x0, y0 = max(self.x, 0), max(self.y, 0)
+        x1, y1 = min(self.x + self.width, width), min(self.y + self.height, height)
+        if x1 <= x0 or y1 <= y0:
+            return None
+        return Rect(x0, y0, x1 - x0, y1 - y0)
+
+
+@dataclass
+class Changes:
+    """What poll() saw since the last poll."""
+
+    damage: list[Rect] = field(default_factory=list)
+    resized: bool = False
+    cursor_changed: bool = False
+    pointer_moved: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.damage or self.resized or self.cursor_changed or self.pointer_moved)
+
+
+@dataclass
+class Frame:
+    """The screen's framebuffer: BGRX, 4 bytes per pixel, rows `stride` bytes apart.
+
+    `pixels` may be a view of shared memory: it is valid until the next grab() or close().
+    `changed` lists the full-width strips the last grab() refreshed (None: the whole frame).
+    """
+
+    width: int
+    height: int
+    stride: int
+    pixels: memoryview
+    changed: list[Rect] | None = None
+
+
+def row_spans(rects: list[Rect], height: int) -> list[tuple[int, int]]:
+    """Merge the rows covered by rects into sorted, non-overlapping [y0, y1) spans."""
+    spans = sorted((max(r.y, 0), min(r.y + r.height, height)) for r in rects)
+    merged: list[tuple[int, int]] = []
+    for y0, y1 in spans:
+        if y1 <= y0:
+            continue
+        if merged and y0 <= merged[-1][1]:
+            if y1 > merged[-1][1]:
+                merged[-1] = (merged[-1][0], y1)
+        else:
+            merged.append((y0, y1))
+    return merged
+
+
+class _RateLimit:
+    """Lets through at most `burst` events per `interval` seconds, then counts the rest."""
+
+    def __init__(self, burst: int = 5, interval: float = 10.0) -> None:
+        self.burst, self.interval = burst, interval
+        self.start, self.count, self.dropped = 0.0, 0, 0
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        if now - self.start > self.interval:
+            self.start, self.count = now, 0
+        self.count += 1
+        if self.count <= self.burst:
+            return True
+        self.dropped += 1
+        return False
+
+
+class Screen:
+    """Owns the X connection used by the worker: capture, damage, RandR, cursor/pointer events."""
+
+    def __init__(self, display_name: str | None = None, use_shm: bool | None = None) -> None:
+        self.name = display_name or os.environ.get("DISPLAY", "")
+        self._closed = False
+        self._seg: xshm.ShmSegment | None = None
+        self._fb: bytearray | None = None
+        self._pending_resize = False
+        self._errors = _RateLimit()
+        try:
+            self._disp = xdisplay.Display(display_name)
+        except Exception as exc:  # python-xlib raises several unrelated types for this
+            raise DisplayUnavailable(
+                f"cannot open X display {self.name!r}: {_one_line(exc)}"
+            ) from None
+        self.name = self._disp.get_display_name()
+        try:
+            self._setup(use_shm)
+        except DisplayUnavailable:
+            self.close()
+            raise
+        except (xerror.ConnectionClosedError, OSError) as exc:
+            self.close()
+            raise DisplayUnavailable(
+                f"X display {self.name!r} closed during setup: {_one_line(exc)}"
+            ) from None
+
+    # -- setup --------------------------------------------------------------------------------
+
+    def _setup(self, use_shm: bool | None) -> None:
+        d = self._disp
+        d.set_error_handler(self._on_async_error)
+        screen = d.screen()
+        self._root = screen.root
+        self._check_format(screen)
+        geom = self._root.get_geometry()
+        self.size: tuple[int, int] = (geom.width, geom.height)
+
+        for ext in ("DAMAGE", "XFIXES", "RANDR"):
+            if not d.has_extension(ext):
+                raise DisplayUnavailable(f"X display {self.name!r} lacks the {ext} extension")
+        # Each of these extensions needs its version negotiated before its other requests work.
+        d.damage_query_version()
+        self._damage_event = d.query_extension("DAMAGE").first_event + xdamage.DamageNotifyCode
+        self._damage = self._root.damage_create(xdamage.DamageReportDeltaRectangles)
+
+        d.xfixes_query_version()
+        self._xfixes_event = d.query_extension("XFIXES").first_event + xfixes.XFixesCursorNotify
+        d.xfixes_select_cursor_input(self._root, xfixes.XFixesDisplayCursorNotifyMask)
+
+        d.xrandr_query_version()
+        self._randr_event = d.query_extension("RANDR").first_event + xrandr.RRScreenChangeNotify
+        self._root.xrandr_select_input(xrandr.RRScreenChangeNotifyMask)
+
+        self._xi_opcode = None
+        if d.has_extension("XInputExtension"):
+            opcode = d.query_extension("XInputExtension").major_opcode
+            version = xinput.XIQueryVersion(
+                display=d.display, opcode=opcode, major_version=2, minor_version=2
+            )
+            if (version.major_version, version.minor_version) >= (2, 0):
+                self._root.xinput_select_events([(xinput.AllMasterDevices, _XI_RAW_MOTION_MASK)])
+                self._xi_opcode = opcode
+        if self._xi_opcode is None:
+            log.info("display %s: no XInput2, pointer motion is not reported", self.name)
+
+        if use_shm is None:
+            use_shm = os.environ.get(NO_SHM_ENV, "") not in ("1", "true", "yes")
+        self._want_shm = use_shm and xshm.init(d)
+        self._alloc()
+        d.sync()
+        log.info(
+            "display %s: %dx%d, capture with %s",
+            self.name,
+            self.size[0],
+            self.size[1],
+            "MIT-SHM" if self.uses_shm else "GetImage",
+        )
+
+    def _check_format(self, screen) -> None:
+        depth = screen.root_depth
+        formats = {f.depth: f.bits_per_pixel for f in self._disp.display.info.pixmap_formats}
+        visual = next(
+            (v for dp in screen.allowed_depths if dp.depth == depth for v in dp.visuals
+             if v.visual_id == screen.root_visual),
+            None,
+        )
+        ok = (
+            depth in (24, 32)
+            and formats.get(depth) == 32
+            and self._disp.display.info.image_byte_order == X.LSBFirst
+            and visual is not None
+            and (visual.red_mask, visual.green_mask, visual.blue_mask)
+            == (0xFF0000, 0xFF00, 0xFF)
+        )
+        if not ok:
+            raise DisplayUnavailable(
+                f"X display {self.name!r}: unsupported pixel format (depth {depth}); "
+                "need 24/32-bit little-endian BGRX"
+            )
+
+    def _alloc(self) -> None:
+        """(Re)allocate the framebuffer for the current size: a SHM segment, else a bytearray."""
+        width, height = self.size
+        nbytes = width * height * 4
+        if self._seg is not None:
+            self._seg.close()
+            self._seg = None
+        self._fb = None
+        if self._want_shm:
+            try:
+                self._seg = xshm.ShmSegment(self._disp, nbytes)
+            except xshm.ShmError as exc:
+                log.warning(
+                    "display %s: MIT-SHM unusable (%s), falling back to GetImage",
+                    self.name,
+                    _one_line(exc),
+                )
+                self._want_shm = False
+        if self._seg is None:
+            self._fb = bytearray(nbytes)
+
+    @property
+    def uses_shm(self) -> bool:
+        return self._seg is not None
+
+    # -- events -------------------------------------------------------------------------------
+
+    def fileno(self) -> int:
+        return self._disp.fileno()
+
+    def queued(self) -> int:
+        """Events python-xlib already read off the socket (select() on fileno() will not see them)."""
+        return len(self._disp.display.event_queue)
+
+    def poll(self) -> Changes:
+        """Handle every queued X event without blocking; raises DisplayLost if the connection broke."""
+        self._check_open()
+        changes = Changes()
+        rects: list[Rect] = []
+        if self._pending_resize:
+            changes.resized = True
+            self._pending_resize = False
+        d = self._disp
+        handled = 0
+        try:
+            while handled < MAX_EVENTS_PER_POLL:
+                n = d.pending_events()
+                if not n:
+                    break
+                for _ in range(n):
+                    self._handle(d.next_event(), changes, rects)
+                    handled += 1
+            if rects:
+                # Empty the server's damage region so further drawing reports again (delta level).
+                d.damage_subtract(self._damage, X.NONE, X.NONE)
+                d.flush()
+        except (xerror.ConnectionClosedError, OSError) as exc:
+            raise DisplayLost(f"X display {self.name!r} connection lost: {_one_line(exc)}") from None
+        width, height = self.size
+        clipped = [c for r in rects if (c := r.clip(width, height)) is not None]
+        if len(clipped) > MAX_RECTS:
+            clipped = [_bounding(clipped)]
+        changes.damage = list(dict.fromkeys(clipped))
+        return changes
+
+    def _handle(self, ev, changes: Changes, rects: list[Rect]) -> None:
+        etype = ev.type & 0x7F
+        if etype == self._damage_event:
+            a = ev.area
+            rects.append(Rect(a.x, a.y, a.width, a.height))
+        elif etype == _GENERIC_EVENT:
+            if ev.extension == self._xi_opcode and ev.evtype == _XI_RAW_MOTION:
+                changes.pointer_moved = True
+        elif etype == self._xfixes_event:
+            changes.cursor_changed = True
+        elif etype == self._randr_event:
+            new = (ev.width_in_pixels, ev.height_in_pixels)
+            if ev.rotation & (xrandr.Rotate_90 | xrandr.Rotate_270):
+                new = (new[1], new[0])
+            if new != self.size:
+                self._resize(new)
+                changes.resized = True
+
+    def _resize(self, new: tuple[int, int]) -> None:
+        log.info("display %s: resized %dx%d -> %dx%d", self.name, *self.size, *new)
+        self.size = new
+        self._alloc()
+
+    def _on_async_error(self, err, request) -> None:
+        if self._errors.allow():
+            log.warning("display %s: X error %s", self.name, _one_line(err))
+
+    # -- capture ------------------------------------------------------------------------------
+
+    def grab(self, rects: list[Rect] | None = None) -> Frame:
+        """Copy the rows touched by rects (None: the whole screen) into the framebuffer."""
+        self._check_open()
+        for attempt in (0, 1):
+            width, height = self.size
+            spans = [(0, height)] if rects is None else row_spans(rects, height)
+            try:
+                for y0, y1 in spans:
+                    self._grab_rows(y0, y1)
+                break
+            except xerror.XError as exc:
+                # The server's size changed before we saw its RandR event; re-read it once.
+                if attempt or not self._refresh_size():
+                    raise DisplayLost(
+                        f"X display {self.name!r}: capture failed: {_one_line(exc)}"
+                    ) from None
+                rects = None
+            except (xerror.ConnectionClosedError, OSError) as exc:
+                raise DisplayLost(
+                    f"X display {self.name!r} connection lost: {_one_line(exc)}"
+                ) from None
+        width, height = self.size
+        changed = None if rects is None else [Rect(0, y0, width, y1 - y0) for y0, y1 in spans]
+        pixels = self._seg.memoryview() if self._seg is not None else memoryview(self._fb)
+        return Frame(width, height, width * 4, pixels, changed)
+
+    def _grab_rows(self, y0: int, y1: int) -> None:
+        width = self.size[0]
+        stride = width * 4
+        if self._seg is not None:
+            # Full-width strips land at their final place in the segment: no copy on our side.
+            self._disp.shm_get_image(self._root, 0, y0, width, y1 - y0, self._seg.xid, y0 * stride)
+        else:
+            image = self._root.get_image(0, y0, width, y1 - y0, X.ZPixmap, 0xFFFFFFFF)
+            self._fb[y0 * stride : y1 * stride] = image.data
+
+    def _refresh_size(self) -> bool:
+        geom = self._root.get_geometry()
+        new = (geom.width, geom.height)
+        if new == self.size:
+            return False
+        self._resize(new)
+        self._pending_resize = True
+        return True
+
+    # -- pointer and cursor -------------------------------------------------------------------
+
+    def pointer_position(self) -> tuple[int, int]:
+        self._check_open()
+        try:
+            reply = self._root.query_pointer()
+        except (xerror.ConnectionClosedError, OSError) as exc:
+            raise DisplayLost(f"X display {self.name!r} connection lost: {_one_line(exc)}") from None
+        return reply.root_x, reply.root_y
+
+    def cursor_image(self) -> CursorImage | None:
+        self._check_open()
+        try:
+            return read_cursor(self._disp)
+        except (xerror.ConnectionClosedError, OSError) as exc:
+            raise DisplayLost(f"X display {self.name!r} connection lost: {_one_line(exc)}") from None
+
+    # -- teardown -----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DisplayLost(f"X display {self.name!r}: screen is closed")
+
+    def close(self) -> None:
+        """Free the SHM segment and the connection; safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._seg is not None:
+            alive = True
+            try:
+                self._disp.flush()
+            except Exception:  # noqa: BLE001 - a dead connection still needs the local detach
+                alive = False
+            self._seg.close(connection_alive=alive)
+            self._seg = None
+        self._fb = None
+        self._close_connection()
+
+    def _close_connection(self) -> None:
+        try:
+            self._disp.close()
+        except Exception:  # noqa: BLE001 - closing a broken connection may fail; nothing to do
+            pass
+
+    def __enter__(self) -> Screen:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _bounding(rects: list[Rect]) -> Rect:
+    x0 = min(r.x for r in rects)
+    y0 = min(r.y for r in rects)
+    x1 = max(r.x + r.width for r in rects)
+    y1 = max(r.y + r.height for r in rects)
+    return Rect(x0, y0, x1 - x0, y1 - y0)
+
+
+def _one_line(exc: object) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split())[:300]
