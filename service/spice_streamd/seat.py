@@ -1,0 +1,256 @@
+"""Which VT is active: logind's seat0 ActiveSession, or /sys/class/tty/tty0/active without logind."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import select
+from collections.abc import Callable
+from typing import Protocol
+
+from dbus_next import Message, MessageType
+from dbus_next.aio import MessageBus
+
+from . import constants
+from .sessioninfo import (
+    MAX_VT,
+    LogindError,
+    OwnerTracker,
+    add_match,
+    get_properties,
+    logind_present,
+    parse_active_vt,
+    remove_match,
+)
+
+log = logging.getLogger(__name__)
+
+SYSFS_ACTIVE = "/sys/class/tty/tty0/active"
+POLL_INTERVAL_S = 0.5
+
+
+class VTSource(Protocol):
+    active_vt: int | None
+
+    def on_change(self, callback: Callable[[int | None], None]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class _Notifier:
+    """Holds active_vt and calls the callbacks once per actual change."""
+
+    def __init__(self) -> None:
+        self.active_vt: int | None = None
+        self._callbacks: list[Callable[[int | None], None]] = []
+
+    def on_change(self, callback: Callable[[int | None], None]) -> None:
+        self._callbacks.append(callback)
+
+    def _set(self, vt: int | None, why: str) -> None:
+        if vt == self.active_vt:
+            return
+        log.info("active VT %s -> %s (%s)", self.active_vt, vt, why)
+        self.active_vt = vt
+        for cb in list(self._callbacks):
+            try:
+                cb(vt)
+            except Exception:
+                log.exception("active-VT callback failed (VT %s)", vt)
+
+
+class LogindVTSource(_Notifier):
+    """seat0's ActiveSession (followed through PropertiesChanged) mapped to that session's VTNr."""
+
+    def __init__(self, bus: MessageBus, timeout: float = constants.LOGIND_TIMEOUT_S) -> None:
+        super().__init__()
+        self._bus = bus
+        self._timeout = timeout
+        self._owner = OwnerTracker(bus)
+        self._rule = (
+            f"type='signal',sender='{constants.LOGIND_NAME}',"
+            f"path='{constants.LOGIND_SEAT0_PATH}',interface='org.freedesktop.DBus.Properties',"
+            f"member='PropertiesChanged',arg0='{constants.LOGIND_SEAT}'"
+        )
+        self._generation = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._started = False
+
+    async def start(self) -> None:
+        self._owner.on_change(lambda owner: self._schedule_refresh(f"logind owner {owner}"))
+        await self._owner.start(self._timeout)
+        self._bus.add_message_handler(self._handle)
+        self._started = True
+        await add_match(self._bus, self._rule, self._timeout)
+        await self._refresh("start")
+
+    def _handle(self, msg: Message) -> None:
+        if (
+            msg.message_type != MessageType.SIGNAL
+            or msg.path != constants.LOGIND_SEAT0_PATH
+            or msg.interface != "org.freedesktop.DBus.Properties"
+            or msg.member != "PropertiesChanged"
+        ):
+            return None
+        if msg.sender != self._owner.owner:
+            log.warning("ignored seat0 PropertiesChanged from %s (not logind)", msg.sender)
+            return None
+        if msg.signature != "sa{sv}as" or msg.body[0] != constants.LOGIND_SEAT:
+            return None
+        if "ActiveSession" in msg.body[1] or "ActiveSession" in msg.body[2]:
+            self._schedule_refresh("seat0 ActiveSession changed")
+        return None
+
+    def _schedule_refresh(self, why: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._refresh(why))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _refresh(self, why: str) -> None:
+        # Lookups can overlap; only the newest one may publish, so a slow answer about an old
+        # switch cannot override a newer one.
+        self._generation += 1
+        generation = self._generation
+        try:
+            vt = await self._read_active_vt()
+        except LogindError as e:
+            log.warning("cannot read seat0's active session (%s): no active VT", e)
+            vt = None
+        if generation == self._generation:
+            self._set(vt, why)
+
+    async def _read_active_vt(self) -> int | None:
+        if self._owner.owner is None:
+            return None
+        seat = await get_properties(
+            self._bus, constants.LOGIND_SEAT0_PATH, constants.LOGIND_SEAT, self._timeout
+        )
+        try:
+            session_id, path = seat["ActiveSession"]
+        except (KeyError, TypeError, ValueError):
+            return None
+        if not session_id or path in ("", "/"):
+            return None
+        props = await get_properties(self._bus, path, constants.LOGIND_SESSION, self._timeout)
+        try:
+            vt = int(props.get("VTNr", 0))
+        except (TypeError, ValueError):
+            return None
+        return vt if 1 <= vt <= MAX_VT else None
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._started:
+            self._started = False
+            self._bus.remove_message_handler(self._handle)
+            await remove_match(self._bus, self._rule, 1.0)
+        await self._owner.close()
+
+
+class SysfsVTSource(_Notifier):
+    """/sys/class/tty/tty0/active, watched through the sysfs attribute's poll notification.
+
+    sysfs_notify() raises POLLPRI|POLLERR while the attribute always reports readable, so the
+    loop's EPOLLIN reader would spin: the fd goes into an epoll set of its own, for PRI/ERR only,
+    and that set's fd is what the event loop watches. A path that epoll refuses (a regular file,
+    as in tests) or that is missing is polled every POLL_INTERVAL_S instead.
+    """
+
+    def __init__(self, path: str = SYSFS_ACTIVE) -> None:
+        super().__init__()
+        self.path = path
+        self.mode = "none"  # "epoll" or "poll", for tests and the startup log
+        self._fd: int | None = None
+        self._epoll: select.epoll | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            log.warning("cannot open %s (%s): polling it", self.path, e.strerror)
+            fd = None
+        if fd is not None:
+            ep = select.epoll(flags=select.EPOLL_CLOEXEC)
+            try:
+                ep.register(fd, select.EPOLLPRI | select.EPOLLERR)
+            except OSError:
+                ep.close()
+                os.close(fd)
+            else:
+                self._fd, self._epoll = fd, ep
+                self._loop.add_reader(ep.fileno(), self._on_notify)
+                self.mode = "epoll"
+                self._read_fd("start")
+        if self._epoll is None:
+            self.mode = "poll"
+            self._poll()
+        log.info("active VT from %s (%s): %s", self.path, self.mode, self.active_vt)
+
+    def _read_fd(self, why: str) -> None:
+        assert self._fd is not None
+        try:
+            # Reading from offset 0 is also what re-arms the sysfs notification.
+            data = os.pread(self._fd, 64, 0)
+        except OSError as e:
+            log.warning("cannot read %s: %s", self.path, e.strerror)
+            data = b""
+        self._set(parse_active_vt(data), why)
+
+    def _on_notify(self) -> None:
+        assert self._epoll is not None
+        self._epoll.poll(0)
+        self._read_fd(f"{self.path} changed")
+
+    def _poll(self) -> None:
+        self._timer = None
+        if self._closed:
+            return
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read(64)
+        except OSError:
+            data = b""
+        self._set(parse_active_vt(data), f"{self.path} polled")
+        assert self._loop is not None
+        self._timer = self._loop.call_later(POLL_INTERVAL_S, self._poll)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._epoll is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self._epoll.fileno())
+            self._epoll.close()
+            self._epoll = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+async def open_vt_source(
+    bus: MessageBus | None,
+    sysfs_path: str = SYSFS_ACTIVE,
+    timeout: float = constants.LOGIND_TIMEOUT_S,
+) -> VTSource:
+    """logind's seat0 when org.freedesktop.login1 has an owner on the bus, else sysfs."""
+    if await logind_present(bus):
+        assert bus is not None
+        source: LogindVTSource | SysfsVTSource = LogindVTSource(bus, timeout)
+        await source.start()
+        log.info("active VT comes from logind seat0: %s", source.active_vt)
+        return source
+    sysfs = SysfsVTSource(sysfs_path)
+    await sysfs.start()
+    return sysfs

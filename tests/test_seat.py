@@ -1,0 +1,184 @@
+"""Active VT: logind seat0 (dbusmock on a private bus) and the sysfs file."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import time
+
+import pytest
+from dbus_next import BusType, Message, MessageType, Variant
+from dbus_next.aio import MessageBus
+from support.logind import LogindMock, PrivateBus
+
+from spice_streamd.seat import LogindVTSource, SysfsVTSource, open_vt_source
+
+
+@pytest.fixture
+def bus():
+    with PrivateBus() as b:
+        yield b
+
+
+@pytest.fixture
+def logind(bus):
+    with LogindMock(bus.address) as m:
+        yield m
+
+
+async def connect(address: str) -> MessageBus:
+    return await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
+
+
+async def wait_async(predicate, timeout: float = 5.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def test_logind_follows_seat0(bus, logind):
+    logind.add_session("c2", uid=1000, vt=2, active=True)
+    logind.add_session("c7", uid=1001, vt=7)
+    logind.add_session("ssh", uid=1002, vt=0, type="tty")
+
+    async def run():
+        conn = await connect(bus.address)
+        src = await open_vt_source(conn, sysfs_path="/nonexistent")
+        seen: list[int | None] = []
+        src.on_change(seen.append)
+        try:
+            assert isinstance(src, LogindVTSource)
+            assert src.active_vt == 2
+            await asyncio.to_thread(logind.activate, "c7")
+            await wait_async(lambda: src.active_vt == 7, what="VT 7")
+            await asyncio.to_thread(logind.activate, "ssh")  # active but on no VT
+            await wait_async(lambda: src.active_vt is None, what="no VT")
+            await asyncio.to_thread(logind.activate, "c2")
+            await wait_async(lambda: src.active_vt == 2, what="VT 2")
+            await asyncio.to_thread(logind.remove_session, "c2")
+            await wait_async(lambda: src.active_vt is None, what="no session")
+            assert seen == [7, None, 2, None]
+        finally:
+            await src.close()
+            conn.disconnect()
+
+    asyncio.run(run())
+
+
+def test_spoofed_seat_change_is_ignored(bus, logind):
+    """Another peer unicasting a PropertiesChanged for seat0 must not move the worker."""
+    logind.add_session("c2", uid=1000, vt=2, active=True)
+    logind.add_session("c9", uid=1001, vt=9)
+
+    async def run():
+        conn = await connect(bus.address)
+        src = await open_vt_source(conn)
+        seen: list[int | None] = []
+        src.on_change(seen.append)
+        evil = await connect(bus.address)
+        try:
+            await evil.send(Message(
+                message_type=MessageType.SIGNAL, destination=conn.unique_name,
+                path="/org/freedesktop/login1/seat/seat0",
+                interface="org.freedesktop.DBus.Properties", member="PropertiesChanged",
+                signature="sa{sv}as",
+                body=["org.freedesktop.login1.Seat",
+                      {"ActiveSession": Variant("(so)", ["c9", "/org/freedesktop/login1/session/c9"])},
+                      []]))
+            # The real switch afterwards proves the fake one arrived first and was dropped.
+            await asyncio.to_thread(logind.activate, "c9")
+            await wait_async(lambda: seen, what="real switch")
+            assert seen == [9]
+        finally:
+            await src.close()
+            evil.disconnect()
+            conn.disconnect()
+
+    asyncio.run(run())
+
+
+def test_logind_going_away_means_no_vt(bus, logind):
+    logind.add_session("c3", uid=1000, vt=3, active=True)
+
+    async def run():
+        conn = await connect(bus.address)
+        src = await open_vt_source(conn)
+        try:
+            assert src.active_vt == 3
+            await asyncio.to_thread(logind.stop)
+            await wait_async(lambda: src.active_vt is None, what="no VT once logind is gone")
+        finally:
+            await src.close()
+            conn.disconnect()
+
+    asyncio.run(run())
+
+
+def test_sysfs_regular_file_is_polled(tmp_path):
+    active = tmp_path / "active"
+    active.write_bytes(b"tty1\n")
+
+    async def run():
+        src = await open_vt_source(None, sysfs_path=str(active))
+        seen: list[int | None] = []
+        src.on_change(seen.append)
+        try:
+            assert isinstance(src, SysfsVTSource)
+            assert src.mode == "poll"
+            assert src.active_vt == 1
+            active.write_bytes(b"tty4\n")
+            await wait_async(lambda: src.active_vt == 4, timeout=3, what="VT 4")
+            active.write_bytes(b"garbage")
+            await wait_async(lambda: src.active_vt is None, timeout=3, what="unparsable")
+            active.unlink()
+            await asyncio.sleep(0.6)
+            active.write_bytes(b"tty63\n")
+            await wait_async(lambda: src.active_vt == 63, timeout=3, what="VT 63")
+            assert seen == [4, None, 63]
+        finally:
+            await src.close()
+
+    asyncio.run(run())
+
+
+def test_bus_without_logind_uses_sysfs(bus, tmp_path):
+    active = tmp_path / "active"
+    active.write_bytes(b"tty5\n")
+
+    async def run():
+        conn = await connect(bus.address)
+        src = await open_vt_source(conn, sysfs_path=str(active))
+        try:
+            assert isinstance(src, SysfsVTSource) and src.active_vt == 5
+        finally:
+            await src.close()
+            conn.disconnect()
+
+    asyncio.run(run())
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/class/tty/tty0/active"), reason="no VT sysfs")
+def test_real_sysfs_is_watched_without_spinning():
+    """The real attribute goes through epoll (PRI/ERR only): reading it right and staying idle."""
+    with open("/sys/class/tty/tty0/active", "rb") as f:
+        expected = int(f.read().strip()[3:])
+
+    async def run():
+        src = SysfsVTSource()
+        await src.start()
+        try:
+            assert src.mode == "epoll"
+            assert src.active_vt == expected
+            before = resource.getrusage(resource.RUSAGE_SELF)
+            t0 = time.monotonic()
+            await asyncio.sleep(0.5)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+            assert cpu < 0.1 * (time.monotonic() - t0), f"busy loop: {cpu:.3f} s CPU"
+        finally:
+            await src.close()
+
+    asyncio.run(run())
