@@ -1,0 +1,185 @@
+"""spice-stream-helper: registers this X11 session's display with spice-streamd and stays connected."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+
+from dbus_next import BusType, Message, MessageType
+from dbus_next.aio import MessageBus
+
+BUS_NAME = "org.spice_space.StreamingAgent1"
+OBJECT_PATH = "/org/spice_space/StreamingAgent1"
+INTERFACE = "org.spice_space.StreamingAgent1"
+ERROR_PREFIX = INTERFACE + ".Error."
+DBUS_NAME = "org.freedesktop.DBus"
+DBUS_PATH = "/org/freedesktop/DBus"
+
+# The service is not there (yet): wait for it rather than give up.
+ABSENT_ERRORS = {
+    "org.freedesktop.DBus.Error.ServiceUnknown",
+    "org.freedesktop.DBus.Error.NameHasNoOwner",
+    "org.freedesktop.DBus.Error.NoReply",
+    "org.freedesktop.DBus.Error.Spawn.ChildExited",
+    "org.freedesktop.DBus.Error.Spawn.ServiceNotFound",
+    "org.freedesktop.DBus.Error.TimedOut",
+}
+RETRY_AFTER_LOSS_S = 2.0
+CALL_TIMEOUT_S = 60.0
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_BUS = 3
+
+
+def say(text: str) -> None:
+    print(f"spice-stream-helper: {text}", file=sys.stderr, flush=True)
+
+
+def session_display(env: dict[str, str]) -> tuple[str, str] | str:
+    """(display, xauthority) of this session, or a one-line reason it cannot be streamed."""
+    display = env.get("DISPLAY", "")
+    if env.get("XDG_SESSION_TYPE") == "wayland" or (env.get("WAYLAND_DISPLAY") and not display):
+        return ("this is a Wayland session: SPICE streaming works for X11 sessions only; "
+                "nothing to do")
+    if not display:
+        return "DISPLAY is not set: not an X11 session"
+    xauthority = env.get("XAUTHORITY") or os.path.join(env.get("HOME", "/"), ".Xauthority")
+    return display, os.path.abspath(xauthority)
+
+
+class Helper:
+    def __init__(self, bus: MessageBus, display: str, xauthority: str) -> None:
+        self.bus = bus
+        self.display = display
+        self.xauthority = xauthority
+        self._need = asyncio.Event()
+        self._retry: asyncio.TimerHandle | None = None
+
+    def _on_message(self, msg: Message) -> bool:
+        if (msg.message_type == MessageType.SIGNAL and msg.member == "NameOwnerChanged"
+                and msg.sender == DBUS_NAME and msg.signature == "sss"
+                and msg.body[0] == BUS_NAME):
+            new_owner = msg.body[2]
+            if new_owner:
+                say(f"the service is back ({new_owner}): registering again")
+                self._need.set()
+            else:
+                say("the service stopped: registering again once it is back")
+                # Asking again lets the bus activate it, if it can.
+                loop = asyncio.get_running_loop()
+                self._retry = loop.call_later(RETRY_AFTER_LOSS_S, self._need.set)
+        return False
+
+    async def _call_bus(self, member: str, body: list) -> Message:
+        return await self.bus.call(Message(destination=DBUS_NAME, path=DBUS_PATH,
+                                           interface=DBUS_NAME, member=member, signature="s",
+                                           body=body))
+
+    async def run(self) -> int:
+        self.bus.add_message_handler(self._on_message)
+        rule = (f"type='signal',sender='{DBUS_NAME}',interface='{DBUS_NAME}',"
+                f"member='NameOwnerChanged',arg0='{BUS_NAME}'")
+        await self._call_bus("AddMatch", [rule])
+        self._need.set()
+        while True:
+            await self._need.wait()
+            self._need.clear()
+            if self._retry is not None:
+                self._retry.cancel()
+                self._retry = None
+            code = await self.register()
+            if code is not None:
+                return code
+
+    async def register(self) -> int | None:
+        """None when registered or the service is absent (wait for it); else an exit code."""
+        msg = Message(destination=BUS_NAME, path=OBJECT_PATH, interface=INTERFACE,
+                      member="RegisterSession", signature="ss",
+                      body=[self.display, self.xauthority])
+        try:
+            reply = await asyncio.wait_for(self.bus.call(msg), CALL_TIMEOUT_S)
+        except TimeoutError:
+            say("the service did not answer; waiting for it to restart")
+            return None
+        if reply is None:
+            return None
+        if reply.message_type == MessageType.METHOD_RETURN:
+            say(f"display {self.display} registered: streamed while VT {reply.body[0]} is active")
+            return None
+        text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
+        if reply.error_name in ABSENT_ERRORS:
+            say("the streaming service is not running; waiting for it")
+            return None
+        if reply.error_name.startswith(ERROR_PREFIX):
+            kind = reply.error_name[len(ERROR_PREFIX):]
+            say(f"registration refused ({kind}): {text}")
+            return EXIT_REFUSED
+        say(f"registration failed ({reply.error_name}): {text}")
+        return EXIT_REFUSED
+
+
+def bus_for(spec: str) -> MessageBus:
+    if spec == "system":
+        return MessageBus(bus_type=BusType.SYSTEM)
+    if spec == "session":
+        return MessageBus(bus_type=BusType.SESSION)
+    return MessageBus(bus_address=spec)
+
+
+async def run(spec: str, display: str, xauthority: str) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        bus = await bus_for(spec).connect()
+    except (OSError, ValueError) as e:
+        say(f"cannot connect to the {spec} bus: {e}")
+        return EXIT_BUS
+    helper = Helper(bus, display, xauthority)
+    tasks = {
+        loop.create_task(stop.wait(), name="stop signal"): "stop",
+        loop.create_task(bus.wait_for_disconnect(), name="bus connection"): "bus",
+        loop.create_task(helper.run(), name=f"registration of {display}"): "helper",
+    }
+    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    task = done.pop()
+    what = tasks[task]
+    if bus.connected:
+        bus.disconnect()
+    if what == "stop":
+        return EXIT_OK
+    if what == "bus":
+        say("lost the bus connection")
+        return EXIT_BUS
+    return task.result()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="spice-stream-helper",
+        description="Tell spice-streamd how to reach this X11 session's display; stays running "
+                    "for the session's life.")
+    p.add_argument("--bus", default="system",
+                   help="'system' (default), 'session', or a D-Bus address")
+    args = p.parse_args(argv)
+    found = session_display(dict(os.environ))
+    if isinstance(found, str):
+        say(found)
+        return EXIT_OK if "Wayland" in found else EXIT_USAGE
+    try:
+        return asyncio.run(run(args.bus, *found))
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Maps the active VT, the session registry and the device's presence to the supervisor's target."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from .sessions import Registration, SessionRegistry
+
+log = logging.getLogger(__name__)
+
+
+class _VT(Protocol):
+    active_vt: int | None
+
+    def on_change(self, callback: Callable[[int | None], None]) -> None: ...
+
+
+class _Device(Protocol):
+    present: bool
+
+    def on_change(self, callback: Callable[[bool], None]) -> None: ...
+
+
+class _Supervisor(Protocol):
+    status: dict
+
+    def set_target(self, target: Any) -> None: ...
+
+    def set_device_present(self, present: bool) -> None: ...
+
+
+def target_of(reg: Registration | None):
+    """The supervisor's WorkerTarget for a registration (imported late: supervisor is C2's module)."""
+    if reg is None:
+        return None
+    from .supervisor import WorkerTarget
+    return WorkerTarget(uid=reg.uid, gid=reg.gid, groups=reg.groups, display=reg.display,
+                        xauthority=reg.xauthority, vt=reg.vt)
+
+
+class Coordinator:
+    def __init__(self, registry: SessionRegistry, vt_source: _VT, device: _Device,
+                 supervisor: _Supervisor,
+                 make_target: Callable[[Registration | None], Any] = target_of) -> None:
+        self.registry = registry
+        self.vt_source = vt_source
+        self.device = device
+        self.supervisor = supervisor
+        self._make_target = make_target
+        self._target_reg: Registration | None = None
+        self._device_present: bool | None = None
+        self._listeners: list[Callable[[], None]] = []
+        registry.on_change(self.update)
+        vt_source.on_change(lambda _vt: self.update())
+        device.on_change(lambda _present: self.update())
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        self._listeners.append(callback)
+
+    def update(self) -> None:
+        present = bool(self.device.present)
+        if present != self._device_present:
+            self._device_present = present
+            log.info("stream device %s", "present" if present else "absent")
+            self.supervisor.set_device_present(present)
+        reg = self.registry.by_vt(self.vt_source.active_vt)
+        if reg != self._target_reg:
+            self._target_reg = reg
+            if reg is None:
+                log.info("no registered session on active VT %s: worker stopped",
+                         self.vt_source.active_vt)
+            else:
+                log.info("active VT %d: streaming uid %d display %s", reg.vt, reg.uid, reg.display)
+            self.supervisor.set_target(self._make_target(reg))
+        self.notify()
+
+    def notify(self) -> None:
+        for cb in list(self._listeners):
+            cb()
+
+    def idle(self) -> bool:
+        """Nothing to do: no session registered and no device to stream to."""
+        return len(self.registry) == 0 and not self.device.present
+
+    def properties(self) -> dict[str, Any]:
+        """The values behind the D-Bus properties (names as in the introspection XML)."""
+        status = self.supervisor.status or {}
+        state = str(status.get("state", "idle"))
+        streaming = bool(status.get("streaming", False)) and state == "running"
+        return {
+            "ActiveVT": int(self.vt_source.active_vt or 0),
+            "Sessions": [[r.vt, r.uid, r.display] for r in self.registry.all()],
+            "DevicePresent": bool(self.device.present),
+            "WorkerState": state,
+            "WorkerPID": int(status.get("pid") or 0),
+            "Streaming": streaming,
+            "StreamingVT": int(status.get("vt") or 0) if streaming else 0,
+            "LastError": str(status.get("last_error") or ""),
+        }

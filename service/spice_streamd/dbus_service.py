@@ -1,0 +1,249 @@
+"""The D-Bus boundary: a thin adapter exporting the interface and answering RegisterSession with the
+caller's bus identity, bounded per caller, with every error mapped to a named D-Bus error."""
+
+# No `from __future__ import annotations`: dbus-next reads the signature strings from annotations.
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from dbus_next import Message, MessageType, Variant
+from dbus_next.aio import MessageBus
+from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, method
+
+from . import constants, errors
+from .caller import Caller, credentials_of
+from .ratelimit import LogLimiter, TokenBucket
+from .sessions import SessionRegistry
+from .verifier import RegistrationVerifier
+
+log = logging.getLogger(__name__)
+
+# Property name -> D-Bus signature; the introspection XML documents each one.
+PROPERTY_SIGNATURES = {
+    "ActiveVT": "u",
+    "Sessions": "a(uus)",
+    "DevicePresent": "b",
+    "WorkerState": "s",
+    "WorkerPID": "u",
+    "Streaming": "b",
+    "StreamingVT": "u",
+    "LastError": "s",
+}
+
+
+class StreamingAgentInterface(ServiceInterface):
+    """Declares the method and properties (introspection, Get/GetAll, PropertiesChanged)."""
+
+    def __init__(self, properties: Callable[[], dict[str, Any]]) -> None:
+        super().__init__(constants.INTERFACE)
+        self._properties = properties
+        self._last: dict[str, Any] = {}
+
+    def refresh(self) -> None:
+        """Emits PropertiesChanged for the values that differ from the last ones seen."""
+        new = self._properties()
+        changed = {k: v for k, v in new.items() if self._last.get(k) != v}
+        self._last = new
+        if changed:
+            self.emit_properties_changed(changed)
+
+    def _get(self, name: str) -> Any:
+        return self._properties()[name]
+
+    @method()
+    def RegisterSession(self, display: 's', xauthority: 's') -> 'u':  # noqa: F821, N802
+        # Never reached: RegistrationEndpoint answers first, because it needs the sender.
+        raise errors.ServiceError("RegisterSession is handled elsewhere")
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ActiveVT(self) -> 'u':  # noqa: F821, N802
+        return self._get("ActiveVT")
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Sessions(self) -> 'a(uus)':  # noqa: F821, F722, N802
+        return self._get("Sessions")
+
+    @dbus_property(access=PropertyAccess.READ)
+    def DevicePresent(self) -> 'b':  # noqa: F821, N802
+        return self._get("DevicePresent")
+
+    @dbus_property(access=PropertyAccess.READ)
+    def WorkerState(self) -> 's':  # noqa: F821, N802
+        return self._get("WorkerState")
+
+    @dbus_property(access=PropertyAccess.READ)
+    def WorkerPID(self) -> 'u':  # noqa: F821, N802
+        return self._get("WorkerPID")
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Streaming(self) -> 'b':  # noqa: F821, N802
+        return self._get("Streaming")
+
+    @dbus_property(access=PropertyAccess.READ)
+    def StreamingVT(self) -> 'u':  # noqa: F821, N802
+        return self._get("StreamingVT")
+
+    @dbus_property(access=PropertyAccess.READ)
+    def LastError(self) -> 's':  # noqa: F821, N802
+        return self._get("LastError")
+
+
+class RegistrationEndpoint:
+    """Answers RegisterSession: flood bounds, identity from the bus daemon, verification, registry.
+    Registrations are dropped when their helper's connection goes away."""
+
+    def __init__(self, bus: MessageBus, verifier: RegistrationVerifier, registry: SessionRegistry,
+                 *, credentials: Callable[[MessageBus, str], Awaitable[Caller]] = credentials_of,
+                 max_in_flight: int = 32, max_in_flight_per_sender: int = 2,
+                 max_in_flight_per_uid: int = 4, uid_rate: float = 1.0,
+                 uid_burst: float = 5.0) -> None:
+        self._bus = bus
+        self._verifier = verifier
+        self._registry = registry
+        self._credentials = credentials
+        self._max_in_flight = max_in_flight
+        self._max_per_sender = max_in_flight_per_sender
+        self._max_per_uid = max_in_flight_per_uid
+        self._uid_bucket = TokenBucket(uid_rate, uid_burst)
+        self._by_sender: Counter[str] = Counter()
+        self._by_uid: Counter[int] = Counter()
+        self._tasks: set[asyncio.Task] = set()
+        self._logs = LogLimiter(log, interval=10.0)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def start(self) -> None:
+        self._bus.add_message_handler(self._on_message)
+        rule = (f"type='signal',sender='{constants.DBUS_NAME}',path='{constants.DBUS_PATH}',"
+                f"interface='{constants.DBUS_NAME}',member='NameOwnerChanged'")
+        reply = await self._bus.call(Message(
+            destination=constants.DBUS_NAME, path=constants.DBUS_PATH,
+            interface=constants.DBUS_NAME, member="AddMatch", signature="s", body=[rule]))
+        if reply is None or reply.message_type == MessageType.ERROR:
+            raise RuntimeError(f"cannot watch NameOwnerChanged: {reply and reply.body}")
+
+    async def close(self) -> None:
+        self._bus.remove_message_handler(self._on_message)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _on_message(self, msg: Message) -> bool:
+        if msg.message_type == MessageType.SIGNAL:
+            if (msg.member == "NameOwnerChanged" and msg.sender == constants.DBUS_NAME
+                    and msg.signature == "sss"):
+                name, _old, new = msg.body
+                if not new and name.startswith(":"):
+                    self._drop_sender(name)
+            return False
+        if (msg.message_type != MessageType.METHOD_CALL or msg.path != constants.OBJECT_PATH
+                or msg.member != "RegisterSession"
+                or msg.interface not in (constants.INTERFACE, None)):
+            return False
+        self._accept(msg)
+        return True
+
+    def _drop_sender(self, sender: str) -> None:
+        reg = self._registry.remove_sender(sender)
+        if reg is not None:
+            log.info("session of uid %d on VT %d dropped: its helper %s disconnected",
+                     reg.uid, reg.vt, sender)
+
+    def _accept(self, msg: Message) -> None:
+        sender = msg.sender or ""
+        if msg.signature != "ss":
+            self._refuse(msg, errors.InvalidArgument(
+                "RegisterSession takes two strings: display and xauthority path"), f"sender {sender}")
+            return
+        # Bounds before any work: a flood costs one counter check per message.
+        if len(self._tasks) >= self._max_in_flight:
+            self._refuse(msg, errors.LimitReached(
+                "the service is busy with other registrations; try again in a few seconds"),
+                f"sender {sender}", key="busy")
+            return
+        if self._by_sender[sender] >= self._max_per_sender:
+            self._refuse(msg, errors.LimitReached(
+                "too many RegisterSession calls in progress from this connection"),
+                f"sender {sender}", key=("sender", sender))
+            return
+        self._by_sender[sender] += 1
+        task = asyncio.get_running_loop().create_task(
+            self._register(msg, sender), name=f"register-session {sender}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _register(self, msg: Message, sender: str) -> None:
+        subject = f"sender {sender}"
+        uid: int | None = None
+        try:
+            caller = await self._credentials(self._bus, sender)
+            subject = f"uid {caller.uid} pid {caller.pid}"
+            if self._by_uid[caller.uid] >= self._max_per_uid or \
+                    not self._uid_bucket.allow(caller.uid):
+                raise errors.LimitReached(
+                    f"too many RegisterSession calls from uid {caller.uid}; wait a few seconds")
+            uid = caller.uid
+            self._by_uid[uid] += 1
+            display, xauthority = msg.body
+            reg = await self._verifier.verify(caller, display, xauthority)
+            replaced = self._registry.add(reg)
+            for old in replaced:
+                log.info("registration of uid %d on VT %d (%s) replaced", old.uid, old.vt,
+                         old.sender)
+            log.info("session registered: uid %d pid %d VT %d display %s session %s",
+                     reg.uid, reg.pid, reg.vt, reg.display, reg.session_id or "-")
+            # The helper may have left while we verified: its NameOwnerChanged came too early.
+            if not await self._has_owner(sender):
+                self._drop_sender(sender)
+            self._bus.send(Message.new_method_return(msg, "u", [reg.vt]))
+        except errors.ServiceError as e:
+            self._refuse(msg, e, subject)
+        except asyncio.CancelledError:
+            self._bus.send(Message.new_error(msg, errors.GENERIC_ERROR, "the service is stopping"))
+            raise
+        except Exception:
+            self._log_unexpected(subject)
+            self._bus.send(Message.new_error(
+                msg, errors.GENERIC_ERROR, "the service failed unexpectedly; see its log"))
+        finally:
+            self._by_sender[sender] -= 1
+            if self._by_sender[sender] <= 0:
+                del self._by_sender[sender]
+            if uid is not None:
+                self._by_uid[uid] -= 1
+                if self._by_uid[uid] <= 0:
+                    del self._by_uid[uid]
+
+    def _log_unexpected(self, subject: str) -> None:
+        if self._logs.log(logging.ERROR, "unexpected",
+                          "RegisterSession from %s failed unexpectedly", subject):
+            log.exception("the unexpected error, once")
+
+    async def _has_owner(self, name: str) -> bool:
+        reply = await self._bus.call(Message(
+            destination=constants.DBUS_NAME, path=constants.DBUS_PATH,
+            interface=constants.DBUS_NAME, member="NameHasOwner", signature="s", body=[name]))
+        return bool(reply is not None and reply.message_type == MessageType.METHOD_RETURN
+                    and reply.body[0])
+
+    def _refuse(self, msg: Message, exc: errors.ServiceError, subject: str,
+                key: Any = None) -> None:
+        text = str(exc) or type(exc).__name__
+        self._logs.log(logging.WARNING, key or (subject, type(exc).__name__),
+                       "RegisterSession from %s refused (%s): %s", subject, type(exc).__name__,
+                       text)
+        try:
+            self._bus.send(Message.new_error(msg, exc.dbus_name, text))
+        except Exception:  # the bus went away: nobody to answer
+            log.debug("could not send the refusal to %s", subject)
+
+
+def variant_properties(values: dict[str, Any]) -> dict[str, Variant]:
+    """Property values as Variants with the documented signatures (for tests and tools)."""
+    return {k: Variant(PROPERTY_SIGNATURES[k], v) for k, v in values.items()}
