@@ -101,8 +101,12 @@ def start_xvfb(
     height: int = 768,
     owner_uid: int | None = None,
     extra_args: list[str] | None = None,
+    server_uid: int | None = None,
 ) -> XServer:
     """Start Xvfb on a free display with a fresh random cookie; returns once it accepts clients.
+
+    owner_uid: the client Xauthority file (and its directory) belong to that uid, mode 0600.
+    server_uid: run Xvfb itself as that uid (e.g. to see MIT-SHM refuse another uid's segment).
 
     The display number is picked by Xvfb itself (-displayfd), which it writes only when it is ready,
     so there is no race for a free :N and no fixed sleep.
@@ -112,6 +116,9 @@ def start_xvfb(
     server_auth = os.path.join(tmpdir, "server.auth")
     # The server reads its own file; "*" style entries are not needed since -auth only lists cookies.
     write_xauthority(server_auth, ":0", cookie)
+    if server_uid is not None:
+        os.chown(tmpdir, server_uid, -1)
+        os.chown(server_auth, server_uid, -1)
     rfd, wfd = os.pipe()
     args = [
         "Xvfb",
@@ -141,6 +148,7 @@ def start_xvfb(
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        user=server_uid,
     )
     os.close(wfd)
     try:
@@ -159,8 +167,11 @@ def start_xvfb(
         os.chmod(xauthority, 0o600)
         if owner_uid is not None:
             os.chown(xauthority, owner_uid, -1)
-            os.chown(tmpdir, owner_uid, -1)
-            os.chmod(tmpdir, 0o700)
+            if server_uid is None:
+                os.chown(tmpdir, owner_uid, -1)
+                os.chmod(tmpdir, 0o700)
+            else:
+                os.chmod(tmpdir, 0o711)
     except BaseException:
         proc.kill()
         proc.wait()
@@ -187,6 +198,27 @@ def _read_display_number(rfd: int, proc: subprocess.Popen[bytes]) -> int:
             raise XServerError("Xvfb closed -displayfd without a display number")
         data += chunk
     return int(data.strip())
+
+
+def set_screen_size(server: XServer, width: int, height: int) -> None:
+    """Resize the screen with xrandr (Xvfb allows sizes up to the one it started with)."""
+    name = f"spice{width}x{height}"
+    env = server.full_env()
+    mode = [str(width), str(width + 8), str(width + 16), str(width + 32)]
+    vmode = [str(height), str(height + 1), str(height + 2), str(height + 3)]
+    current = subprocess.run(["xrandr"], env=env, capture_output=True, text=True, check=True)
+    if name not in current.stdout:
+        subprocess.run(
+            ["xrandr", "--newmode", name, "60", *mode, *vmode],
+            env=env, check=True, capture_output=True,
+        )
+        subprocess.run(
+            ["xrandr", "--addmode", "screen", name], env=env, check=True, capture_output=True
+        )
+    subprocess.run(
+        ["xrandr", "--output", "screen", "--mode", name, "--fb", f"{width}x{height}"],
+        env=env, check=True, capture_output=True,
+    )
 
 
 @contextmanager
