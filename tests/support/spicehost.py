@@ -122,7 +122,8 @@ class Grab:
 
     image: Image.Image
     lines: list[str]
-    cursor: Image.Image | None = None
+    cursor: Image.Image | None = None  # RGBA
+    cursor_bytes: bytes | None = None  # as the client hands them out: R G B A per pixel
     cursor_hotspot: tuple[int, int] | None = None
     cursor_moves: list[tuple[int, int]] = field(default_factory=list)
 
@@ -254,7 +255,8 @@ class SpiceHost:
             if parts[0] == "CURSOR_SET" and len(parts) >= 6:
                 w, h, hx, hy = (int(v) for v in parts[1:5])
                 with open(cursor_raw, "rb") as f:
-                    grab.cursor = Image.frombytes("RGBA", (w, h), f.read(w * h * 4))
+                    grab.cursor_bytes = f.read(w * h * 4)
+                grab.cursor = Image.frombytes("RGBA", (w, h), grab.cursor_bytes)
                 grab.cursor_hotspot = (hx, hy)
             elif parts[0] == "CURSOR_MOVE":
                 grab.cursor_moves.append((int(parts[1]), int(parts[2])))

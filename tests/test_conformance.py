@@ -1,0 +1,270 @@
+"""Conformance: a real libspice-server host and real SPICE clients accept what the guest side writes."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from support.spicehost import FakeGuest, SpiceHost, psnr, quadrants
+from support.xserver import Painter, XServer, start_xvfb
+from Xlib import X
+
+from spice_stream_worker import protocol as proto
+
+pytestmark = pytest.mark.slow
+
+MIN_PSNR_DB = 30.0
+WORKER = Path(sys.executable).with_name("spice-stream-worker")
+
+
+def _have_tools() -> bool:
+    return bool(shutil.which("gcc") and shutil.which("pkg-config"))
+
+
+if not _have_tools():
+    pytest.skip("gcc and pkg-config are needed to build the SPICE harness", allow_module_level=True)
+
+
+@pytest.fixture
+def host() -> Iterator[SpiceHost]:
+    h = SpiceHost()
+    try:
+        yield h
+    finally:
+        h.stop()
+
+
+@pytest.fixture
+def picture() -> Image.Image:
+    return quadrants(320, 240)
+
+
+@pytest.fixture
+def guest(host: SpiceHost, picture: Image.Image) -> Iterator[FakeGuest]:
+    g = FakeGuest(host.pty_path, picture)
+    try:
+        yield g
+    finally:
+        g.close()
+
+
+# --- the harness itself, checked with a scripted guest ----------------------------------------------
+
+
+def test_host_greets_guest_and_asks_for_mjpeg(host: SpiceHost, guest: FakeGuest) -> None:
+    caps = guest.wait_message(proto.MsgType.CAPABILITIES, 5)
+    assert len(caps.payload) <= proto.CAPABILITIES_MAX_BYTES
+    host.grab(timeout=15)
+    start = proto.decode_start_stop(guest.wait_message(proto.MsgType.START_STOP, 5).payload)
+    assert proto.CODEC_MJPEG in start.codecs
+    # The client has gone: the host tells the guest to stop.
+    stop = proto.decode_start_stop(guest.wait_message(proto.MsgType.START_STOP, 10, count=2).payload)
+    assert stop.codecs == ()
+
+
+def test_spicy_screenshot_sees_fake_guest_picture(
+    host: SpiceHost, guest: FakeGuest, picture: Image.Image, tmp_path: Path
+) -> None:
+    got = host.screenshot(tmp_path / "shot.ppm", timeout=20)
+    assert got.size == picture.size
+    assert psnr(got, picture) > MIN_PSNR_DB
+    assert host.protocol_errors() == []
+
+
+def test_grab_client_sees_fake_guest_picture(
+    host: SpiceHost, guest: FakeGuest, picture: Image.Image
+) -> None:
+    got = host.grab(timeout=20, frames=2).image
+    assert got.size == picture.size
+    assert psnr(got, picture) > MIN_PSNR_DB
+    assert guest.frames_sent >= 2
+    assert host.protocol_errors() == []
+
+
+def test_short_format_is_a_protocol_error(host: SpiceHost, guest: FakeGuest) -> None:
+    guest.wait_message(proto.MsgType.CAPABILITIES, 5)
+    start = host.mark()
+    guest.raw_write(proto.header(proto.MsgType.FORMAT, 11) + bytes(11))
+    host.wait_line(lambda s: s.startswith("PROTOCOL_ERROR"), 5, start)
+    assert any("Wrong size for StreamMsgFormat" in e for e in host.protocol_errors())
+    err = proto.decode_notify_error(guest.wait_message(proto.MsgType.NOTIFY_ERROR, 5).payload)
+    assert "StreamMsgFormat" in err.text
+    host.wait_line(lambda s: s == "STATE 0", 5, start)
+
+
+def test_reopen_clears_the_error_state(
+    host: SpiceHost, guest: FakeGuest, picture: Image.Image
+) -> None:
+    guest.wait_message(proto.MsgType.CAPABILITIES, 5)
+    guest.raw_write(proto.encode(proto.MsgType.QUALITY_INDICATOR, b"q\0"))
+    host.wait_line(lambda s: "Invalid message type" in s, 5)
+    host.reopen()
+    guest.wait_message(proto.MsgType.CAPABILITIES, 5, count=2)
+    errors_before = len(host.protocol_errors())
+    got = host.grab(timeout=20).image
+    assert psnr(got, picture) > MIN_PSNR_DB
+    assert len(host.protocol_errors()) == errors_before
+
+
+def test_fake_guest_cursor_reaches_client(host: SpiceHost, guest: FakeGuest) -> None:
+    guest.wait_message(proto.MsgType.CAPABILITIES, 5)
+    # SPICE ALPHA cursors are 32-bit ARGB, little-endian: B G R A bytes per pixel.
+    top = bytes([10, 20, 30, 255]) * (16 * 8)
+    bottom = bytes([200, 100, 50, 128]) * (16 * 8)
+    guest.raw_write(proto.cursor_set(16, 16, 3, 4, top + bottom))
+    grab = host.grab(timeout=20, wait_cursor=True)
+    assert grab.cursor is not None
+    assert grab.cursor.size == (16, 16)
+    assert grab.cursor_hotspot == (3, 4)
+    # The client hands out R G B A.
+    assert grab.cursor_bytes == bytes([30, 20, 10, 255]) * 128 + bytes([50, 100, 200, 128]) * 128
+    assert host.protocol_errors() == []
+
+
+def test_oversized_cursor_is_a_protocol_error(host: SpiceHost, guest: FakeGuest) -> None:
+    guest.wait_message(proto.MsgType.CAPABILITIES, 5)
+    # 2000 x 1 exceeds the 1024 limit: the header's size passes, the shape check fails.
+    payload = proto.CURSOR_SET_HEADER.pack(2000, 1, 0, 0, proto.CursorType.ALPHA) + bytes(8000)
+    guest.raw_write(proto.encode(proto.MsgType.CURSOR_SET, payload))
+    host.wait_line(lambda s: s.startswith("PROTOCOL_ERROR"), 5)
+    guest.wait_message(proto.MsgType.NOTIFY_ERROR, 5)
+
+
+def test_host_exits_cleanly_on_sigterm() -> None:
+    h = SpiceHost()
+    try:
+        assert os.path.exists(h.pty_path)
+        h.proc.send_signal(signal.SIGTERM)
+        h.proc.wait(5)
+        h.wait_line(lambda s: s == "EXIT 0", 5)
+        assert h.proc.returncode == 0
+    finally:
+        h.stop()
+
+
+# --- the real worker ----------------------------------------------------------------------------
+
+
+def _worker_available() -> bool:
+    return WORKER.exists() and importlib.util.find_spec("spice_stream_worker.main") is not None
+
+
+needs_worker = pytest.mark.skipif(not _worker_available(), reason="spice-stream-worker not built yet")
+
+
+def _paint_test_card(painter: Painter, width: int, height: int) -> None:
+    """Quadrants plus a band of 64 grey steps, so both flat areas and gradients are compared."""
+    hw, hh = width // 2, height // 2
+    painter.fill(0, 0, hw, hh, (220, 30, 30))
+    painter.fill(hw, 0, width - hw, hh, (30, 200, 60))
+    painter.fill(0, hh, hw, height - hh, (40, 60, 220))
+    painter.fill(hw, hh, width - hw, height - hh, (240, 240, 240))
+    steps = 64
+    for i in range(steps):
+        x0, x1 = i * width // steps, (i + 1) * width // steps
+        grey = i * 255 // (steps - 1)
+        painter.fill(x0, hh - height // 16, x1 - x0, height // 8, (grey, grey, grey))
+
+
+def _capture(server: XServer) -> Image.Image:
+    d = server.connect()
+    try:
+        root = d.screen().root
+        raw = root.get_image(0, 0, server.width, server.height, X.ZPixmap, 0xFFFFFFFF).data
+        return Image.frombytes("RGB", (server.width, server.height), raw, "raw", "BGRX")
+    finally:
+        d.close()
+
+
+@pytest.fixture
+def xserver() -> Iterator[XServer]:
+    server = start_xvfb(640, 480)
+    try:
+        painter = Painter(server)
+        try:
+            _paint_test_card(painter, server.width, server.height)
+        finally:
+            painter.close()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def worker(host: SpiceHost, xserver: XServer, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    log = open(tmp_path / "worker.log", "wb")
+    proc = subprocess.Popen(
+        [str(WORKER), "--device", host.pty_path, "--fps", "15", "--quality", "80"],
+        env=xserver.full_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    proc.log_path = tmp_path / "worker.log"  # type: ignore[attr-defined]
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        log.close()
+
+
+def _worker_log(proc: subprocess.Popen[bytes]) -> str:
+    return Path(proc.log_path).read_text(errors="replace")[-3000:]  # type: ignore[attr-defined]
+
+
+@needs_worker
+def test_worker_stream_matches_x_screen(
+    host: SpiceHost, xserver: XServer, worker: subprocess.Popen[bytes]
+) -> None:
+    expected = _capture(xserver)
+    try:
+        got = host.grab(timeout=30, frames=2).image
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nworker: {_worker_log(worker)}") from None
+    assert worker.poll() is None, _worker_log(worker)
+    assert got.size == expected.size
+    assert psnr(got, expected) > MIN_PSNR_DB
+    assert host.protocol_errors() == []
+
+
+@needs_worker
+def test_worker_stream_reaches_spicy_screenshot(
+    host: SpiceHost, xserver: XServer, worker: subprocess.Popen[bytes], tmp_path: Path
+) -> None:
+    expected = _capture(xserver)
+    got = host.screenshot(tmp_path / "shot.ppm", timeout=30)
+    assert got.size == expected.size
+    assert psnr(got, expected) > MIN_PSNR_DB
+    assert host.protocol_errors() == []
+
+
+@needs_worker
+def test_worker_cursor_reaches_client(
+    host: SpiceHost, xserver: XServer, worker: subprocess.Popen[bytes]
+) -> None:
+    # Xvfb's root window has the default X cursor; the worker must forward some cursor shape.
+    try:
+        grab = host.grab(timeout=30, wait_cursor=True)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nworker: {_worker_log(worker)}") from None
+    assert grab.cursor is not None
+    w, h = grab.cursor.size
+    assert 0 < w <= proto.CURSOR_MAX_SIDE and 0 < h <= proto.CURSOR_MAX_SIDE
+    # A cursor with no opaque pixel would be invisible: the shape must have arrived intact.
+    assert grab.cursor.getchannel("A").getbbox() is not None
+    assert host.protocol_errors() == []
+    assert worker.poll() is None, _worker_log(worker)
