@@ -1,0 +1,240 @@
+"""Screen against a real Xvfb: damage, grab (MIT-SHM and GetImage), resize, pointer, errors."""
+
+from __future__ import annotations
+
+import os
+import pwd
+
+import pytest
+from Xlib.ext import xtest
+
+from spice_stream_worker.capture import NO_SHM_ENV, Rect, Screen, row_spans
+from spice_stream_worker.errors import DisplayLost, DisplayUnavailable
+from tests.support.xserver import Painter, set_screen_size, start_xvfb, wait_for
+
+NOBODY = pwd.getpwnam("nobody").pw_uid
+
+
+@pytest.fixture
+def xserver():
+    server = start_xvfb(320, 240)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def painter(xserver):
+    p = Painter(xserver)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+@pytest.fixture
+def xenv(xserver, monkeypatch):
+    monkeypatch.setenv("DISPLAY", xserver.display)
+    monkeypatch.setenv("XAUTHORITY", xserver.xauthority)
+    monkeypatch.delenv(NO_SHM_ENV, raising=False)
+    return xserver
+
+
+def open_screen(**kw) -> Screen:
+    return Screen(**kw)
+
+
+def drain(screen: Screen):
+    """Everything the server sent up to now: a round trip orders all earlier events before it."""
+    screen.pointer_position()
+    return screen.poll()
+
+
+def pixel(frame, x, y):
+    off = y * frame.stride + x * 4
+    b, g, r = frame.pixels[off], frame.pixels[off + 1], frame.pixels[off + 2]
+    return (r, g, b)
+
+
+def covers(rects, target: Rect) -> bool:
+    return all(
+        any(r.x <= x < r.x + r.width and r.y <= y < r.y + r.height for r in rects)
+        for x in (target.x, target.x + target.width - 1)
+        for y in (target.y, target.y + target.height - 1)
+    )
+
+
+@pytest.mark.parametrize("use_shm", [True, False])
+def test_damage_reports_only_what_changed(xenv, painter, use_shm):
+    screen = open_screen(use_shm=use_shm)
+    try:
+        assert screen.uses_shm is use_shm
+        first = drain(screen)
+        assert first.damage == [Rect(0, 0, 320, 240)]  # creation damages everything once
+        assert not drain(screen).damage  # nothing drawn: nothing reported
+        target = Rect(40, 50, 30, 20)
+        painter.fill(target.x, target.y, target.width, target.height, (10, 200, 30))
+        changes = drain(screen)
+        assert changes.damage and covers(changes.damage, target)
+        for r in changes.damage:
+            assert target.x <= r.x and r.x + r.width <= target.x + target.width
+            assert target.y <= r.y and r.y + r.height <= target.y + target.height
+        assert not drain(screen).damage
+    finally:
+        screen.close()
+
+
+@pytest.mark.parametrize("use_shm", [True, False])
+def test_grab_returns_drawn_pixels(xenv, painter, use_shm):
+    screen = open_screen(use_shm=use_shm)
+    try:
+        painter.fill(0, 0, 320, 240, (0, 0, 0))
+        painter.fill(10, 20, 5, 7, (255, 128, 1))
+        frame = screen.grab()
+        assert (frame.width, frame.height, frame.stride) == (320, 240, 1280)
+        assert len(frame.pixels) == 320 * 240 * 4
+        assert pixel(frame, 10, 20) == (255, 128, 1)
+        assert pixel(frame, 14, 26) == (255, 128, 1)
+        assert pixel(frame, 15, 26) == (0, 0, 0)
+        drain(screen)
+        painter.fill(100, 200, 3, 3, (9, 8, 7))
+        painter.fill(100, 5, 3, 3, (1, 2, 3))  # drawn, but not asked for below
+        frame = screen.grab([Rect(100, 200, 3, 3)])
+        assert frame.changed == [Rect(0, 200, 320, 3)]
+        assert pixel(frame, 101, 201) == (9, 8, 7)
+        assert pixel(frame, 101, 6) == (0, 0, 0)  # rows outside the request keep old pixels
+    finally:
+        screen.close()
+
+
+def test_env_switch_forces_getimage(xenv, monkeypatch):
+    monkeypatch.setenv(NO_SHM_ENV, "1")
+    with Screen() as screen:
+        assert not screen.uses_shm
+
+
+def test_shm_refused_by_server_of_other_uid_falls_back(monkeypatch):
+    # Xvfb runs as nobody; our 0600 root segment cannot be attached by it.
+    server = start_xvfb(64, 48, owner_uid=0, server_uid=NOBODY)
+    try:
+        monkeypatch.setenv("XAUTHORITY", server.xauthority)
+        painter = Painter(server)
+        try:
+            painter.fill(1, 1, 2, 2, (200, 100, 50))
+            with Screen(server.display) as screen:
+                assert not screen.uses_shm
+                assert pixel(screen.grab(), 1, 1) == (200, 100, 50)
+        finally:
+            painter.close()
+    finally:
+        server.stop()
+
+
+def shm_ids() -> set[int]:
+    with open("/proc/sysvipc/shm") as f:
+        next(f)
+        return {int(line.split()[1]) for line in f if line.strip()}
+
+
+def test_close_frees_shm_segment(xenv):
+    before = shm_ids()
+    screen = Screen()
+    assert screen.uses_shm
+    assert shm_ids() - before, "segment attached while open"
+    screen.close()
+    screen.close()  # idempotent
+    assert shm_ids() - before == set()
+    with pytest.raises(DisplayLost):
+        screen.poll()
+
+
+@pytest.mark.parametrize("use_shm", [True, False])
+def test_resize_reallocates_and_reports(xenv, painter, use_shm):
+    screen = Screen(use_shm=use_shm)
+    try:
+        drain(screen)
+        set_screen_size(xenv, 200, 150)
+        changes = wait_for(lambda: (c := drain(screen)).resized and c, what="resize event")
+        assert screen.size == (200, 150)
+        assert all(r.x + r.width <= 200 and r.y + r.height <= 150 for r in changes.damage)
+        painter.fill(190, 140, 10, 10, (0, 255, 0))
+        frame = screen.grab()
+        assert (frame.width, frame.height, frame.stride) == (200, 150, 800)
+        assert len(frame.pixels) >= 200 * 150 * 4
+        assert pixel(frame, 199, 149) == (0, 255, 0)
+        set_screen_size(xenv, 317, 233)  # odd size: not a multiple of 16
+        wait_for(lambda: drain(screen).resized, what="second resize")
+        assert screen.size == (317, 233)
+        assert screen.grab().width == 317
+    finally:
+        screen.close()
+
+
+def test_grab_after_unseen_shrink_recovers(xenv):
+    screen = Screen()
+    try:
+        drain(screen)
+        set_screen_size(xenv, 160, 120)
+        frame = screen.grab()  # the RandR event is not read yet: full-size GetImage fails
+        assert (frame.width, frame.height) == (160, 120)
+        assert drain(screen).resized
+    finally:
+        screen.close()
+
+
+def test_pointer_motion_and_position(xenv, painter):
+    screen = Screen()
+    try:
+        drain(screen)
+        xtest.fake_input(painter.display, 6, x=123, y=45)  # 6 = MotionNotify
+        painter.sync()
+        wait_for(lambda: drain(screen).pointer_moved, what="raw motion")
+        assert screen.pointer_position() == (123, 45)
+        assert not drain(screen).pointer_moved
+    finally:
+        screen.close()
+
+
+def test_wrong_cookie_is_display_unavailable(xserver, tmp_path, monkeypatch):
+    bad = tmp_path / "bad.auth"
+    from tests.support.xserver import write_xauthority
+
+    write_xauthority(str(bad), xserver.display, "00" * 16)
+    monkeypatch.setenv("XAUTHORITY", str(bad))
+    with pytest.raises(DisplayUnavailable) as info:
+        Screen(xserver.display)
+    message = str(info.value)
+    assert xserver.display in message and "\n" not in message
+
+
+def test_no_server_is_display_unavailable(monkeypatch, tmp_path):
+    monkeypatch.setenv("XAUTHORITY", str(tmp_path / "none"))
+    with pytest.raises(DisplayUnavailable) as info:
+        Screen(":987")
+    assert ":987" in str(info.value)
+
+
+def test_server_death_is_display_lost(xenv):
+    screen = Screen()
+    try:
+        drain(screen)
+        xenv.proc.kill()
+        xenv.proc.wait(5)
+        with pytest.raises(DisplayLost) as info:
+            for _ in range(3):
+                screen.poll()
+                screen.grab()
+        assert xenv.display in str(info.value)
+    finally:
+        screen.close()
+
+
+def test_fileno_is_the_x_socket(xenv):
+    with Screen() as screen:
+        assert os.fstat(screen.fileno()).st_mode & 0o170000 == 0o140000  # a socket
+
+
+def test_row_spans_merge():
+    rects = [Rect(0, 10, 5, 5), Rect(50, 12, 5, 10), Rect(0, 40, 1, 1), Rect(0, 300, 5, 5)]
+    assert row_spans(rects, 100) == [(10, 22), (40, 41)]
