@@ -184,6 +184,24 @@ def _capture(server: XServer) -> Image.Image:
         d.close()
 
 
+def _x_cursor(server: XServer) -> tuple[Image.Image, tuple[int, int]]:
+    """The X server's current cursor (XFixes) as RGBA, and its hot spot."""
+    d = server.connect()
+    try:
+        d.xfixes_query_version()  # XFixes refuses other requests before this one
+        reply = d.xfixes_get_cursor_image(d.screen().root)
+        argb = reply.cursor_image
+        raw = bytearray()
+        for px in argb:
+            raw += bytes([(px >> 16) & 255, (px >> 8) & 255, px & 255, (px >> 24) & 255])
+        return Image.frombytes("RGBA", (reply.width, reply.height), bytes(raw)), (
+            reply.xhot,
+            reply.yhot,
+        )
+    finally:
+        d.close()
+
+
 @pytest.fixture
 def xserver() -> Iterator[XServer]:
     server = start_xvfb(640, 480)
@@ -256,15 +274,17 @@ def test_worker_stream_reaches_spicy_screenshot(
 def test_worker_cursor_reaches_client(
     host: SpiceHost, xserver: XServer, worker: subprocess.Popen[bytes]
 ) -> None:
-    # Xvfb's root window has the default X cursor; the worker must forward some cursor shape.
+    # Xvfb's root window has the default X cursor (opaque or transparent pixels only, so
+    # premultiplied or not, the colours compare exactly).
+    expected, hotspot = _x_cursor(xserver)
     try:
         grab = host.grab(timeout=30, wait_cursor=True)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\nworker: {_worker_log(worker)}") from None
     assert grab.cursor is not None
-    w, h = grab.cursor.size
-    assert 0 < w <= proto.CURSOR_MAX_SIDE and 0 < h <= proto.CURSOR_MAX_SIDE
-    # A cursor with no opaque pixel would be invisible: the shape must have arrived intact.
-    assert grab.cursor.getchannel("A").getbbox() is not None
+    assert grab.cursor.size == expected.size
+    assert grab.cursor_hotspot == hotspot
+    assert grab.cursor.getchannel("A").getbbox() is not None  # not an invisible cursor
+    assert grab.cursor.tobytes() == expected.tobytes()
     assert host.protocol_errors() == []
     assert worker.poll() is None, _worker_log(worker)
