@@ -1,0 +1,316 @@
+"""A private system-type dbus-daemon enforcing OUR policy file, test users, and the service under test."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+POLICY_FILE = REPO / "dbus" / "org.spice_space.StreamingAgent1.conf"
+POLKIT_BUS_POLICY = Path("/usr/share/dbus-1/system.d/org.freedesktop.PolicyKit1.conf")
+VENV_BIN = Path(sys.executable).parent
+
+TEST_USERS = ("spice-test-a", "spice-test-b")
+
+# The default policy of Debian's system.conf (deny method calls and ownership unless a file
+# allows them), our policy file included verbatim, and test-only ownership for the mocks.
+_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path={socket}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus"
+           send_interface="org.freedesktop.DBus.Introspectable"/>
+    <allow send_destination="org.freedesktop.DBus"
+           send_interface="org.freedesktop.DBus.Properties"/>
+    <deny send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"
+          send_member="UpdateActivationEnvironment"/>
+  </policy>
+  <!-- test only: the mocks run as root -->
+  <policy user="root">
+    <allow own="org.freedesktop.login1"/>
+    <allow own="org.freedesktop.PolicyKit1"/>
+  </policy>
+  <policy context="default">
+    <allow send_destination="org.freedesktop.login1"/>
+    <allow send_destination="org.freedesktop.PolicyKit1"/>
+  </policy>
+  <include ignore_missing="yes">{polkit_policy}</include>
+  <include>{policy}</include>
+</busconfig>
+"""
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition",
+               interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def ensure_test_user(name: str) -> pwd.struct_passwd:
+    """A system user for tests (created once, idempotent): real uids for bus credentials."""
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                        name], check=False, capture_output=True)
+        return pwd.getpwnam(name)
+
+
+class PolicyBus:
+    """dbus-daemon with the project's real policy, on a socket other uids can reach."""
+
+    def __init__(self, policy: Path = POLICY_FILE) -> None:
+        self.dir = tempfile.mkdtemp(prefix="spice-policy-bus-")
+        os.chmod(self.dir, 0o755)
+        self.socket = os.path.join(self.dir, "bus")
+        self.address = f"unix:path={self.socket}"
+        conf = os.path.join(self.dir, "bus.conf")
+        with open(conf, "w") as f:
+            f.write(_CONFIG.format(socket=self.socket, policy=policy,
+                                   polkit_policy=POLKIT_BUS_POLICY))
+        self.proc = subprocess.Popen(["dbus-daemon", "--config-file", conf, "--nofork",
+                                      "--nopidfile"], stdin=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: os.path.exists(self.socket) or self.proc.poll() is not None,
+                       what="dbus-daemon socket")
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"dbus-daemon exited with {self.proc.returncode}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def busctl(self, *args: str, user: str | None = None, timeout: float = 10.0
+               ) -> subprocess.CompletedProcess:
+        kwargs = {}
+        if user is not None:
+            pw = pwd.getpwnam(user)
+            kwargs = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+        return subprocess.run(["busctl", f"--address={self.address}", *args],
+                              capture_output=True, text=True, timeout=timeout, **kwargs)
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> PolicyBus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class ServiceProcess:
+    """spice-streamd on a private bus; its stderr goes to a file the test can read."""
+
+    def __init__(self, address: str, *, device: str = "/nonexistent/spice-stream-test",
+                 env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
+        self.log_dir = tempfile.mkdtemp(prefix="spice-streamd-log-")
+        self.log_path = os.path.join(self.log_dir, "service.log")
+        full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8",
+                    "SPICE_STREAMD_IDLE_EXIT": "0"}
+        full_env.update(env or {})
+        # An empty file: the machine's /etc/spice-streamd.conf must not change the test.
+        config = os.path.join(self.log_dir, "empty.conf")
+        open(config, "w").close()
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "spice-streamd"), "--bus", address, "--device", device,
+             "--config", config, *args],
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
+
+    @property
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"spice-streamd exited with {self.proc.returncode}:\n{self.log}")
+            return " ready on " in self.log
+        wait_until(ready, timeout, "spice-streamd to own its name")
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self._log.close()
+        shutil.rmtree(self.log_dir, ignore_errors=True)
+
+
+# Run as a test user with `python -c`: waits for one JSON line on stdin (so the test can first map
+# this pid to a logind session), then performs it and prints one JSON line of results.
+CLIENT_SCRIPT = r'''
+import asyncio, json, sys, time
+from dbus_next import Message, MessageType
+from dbus_next.aio import MessageBus
+
+async def main():
+    req = json.loads(sys.stdin.readline())
+    bus = await MessageBus(bus_address=sys.argv[1]).connect()
+    async def call(dest, path, iface, member, sig, body):
+        t0 = time.monotonic()
+        r = await bus.call(Message(destination=dest, path=path, interface=iface, member=member,
+                                   signature=sig, body=body))
+        dt = time.monotonic() - t0
+        if r.message_type == MessageType.ERROR:
+            return ["error", r.error_name, r.body[0] if r.body else "", dt]
+        return ["ok", r.body[0] if r.body else None, dt]
+    if req["op"] == "register":
+        calls = [call("org.spice_space.StreamingAgent1", "/org/spice_space/StreamingAgent1",
+                      "org.spice_space.StreamingAgent1", "RegisterSession", "ss", list(c))
+                 for c in req["calls"]]
+        results = await asyncio.gather(*calls)
+    elif req["op"] == "own":
+        results = [await call("org.freedesktop.DBus", "/org/freedesktop/DBus",
+                              "org.freedesktop.DBus", "RequestName", "su", [req["name"], 4])]
+    else:
+        results = [await call(*req["call"])]
+    print(json.dumps(results), flush=True)
+    if req.get("stay"):
+        sys.stdin.readline()
+
+asyncio.run(main())
+'''
+
+
+class UserClient:
+    """CLIENT_SCRIPT running as `user`; start() then map .pid in logind, then send()."""
+
+    def __init__(self, address: str, user: str) -> None:
+        pw = pwd.getpwnam(user)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CLIENT_SCRIPT, address], user=pw.pw_uid, group=pw.pw_gid,
+            extra_groups=[], cwd="/", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def send(self, request: dict, timeout: float = 30.0) -> list:
+        import json
+        import select
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            raise TimeoutError(f"client gave no answer within {timeout} s")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"client died: {self.proc.stderr.read()}")
+        return json.loads(line)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            f.close()
+
+
+class HelperProcess:
+    """spice-stream-helper as `user`; it waits for a line on stdin before exec (pid mapping)."""
+
+    def __init__(self, address: str, user: str, display: str, xauthority: str,
+                 extra_env: dict[str, str] | None = None) -> None:
+        pw = pwd.getpwnam(user)
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "DISPLAY": display,
+               "XAUTHORITY": xauthority, "HOME": "/nonexistent"}
+        env.update(extra_env or {})
+        fd, self.output_path = tempfile.mkstemp(prefix="spice-helper-out-")
+        self._out = os.fdopen(fd, "wb")
+        self.proc = subprocess.Popen(
+            ["/bin/sh", "-c", 'read go; exec "$0" "$@"', str(VENV_BIN / "spice-stream-helper"),
+             "--bus", address], user=pw.pw_uid, group=pw.pw_gid, extra_groups=[], cwd="/",
+            stdin=subprocess.PIPE, stdout=self._out, stderr=subprocess.STDOUT, env=env)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def go(self) -> None:
+        self.proc.stdin.write(b"go\n")
+        self.proc.stdin.flush()
+
+    @property
+    def output(self) -> str:
+        with open(self.output_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def wait(self, timeout: float = 15.0) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.proc.stdin.close()
+        self._out.close()
+        try:
+            os.unlink(self.output_path)
+        except FileNotFoundError:
+            pass
+
+
+class UserFiles:
+    """A world-traversable directory for files owned by test users (pytest's tmp_path is 0700)."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="spice-user-files-")
+        os.chmod(self.dir, 0o755)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def own(self, path: str, user: str, mode: int = 0o600) -> str:
+        pw = pwd.getpwnam(user)
+        os.lchown(path, pw.pw_uid, pw.pw_gid)
+        if not os.path.islink(path):
+            os.chmod(path, mode)
+        return path
+
+    def xauthority(self, user: str, display: str = ":42", name: str | None = None) -> str:
+        """A real Xauthority file holding a cookie for `display`, owned by `user`, mode 0600."""
+        import secrets
+        path = self.path(name or f"xauth-{user}-{display.strip(':')}")
+        subprocess.run(["xauth", "-q", "-f", path, "add", display, "MIT-MAGIC-COOKIE-1",
+                        secrets.token_hex(16)], check=True, capture_output=True)
+        return self.own(path, user)
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
