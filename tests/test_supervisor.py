@@ -30,7 +30,7 @@ info = {
     "pid": os.getpid(), "argv": args, "resuid": os.getresuid(), "resgid": os.getresgid(),
     "groups": sorted(os.getgroups()), "env": dict(os.environ), "cwd": os.getcwd(),
     "dev_is_tty": os.isatty(dev), "status_is_fifo": __import__("stat").S_ISFIFO(os.fstat(st).st_mode),
-    "sid_leader": os.getsid(0) == os.getpid(),
+    "sid_leader": os.getsid(0) == os.getpid(), "dev_rdev": os.fstat(dev).st_rdev,
 }
 path = os.path.join(rec, "start-%d.json" % os.getpid())
 with open(path + ".tmp", "w") as f:
@@ -315,3 +315,30 @@ def test_close_kills_a_stubborn_worker(workdir, pty_device):
         assert not alive(first["pid"])
 
     asyncio.run(run())
+
+
+def test_device_path_change_moves_the_worker(workdir, pty_device):
+    _, script, rec = workdir
+    master2, slave2 = os.openpty()
+    tty.setraw(slave2)
+    path2 = os.ttyname(slave2)
+
+    async def run():
+        sup, _ = make(script, rec, pty_device[0], "sleep")
+        try:
+            sup.set_target(NOBODY)
+            first = (await wait_async(lambda: records(rec), what="worker"))[0]
+            assert first["dev_rdev"] == os.stat(pty_device[0]).st_rdev
+            sup.set_device_present(True, path=path2)
+            await wait_async(lambda: len(records(rec)) == 2, what="worker on the new node")
+            second = [r for r in records(rec) if r["pid"] != first["pid"]][0]
+            assert second["dev_rdev"] == os.stat(path2).st_rdev
+            assert not alive(first["pid"]) and sup.device_opens == 2
+        finally:
+            await sup.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        os.close(master2)
+        os.close(slave2)

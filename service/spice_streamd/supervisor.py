@@ -146,6 +146,7 @@ class WorkerSupervisor:
 
         self._worker: _Worker | None = None
         self._dev_fd: int | None = None
+        self._device_moved = False
         self.device_opens = 0  # how often the device was (re)opened: a reopen resets the host
         self._state = "idle"
         self._last_error = ""
@@ -199,8 +200,16 @@ class WorkerSupervisor:
         self._reset_failures()
         self._kick()
 
-    def set_device_present(self, present: bool) -> None:
+    def set_device_present(self, present: bool, path: str | None = None) -> None:
+        """path: where the port was found (DeviceWatch.node), when that differs from before."""
         present = bool(present)
+        if path and path != self._device_path:
+            log.info("device path %s -> %s", self._device_path, path)
+            self._device_path = path
+            if self._dev_fd is not None:
+                # Another node is another device: the next worker must not get the old fd.
+                self._device_moved = True
+                self._kick()
         if present == self._device_present:
             return
         log.info("device %s %s", self._device_path, "present" if present else "absent")
@@ -252,6 +261,12 @@ class WorkerSupervisor:
                 continue
             if self._closing:
                 return
+            if self._device_moved:
+                self._device_moved = False
+                if self._worker is not None:
+                    await self._stop_worker("device path changed")
+                self._close_device("device path changed")
+                continue
             if not self._device_present:
                 self._close_device("device absent")
                 self._set_state("no-device")
