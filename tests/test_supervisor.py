@@ -342,3 +342,67 @@ def test_device_path_change_moves_the_worker(workdir, pty_device):
     finally:
         os.close(master2)
         os.close(slave2)
+
+
+START_STOP_MJPEG = bytes.fromhex("01000400020000000101")  # v1, type 4, size 2: 1 codec, MJPEG
+
+
+def _read_messages(master: int, buf: bytearray) -> list[tuple[int, bytes]]:
+    """Whole stream-device messages read so far from the pty master (header: u8 u8 u16 u32)."""
+    import select
+    import struct
+
+    while select.select([master], [], [], 0)[0]:
+        try:
+            chunk = os.read(master, 1 << 20)
+        except OSError:
+            break
+        if not chunk:
+            break
+        buf += chunk
+    out = []
+    while len(buf) >= 8:
+        _version, _pad, mtype, size = struct.unpack_from("<BBHI", buf)
+        if len(buf) < 8 + size:
+            break
+        out.append((mtype, bytes(buf[8:8 + size])))
+        del buf[:8 + size]
+    return out
+
+
+@pytest.mark.slow
+def test_real_worker_streams_from_real_xvfb_as_nobody(pty_device):
+    from support.xserver import xvfb
+
+    device, master = pty_device
+    with xvfb(320, 240, owner_uid=65534) as server:
+        target = WorkerTarget(uid=65534, gid=65534, groups=(), display=server.display,
+                              xauthority=server.xauthority, vt=2)
+
+        async def run():
+            sup = WorkerSupervisor(device_path=device, fps=30, quality=80)
+            buf = bytearray()
+            seen: list[int] = []
+            try:
+                sup.set_target(target)
+                await wait_async(lambda: sup.status["pid"], what="worker pid")
+                pid = sup.status["pid"]
+                with open(f"/proc/{pid}/status") as f:
+                    st = dict(line.split(":", 1) for line in f if ":" in line)
+                assert st["Uid"].split() == ["65534"] * 4 and st["Groups"].split() == []
+                os.write(master, START_STOP_MJPEG)
+
+                def got_frame() -> bool:
+                    seen.extend(t for t, _ in _read_messages(master, buf))
+                    return 3 in seen
+
+                await wait_async(got_frame, timeout=20, what="a DATA message on the pty")
+                assert 2 in seen and seen.index(2) < seen.index(3)  # FORMAT before DATA
+                await wait_async(lambda: sup.status["streaming"] and sup.status["frames"] > 0,
+                                 timeout=10, what="worker status reports streaming")
+                assert sup.status["state"] == "running"
+                assert sup.host_state[0] == [1]
+            finally:
+                await sup.close()
+
+        asyncio.run(run())
