@@ -99,6 +99,11 @@ def build(name: str) -> Path:
         if res.returncode != 0:
             raise SpiceHostError(f"building {name} failed:\n{res.stderr[-3000:]}")
         os.replace(tmp, binary)
+        # Binaries of older sources are never run again.
+        for old in BUILD_DIR.glob(f"{name}-*"):
+            if old != binary:
+                with contextlib.suppress(OSError):
+                    old.unlink()
     return binary
 
 
