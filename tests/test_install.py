@@ -411,3 +411,17 @@ def test_wheel_contains_the_system_files(tmp_path: Path) -> None:
         scripts = z.read(entry_points).decode()
         for s in install.SCRIPTS:
             assert f"{s} = " in scripts
+
+
+def test_console_script_dispatches_and_points_at_itself(tmp_path: Path) -> None:
+    script = os.path.join(SCRIPTS_DIR, "spice-streamd")
+    p = subprocess.run([script, "install-system-files", "--destdir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert p.returncode == 0, p.stderr
+    assert f"ExecStart={script}\n" in (tmp_path / UNIT).read_text()
+    xml = tmp_path / "usr/share/dbus-1/interfaces" / constants.INTROSPECTION_FILE
+    assert xml.is_file() == (REPO / "dbus" / constants.INTROSPECTION_FILE).is_file()
+    p = subprocess.run([script, "uninstall-system-files", "--destdir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert p.returncode == 0, p.stderr
+    assert list(tmp_path.iterdir()) == []
