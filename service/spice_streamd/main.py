@@ -14,7 +14,7 @@ from dbus_next.aio import MessageBus
 from dbus_next.constants import NameFlag, RequestNameReply
 from dbus_next.errors import DBusError
 
-from . import constants
+from . import constants, dbusnext_compat
 from .config import Config, load
 from .coordinator import Coordinator
 from .dbus_service import RegistrationEndpoint, StreamingAgentInterface
@@ -48,6 +48,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def bus_for(spec: str) -> MessageBus:
+    dbusnext_compat.install()
     if spec == "system":
         return MessageBus(bus_type=BusType.SYSTEM)
     if spec == "session":

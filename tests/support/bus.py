@@ -107,7 +107,8 @@ class PolicyBus:
             f.write(_CONFIG.format(socket=self.socket, policy=policy,
                                    polkit_policy=POLKIT_BUS_POLICY))
         self.proc = subprocess.Popen(["dbus-daemon", "--config-file", conf, "--nofork",
-                                      "--nopidfile"], stdin=subprocess.DEVNULL)
+                                      "--nopidfile"], stdin=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
         try:
             wait_until(lambda: os.path.exists(self.socket) or self.proc.poll() is not None,
                        what="dbus-daemon socket")
@@ -180,8 +181,10 @@ CLIENT_SCRIPT = r'''
 import asyncio, json, sys, time
 from dbus_next import Message, MessageType
 from dbus_next.aio import MessageBus
+from spice_streamd import dbusnext_compat
 
 async def main():
+    dbusnext_compat.install()
     req = json.loads(sys.stdin.readline())
     bus = await MessageBus(bus_address=sys.argv[1]).connect()
     async def call(dest, path, iface, member, sig, body):
@@ -314,3 +317,103 @@ class UserFiles:
 
     def cleanup(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Stack:
+    """Policy bus + logind mock + polkit (real, or dbusmock's), and everything a test starts on it.
+    Logind sessions: "a" (spice-test-a, VT 2, active), "a4" (spice-test-a, VT 4), "b" (spice-test-b,
+    VT 3). polkit authorizes spice-test-a only."""
+
+    def __init__(self, polkit: str = "real") -> None:
+        from .logind import LogindMock
+        from .polkit import MockPolkit, RealPolkit
+
+        self.users = {u: ensure_test_user(u) for u in TEST_USERS}
+        self._started: list = []
+        self.bus = PolicyBus()
+        try:
+            self.logind = LogindMock(self.bus.address)
+            self._started.append(self.logind)
+            if polkit == "real" and os.geteuid() == 0:
+                self.polkit = RealPolkit(self.bus.address, ["spice-test-a"])
+            else:
+                self.polkit = MockPolkit(self.bus.address)
+            self._started.append(self.polkit)
+            self.files = UserFiles()
+            a, b = self.uid("spice-test-a"), self.uid("spice-test-b")
+            self.logind.add_session("a", a, 2, active=True, username="spice-test-a")
+            self.logind.add_session("b", b, 3, username="spice-test-b")
+            self.logind.add_session("a4", a, 4, username="spice-test-a")
+            import dbus
+            self.conn = dbus.bus.BusConnection(self.bus.address)
+        except BaseException:
+            self.close()
+            raise
+        self._per_test: list = []
+
+    def uid(self, user: str) -> int:
+        return self.users[user].pw_uid
+
+    def service(self, env: dict[str, str] | None = None, args: tuple[str, ...] = (),
+                ready: bool = True) -> ServiceProcess:
+        svc = ServiceProcess(self.bus.address, env=env, args=args)
+        self._per_test.append(svc)
+        if ready:
+            svc.wait_ready()
+        return svc
+
+    def helper(self, user: str, session: str, display: str = ":42",
+               xauthority: str | None = None, extra_env: dict[str, str] | None = None
+               ) -> HelperProcess:
+        if xauthority is None:
+            xauthority = self.files.xauthority(user, display)
+        h = HelperProcess(self.bus.address, user, display, xauthority, extra_env)
+        self._per_test.append(h)
+        self.logind.map_pids(session, [h.pid])
+        h.go()
+        return h
+
+    def client(self, user: str, session: str | None) -> UserClient:
+        c = UserClient(self.bus.address, user)
+        self._per_test.append(c)
+        if session is not None:
+            self.logind.map_pids(session, [c.pid])
+        return c
+
+    def register(self, user: str, session: str | None, display: str, xauthority: str) -> list:
+        """One RegisterSession call from a fresh process of `user`; ["ok", vt, t] or
+        ["error", name, text, t]."""
+        c = self.client(user, session)
+        try:
+            return c.send({"op": "register", "calls": [[display, xauthority]]})[0]
+        finally:
+            c.stop()
+
+    def prop(self, name: str):
+        obj = self.conn.get_object("org.spice_space.StreamingAgent1",
+                                   "/org/spice_space/StreamingAgent1")
+        value = obj.Get("org.spice_space.StreamingAgent1", name,
+                        dbus_interface="org.freedesktop.DBus.Properties")
+        if name == "Sessions":
+            return [(int(v), int(u), str(d)) for v, u, d in value]
+        if name in ("DevicePresent", "Streaming"):
+            return bool(value)
+        return str(value) if isinstance(value, str) else int(value)
+
+    def end_test(self) -> None:
+        for p in reversed(self._per_test):
+            try:
+                p.stop()
+            except Exception:  # noqa: BLE001 - cleanup must go on
+                pass
+        self._per_test = []
+
+    def close(self) -> None:
+        self.end_test()
+        for p in reversed(self._started):
+            p.stop()
+        if getattr(self, "conn", None) is not None:
+            self.conn.close()
+        if getattr(self, "files", None) is not None:
+            self.files.cleanup()
+        self.bus.stop()

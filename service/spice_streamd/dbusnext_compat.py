@@ -1,0 +1,53 @@
+"""Works around a dbus-next 0.2.3 gap: a full socket buffer (EAGAIN) on send must mean "wait", not
+"the bus is gone". Without this, a burst of replies can drop the service's bus connection."""
+
+from __future__ import annotations
+
+import array
+import socket
+
+from dbus_next.aio import message_bus as _aio
+
+_installed = False
+
+
+def _write_callback(self) -> None:
+    # Same contract as dbus-next's writer, except that a would-block send keeps the writer
+    # registered with the loop, which calls us again once the socket is writable.
+    try:
+        while True:
+            if self.buf is None:
+                if self.messages.qsize() == 0:
+                    self.loop.remove_writer(self.fd)
+                    return
+                buf, unix_fds, fut = self.messages.get_nowait()
+                self.unix_fds = unix_fds
+                self.buf = memoryview(buf)
+                self.offset = 0
+                self.fut = fut
+            try:
+                if self.unix_fds and self.negotiate_unix_fd:
+                    fds = array.array("i", self.unix_fds)
+                    sent = self.sock.sendmsg([self.buf[self.offset:]],
+                                             [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+                    self.unix_fds = None
+                else:
+                    sent = self.sock.send(self.buf[self.offset:])
+            except (BlockingIOError, InterruptedError):
+                return
+            self.offset += sent
+            if self.offset < len(self.buf):
+                return
+            self.buf = None
+            _aio._future_set_result(self.fut, None)
+    except Exception as e:
+        _aio._future_set_exception(self.fut, e)
+        self.bus._finalize(e)
+
+
+def install() -> None:
+    """Idempotent; call before connecting."""
+    global _installed
+    if not _installed:
+        _aio._MessageWriter.write_callback = _write_callback
+        _installed = True

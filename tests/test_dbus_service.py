@@ -1,0 +1,241 @@
+"""spice-streamd on a bus enforcing our policy, with the real polkitd and a logind mock: registration,
+lifetime of registrations, limits, floods, introspection and the policy file."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+import xml.etree.ElementTree as ET
+
+import pytest
+from support.bus import REPO, Stack, wait_until
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root: real polkitd, test users")]
+
+ERR = "org.spice_space.StreamingAgent1.Error."
+BUS_NAME = "org.spice_space.StreamingAgent1"
+PATH = "/org/spice_space/StreamingAgent1"
+
+
+@pytest.fixture(scope="module")
+def stack_module():
+    s = Stack()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def stack(stack_module):
+    try:
+        yield stack_module
+    finally:
+        stack_module.end_test()
+
+
+def test_authorized_user_registers_and_gets_its_vt(stack):
+    stack.service()
+    xa = stack.files.xauthority("spice-test-a", ":42")
+    result = stack.register("spice-test-a", "a", ":42", xa)
+    assert result[:2] == ["ok", 2]
+
+
+def test_helper_registers_and_its_session_ends_with_its_connection(stack):
+    stack.service()
+    h = stack.helper("spice-test-a", "a", ":42")
+    uid = stack.uid("spice-test-a")
+    wait_until(lambda: stack.prop("Sessions") == [(2, uid, ":42")], what="the session listed")
+    assert "registered" in h.output
+    assert stack.prop("ActiveVT") == 2
+    h.stop()
+    wait_until(lambda: stack.prop("Sessions") == [], what="the session dropped")
+
+
+def test_unauthorized_user_is_refused(stack):
+    svc = stack.service()
+    xa = stack.files.xauthority("spice-test-b", ":43")
+    result = stack.register("spice-test-b", "b", ":43", xa)
+    assert result[:2] == ["error", ERR + "PermissionDenied"]
+    assert "polkit" in result[2]
+    assert stack.prop("Sessions") == []
+    uid = stack.uid("spice-test-b")
+    wait_until(lambda: f"uid {uid}" in svc.log and "PermissionDenied" in svc.log,
+               what="one refusal log line naming the uid")
+
+
+def test_caller_not_in_a_session_is_refused(stack):
+    stack.service()
+    xa = stack.files.xauthority("spice-test-a", ":42")
+    result = stack.register("spice-test-a", None, ":42", xa)
+    assert result[:2] == ["error", ERR + "NotInSession"]
+
+
+def test_someone_elses_session_is_refused(stack):
+    # A process of uid a that logind places in b's session (e.g. su): not the caller's own.
+    stack.service()
+    xa = stack.files.xauthority("spice-test-a", ":42")
+    result = stack.register("spice-test-a", "b", ":42", xa)
+    assert result[:2] == ["error", ERR + "NotInSession"]
+
+
+def test_wayland_session_is_refused(stack):
+    stack.service()
+    stack.logind.set_property("a4", "Type", "wayland")
+    try:
+        xa = stack.files.xauthority("spice-test-a", ":44")
+        result = stack.register("spice-test-a", "a4", ":44", xa)
+    finally:
+        stack.logind.set_property("a4", "Type", "x11")
+    assert result[:2] == ["error", ERR + "NotInSession"]
+    assert "Wayland" in result[2]
+
+
+def test_reregistration_replaces(stack):
+    stack.service()
+    uid = stack.uid("spice-test-a")
+    h1 = stack.helper("spice-test-a", "a", ":42")
+    wait_until(lambda: stack.prop("Sessions") == [(2, uid, ":42")], what="first registration")
+    h2 = stack.helper("spice-test-a", "a", ":45")
+    wait_until(lambda: stack.prop("Sessions") == [(2, uid, ":45")], what="replaced by the second")
+    # The replaced helper's connection leaving must not drop the new registration.
+    h1.stop()
+    time.sleep(0.3)  # give a wrong drop the chance to happen before we look again
+    assert stack.prop("Sessions") == [(2, uid, ":45")]
+    assert h2.proc.poll() is None
+
+
+def test_session_removed_by_logind_drops_registration(stack):
+    stack.service()
+    uid = stack.uid("spice-test-a")
+    stack.logind.add_session("a9", uid, 9, username="spice-test-a")
+    h = stack.helper("spice-test-a", "a9", ":49")
+    wait_until(lambda: (9, uid, ":49") in stack.prop("Sessions"), what="registration on VT 9")
+    stack.logind.remove_session("a9")
+    wait_until(lambda: stack.prop("Sessions") == [], what="registration dropped with the session")
+    assert h.proc.poll() is None
+
+
+def test_per_uid_limit(stack):
+    stack.service(env={"SPICE_STREAMD_MAX_SESSIONS_PER_UID": "1"})
+    uid = stack.uid("spice-test-a")
+    stack.helper("spice-test-a", "a", ":42")
+    wait_until(lambda: stack.prop("Sessions") == [(2, uid, ":42")], what="first session")
+    xa = stack.files.xauthority("spice-test-a", ":44")
+    result = stack.register("spice-test-a", "a4", ":44", xa)
+    assert result[:2] == ["error", ERR + "LimitReached"]
+    assert "limit 1" in result[2]
+
+
+def test_flood_from_one_caller_does_not_stall_another(stack):
+    svc = stack.service()
+    flooder = stack.client("spice-test-b", "b")
+    other = stack.client("spice-test-a", "a")
+    xa_b = stack.files.xauthority("spice-test-b", ":43")
+    xa_a = stack.files.xauthority("spice-test-a", ":42")
+    rss_before = rss_kib(svc.proc.pid)
+    flooder.proc.stdin.write(json.dumps({"op": "register", "calls": [[":43", xa_b]] * 200}) + "\n")
+    flooder.proc.stdin.flush()
+    t0 = time.monotonic()
+    result = other.send({"op": "register", "calls": [[":42", xa_a]]})[0]
+    elapsed = time.monotonic() - t0
+    assert result[:2] == ["ok", 2]
+    assert elapsed < 5.0, f"the other caller waited {elapsed:.1f} s"
+    line = flooder.proc.stdout.readline()
+    assert line, flooder.proc.stderr.read()
+    flood = json.loads(line)
+    names = [r[1] for r in flood]
+    assert len(flood) == 200
+    # The bus daemon itself refuses beyond 128 pending calls per connection (LimitsExceeded).
+    assert names.count(ERR + "LimitReached") >= 50
+    assert set(names) <= {ERR + "LimitReached", ERR + "PermissionDenied",
+                          "org.freedesktop.DBus.Error.LimitsExceeded"}
+    assert names.count(ERR + "PermissionDenied") <= 10
+    assert rss_kib(svc.proc.pid) - rss_before < 20 * 1024
+    refusals = [line for line in svc.log.splitlines() if "refused" in line]
+    assert len(refusals) < 10, "refusal logging is not rate-limited"
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+
+
+def test_helper_reregisters_with_a_restarted_service(stack):
+    svc = stack.service()
+    uid = stack.uid("spice-test-a")
+    h = stack.helper("spice-test-a", "a", ":42")
+    wait_until(lambda: stack.prop("Sessions") == [(2, uid, ":42")], what="registration")
+    svc.proc.send_signal(signal.SIGKILL)
+    svc.proc.wait(5)
+    stack.service()
+    wait_until(lambda: stack.prop("Sessions") == [(2, uid, ":42")], timeout=15,
+               what="the helper registering with the new service")
+    assert h.proc.poll() is None
+
+
+def test_helper_prints_refusal_and_exits_nonzero(stack):
+    stack.service()
+    h = stack.helper("spice-test-b", "b", ":43")
+    assert h.wait() != 0
+    assert "PermissionDenied" in h.output
+
+
+def test_helper_exits_zero_on_sigterm(stack):
+    stack.service()
+    h = stack.helper("spice-test-a", "a", ":42")
+    wait_until(lambda: "registered" in h.output, what="registration")
+    h.proc.send_signal(signal.SIGTERM)
+    assert h.wait() == 0
+
+
+def test_introspection_shows_the_contract(stack):
+    stack.service()
+    out = stack.bus.busctl("introspect", BUS_NAME, PATH, user="spice-test-b")
+    assert out.returncode == 0, out.stderr
+    shown = {}
+    for line in out.stdout.splitlines():
+        parts = line.split()
+        if parts and parts[0].startswith("."):
+            shown[parts[0][1:]] = (parts[1], parts[2])
+    doc = ET.parse(REPO / "dbus" / "org.spice_space.StreamingAgent1.xml").getroot()
+    iface = doc.find("interface[@name='org.spice_space.StreamingAgent1']")
+    for prop in iface.findall("property"):
+        assert shown[prop.get("name")] == ("property", prop.get("type")), prop.get("name")
+    assert shown["RegisterSession"] == ("method", "ss")
+    assert {p.get("name") for p in iface.findall("property")} >= {
+        "ActiveVT", "Sessions", "Streaming", "StreamingVT", "DevicePresent", "WorkerState"}
+
+
+def test_policy_denies_unknown_method_and_other_interfaces(stack):
+    stack.service()
+    for user in ("spice-test-a", None):  # None: root is no exception
+        out = stack.bus.busctl("call", BUS_NAME, PATH, "org.spice_space.StreamingAgent1",
+                               "Shutdown", user=user)
+        assert out.returncode != 0 and "denied" in out.stderr.lower(), out.stderr
+        out = stack.bus.busctl("call", BUS_NAME, PATH, "org.freedesktop.DBus.Properties", "Set",
+                               "ssv", "org.spice_space.StreamingAgent1", "ActiveVT", "u", "5",
+                               user=user)
+        assert out.returncode != 0 and "denied" in out.stderr.lower(), out.stderr
+    out = stack.bus.busctl("get-property", BUS_NAME, PATH, "org.spice_space.StreamingAgent1",
+                           "ActiveVT", user="spice-test-b")
+    assert out.returncode == 0 and out.stdout.strip() == "u 2", out.stderr
+
+
+def test_policy_lets_only_root_own_the_name(stack):
+    c = stack.client("spice-test-a", None)
+    result = c.send({"op": "own", "name": BUS_NAME})[0]
+    assert result[:2] == ["error", "org.freedesktop.DBus.Error.AccessDenied"]
+    svc = stack.service()  # root may
+    assert svc.proc.poll() is None
+
+
+def test_second_service_instance_refuses_to_start(stack):
+    stack.service()
+    second = stack.service(ready=False)
+    assert second.proc.wait(15) == 1
+    assert "already owned" in second.log
