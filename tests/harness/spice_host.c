@@ -288,7 +288,7 @@ static int port_read(SpiceCharDeviceInstance *sin, uint8_t *buf, int len)
             arm_read_watch();
             return 0;
         }
-        emit("LOG host read error: %s", g_strerror(errno));
+        emit("LOG error host read: %s", g_strerror(errno));
         return -1;
     }
     if (n < len) arm_read_watch();
@@ -302,7 +302,7 @@ static int port_write(SpiceCharDeviceInstance *sin, const uint8_t *buf, int len)
     ssize_t n = write(pty_master, buf, len);
     if (n < 0) {
         if (errno != EAGAIN && errno != EINTR) {
-            emit("LOG host write error: %s", g_strerror(errno));
+            emit("LOG error host write: %s", g_strerror(errno));
             return -1;
         }
         n = 0;
