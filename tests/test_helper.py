@@ -1,0 +1,62 @@
+"""spice-stream-helper without a service: Wayland and missing-DISPLAY refusals, waiting for the
+service, and SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from support.bus import PolicyBus, wait_until
+
+from spice_stream_helper.main import session_display
+
+HELPER = str(Path(sys.executable).parent / "spice-stream-helper")
+
+
+@pytest.mark.parametrize("env", [
+    {"XDG_SESSION_TYPE": "wayland", "DISPLAY": ":0"},
+    {"WAYLAND_DISPLAY": "wayland-0"},
+])
+def test_wayland_is_refused_politely(env):
+    out = subprocess.run([HELPER], env={"PATH": "/usr/bin:/bin", **env}, capture_output=True,
+                         text=True, timeout=20)
+    assert out.returncode == 0
+    assert "Wayland session" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_no_display_is_an_error():
+    out = subprocess.run([HELPER], env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+                         timeout=20)
+    assert out.returncode == 2
+    assert "DISPLAY is not set" in out.stderr
+
+
+def test_xauthority_defaults_like_xlib():
+    assert session_display({"DISPLAY": ":1", "HOME": "/home/u"}) == (":1", "/home/u/.Xauthority")
+    assert session_display({"DISPLAY": ":1", "XAUTHORITY": "/run/x/auth"}) == (":1", "/run/x/auth")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the policy bus lets only root own names")
+def test_waits_for_an_absent_service_then_sigterm_exits_zero():
+    with PolicyBus() as bus:
+        proc = subprocess.Popen([HELPER, "--bus", bus.address],
+                                env={"PATH": "/usr/bin:/bin", "DISPLAY": ":9",
+                                     "XAUTHORITY": "/nonexistent"},
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            line = proc.stderr.readline()
+            assert "not running; waiting" in line
+            assert proc.poll() is None
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stderr.close()
+        wait_until(lambda: proc.returncode is not None, what="helper exit")

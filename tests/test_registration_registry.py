@@ -1,0 +1,122 @@
+"""The session registry, the coordinator's mapping to a worker target, and the rate limiters,
+without a bus."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from spice_streamd.coordinator import Coordinator
+from spice_streamd.errors import LimitReached
+from spice_streamd.ratelimit import LogLimiter, TokenBucket
+from spice_streamd.sessions import Registration, SessionRegistry
+
+
+def reg(sender: str, uid: int, vt: int, session: str | None = None) -> Registration:
+    return Registration(sender=sender, uid=uid, gid=uid, groups=(), pid=100, session_id=session,
+                        vt=vt, display=f":{vt}", xauthority="/x")
+
+
+def test_same_sender_or_vt_replaces():
+    r = SessionRegistry()
+    r.add(reg(":1.1", 1000, 2))
+    assert r.add(reg(":1.1", 1000, 3)) == [reg(":1.1", 1000, 2)]
+    assert [x.vt for x in r.all()] == [3]
+    replaced = r.add(reg(":1.2", 1001, 3))
+    assert [x.sender for x in replaced] == [":1.1"]
+    assert [x.sender for x in r.all()] == [":1.2"]
+
+
+def test_limits_change_nothing_when_refused():
+    r = SessionRegistry(max_sessions=2, max_sessions_per_uid=1)
+    r.add(reg(":1.1", 1000, 2))
+    with pytest.raises(LimitReached, match="uid 1000"):
+        r.add(reg(":1.2", 1000, 3))
+    r.add(reg(":1.3", 1001, 4))
+    with pytest.raises(LimitReached, match="limit 2"):
+        r.add(reg(":1.4", 1002, 5))
+    assert [x.sender for x in r.all()] == [":1.1", ":1.3"]
+    # Replacing does not count against the bound.
+    r.add(reg(":1.1", 1000, 2))
+    assert len(r) == 2
+
+
+def test_remove_by_sender_and_session():
+    r = SessionRegistry()
+    r.add(reg(":1.1", 1000, 2, "s1"))
+    r.add(reg(":1.2", 1001, 3, "s2"))
+    assert r.remove_sender(":1.1").vt == 2
+    assert r.remove_sender(":1.1") is None
+    assert [x.vt for x in r.remove_session("s2")] == [3]
+    assert len(r) == 0
+
+
+class FakeSource:
+    def __init__(self, value):
+        self.active_vt = value
+        self.present = value
+        self.callbacks = []
+
+    def on_change(self, cb):
+        self.callbacks.append(cb)
+
+    def set(self, value):
+        self.active_vt = self.present = value
+        for cb in self.callbacks:
+            cb(value)
+
+
+class FakeSupervisor:
+    def __init__(self):
+        self.targets = []
+        self.present = []
+        self.status = {"state": "idle"}
+
+    def set_target(self, t):
+        self.targets.append(t)
+
+    def set_device_present(self, p):
+        self.present.append(p)
+
+
+def test_coordinator_follows_vt_registry_and_device():
+    registry = SessionRegistry()
+    vt, dev, sup = FakeSource(2), FakeSource(False), FakeSupervisor()
+    c = Coordinator(registry, vt, dev, sup, make_target=lambda r: r and (r.uid, r.vt))
+    c.update()
+    assert sup.targets == [] and sup.present == [False]
+    assert c.idle()
+    registry.add(reg(":1.1", 1000, 3))
+    assert sup.targets == []  # VT 3 is not active
+    vt.set(3)
+    assert sup.targets == [(1000, 3)]
+    dev.set(True)
+    assert sup.present == [False, True]
+    assert not c.idle()
+    registry.remove_sender(":1.1")
+    assert sup.targets == [(1000, 3), None]
+    assert c.properties()["Sessions"] == [] and c.properties()["ActiveVT"] == 3
+
+
+def test_token_bucket():
+    now = [0.0]
+    b = TokenBucket(rate=1.0, burst=2, clock=lambda: now[0], max_keys=2)
+    assert [b.allow("k") for _ in range(3)] == [True, True, False]
+    now[0] += 1.0
+    assert b.allow("k") and not b.allow("k")
+    for k in range(100):
+        b.allow(k)
+    assert len(b._state) == 2
+
+
+def test_log_limiter(caplog):
+    now = [0.0]
+    lim = LogLimiter(logging.getLogger("t"), interval=10, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO):
+        for _ in range(50):
+            lim.log(logging.WARNING, "k", "refused %s", "x")
+        now[0] += 11
+        lim.log(logging.WARNING, "k", "refused %s", "x")
+    assert len(caplog.records) == 2
+    assert "49 similar lines suppressed" in caplog.records[1].getMessage()
