@@ -239,3 +239,20 @@ def test_second_service_instance_refuses_to_start(stack):
     second = stack.service(ready=False)
     assert second.proc.wait(15) == 1
     assert "already owned" in second.log
+
+
+def test_idle_service_exits(stack):
+    # No session and no device: the service leaves after idle_exit seconds (bus activation
+    # brings it back on the next call).
+    svc = stack.service(env={"SPICE_STREAMD_IDLE_EXIT": "1"})
+    assert svc.proc.wait(10) == 0
+    assert "idle for 1 s" in svc.log
+
+
+def test_registered_session_keeps_service_alive(stack):
+    svc = stack.service(env={"SPICE_STREAMD_IDLE_EXIT": "3"})
+    uid = stack.uid("spice-test-a")
+    stack.helper("spice-test-a", "a", ":42")
+    wait_until(lambda: stack.prop("Sessions") == [(2, uid, ":42")], what="registration")
+    time.sleep(4.5)  # longer than idle_exit: the service must still be there
+    assert svc.proc.poll() is None
