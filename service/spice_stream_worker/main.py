@@ -102,7 +102,6 @@ class Worker:
 
     def run(self) -> ExitCode:
         from .capture import Screen
-        from .cursor import read_cursor_for
         from .display_info import find_display_device
         from .encoder import JpegEncoder
 
@@ -116,7 +115,7 @@ class Worker:
                 screen, JpegEncoder(self.args.quality), outbox,
                 fps=self.args.fps, host=self.args.host,
                 display_address=find_display_device(),
-                read_cursor=read_cursor_for(screen),
+                read_cursor=screen.cursor_image,
             )
             status = StatusReporter(self.args.status_fd)
             return self._loop(screen, streamer, outbox, status)
@@ -149,7 +148,7 @@ class Worker:
             deadline = streamer.next_deadline()
             timeout = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
             # python-xlib may have read events into its queue already: do not sleep on them.
-            if screen.pending_events():
+            if screen.queued():
                 timeout = 0.0
             for key, mask in sel.select(timeout):
                 if key.data == "signal":
