@@ -19,6 +19,7 @@ _SOS = 0xDA
 _DRI = 0xDD
 # Above this share of dirty bands one whole-frame encode is cheaper than several partial ones.
 FULL_ENCODE_SHARE = 0.7
+MAX_CACHED_IMAGES = 8
 
 
 class EncoderError(Exception):
@@ -98,6 +99,8 @@ class JpegEncoder:
         self._header = b""
         self._bands: list[bytes] = []
         self._last: bytes | None = None
+        # Reused pixel stores by size: a fresh Image costs an 8 MB allocation and memset at 1080p.
+        self._images: dict[tuple[int, int], Image.Image] = {}
 
     @property
     def quality(self) -> int:
@@ -116,6 +119,7 @@ class JpegEncoder:
         self._bands = []
         self._header = b""
         self._last = None
+        self._images.clear()
 
     def encode(self, frame: Frame, changed: list[Rect] | None = None) -> bytes:
         """A complete JPEG of the whole frame; only bands touched by `changed` are re-encoded.
@@ -142,9 +146,13 @@ class JpegEncoder:
 
     def _encode_rows(self, frame: Frame, y0: int, y1: int) -> bytes:
         view = frame.pixels[y0 * frame.stride : y1 * frame.stride]
-        image = Image.frombuffer(
-            "RGB", (frame.width, y1 - y0), view, "raw", "BGRX", frame.stride, 1
-        )
+        size = (frame.width, y1 - y0)
+        image = self._images.get(size)
+        if image is None:
+            if len(self._images) >= MAX_CACHED_IMAGES:
+                self._images.clear()
+            image = self._images[size] = Image.new("RGB", size)
+        image.frombytes(view, "raw", ("BGRX", frame.stride, 1))
         out = io.BytesIO()
         # No optimize: the standard Huffman tables are then the same in every call, which is
         # what lets segments from different calls share one header.

@@ -1,0 +1,260 @@
+"""Benchmark: the real worker vs a naive GetImage+full-JPEG baseline on Xvfb 1920x1080.
+
+Run: .venv/bin/python bench/run.py   (as root or any user; takes about a minute and a half)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import tty
+from dataclasses import dataclass
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from tests.support.xserver import start_xvfb  # noqa: E402
+
+VENV_BIN = os.path.join(ROOT, ".venv", "bin")
+PYTHON = os.path.join(VENV_BIN, "python")
+WORKER = os.path.join(VENV_BIN, "spice-stream-worker")
+HEADER = struct.Struct("<BBHI")
+MSG_DATA = 3
+TICK = os.sysconf("SC_CLK_TCK")
+
+# The brief's targets, as ratios against the baseline measured in the same run.
+TARGET_FULL_FPS = 60
+TARGET_FULL_FPS_RATIO = 2.0
+TARGET_FULL_CPU_RATIO = 0.6
+TARGET_REGION_CPU_RATIO = 0.25
+TARGET_IDLE_CPU_PCT = 1.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+class Drain:
+    """Reads the pty master in a thread and counts DATA messages, like a host that keeps up."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.frames = 0
+        self.frame_bytes = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        head = b""
+        body_left = 0
+        in_data = False
+        while not self._stop:
+            try:
+                data = os.read(self.fd, 1 << 20)
+            except OSError:
+                return
+            if not data:
+                return
+            pos = 0
+            while pos < len(data):
+                if body_left:
+                    take = min(body_left, len(data) - pos)
+                    body_left -= take
+                    pos += take
+                    if body_left == 0 and in_data:
+                        self.frames += 1
+                    continue
+                need = HEADER.size - len(head)
+                head += data[pos : pos + need]
+                pos += need
+                if len(head) == HEADER.size:
+                    _, _, mtype, size = HEADER.unpack(head)
+                    head = b""
+                    in_data = mtype == MSG_DATA
+                    if in_data:
+                        self.frame_bytes += size
+                    body_left = size
+                    if size == 0 and in_data:
+                        self.frames += 1
+
+    def snapshot(self) -> tuple[int, int]:
+        return self.frames, self.frame_bytes
+
+    def stop(self) -> None:
+        self._stop = True
+
+
+@dataclass
+class Result:
+    engine: str
+    workload: str
+    fps: float
+    cpu_ms_per_frame: float
+    engine_ms_per_frame: float
+    x_ms_per_frame: float
+    kb_per_frame: float
+    cpu_pct: float  # worker + X, percent of one core
+    others_pct: float  # painter + this bench's drain, percent of one core
+
+
+def start_painter(server, mode: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [PYTHON, os.path.join(HERE, "painter.py"), mode],
+        env=server.full_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline() if proc.stdout else ""
+    if line.strip() != "ready":
+        proc.kill()
+        raise RuntimeError(f"painter {mode} did not start")
+    return proc
+
+
+def stop(proc: subprocess.Popen | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def start_engine(engine: str, server, device: str, fps: int, quality: int) -> subprocess.Popen:
+    if engine == "worker":
+        args = [WORKER, "--device", device, "--fps", str(fps), "--quality", str(quality),
+                "--start-codecs", "1", "--log-level", "warning"]
+    else:
+        args = [PYTHON, os.path.join(HERE, "baseline.py"), "--device", device,
+                "--fps", str(fps), "--quality", str(quality)]
+    env = server.full_env()
+    env["PYTHONPATH"] = os.path.join(ROOT, "service")
+    return subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL)
+
+
+def measure(engine: str, workload: str, server, args) -> Result:
+    painter = start_painter(server, {"idle": "static"}.get(workload, workload))
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    tty.setraw(master)
+    proc = None
+    drain = Drain(master)
+    try:
+        proc = start_engine(engine, server, os.ttyname(slave), args.fps, args.quality)
+        time.sleep(args.warmup)  # let the first full frame and the painter's pace settle
+        if proc.poll() is not None:
+            raise RuntimeError(f"{engine} exited with {proc.returncode}")
+        f0, b0 = drain.snapshot()
+        c0, x0, t0 = cpu_seconds(proc.pid), cpu_seconds(server.pid), time.monotonic()
+        o0 = cpu_seconds(painter.pid) + cpu_seconds(os.getpid())
+        time.sleep(args.seconds)
+        f1, b1 = drain.snapshot()
+        c1, x1, t1 = cpu_seconds(proc.pid), cpu_seconds(server.pid), time.monotonic()
+        o1 = cpu_seconds(painter.pid) + cpu_seconds(os.getpid())
+    finally:
+        stop(proc)
+        stop(painter)
+        drain.stop()
+        os.close(slave)
+        os.close(master)
+    elapsed = t1 - t0
+    frames = f1 - f0
+    per = max(frames, 1)
+    return Result(
+        engine=engine,
+        workload=workload,
+        fps=frames / elapsed,
+        cpu_ms_per_frame=1000 * ((c1 - c0) + (x1 - x0)) / per,
+        engine_ms_per_frame=1000 * (c1 - c0) / per,
+        x_ms_per_frame=1000 * (x1 - x0) / per,
+        kb_per_frame=(b1 - b0) / per / 1024,
+        cpu_pct=100 * ((c1 - c0) + (x1 - x0)) / elapsed,
+        others_pct=100 * (o1 - o0) / elapsed,
+    )
+
+
+def painter_only(workload: str, server, seconds: float) -> float:
+    """X server CPU% caused by the painter alone (no capture), to read the others against."""
+    painter = start_painter(server, {"idle": "static"}.get(workload, workload))
+    try:
+        time.sleep(1.0)
+        x0, t0 = cpu_seconds(server.pid), time.monotonic()
+        time.sleep(seconds)
+        return 100 * (cpu_seconds(server.pid) - x0) / (time.monotonic() - t0)
+    finally:
+        stop(painter)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=6.0, help="measuring window per run")
+    ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--fps", type=int, default=60)
+    ap.add_argument("--quality", type=int, default=80)
+    ap.add_argument("--size", default="1920x1080")
+    args = ap.parse_args()
+    width, height = (int(v) for v in args.size.split("x"))
+    server = start_xvfb(width, height)
+    results: dict[tuple[str, str], Result] = {}
+    painter_x: dict[str, float] = {}
+    try:
+        for workload in ("full", "region", "idle"):
+            painter_x[workload] = painter_only(workload, server, min(args.seconds, 3.0))
+            for engine in ("worker", "baseline"):
+                r = measure(engine, workload, server, args)
+                results[(engine, workload)] = r
+                print(f"  measured {engine:8s} {workload:6s}: {r.fps:5.1f} fps", flush=True)
+    finally:
+        server.stop()
+
+    print()
+    print(f"Xvfb {width}x{height}, quality {args.quality}, fps cap {args.fps}, "
+          f"{args.seconds:.0f}s per run; CPU = engine process + Xvfb process (/proc stat)")
+    head = (f"{'engine':9s} {'workload':8s} {'fps':>6s} {'CPU ms/frame':>13s} {'(engine':>8s} "
+            f"{'+ X)':>6s} {'KB/frame':>9s} {'CPU % core':>11s} {'X% by painter':>14s} "
+            f"{'others %':>9s}")
+    print(head)
+    print("-" * len(head))
+    for (engine, workload), r in results.items():
+        print(f"{engine:9s} {workload:8s} {r.fps:6.1f} {r.cpu_ms_per_frame:13.1f} "
+              f"{r.engine_ms_per_frame:8.1f} {r.x_ms_per_frame:6.1f} {r.kb_per_frame:9.1f} "
+              f"{r.cpu_pct:11.1f} {painter_x[workload]:14.1f} {r.others_pct:9.1f}")
+
+    w_full, b_full = results[("worker", "full")], results[("baseline", "full")]
+    w_reg = results[("worker", "region")]
+    w_idle = results[("worker", "idle")]
+    print()
+    checks = []
+    fps_ratio = w_full.fps / max(b_full.fps, 1e-9)
+    cpu_ratio = w_full.cpu_ms_per_frame / max(b_full.cpu_ms_per_frame, 1e-9)
+    fps_ok = w_full.fps >= TARGET_FULL_FPS * 0.97 or fps_ratio >= TARGET_FULL_FPS_RATIO
+    checks.append((f"full: fps {w_full.fps:.1f} (>= {TARGET_FULL_FPS}) or x{fps_ratio:.2f} "
+                   f"baseline (>= x{TARGET_FULL_FPS_RATIO})", fps_ok))
+    checks.append((f"full: CPU/frame x{cpu_ratio:.2f} baseline (<= x{TARGET_FULL_CPU_RATIO})",
+                   cpu_ratio <= TARGET_FULL_CPU_RATIO))
+    reg_ratio = w_reg.cpu_ms_per_frame / max(b_full.cpu_ms_per_frame, 1e-9)
+    checks.append((f"region 480x270: CPU/frame x{reg_ratio:.2f} baseline "
+                   f"(<= x{TARGET_REGION_CPU_RATIO})", reg_ratio <= TARGET_REGION_CPU_RATIO))
+    checks.append((f"idle: {w_idle.cpu_pct:.2f}% of a core (< {TARGET_IDLE_CPU_PCT}%)",
+                   w_idle.cpu_pct < TARGET_IDLE_CPU_PCT))
+    for text, ok in checks:
+        print(f"  [{'PASS' if ok else 'MISS'}] {text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
