@@ -117,7 +117,8 @@ class LogindMock:
             self.conn = dbus.bus.BusConnection(address)
             wait_until(self._owned, timeout=10, what="dbusmock to own org.freedesktop.login1")
             self.manager = self.conn.get_object(LOGIND_NAME, LOGIND_PATH)
-            self._mock(LOGIND_PATH).AddSeat("seat0")
+            # dbusmock claims the name before it exports its objects: retry until they exist.
+            wait_until(self._add_seat0, timeout=10, what="dbusmock's logind objects")
             self._install_get_session_by_pid()
         except BaseException:
             self.stop()
@@ -127,6 +128,17 @@ class LogindMock:
         if self.proc.poll() is not None:
             raise RuntimeError(f"dbusmock exited with {self.proc.returncode}")
         return bool(self.conn.name_has_owner(LOGIND_NAME))
+
+    def _add_seat0(self) -> bool:
+        try:
+            self._mock(LOGIND_PATH).AddSeat("seat0")
+        except dbus.exceptions.DBusException as e:
+            if e.get_dbus_name() in ("org.freedesktop.DBus.Error.UnknownMethod",
+                                     "org.freedesktop.DBus.Error.UnknownObject",
+                                     "org.freedesktop.DBus.Error.UnknownInterface"):
+                return False
+            raise
+        return True
 
     def _mock(self, path: str) -> dbus.Interface:
         return dbus.Interface(self.conn.get_object(LOGIND_NAME, path), MOCK)
