@@ -68,6 +68,17 @@ def _parse_codecs(text: str | None) -> tuple[int, ...] | None:
     return codecs
 
 
+def follow_parent() -> None:
+    """Die with the service that started us: an orphan would keep writing to the shared device."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() == 1:  # the service died before prctl took effect
+        raise DeviceUnavailable("the service that started this worker is gone")
+
+
 def open_device(path: str) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -139,6 +150,9 @@ class Worker:
         writing = False
         while self.stop_signal is None:
             status.report(streamer.state())
+            if status.lost:
+                log.info("the service closed the status pipe: stopping")
+                break
             if outbox.pending and not outbox.flush() and not writing:
                 sel.modify(self.fd, selectors.EVENT_READ | selectors.EVENT_WRITE, "device")
                 writing = True
@@ -157,7 +171,8 @@ class Worker:
                     self._read_device(streamer, parser)
             streamer.on_screen_changes(screen.poll())
             streamer.tick()
-        log.info("stopping on signal %d", self.stop_signal)
+        if self.stop_signal is not None:
+            log.info("stopping on signal %d", self.stop_signal)
         torn = not outbox.finish_current(STOP_GRACE_S)
         status.report(streamer.state() | {"streaming": False}, force=True)
         return ExitCode.DEVICE_LOST if torn else ExitCode.OK
@@ -193,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.device_fd is not None:
+            follow_parent()
             fd = args.device_fd
         else:
             fd = open_device(args.device)

@@ -38,8 +38,8 @@ class Outbox:
         return self._offset > 0
 
     @property
-    def frame_pending(self) -> bool:
-        return any(is_frame for _, is_frame in self._queue)
+    def frames_queued(self) -> int:
+        return sum(1 for _, is_frame in self._queue if is_frame)
 
     def send(self, message: bytes, *, frame: bool = False) -> None:
         if len(self._queue) >= MAX_QUEUED:

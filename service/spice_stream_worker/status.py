@@ -20,6 +20,7 @@ class StatusReporter:
         self._fd = fd
         self._last: dict[str, Any] = {}
         self._last_time = 0.0
+        self.lost = False  # the reader went away: the service that started us is gone
         if fd is not None:
             os.set_blocking(fd, False)
 
@@ -38,8 +39,12 @@ class StatusReporter:
             os.write(self._fd, line)
         except BlockingIOError:
             return  # the service is not reading right now; the next report carries the same state
+        except BrokenPipeError:
+            self.lost = True
+            self._fd = None
+            return
         except OSError as exc:
-            log.warning("status pipe closed (%s): no more status reports", exc.strerror)
+            log.warning("status pipe failed (%s): no more status reports", exc.strerror)
             self._fd = None
             return
         self._last = dict(state)

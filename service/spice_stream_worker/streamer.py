@@ -15,6 +15,9 @@ log = logging.getLogger(__name__)
 
 IDLE_REFRESH_S = 2.0  # a late client gets a picture within this long on a static screen
 CURSOR_MOVE_MIN_INTERVAL_S = 1 / 60
+# One frame being written and one encoded behind it: the next capture and encode overlap the device's
+# drain of the previous frame, and a slow host still never has more than two frames of latency queued.
+MAX_FRAMES_QUEUED = 2
 VIOLATION_LOG_INTERVAL_S = 10.0
 
 
@@ -164,7 +167,7 @@ class Streamer:
             deadlines.append(self.clock())
         if self._pointer_dirty:
             deadlines.append(self._last_pointer_at + CURSOR_MOVE_MIN_INTERVAL_S)
-        if not self.outbox.frame_pending:  # a frame in flight: the device's writability wakes us
+        if self.outbox.frames_queued < MAX_FRAMES_QUEUED:  # else the device's writability wakes us
             if self._need_full or self._damage:
                 deadlines.append(self._last_frame_at + self.interval)
             elif self._last_jpeg is not None:
@@ -179,8 +182,8 @@ class Streamer:
             self._send_cursor()
         if self._pointer_dirty and now - self._last_pointer_at >= CURSOR_MOVE_MIN_INTERVAL_S:
             self._send_pointer(now)
-        if self.outbox.frame_pending:
-            return  # latest wins: never queue a second frame behind a slow host
+        if self.outbox.frames_queued >= MAX_FRAMES_QUEUED:
+            return
         if now - self._last_frame_at < self.interval:
             return
         if self._need_full or self._damage:
@@ -191,11 +194,6 @@ class Streamer:
             self._last_frame_at = now
 
     def _send_frame(self, now: float) -> None:
-        width, height = self.screen.size
-        if self._format_sent != (width, height):
-            self.outbox.send(p.format_msg(width, height))
-            self._format_sent = (width, height)
-            self._need_full = True
         if self._need_full:
             frame = self.screen.grab(None)
             jpeg = self.encoder.encode(frame, None)
@@ -203,6 +201,11 @@ class Streamer:
             damage, self._damage = self._damage, []
             frame = self.screen.grab(damage)
             jpeg = self.encoder.encode(frame, damage)
+        # The size comes from the frame itself: a resize can land between poll() and grab() (the encoder
+        # then encodes the new size whole).
+        if self._format_sent != (frame.width, frame.height):
+            self.outbox.send(p.format_msg(frame.width, frame.height))
+            self._format_sent = (frame.width, frame.height)
         self._damage.clear()
         self._need_full = False
         self._last_jpeg = jpeg

@@ -1,1 +1,1 @@
-"""spice-streamd: the root service that owns the SPICE stream device and runs one worker for the active session."""
+"""spice-streamd: the root service that owns the SPICE stream device and runs the active session's worker."""

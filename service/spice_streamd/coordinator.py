@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from .errors import ServiceError
 from .sessions import Registration, SessionRegistry
 
 log = logging.getLogger(__name__)
@@ -19,6 +20,7 @@ class _VT(Protocol):
 
 class _Device(Protocol):
     present: bool
+    node: str | None
 
     def on_change(self, callback: Callable[[bool], None]) -> None: ...
 
@@ -28,7 +30,7 @@ class _Supervisor(Protocol):
 
     def set_target(self, target: Any) -> None: ...
 
-    def set_device_present(self, present: bool) -> None: ...
+    def set_device_present(self, present: bool, path: str | None = None) -> None: ...
 
 
 def target_of(reg: Registration | None):
@@ -50,7 +52,7 @@ class Coordinator:
         self.supervisor = supervisor
         self._make_target = make_target
         self._target_reg: Registration | None = None
-        self._device_present: bool | None = None
+        self._device_present: tuple[bool, str | None] | None = None
         self._listeners: list[Callable[[], None]] = []
         registry.on_change(self.update)
         vt_source.on_change(lambda _vt: self.update())
@@ -61,10 +63,12 @@ class Coordinator:
 
     def update(self) -> None:
         present = bool(self.device.present)
-        if present != self._device_present:
-            self._device_present = present
-            log.info("stream device %s", "present" if present else "absent")
-            self.supervisor.set_device_present(present)
+        node = getattr(self.device, "node", None) if present else None
+        if (present, node) != self._device_present:
+            self._device_present = (present, node)
+            log.info("stream device %s", f"present at {node}" if present else "absent")
+            # Without a udev symlink the port is found by its sysfs name: open the node it found.
+            self.supervisor.set_device_present(present, path=node)
         reg = self.registry.by_vt(self.vt_source.active_vt)
         if reg != self._target_reg:
             self._target_reg = reg
@@ -73,7 +77,11 @@ class Coordinator:
                          self.vt_source.active_vt)
             else:
                 log.info("active VT %d: streaming uid %d display %s", reg.vt, reg.uid, reg.display)
-            self.supervisor.set_target(self._make_target(reg))
+            try:
+                self.supervisor.set_target(self._make_target(reg))
+            except ServiceError as exc:
+                # A target the supervisor refuses (e.g. a root group) must not stop the service.
+                log.warning("not streaming uid %d on VT %d: %s", reg.uid, reg.vt, exc)
         self.notify()
 
     def notify(self) -> None:

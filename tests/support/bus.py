@@ -322,9 +322,9 @@ class UserFiles:
 class Stack:
     """Policy bus + logind mock + polkit (real, or dbusmock's), and everything a test starts on it.
     Logind sessions: "a" (spice-test-a, VT 2, active), "a4" (spice-test-a, VT 4), "b" (spice-test-b,
-    VT 3). polkit authorizes spice-test-a only."""
+    VT 3). polkit authorizes `authorized` (spice-test-a by default)."""
 
-    def __init__(self, polkit: str = "real") -> None:
+    def __init__(self, polkit: str = "real", authorized: tuple[str, ...] = ("spice-test-a",)) -> None:
         from .logind import LogindMock
         from .polkit import MockPolkit, RealPolkit
 
@@ -335,7 +335,7 @@ class Stack:
             self.logind = LogindMock(self.bus.address)
             self._started.append(self.logind)
             if polkit == "real" and os.geteuid() == 0:
-                self.polkit = RealPolkit(self.bus.address, ["spice-test-a"])
+                self.polkit = RealPolkit(self.bus.address, list(authorized))
             else:
                 self.polkit = MockPolkit(self.bus.address)
             self._started.append(self.polkit)
@@ -355,8 +355,9 @@ class Stack:
         return self.users[user].pw_uid
 
     def service(self, env: dict[str, str] | None = None, args: tuple[str, ...] = (),
-                ready: bool = True) -> ServiceProcess:
-        svc = ServiceProcess(self.bus.address, env=env, args=args)
+                ready: bool = True, device: str | None = None) -> ServiceProcess:
+        kw = {"device": device} if device else {}
+        svc = ServiceProcess(self.bus.address, env=env, args=args, **kw)
         self._per_test.append(svc)
         if ready:
             svc.wait_ready()

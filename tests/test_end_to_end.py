@@ -1,0 +1,128 @@
+"""The whole chain: policy bus, real polkitd, mocked logind seat, two users' Xvfb displays and helpers,
+the service, its workers, libspice-server on the host side of the pty and a real SPICE client."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+from PIL import Image
+
+from tests.support.bus import Stack, wait_until
+from tests.support.spicehost import SpiceHost, psnr
+from tests.support.xserver import Painter, start_xvfb
+
+pytestmark = pytest.mark.slow
+
+if os.geteuid() != 0:
+    pytest.skip("the end-to-end chain starts helpers as other uids: run as root", allow_module_level=True)
+
+WIDTH, HEIGHT = 480, 360
+
+
+def proc_ids(pid: int) -> dict[str, list[int]]:
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    return {k: [int(v) for v in fields[k].split()] for k in ("Uid", "Gid", "Groups")}
+
+
+def paint(server, colours) -> Image.Image:
+    """Four quadrants in the given colours; returns what the X server now shows."""
+    painter = Painter(server)
+    try:
+        w2, h2 = WIDTH // 2, HEIGHT // 2
+        for (x, y), rgb in zip([(0, 0), (w2, 0), (0, h2), (w2, h2)], colours, strict=True):
+            painter.fill(x, y, w2, h2, rgb)
+        raw = painter.root.get_image(0, 0, WIDTH, HEIGHT, 2, 0xFFFFFFFF).data
+        return Image.frombytes("RGB", (WIDTH, HEIGHT), raw, "raw", "BGRX")
+    finally:
+        painter.close()
+
+
+@pytest.fixture
+def chain():
+    stack = Stack(authorized=("spice-test-a", "spice-test-b"))
+    servers = []
+    host = None
+    try:
+        host = SpiceHost()
+        a, b = stack.uid("spice-test-a"), stack.uid("spice-test-b")
+        for uid in (a, b):
+            servers.append(start_xvfb(WIDTH, HEIGHT, owner_uid=uid, server_uid=uid))
+        yield stack, host, servers
+    finally:
+        stack.close()
+        for s in servers:
+            s.stop()
+        if host is not None:
+            host.stop()
+
+
+def test_client_sees_the_active_session_and_follows_a_vt_switch(chain):
+    stack, host, (xa, xb) = chain
+    a, b = stack.uid("spice-test-a"), stack.uid("spice-test-b")
+    picture_a = paint(xa, [(200, 40, 40), (40, 200, 40), (40, 40, 200), (230, 230, 230)])
+    picture_b = paint(xb, [(20, 20, 20), (250, 200, 0), (0, 200, 250), (160, 0, 160)])
+
+    svc = stack.service(device=host.pty_path)
+    stack.helper("spice-test-a", "a", display=xa.display, xauthority=xa.xauthority)
+    stack.helper("spice-test-b", "b", display=xb.display, xauthority=xb.xauthority)
+    wait_until(lambda: sorted(stack.prop("Sessions")) == [(2, a, xa.display), (3, b, xb.display)],
+               timeout=20, what="both sessions registered")
+    assert stack.prop("ActiveVT") == 2 and stack.prop("DevicePresent") is True
+
+    # Session A's VT is active: its worker runs as A, with no root group, and the client sees A's screen.
+    wait_until(lambda: stack.prop("WorkerPID"), timeout=20, what="a worker for VT 2")
+    ids = proc_ids(stack.prop("WorkerPID"))
+    assert ids["Uid"] == [a] * 4 and 0 not in ids["Gid"] and 0 not in ids["Groups"]
+    grab = host.grab(timeout=30)
+    assert psnr(grab.image, picture_a) > 30, "the client does not see session A's screen"
+    # The client has gone again, so the host asked the worker to stop: it stays running, idle.
+    wait_until(lambda: stack.prop("WorkerState") == "running" and not stack.prop("Streaming"),
+               timeout=10, what="worker running, not streaming, once the client left")
+
+    # Switch to B's VT: A's worker goes, B's comes, the client sees B's screen.
+    first_pid = stack.prop("WorkerPID")
+    stack.logind.activate("b")
+    wait_until(lambda: stack.prop("ActiveVT") == 3, what="ActiveVT 3")
+    wait_until(lambda: stack.prop("WorkerPID") not in (0, first_pid), timeout=20, what="B's worker")
+    assert not os.path.exists(f"/proc/{first_pid}") or proc_ids(first_pid)["Uid"] != [a] * 4
+    assert proc_ids(stack.prop("WorkerPID"))["Uid"] == [b] * 4
+    grab = host.grab(timeout=30)
+    assert psnr(grab.image, picture_b) > 30, "after the switch the client does not see session B"
+
+    assert host.protocol_errors() == [], host.protocol_errors()
+    assert "Traceback" not in svc.log
+
+
+def test_helper_gone_means_session_gone_and_service_restart_brings_helpers_back(chain):
+    stack, host, (xa, xb) = chain
+    a = stack.uid("spice-test-a")
+    picture_a = paint(xa, [(200, 40, 40), (40, 200, 40), (40, 40, 200), (230, 230, 230)])
+    svc = stack.service(device=host.pty_path)
+    ha = stack.helper("spice-test-a", "a", display=xa.display, xauthority=xa.xauthority)
+    hb = stack.helper("spice-test-b", "b", display=xb.display, xauthority=xb.xauthority)
+    wait_until(lambda: len(stack.prop("Sessions")) == 2, timeout=20, what="both sessions registered")
+
+    hb.proc.send_signal(signal.SIGKILL)
+    wait_until(lambda: stack.prop("Sessions") == [(2, a, xa.display)], timeout=10, what="B's session dropped")
+
+    # The service dies; its worker must not outlive it (it would fight the next one for the device);
+    # the next service is brought back and the remaining helper registers again.
+    wait_until(lambda: stack.prop("WorkerPID"), timeout=20, what="a worker for A")
+    orphan = stack.prop("WorkerPID")
+    svc.proc.send_signal(signal.SIGKILL)
+    svc.proc.wait(10)
+    wait_until(lambda: not os.path.exists(f"/proc/{orphan}") or
+               open(f"/proc/{orphan}/stat").read().split()[2] == "Z", timeout=10,
+               what="the dead service's worker to exit")
+    stack.service(device=host.pty_path)
+    wait_until(lambda: stack.prop("Sessions") == [(2, a, xa.display)], timeout=20,
+               what="helper A registered with the new service")
+    assert ha.proc.poll() is None
+    wait_until(lambda: stack.prop("WorkerPID"), timeout=20, what="a worker for A again")
+    assert proc_ids(stack.prop("WorkerPID"))["Uid"] == [a] * 4
+    grab = host.grab(timeout=30)
+    assert psnr(grab.image, picture_a) > 30
+    assert host.protocol_errors() == []
