@@ -35,6 +35,7 @@ TARGET_FULL_FPS_RATIO = 2.0
 TARGET_FULL_CPU_RATIO = 0.6
 TARGET_REGION_CPU_RATIO = 0.25
 TARGET_IDLE_CPU_PCT = 1.0
+TARGET_WORKER_RSS_MB = 100
 
 
 def cpu_seconds(pid: int) -> float:
@@ -106,6 +107,7 @@ class Result:
     kb_per_frame: float
     cpu_pct: float  # worker + X, percent of one core
     others_pct: float  # painter + this bench's drain, percent of one core
+    peak_rss_mb: float  # the engine's VmHWM
 
 
 def start_painter(server, mode: str) -> subprocess.Popen[str]:
@@ -146,6 +148,14 @@ def start_engine(engine: str, server, device: str, fps: int, quality: int) -> su
     return subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL)
 
 
+def peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def measure(engine: str, workload: str, server, args) -> Result:
     painter = start_painter(server, {"idle": "static"}.get(workload, workload))
     master, slave = os.openpty()
@@ -165,6 +175,7 @@ def measure(engine: str, workload: str, server, args) -> Result:
         f1, b1 = drain.snapshot()
         c1, x1, t1 = cpu_seconds(proc.pid), cpu_seconds(server.pid), time.monotonic()
         o1 = cpu_seconds(painter.pid) + cpu_seconds(os.getpid())
+        rss = peak_rss_mb(proc.pid)
     finally:
         stop(proc)
         stop(painter)
@@ -184,6 +195,7 @@ def measure(engine: str, workload: str, server, args) -> Result:
         kb_per_frame=(b1 - b0) / per / 1024,
         cpu_pct=100 * ((c1 - c0) + (x1 - x0)) / elapsed,
         others_pct=100 * (o1 - o0) / elapsed,
+        peak_rss_mb=rss,
     )
 
 
@@ -226,13 +238,13 @@ def main() -> int:
           f"{args.seconds:.0f}s per run; CPU = engine process + Xvfb process (/proc stat)")
     head = (f"{'engine':9s} {'workload':8s} {'fps':>6s} {'CPU ms/frame':>13s} {'(engine':>8s} "
             f"{'+ X)':>6s} {'KB/frame':>9s} {'CPU % core':>11s} {'X% by painter':>14s} "
-            f"{'others %':>9s}")
+            f"{'others %':>9s} {'peak RSS MB':>12s}")
     print(head)
     print("-" * len(head))
     for (engine, workload), r in results.items():
         print(f"{engine:9s} {workload:8s} {r.fps:6.1f} {r.cpu_ms_per_frame:13.1f} "
               f"{r.engine_ms_per_frame:8.1f} {r.x_ms_per_frame:6.1f} {r.kb_per_frame:9.1f} "
-              f"{r.cpu_pct:11.1f} {painter_x[workload]:14.1f} {r.others_pct:9.1f}")
+              f"{r.cpu_pct:11.1f} {painter_x[workload]:14.1f} {r.others_pct:9.1f} {r.peak_rss_mb:12.1f}")
 
     w_full, b_full = results[("worker", "full")], results[("baseline", "full")]
     w_reg = results[("worker", "region")]
@@ -242,8 +254,8 @@ def main() -> int:
     fps_ratio = w_full.fps / max(b_full.fps, 1e-9)
     cpu_ratio = w_full.cpu_ms_per_frame / max(b_full.cpu_ms_per_frame, 1e-9)
     fps_ok = w_full.fps >= TARGET_FULL_FPS * 0.97 or fps_ratio >= TARGET_FULL_FPS_RATIO
-    checks.append((f"full: fps {w_full.fps:.1f} (>= {TARGET_FULL_FPS}) or x{fps_ratio:.2f} "
-                   f"baseline (>= x{TARGET_FULL_FPS_RATIO})", fps_ok))
+    checks.append((f"full: fps {w_full.fps:.1f} (the cap {TARGET_FULL_FPS}, less 3% for timer slack) or "
+                   f"x{fps_ratio:.2f} baseline (>= x{TARGET_FULL_FPS_RATIO})", fps_ok))
     checks.append((f"full: CPU/frame x{cpu_ratio:.2f} baseline (<= x{TARGET_FULL_CPU_RATIO})",
                    cpu_ratio <= TARGET_FULL_CPU_RATIO))
     reg_ratio = w_reg.cpu_ms_per_frame / max(b_full.cpu_ms_per_frame, 1e-9)
@@ -251,6 +263,8 @@ def main() -> int:
                    f"(<= x{TARGET_REGION_CPU_RATIO})", reg_ratio <= TARGET_REGION_CPU_RATIO))
     checks.append((f"idle: {w_idle.cpu_pct:.2f}% of a core (< {TARGET_IDLE_CPU_PCT}%)",
                    w_idle.cpu_pct < TARGET_IDLE_CPU_PCT))
+    rss = max(results[("worker", w)].peak_rss_mb for w in ("full", "region", "idle"))
+    checks.append((f"worker peak RSS {rss:.0f} MB (< {TARGET_WORKER_RSS_MB} MB)", rss < TARGET_WORKER_RSS_MB))
     for text, ok in checks:
         print(f"  [{'PASS' if ok else 'MISS'}] {text}")
     return 0

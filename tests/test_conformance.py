@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from support.spicehost import FakeGuest, SpiceHost, psnr, quadrants
-from support.xserver import Painter, XServer, start_xvfb
 from Xlib import X
 
 from spice_stream_worker import protocol as proto
+from tests.support.spicehost import FakeGuest, SpiceHost, psnr, quadrants
+from tests.support.xserver import Painter, XServer, start_xvfb
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,8 @@ import time
 import xml.etree.ElementTree as ET
 
 import pytest
-from support.bus import REPO, Stack, wait_until
+
+from tests.support.bus import REPO, Stack, wait_until
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root: real polkitd, test users")]

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from support.bus import PolicyBus, wait_until
 
 from spice_stream_helper.main import session_display
+from tests.support.bus import PolicyBus, wait_until
 
 HELPER = str(Path(sys.executable).parent / "spice-stream-helper")
 

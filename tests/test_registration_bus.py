@@ -7,7 +7,8 @@ import os
 import time
 
 import pytest
-from support.bus import Stack
+
+from tests.support.bus import Stack
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root: real polkitd, test users")]

@@ -10,9 +10,9 @@ import time
 import pytest
 from dbus_next import BusType, Message, MessageType, Variant
 from dbus_next.aio import MessageBus
-from support.logind import LogindMock, PrivateBus
 
 from spice_streamd.seat import LogindVTSource, SysfsVTSource, open_vt_source
+from tests.support.logind import LogindMock, PrivateBus
 
 
 @pytest.fixture

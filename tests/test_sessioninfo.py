@@ -9,7 +9,6 @@ import time
 import pytest
 from dbus_next import BusType, Message, MessageType
 from dbus_next.aio import MessageBus
-from support.logind import LogindMock, PrivateBus, wait_until
 
 from spice_streamd import errors, sessioninfo
 from spice_streamd.sessioninfo import (
@@ -20,6 +19,7 @@ from spice_streamd.sessioninfo import (
     parse_proc_stat_tty,
     vt_of_tty_nr,
 )
+from tests.support.logind import LogindMock, PrivateBus, wait_until
 
 
 @pytest.fixture

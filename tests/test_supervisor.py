@@ -372,7 +372,7 @@ def _read_messages(master: int, buf: bytearray) -> list[tuple[int, bytes]]:
 
 @pytest.mark.slow
 def test_real_worker_streams_from_real_xvfb_as_nobody(pty_device):
-    from support.xserver import xvfb
+    from tests.support.xserver import xvfb
 
     device, master = pty_device
     with xvfb(320, 240, owner_uid=65534) as server:

@@ -76,6 +76,7 @@ class Streamer:
         self._damage: list[Any] = []
         self._need_full = True
         self._last_frame_at = -1e9
+        self._next_frame_at = -1e9  # frame slots on a fixed grid, so loop latency does not eat the cap
         self._last_jpeg: bytes | None = None
         self._cursor_dirty = True
         self._pointer_dirty = False
@@ -169,7 +170,7 @@ class Streamer:
             deadlines.append(self._last_pointer_at + CURSOR_MOVE_MIN_INTERVAL_S)
         if self.outbox.frames_queued < MAX_FRAMES_QUEUED:  # else the device's writability wakes us
             if self._need_full or self._damage:
-                deadlines.append(self._last_frame_at + self.interval)
+                deadlines.append(self._next_frame_at)
             elif self._last_jpeg is not None:
                 deadlines.append(self._last_frame_at + IDLE_REFRESH_S)
         return min(deadlines) if deadlines else None
@@ -184,7 +185,7 @@ class Streamer:
             self._send_pointer(now)
         if self.outbox.frames_queued >= MAX_FRAMES_QUEUED:
             return
-        if now - self._last_frame_at < self.interval:
+        if now < self._next_frame_at:
             return
         if self._need_full or self._damage:
             self._send_frame(now)
@@ -211,6 +212,9 @@ class Streamer:
         self._last_jpeg = jpeg
         self.outbox.send(p.data_header(len(jpeg)) + jpeg, frame=True)
         self._last_frame_at = now
+        # Keep to the grid when on time; after a pause start a new one (no burst to catch up).
+        slot = self._next_frame_at if now - self._next_frame_at < self.interval else now
+        self._next_frame_at = slot + self.interval
         self.counters.add_frame(len(jpeg), now)
 
     def _send_cursor(self) -> None:

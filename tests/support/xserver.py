@@ -142,14 +142,18 @@ def start_xvfb(
     ]
     if extra_args:
         args += extra_args
-    proc = subprocess.Popen(
-        args,
-        pass_fds=(wfd,),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        user=server_uid,
-    )
+    # Xvfb's chatter goes to a file: an unread pipe could fill up and stall the server.
+    log_path = os.path.join(tmpdir, "Xvfb.log")
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            args,
+            pass_fds=(wfd,),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+            user=server_uid,
+        )
+    proc.log_path = log_path  # type: ignore[attr-defined]
     os.close(wfd)
     try:
         number = _read_display_number(rfd, proc)
@@ -190,7 +194,8 @@ def _read_display_number(rfd: int, proc: subprocess.Popen[bytes]) -> int:
         ready, _, _ = select.select([rfd], [], [], min(left, 0.5))
         if not ready:
             if proc.poll() is not None:
-                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                with open(proc.log_path, errors="replace") as f:  # type: ignore[attr-defined]
+                    err = f.read()
                 raise XServerError(f"Xvfb exited with {proc.returncode}: {err.strip()[-500:]}")
             continue
         chunk = os.read(rfd, 64)
@@ -265,7 +270,7 @@ class Painter:
         bgrx[1::4] = rgb[1::3]
         bgrx[2::4] = rgb[0::3]
         # Split so that one request stays under the server's maximum request size.
-        rows_per = max(1, (self.display.info.max_request_length * 4 - 64) // (width * 4))
+        rows_per = max(1, (self.display.display.info.max_request_length * 4 - 64) // (width * 4))
         for row in range(0, height, rows_per):
             rows = min(rows_per, height - row)
             chunk = bytes(bgrx[row * width * 4 : (row + rows) * width * 4])
