@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from spice_streamd.coordinator import Coordinator
-from spice_streamd.errors import LimitReached
+from spice_streamd.errors import LimitReached, PermissionDenied
 from spice_streamd.ratelimit import LogLimiter, TokenBucket
 from spice_streamd.sessions import Registration, SessionRegistry
 
@@ -76,7 +76,7 @@ class FakeSupervisor:
     def set_target(self, t):
         self.targets.append(t)
 
-    def set_device_present(self, p):
+    def set_device_present(self, p, path=None):
         self.present.append(p)
 
 
@@ -120,3 +120,34 @@ def test_log_limiter(caplog):
         lim.log(logging.WARNING, "k", "refused %s", "x")
     assert len(caplog.records) == 2
     assert "49 similar lines suppressed" in caplog.records[1].getMessage()
+
+
+class RecordingSupervisor(FakeSupervisor):
+    def __init__(self, refuse=False):
+        super().__init__()
+        self.paths = []
+        self.refuse = refuse
+
+    def set_device_present(self, p, path=None):
+        self.present.append(p)
+        self.paths.append(path)
+
+    def set_target(self, t):
+        if self.refuse and t is not None:
+            raise PermissionDenied("refusing a root group")
+        super().set_target(t)
+
+
+def test_coordinator_hands_over_the_node_the_watch_found_and_survives_a_refused_target(caplog):
+    registry = SessionRegistry()
+    vt, dev = FakeSource(2), FakeSource(False)
+    sup = RecordingSupervisor(refuse=True)
+    c = Coordinator(registry, vt, dev, sup, make_target=lambda r: r and (r.uid, r.vt))
+    c.update()
+    dev.node = "/dev/vport0p1"  # found by its sysfs name: no udev symlink
+    dev.set(True)
+    assert sup.present[-1] is True and sup.paths[-1] == "/dev/vport0p1"
+    registry.add(reg(":1.1", 1000, 2))
+    assert sup.targets == []  # refused, and the coordinator went on
+    assert "not streaming uid 1000 on VT 2" in caplog.text
+    assert c.properties()["Sessions"] == [[2, 1000, ":2"]]
