@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
+
+from .waiting import stop_process, wait_until  # noqa: F401 - re-exported for tests
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY_FILE = REPO / "dbus" / "org.spice_space.StreamingAgent1.conf"
@@ -60,28 +59,6 @@ _CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configura
   <include>{policy}</include>
 </busconfig>
 """
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition",
-               interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def ensure_test_user(name: str) -> pwd.struct_passwd:
@@ -182,6 +159,7 @@ import asyncio, json, sys, time
 from dbus_next import Message, MessageType
 from dbus_next.aio import MessageBus
 from spice_streamd import dbusnext_compat
+
 
 async def main():
     dbusnext_compat.install()

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from Xlib import X
 from Xlib import display as xdisplay
 
+from .waiting import stop_process, wait_until
+
 START_TIMEOUT = 15.0
 
 
@@ -69,13 +71,7 @@ class XServer:
                 os.environ["XAUTHORITY"] = old
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
         shutil.rmtree(self._tmpdir, ignore_errors=True)
 
     def __enter__(self) -> XServer:
@@ -235,16 +231,8 @@ def xvfb(width: int = 1024, height: int = 768, owner_uid: int | None = None) -> 
         server.stop()
 
 
-def wait_for(predicate, timeout: float = 5.0, interval: float = 0.01, what: str = "condition"):
-    """Poll predicate until it returns a truthy value; raise AssertionError after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+# The name the capture tests use.
+wait_for = wait_until
 
 
 class Painter:
