@@ -12,7 +12,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from tests.support.bus import REPO, Stack, wait_until
+from tests.support.bus import REPO, wait_until
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root: real polkitd, test users")]
@@ -20,15 +20,6 @@ pytestmark = [pytest.mark.slow,
 ERR = "org.spice_space.StreamingAgent1.Error."
 BUS_NAME = "org.spice_space.StreamingAgent1"
 PATH = "/org/spice_space/StreamingAgent1"
-
-
-@pytest.fixture(scope="module")
-def stack_module():
-    s = Stack()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture

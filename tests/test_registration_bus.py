@@ -17,15 +17,6 @@ ERR = "org.spice_space.StreamingAgent1.Error."
 USER = "spice-test-a"
 
 
-@pytest.fixture(scope="module")
-def stack_module():
-    s = Stack()
-    try:
-        yield s
-    finally:
-        s.close()
-
-
 @pytest.fixture
 def stack(stack_module):
     # A fresh service per test: the per-uid call rate limit must not carry over between tests.

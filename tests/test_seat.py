@@ -8,35 +8,11 @@ import resource
 import time
 
 import pytest
-from dbus_next import BusType, Message, MessageType, Variant
-from dbus_next.aio import MessageBus
+from dbus_next import Message, MessageType, Variant
 
 from spice_streamd.seat import LogindVTSource, SysfsVTSource, open_vt_source
-from tests.support.logind import LogindMock, PrivateBus
-
-
-@pytest.fixture
-def bus():
-    with PrivateBus() as b:
-        yield b
-
-
-@pytest.fixture
-def logind(bus):
-    with LogindMock(bus.address) as m:
-        yield m
-
-
-async def connect(address: str) -> MessageBus:
-    return await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
-
-
-async def wait_async(predicate, timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
+from tests.conftest import connect
+from tests.support.waiting import wait_async
 
 
 def test_logind_follows_seat0(bus, logind):

@@ -7,8 +7,7 @@ import os
 import time
 
 import pytest
-from dbus_next import BusType, Message, MessageType
-from dbus_next.aio import MessageBus
+from dbus_next import Message, MessageType
 
 from spice_streamd import errors, sessioninfo
 from spice_streamd.sessioninfo import (
@@ -19,31 +18,8 @@ from spice_streamd.sessioninfo import (
     parse_proc_stat_tty,
     vt_of_tty_nr,
 )
-from tests.support.logind import LogindMock, PrivateBus, wait_until
-
-
-@pytest.fixture
-def bus():
-    with PrivateBus() as b:
-        yield b
-
-
-@pytest.fixture
-def logind(bus):
-    with LogindMock(bus.address) as m:
-        yield m
-
-
-async def connect(address: str) -> MessageBus:
-    return await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
-
-
-async def wait_async(predicate, timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
+from tests.conftest import connect
+from tests.support.waiting import wait_async, wait_until
 
 
 def test_logind_session_of_pid(bus, logind):

@@ -15,6 +15,7 @@ import pytest
 
 from spice_streamd import errors
 from spice_streamd.supervisor import WorkerSupervisor, WorkerTarget
+from tests.support.waiting import wait_async
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs workers as other uids")
 
@@ -104,17 +105,6 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except FileNotFoundError:
         return False
-
-
-async def wait_async(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def make(script, rec, device, mode, **kw) -> tuple[WorkerSupervisor, list[dict]]:

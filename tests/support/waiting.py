@@ -34,3 +34,17 @@ def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> int | None:
             proc.kill()
             proc.wait(timeout)
     return proc.returncode
+
+
+async def wait_async(predicate: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
+    """wait_until for code running on an asyncio loop: yields to the loop between polls."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(0.01)
