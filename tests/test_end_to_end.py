@@ -78,6 +78,9 @@ def test_client_sees_the_active_session_and_follows_a_vt_switch(chain):
     assert ids["Uid"] == [a] * 4 and 0 not in ids["Gid"] and 0 not in ids["Groups"]
     grab = host.grab(timeout=30)
     assert psnr(grab.image, picture_a) > 30, "the client does not see session A's screen"
+    wait_until(lambda: stack.prop("WorkerStats")["frames"] >= 1, timeout=10,
+               what="the worker's frame count in WorkerStats")
+    assert stack.prop("WorkerStats")["bytes"] > 1000
     # The client has gone again, so the host asked the worker to stop: it stays running, idle.
     wait_until(lambda: stack.prop("WorkerState") == "running" and not stack.prop("Streaming"),
                timeout=10, what="worker running, not streaming, once the client left")

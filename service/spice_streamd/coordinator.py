@@ -106,4 +106,10 @@ class Coordinator:
             "Streaming": streaming,
             "StreamingVT": int(status.get("vt") or 0) if streaming else 0,
             "LastError": str(status.get("last_error") or ""),
+            "WorkerStats": {
+                "frames": int(status.get("frames") or 0),
+                "bytes": int(status.get("bytes") or 0),
+                "fps": float(status.get("fps") or 0.0),
+                "restarts": int(status.get("restarts") or 0),
+            },
         }

@@ -31,7 +31,11 @@ PROPERTY_SIGNATURES = {
     "Streaming": "b",
     "StreamingVT": "u",
     "LastError": "s",
+    "WorkerStats": "a{sv}",
 }
+# Counters change with every frame: readable on demand, never signalled (no bus traffic per frame).
+UNSIGNALLED = {"WorkerStats"}
+STATS_SIGNATURES = {"frames": "t", "bytes": "t", "fps": "d", "restarts": "u"}
 
 
 class StreamingAgentInterface(ServiceInterface):
@@ -44,7 +48,7 @@ class StreamingAgentInterface(ServiceInterface):
 
     def refresh(self) -> None:
         """Emits PropertiesChanged for the values that differ from the last ones seen."""
-        new = self._properties()
+        new = {k: v for k, v in self._properties().items() if k not in UNSIGNALLED}
         changed = {k: v for k, v in new.items() if self._last.get(k) != v}
         self._last = new
         if changed:
@@ -89,6 +93,10 @@ class StreamingAgentInterface(ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def LastError(self) -> 's':  # noqa: F821, N802
         return self._get("LastError")
+
+    @dbus_property(access=PropertyAccess.READ)
+    def WorkerStats(self) -> 'a{sv}':  # noqa: F821, F722, N802
+        return {k: Variant(STATS_SIGNATURES[k], v) for k, v in self._get("WorkerStats").items()}
 
 
 class RegistrationEndpoint:
@@ -242,8 +250,3 @@ class RegistrationEndpoint:
             self._bus.send(Message.new_error(msg, exc.dbus_name, text))
         except Exception:  # the bus went away: nobody to answer
             log.debug("could not send the refusal to %s", subject)
-
-
-def variant_properties(values: dict[str, Any]) -> dict[str, Variant]:
-    """Property values as Variants with the documented signatures (for tests and tools)."""
-    return {k: Variant(PROPERTY_SIGNATURES[k], v) for k, v in values.items()}

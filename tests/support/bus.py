@@ -377,6 +377,8 @@ class Stack:
             return [(int(v), int(u), str(d)) for v, u, d in value]
         if name in ("DevicePresent", "Streaming"):
             return bool(value)
+        if name == "WorkerStats":
+            return {str(k): (float(v) if k == "fps" else int(v)) for k, v in value.items()}
         return str(value) if isinstance(value, str) else int(value)
 
     def end_test(self) -> None:
