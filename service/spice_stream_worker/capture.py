@@ -246,6 +246,10 @@ class Screen:
         """Events python-xlib already read off the socket (select() on fileno() will not see them)."""
         return len(self._disp.display.event_queue)
 
+    def needs_poll(self) -> bool:
+        """Something to report without the socket being readable: queued events or a resize grab() saw."""
+        return self._pending_resize or self.queued() > 0
+
     def poll(self) -> Changes:
         """Handle every queued X event without blocking; raises DisplayLost if the connection broke."""
         self._check_open()

@@ -22,7 +22,8 @@ from .streamer import HostState, Streamer
 log = logging.getLogger("spice-stream-worker")
 
 READ_CHUNK = 64 * 1024
-STOP_GRACE_S = 2.0  # how long a stop may wait for the host to take the rest of a message
+STOP_GRACE_S = 2.0
+STATUS_PERIOD_S = 0.5  # how long a stop may wait for the host to take the rest of a message
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -148,11 +149,18 @@ class Worker:
         sel.register(self.fd, selectors.EVENT_READ, "device")
         streamer.start()
         writing = False
+        next_report = 0.0
+        reported_streaming: bool | None = None
         while self.stop_signal is None:
-            status.report(streamer.state())
-            if status.lost:
-                log.info("the service closed the status pipe: stopping")
-                break
+            # Bookkeeping only when due: a frame is written in many small device writes, and each
+            # of them wakes this loop.
+            now = time.monotonic()
+            if now >= next_report:
+                status.report(streamer.state())
+                next_report = now + STATUS_PERIOD_S
+                if status.lost:
+                    log.info("the service closed the status pipe: stopping")
+                    break
             if outbox.pending and not outbox.flush() and not writing:
                 sel.modify(self.fd, selectors.EVENT_READ | selectors.EVENT_WRITE, "device")
                 writing = True
@@ -162,15 +170,24 @@ class Worker:
             deadline = streamer.next_deadline()
             timeout = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
             # python-xlib may have read events into its queue already: do not sleep on them.
-            if screen.queued():
+            if screen.needs_poll():
                 timeout = 0.0
+            x_ready = False
             for key, mask in sel.select(timeout):
                 if key.data == "signal":
                     _drain(self._sig_r)
-                elif key.data == "device" and mask & selectors.EVENT_READ:
+                elif key.data == "x11":
+                    x_ready = True
+                elif mask & selectors.EVENT_READ:
                     self._read_device(streamer, parser)
-            streamer.on_screen_changes(screen.poll())
-            streamer.tick()
+            if x_ready or screen.needs_poll():
+                streamer.on_screen_changes(screen.poll())
+            deadline = streamer.next_deadline()
+            if deadline is not None and time.monotonic() >= deadline:
+                streamer.tick()
+            if streamer.streaming != reported_streaming:
+                reported_streaming = streamer.streaming
+                next_report = 0.0  # start and stop are reported at once
         if self.stop_signal is not None:
             log.info("stopping on signal %d", self.stop_signal)
         torn = not outbox.finish_current(STOP_GRACE_S)
