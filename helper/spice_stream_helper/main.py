@@ -8,15 +8,18 @@ import os
 import signal
 import sys
 
-from dbus_next import BusType, Message, MessageType
+from dbus_next import Message, MessageType
 from dbus_next.aio import MessageBus
 
-BUS_NAME = "org.spice_space.StreamingAgent1"
-OBJECT_PATH = "/org/spice_space/StreamingAgent1"
-INTERFACE = "org.spice_space.StreamingAgent1"
-ERROR_PREFIX = INTERFACE + ".Error."
-DBUS_NAME = "org.freedesktop.DBus"
-DBUS_PATH = "/org/freedesktop/DBus"
+from spice_streamd.constants import (
+    BUS_NAME,
+    DBUS_NAME,
+    DBUS_PATH,
+    ERROR_PREFIX,
+    INTERFACE,
+    OBJECT_PATH,
+)
+from spice_streamd.dbusnext_compat import bus_for
 
 # The service is not there (yet): wait for it rather than give up.
 ABSENT_ERRORS = {
@@ -121,14 +124,6 @@ class Helper:
             return EXIT_REFUSED
         say(f"registration failed ({reply.error_name}): {text}")
         return EXIT_REFUSED
-
-
-def bus_for(spec: str) -> MessageBus:
-    if spec == "system":
-        return MessageBus(bus_type=BusType.SYSTEM)
-    if spec == "session":
-        return MessageBus(bus_type=BusType.SESSION)
-    return MessageBus(bus_address=spec)
 
 
 async def run(spec: str, display: str, xauthority: str) -> int:

@@ -1,11 +1,14 @@
-"""Works around a dbus-next 0.2.3 gap: a full socket buffer (EAGAIN) on send must mean "wait", not
-"the bus is gone". Without this, a burst of replies can drop the service's bus connection."""
+"""dbus-next as this project uses it: the bus named by a --bus option, and a fix for a 0.2.3 gap (a full
+socket buffer on send must mean "wait", not "the bus is gone": a burst of replies could otherwise drop
+the service's connection)."""
 
 from __future__ import annotations
 
 import array
 import socket
 
+from dbus_next import BusType
+from dbus_next.aio import MessageBus
 from dbus_next.aio import message_bus as _aio
 
 _installed = False
@@ -51,3 +54,13 @@ def install() -> None:
     if not _installed:
         _aio._MessageWriter.write_callback = _write_callback
         _installed = True
+
+
+def bus_for(spec: str) -> MessageBus:
+    """The bus a --bus option names: "system", "session", or a D-Bus address (a private bus)."""
+    install()
+    if spec == "system":
+        return MessageBus(bus_type=BusType.SYSTEM)
+    if spec == "session":
+        return MessageBus(bus_type=BusType.SESSION)
+    return MessageBus(bus_address=spec)

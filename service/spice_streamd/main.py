@@ -9,15 +9,15 @@ import signal
 import sys
 import time
 
-from dbus_next import BusType
 from dbus_next.aio import MessageBus
 from dbus_next.constants import NameFlag, RequestNameReply
 from dbus_next.errors import DBusError
 
-from . import constants, dbusnext_compat
+from . import constants
 from .config import Config, load
 from .coordinator import Coordinator
 from .dbus_service import RegistrationEndpoint, StreamingAgentInterface
+from .dbusnext_compat import bus_for
 from .errors import ConfigError
 from .polkit import PolkitAuthority
 from .sessions import SessionRegistry
@@ -45,15 +45,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--polkit-timeout", type=float, default=constants.POLKIT_TIMEOUT_S,
                    help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def bus_for(spec: str) -> MessageBus:
-    dbusnext_compat.install()
-    if spec == "system":
-        return MessageBus(bus_type=BusType.SYSTEM)
-    if spec == "session":
-        return MessageBus(bus_type=BusType.SESSION)
-    return MessageBus(bus_address=spec)
 
 
 class Service:
