@@ -3,13 +3,16 @@ the service, its workers, libspice-server on the host side of the pty and a real
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 
 import pytest
 from PIL import Image
 
+from spice_stream_worker import protocol as p
 from tests.support.bus import Stack, wait_until
+from tests.support.hostpeer import HostPeer, RawPty
 from tests.support.spicehost import SpiceHost, psnr
 from tests.support.xserver import Painter, start_xvfb
 
@@ -129,3 +132,47 @@ def test_helper_gone_means_session_gone_and_service_restart_brings_helpers_back(
     grab = host.grab(timeout=30)
     assert psnr(grab.image, picture_a) > 30
     assert host.protocol_errors() == []
+
+
+@pytest.fixture
+def pty_chain():
+    """The same chain with a host peer on the pty instead of libspice-server: every byte is visible."""
+    stack = Stack(authorized=("spice-test-a", "spice-test-b"))
+    servers = []
+    pty = RawPty()
+    peer = HostPeer(pty.master)
+    try:
+        for user in ("spice-test-a", "spice-test-b"):
+            uid = stack.uid(user)
+            servers.append(start_xvfb(WIDTH, HEIGHT, owner_uid=uid, server_uid=uid))
+        yield stack, pty, peer, servers
+    finally:
+        stack.close()
+        for s in servers:
+            s.stop()
+        peer.close()
+        pty.close()
+
+
+def test_vt_switch_hands_the_host_state_to_the_next_worker(pty_chain):
+    stack, pty, peer, (xa, xb) = pty_chain
+    paint(xa, [(200, 40, 40)] * 4)
+    picture_b = paint(xb, [(20, 20, 20), (250, 200, 0), (0, 200, 250), (160, 0, 160)])
+    stack.service(device=pty.path)
+    stack.helper("spice-test-a", "a", display=xa.display, xauthority=xa.xauthority)
+    stack.helper("spice-test-b", "b", display=xb.display, xauthority=xb.xauthority)
+    peer.wait_count(p.MsgType.CAPABILITIES, 1, timeout=20)
+    peer.start()  # the one and only START_STOP of this test
+    peer.wait_count(p.MsgType.DATA, 1, timeout=20)
+
+    stack.logind.activate("b")
+    wait_until(lambda: stack.prop("StreamingVT") == 3, timeout=20, what="B's worker streaming")
+
+    def showing_b() -> bool:
+        frames = peer.of_type(p.MsgType.DATA)
+        img = Image.open(io.BytesIO(frames[-1].payload)).convert("RGB")
+        return img.size == (WIDTH, HEIGHT) and psnr(img, picture_b) > 30
+
+    # No new START_STOP was sent: B's worker streams because it was handed the host's last request.
+    peer.wait_for(showing_b, timeout=20, what="frames of session B")
+    assert not peer.violations
