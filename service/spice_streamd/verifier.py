@@ -68,7 +68,7 @@ class RegistrationVerifier:
 
     async def verify(self, caller: Caller, display: str, xauthority: str) -> Registration:
         """A Registration for this caller, or a ServiceError saying why not (in the contract's order)."""
-        await self._authorize(caller.sender, constants.ACTION_REGISTER_SESSION)
+        await self._authorize(caller.sender, constants.METHOD_ACTIONS["RegisterSession"])
 
         # Raises NotInSession or AuthorityUnavailable itself (sessioninfo's contract).
         info = await self._sessions.session_of_pid(caller.pid)
