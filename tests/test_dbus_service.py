@@ -248,3 +248,47 @@ def test_registered_session_keeps_service_alive(stack):
     wait_until(lambda: stack.prop("Sessions") == [(2, uid, ":42")], what="registration")
     time.sleep(4.5)  # longer than idle_exit: the service must still be there
     assert svc.proc.poll() is None
+
+
+def test_active_vt_and_sessions_changes_are_signalled(stack):
+    import asyncio
+
+    from dbus_next import Message
+
+    from tests.conftest import connect
+    from tests.support.waiting import wait_async
+
+    stack.service()
+
+    async def run():
+        bus = await connect(stack.bus.address)
+        changes: list[dict] = []
+
+        def on_message(msg):
+            if (msg.member == "PropertiesChanged" and msg.path == PATH
+                    and msg.body[0] == "org.spice_space.StreamingAgent1"):
+                changes.append({k: v.value for k, v in msg.body[1].items()})
+
+        bus.add_message_handler(on_message)
+        await bus.call(Message(
+            destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus", member="AddMatch", signature="s",
+            body=[f"type='signal',path='{PATH}',interface='org.freedesktop.DBus.Properties'"]))
+        try:
+            stack.logind.activate("a4")
+            await wait_async(lambda: any(c.get("ActiveVT") == 4 for c in changes), what="ActiveVT 4")
+            h = stack.helper("spice-test-a", "a4", ":44")
+            uid = stack.uid("spice-test-a")
+            await wait_async(lambda: any(c.get("Sessions") == [[4, uid, ":44"]] for c in changes),
+                             what="Sessions signalled")
+            seen = len(changes)
+            h.stop()
+            await wait_async(lambda: any(c.get("Sessions") == [] for c in changes[seen:]),
+                             what="session gone, signalled")
+        finally:
+            stack.logind.activate("a")
+            bus.disconnect()
+        # Counters are read on demand, never signalled.
+        assert not any("WorkerStats" in c for c in changes)
+
+    asyncio.run(run())
