@@ -5,6 +5,7 @@ the service's connection)."""
 from __future__ import annotations
 
 import array
+import os
 import socket
 
 from dbus_next import BusType
@@ -57,9 +58,15 @@ def install() -> None:
 
 
 def bus_for(spec: str) -> MessageBus:
-    """The bus a --bus option names: "system", "session", or a D-Bus address (a private bus)."""
+    """The bus a --bus option names: "system", "session", or a D-Bus address (a private bus).
+
+    A service started by a system bus's activation connects back to that bus: the daemon says which
+    in DBUS_STARTER_ADDRESS (the real system bus, or a private one in tests and demos)."""
     install()
     if spec == "system":
+        starter = os.environ.get("DBUS_STARTER_ADDRESS")
+        if starter and os.environ.get("DBUS_STARTER_BUS_TYPE") == "system":
+            return MessageBus(bus_address=starter)
         return MessageBus(bus_type=BusType.SYSTEM)
     if spec == "session":
         return MessageBus(bus_type=BusType.SESSION)

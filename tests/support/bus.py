@@ -57,6 +57,7 @@ _CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configura
   </policy>
   <include ignore_missing="yes">{polkit_policy}</include>
   <include>{policy}</include>
+  {servicedir}
 </busconfig>
 """
 
@@ -74,18 +75,22 @@ def ensure_test_user(name: str) -> pwd.struct_passwd:
 class PolicyBus:
     """dbus-daemon with the project's real policy, on a socket other uids can reach."""
 
-    def __init__(self, policy: Path = POLICY_FILE) -> None:
+    def __init__(self, policy: Path = POLICY_FILE, servicedir: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        """servicedir: activation files the bus may start services from (it spawns them itself,
+        with `env` as their environment: a test bus has no setuid launch helper)."""
         self.dir = tempfile.mkdtemp(prefix="spice-policy-bus-")
         os.chmod(self.dir, 0o755)
         self.socket = os.path.join(self.dir, "bus")
         self.address = f"unix:path={self.socket}"
         conf = os.path.join(self.dir, "bus.conf")
         with open(conf, "w") as f:
-            f.write(_CONFIG.format(socket=self.socket, policy=policy,
-                                   polkit_policy=POLKIT_BUS_POLICY))
+            f.write(_CONFIG.format(
+                socket=self.socket, policy=policy, polkit_policy=POLKIT_BUS_POLICY,
+                servicedir=f"<servicedir>{servicedir}</servicedir>" if servicedir else ""))
         self.proc = subprocess.Popen(["dbus-daemon", "--config-file", conf, "--nofork",
                                       "--nopidfile"], stdin=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+                                     stderr=subprocess.DEVNULL, env=env)
         try:
             wait_until(lambda: os.path.exists(self.socket) or self.proc.poll() is not None,
                        what="dbus-daemon socket")
@@ -302,13 +307,14 @@ class Stack:
     Logind sessions: "a" (spice-test-a, VT 2, active), "a4" (spice-test-a, VT 4), "b" (spice-test-b,
     VT 3). polkit authorizes `authorized` (spice-test-a by default)."""
 
-    def __init__(self, polkit: str = "real", authorized: tuple[str, ...] = ("spice-test-a",)) -> None:
+    def __init__(self, polkit: str = "real", authorized: tuple[str, ...] = ("spice-test-a",),
+                 servicedir: str | None = None, bus_env: dict[str, str] | None = None) -> None:
         from .logind import LogindMock
         from .polkit import MockPolkit, RealPolkit
 
         self.users = {u: ensure_test_user(u) for u in TEST_USERS}
         self._started: list = []
-        self.bus = PolicyBus()
+        self.bus = PolicyBus(servicedir=servicedir, env=bus_env)
         try:
             self.logind = LogindMock(self.bus.address)
             self._started.append(self.logind)
