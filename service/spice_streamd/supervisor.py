@@ -19,6 +19,7 @@ from typing import Any
 from spice_stream_worker.errors import ExitCode
 
 from . import errors
+from .ratelimit import LogLimiter
 
 log = logging.getLogger(__name__)
 
@@ -65,27 +66,6 @@ def _exit_text(rc: int) -> str:
         return f"exit {rc} ({ExitCode(rc).name})"
     except ValueError:
         return f"exit {rc}"
-
-
-class _RateLimitedLog:
-    """One log line per interval; counts what it swallowed so nothing is silently lost."""
-
-    def __init__(self, interval: float) -> None:
-        self._interval = interval
-        self._next = 0.0
-        self._suppressed = 0
-
-    def warning(self, fmt: str, *args: object) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            self._suppressed += 1
-            return
-        if self._suppressed:
-            fmt += " (%d similar suppressed)"
-            args = (*args, self._suppressed)
-        self._suppressed = 0
-        self._next = now + self._interval
-        log.warning(fmt, *args)
 
 
 class _Worker:
@@ -159,8 +139,12 @@ class WorkerSupervisor:
         # wait for the client to reconnect. Forgotten when the device is reopened.
         self._codecs: list[int] | None = None
         self._host_caps: str | None = None
-        self._bad_status_log = _RateLimitedLog(BAD_STATUS_LOG_INTERVAL_S)
+        self._bad_status_log = LogLimiter(log, BAD_STATUS_LOG_INTERVAL_S)
         self._last_notified: dict[str, Any] | None = None
+
+    def _bad_status(self, fmt: str, *args: object) -> None:
+        # A worker is the session user's process: what it writes on the pipe is untrusted input.
+        self._bad_status_log.log(logging.WARNING, "bad status", fmt, *args)
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -484,7 +468,7 @@ class WorkerSupervisor:
                 if not w.discarding:
                     w.buf += chunk[start:]
                     if len(w.buf) > MAX_STATUS_LINE:
-                        self._bad_status_log.warning(
+                        self._bad_status(
                             "worker uid=%d vt=%d pid=%d: status line over %d bytes dropped",
                             w.target.uid, w.target.vt, w.pid, MAX_STATUS_LINE)
                         w.buf.clear()
@@ -495,7 +479,7 @@ class WorkerSupervisor:
             else:
                 w.buf += chunk[start:nl]
                 if len(w.buf) > MAX_STATUS_LINE:
-                    self._bad_status_log.warning(
+                    self._bad_status(
                         "worker uid=%d vt=%d pid=%d: status line over %d bytes dropped",
                         w.target.uid, w.target.vt, w.pid, MAX_STATUS_LINE)
                 else:
@@ -511,8 +495,8 @@ class WorkerSupervisor:
         except (ValueError, RecursionError):
             msg = None
         if not isinstance(msg, dict):
-            self._bad_status_log.warning("worker uid=%d vt=%d pid=%d: unparsable status line",
-                                         w.target.uid, w.target.vt, w.pid)
+            self._bad_status("worker uid=%d vt=%d pid=%d: unparsable status line",
+                             w.target.uid, w.target.vt, w.pid)
             return
         if self._worker is not w or w.proc.returncode is not None:
             return
