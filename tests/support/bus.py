@@ -10,6 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .dbusdaemon import DBusDaemon
 from .waiting import stop_process, wait_until  # noqa: F401 - re-exported for tests
 
 REPO = Path(__file__).resolve().parents[2]
@@ -72,33 +73,17 @@ def ensure_test_user(name: str) -> pwd.struct_passwd:
         return pwd.getpwnam(name)
 
 
-class PolicyBus:
+class PolicyBus(DBusDaemon):
     """dbus-daemon with the project's real policy, on a socket other uids can reach."""
 
     def __init__(self, policy: Path = POLICY_FILE, servicedir: str | None = None,
                  env: dict[str, str] | None = None) -> None:
         """servicedir: activation files the bus may start services from (it spawns them itself,
         with `env` as their environment: a test bus has no setuid launch helper)."""
-        self.dir = tempfile.mkdtemp(prefix="spice-policy-bus-")
-        os.chmod(self.dir, 0o755)
-        self.socket = os.path.join(self.dir, "bus")
-        self.address = f"unix:path={self.socket}"
-        conf = os.path.join(self.dir, "bus.conf")
-        with open(conf, "w") as f:
-            f.write(_CONFIG.format(
-                socket=self.socket, policy=policy, polkit_policy=POLKIT_BUS_POLICY,
-                servicedir=f"<servicedir>{servicedir}</servicedir>" if servicedir else ""))
-        self.proc = subprocess.Popen(["dbus-daemon", "--config-file", conf, "--nofork",
-                                      "--nopidfile"], stdin=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, env=env)
-        try:
-            wait_until(lambda: os.path.exists(self.socket) or self.proc.poll() is not None,
-                       what="dbus-daemon socket")
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"dbus-daemon exited with {self.proc.returncode}")
-        except BaseException:
-            self.stop()
-            raise
+        config = _CONFIG.format(
+            socket="{socket}", policy=policy, polkit_policy=POLKIT_BUS_POLICY,
+            servicedir=f"<servicedir>{servicedir}</servicedir>" if servicedir else "")
+        super().__init__(config, env=env, prefix="spice-policy-bus-")
 
     def busctl(self, *args: str, user: str | None = None, timeout: float = 10.0
                ) -> subprocess.CompletedProcess:
@@ -108,16 +93,6 @@ class PolicyBus:
             kwargs = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
         return subprocess.run(["busctl", f"--address={self.address}", *args],
                               capture_output=True, text=True, timeout=timeout, **kwargs)
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> PolicyBus:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 class ServiceProcess:

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import dbus
 
+from .dbusdaemon import DBusDaemon
 from .waiting import stop_process, wait_until  # noqa: F401 - re-exported for tests
 
 LOGIND_NAME = "org.freedesktop.login1"
@@ -40,39 +39,11 @@ _BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Confi
 """
 
 
-class PrivateBus:
-    """A dbus-daemon of type system on a unix socket in a temporary directory."""
+class PrivateBus(DBusDaemon):
+    """A permissive dbus-daemon of type system."""
 
     def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="spice-test-bus-")
-        os.chmod(self.dir, 0o755)  # helpers running as other uids must reach the socket
-        self.socket = os.path.join(self.dir, "bus")
-        self.address = f"unix:path={self.socket}"
-        conf = os.path.join(self.dir, "bus.conf")
-        with open(conf, "w") as f:
-            f.write(_BUS_CONFIG.format(socket=self.socket))
-        self.proc = subprocess.Popen(
-            ["dbus-daemon", "--config-file", conf, "--nofork", "--nopidfile"],
-            stdin=subprocess.DEVNULL,
-        )
-        try:
-            wait_until(lambda: os.path.exists(self.socket) or self.proc.poll() is not None,
-                       what="dbus-daemon socket")
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"dbus-daemon exited with {self.proc.returncode}")
-        except BaseException:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> PrivateBus:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().__init__(_BUS_CONFIG, prefix="spice-test-bus-")
 
 
 class LogindMock:
