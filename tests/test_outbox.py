@@ -84,13 +84,14 @@ def test_finish_current_gives_up_when_the_host_never_reads():
     pty.close()
 
 
-def test_queue_is_bounded():
+def test_queue_is_bounded_and_drops_are_logged_once(caplog):
     r, w = os.pipe()
     os.set_blocking(w, False)
     out = Outbox(w)
     for _ in range(MAX_QUEUED + 10):
         out.send(p.cursor_move(0, 0))
     assert out.dropped == 10
+    assert caplog.text.count("the host is not reading the device") == 1
     os.close(r)
     with pytest.raises(DeviceLost):
         out.flush()

@@ -34,6 +34,3 @@ class DeviceUnavailable(WorkerError):
 class DeviceLost(WorkerError):
     exit_code = ExitCode.DEVICE_LOST
 
-
-class ProtocolError(WorkerError):
-    """The host sent something that is not a valid stream-device message."""

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 # Cursor and control messages queue behind a frame; frames themselves are never queued (see Streamer), so
 # this bound is only reached by a host that stopped reading altogether.
 MAX_QUEUED = 64
+DROP_LOG_INTERVAL_S = 10.0
 
 
 class Outbox:
@@ -27,6 +28,7 @@ class Outbox:
         self._offset = 0  # bytes of the head message already written
         self.bytes_written = 0
         self.dropped = 0
+        self._drop_logged_at = -DROP_LOG_INTERVAL_S
 
     @property
     def pending(self) -> bool:
@@ -45,6 +47,10 @@ class Outbox:
         if len(self._queue) >= MAX_QUEUED:
             # Drop the newest: the head may be in progress and must finish whole.
             self.dropped += 1
+            now = time.monotonic()
+            if now - self._drop_logged_at >= DROP_LOG_INTERVAL_S:
+                log.warning("the host is not reading the device: %d messages dropped so far", self.dropped)
+                self._drop_logged_at = now
             return
         self._queue.append((memoryview(message), frame))
 

@@ -32,13 +32,11 @@ class HostState:
 @dataclass
 class Counters:
     frames: int = 0
-    frame_bytes: int = 0
     started: float = field(default_factory=time.monotonic)
     recent: list[float] = field(default_factory=list)
 
-    def add_frame(self, size: int, now: float) -> None:
+    def add_frame(self, now: float) -> None:
         self.frames += 1
-        self.frame_bytes += size
         self.recent.append(now)
         if len(self.recent) > 120:
             del self.recent[:60]
@@ -215,7 +213,7 @@ class Streamer:
         # Keep to the grid when on time; after a pause start a new one (no burst to catch up).
         slot = self._next_frame_at if now - self._next_frame_at < self.interval else now
         self._next_frame_at = slot + self.interval
-        self.counters.add_frame(len(jpeg), now)
+        self.counters.add_frame(now)
 
     def _send_cursor(self) -> None:
         self._cursor_dirty = False

@@ -77,9 +77,6 @@ class SessionRegistry:
                 return r
         return None
 
-    def has_sender(self, sender: str) -> bool:
-        return sender in self._by_sender
-
     def all(self) -> list[Registration]:
         return sorted(self._by_sender.values(), key=lambda r: r.vt)
 
