@@ -18,6 +18,7 @@ CURSOR_MOVE_MIN_INTERVAL_S = 1 / 60
 # One frame being written and one encoded behind it: the next capture and encode overlap the device's
 # drain of the previous frame, and a slow host still never has more than two frames of latency queued.
 MAX_FRAMES_QUEUED = 2
+MAX_DAMAGE_RECTS = 256
 VIOLATION_LOG_INTERVAL_S = 10.0
 
 
@@ -150,12 +151,22 @@ class Streamer:
         if changes.resized:
             self._need_full = True
             self._damage.clear()
-        elif changes.damage and not self._need_full:
+        elif changes.damage and self.streaming and not self._need_full:
+            # Not streaming: nothing to remember, the next start sends a whole frame anyway.
             self._damage.extend(changes.damage)
+            if len(self._damage) > MAX_DAMAGE_RECTS:
+                # A host that stopped reading must not make this list grow without bound.
+                self._need_full = True
+                self._damage.clear()
         if changes.cursor_changed:
             self._cursor_dirty = True
         if changes.pointer_moved:
             self._pointer_dirty = True
+
+    @property
+    def pending_damage(self) -> int:
+        """Damaged rectangles remembered for the next partial frame."""
+        return len(self._damage)
 
     def next_deadline(self) -> float | None:
         """When the loop should call tick() again, or None to wait for input (or the device) only."""
