@@ -189,3 +189,15 @@ def test_shipped_example_documents_every_key_with_its_default(tmp_path: Path) ->
 def test_summary_names_every_value() -> None:
     line = Config(fps=7).summary()
     assert "fps=7" in line and "log_level=info" in line and "\n" not in line
+
+
+def test_service_command_line_overrides_every_key_and_refuses_bad_values(capsys, tmp_path):
+    from spice_streamd.main import main
+
+    empty = tmp_path / "empty.conf"
+    empty.write_text("")
+    assert main(["--config", str(empty), "--fps", "500", "--bus", "unix:path=/nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert "command line: fps = 500 is refused: allowed is an integer from 1 to 120" in err
+    assert main(["--config", str(empty), "--max-sessions-per-uid", "0", "--bus", "unix:path=/x"]) == 2
+    assert "max_sessions_per_uid" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from dbus_next.constants import NameFlag, RequestNameReply
 from dbus_next.errors import DBusError
 
 from . import constants
-from .config import Config, load
+from .config import KEYS, Config, load
 from .coordinator import Coordinator
 from .dbus_service import RegistrationEndpoint, StreamingAgentInterface
 from .dbusnext_compat import bus_for
@@ -40,7 +40,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "unix:path=/tmp/bus (a private bus for tests and demos)")
     p.add_argument("--device", default=None,
                    help=f"the stream port (default from the config, else {constants.DEFAULT_DEVICE})")
-    p.add_argument("--config", default=None, help="configuration file (TOML)")
+    p.add_argument("--config", default=None,
+                   help="configuration file (TOML; default /etc/spice-streamd.conf if present)")
+    # Every other configuration key can be overridden here too (validated by config.load, which
+    # names the key, the value and what is allowed).
+    for key, spec in KEYS.items():
+        if key != "device":
+            p.add_argument("--" + key.replace("_", "-"), dest=key, default=None, metavar="VALUE",
+                           help=f"overrides '{key}': {spec.allowed}")
     # For tests: how long to wait for polkit before refusing with AuthorityUnavailable.
     p.add_argument("--polkit-timeout", type=float, default=constants.POLKIT_TIMEOUT_S,
                    help=argparse.SUPPRESS)
@@ -173,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         return install.main(args_list)
     args = parse_args(args_list)
     try:
-        config = load(args.config, {"device": args.device})
+        config = load(args.config, {key: getattr(args, key) for key in KEYS})
     except ConfigError as e:
         print(f"spice-streamd: {e}", file=sys.stderr)
         return 2
