@@ -7,13 +7,15 @@ import io
 import os
 import signal
 import sys
-import time
 
 from PIL import Image
 from Xlib import X
 from Xlib import display as xdisplay
 
 from spice_stream_worker import protocol as p
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from content import FixedRate  # noqa: E402
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -35,8 +37,7 @@ def main() -> int:
     geom = root.get_geometry()
     width, height = geom.width, geom.height
     write_all(fd, p.format_msg(width, height))
-    period = 1.0 / args.fps
-    next_at = time.monotonic()
+    pace = FixedRate(args.fps)
     while True:
         # Whether or not anything changed: capture everything, encode everything.
         image = root.get_image(0, 0, width, height, X.ZPixmap, 0xFFFFFFFF)
@@ -45,12 +46,7 @@ def main() -> int:
         rgb.save(out, "JPEG", quality=args.quality, subsampling=2)
         jpeg = out.getvalue()
         write_all(fd, p.data_header(len(jpeg)) + jpeg)
-        next_at += period
-        delay = next_at - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        else:
-            next_at = time.monotonic()
+        pace.wait()
 
 
 if __name__ == "__main__":

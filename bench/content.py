@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 from PIL import Image, ImageDraw, ImageFilter
 
@@ -46,3 +47,19 @@ def to_bgrx(img: Image.Image) -> bytes:
     """The picture as X would hold it: B, G, R, X bytes per pixel."""
     r, g, b = img.split()
     return Image.merge("RGBA", (b, g, r, Image.new("L", img.size, 0))).tobytes()
+
+
+class FixedRate:
+    """Sleeps to keep a loop at `rate` iterations per second; a late loop restarts the grid (no burst)."""
+
+    def __init__(self, rate: float) -> None:
+        self.period = 1.0 / rate
+        self.next_at = time.monotonic()
+
+    def wait(self) -> None:
+        self.next_at += self.period
+        delay = self.next_at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        else:
+            self.next_at = time.monotonic()

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from content import desktop, to_bgrx  # noqa: E402
+from content import FixedRate, desktop, to_bgrx  # noqa: E402
 from Xlib import X  # noqa: E402
 from Xlib import display as xdisplay  # noqa: E402
 
@@ -49,8 +48,7 @@ def main() -> int:
     rw, rh = (int(v) for v in size.split("x"))
     rx, ry = (int(v) for v in pos.split("+"))
     step = 0
-    period = 1.0 / args.rate
-    next_at = time.monotonic()
+    pace = FixedRate(args.rate)
     while True:
         step += 1
         offset = (step * 7) % width
@@ -59,12 +57,7 @@ def main() -> int:
         else:
             root.copy_area(gc, pix, rx + offset, ry, rw, rh, rx, ry)
         disp.sync()
-        next_at += period
-        delay = next_at - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        else:
-            next_at = time.monotonic()
+        pace.wait()
 
 
 if __name__ == "__main__":
