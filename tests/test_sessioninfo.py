@@ -42,6 +42,50 @@ def test_logind_session_of_pid(bus, logind):
     asyncio.run(run())
 
 
+def test_logind_autostart_process_gets_the_users_display_session(bus, logind):
+    """GNOME's autostart programs run in user@UID.service, outside the session's scope: the user's
+    display session stands in, but only seat0's active, local X11 session of that same user."""
+    logind.add_session("c2", uid=1000, vt=2, type="x11", active=True)
+    logind.add_session("c3", uid=1001, vt=3, type="x11")
+    logind.map_user_pids(1000, [500])
+    logind.map_user_pids(1001, [600])
+    logind.map_user_pids(1002, [700])  # a user with no display session
+
+    async def run():
+        conn = await connect(bus.address)
+        src = await open_session_source(conn)
+        try:
+            with pytest.raises(errors.NotInSession, match="uid 1000 has no display session"):
+                await src.session_of_pid(500)
+            logind.set_user_display(1000, "c2")
+            assert await src.session_of_pid(500) == SessionInfo("c2", 1000, 2, "x11", True)
+
+            logind.set_user_display(1001, "c3")  # on seat0 but not the active session
+            with pytest.raises(errors.NotInSession, match="not seat0's active local X11"):
+                await src.session_of_pid(600)
+            logind.activate("c3")
+            assert await src.session_of_pid(600) == SessionInfo("c3", 1001, 3, "x11", True)
+            logind.set_property("c3", "Remote", True)
+            with pytest.raises(errors.NotInSession, match="not seat0's active local X11"):
+                await src.session_of_pid(600)
+            logind.set_property("c3", "Remote", False)
+            logind.set_property("c3", "Type", "wayland")
+            with pytest.raises(errors.NotInSession, match="not seat0's active local X11"):
+                await src.session_of_pid(600)
+            logind.set_property("c3", "Type", "x11")
+
+            logind.set_user_display(1002, "c3")  # logind never does this; a session of another uid
+            with pytest.raises(errors.NotInSession, match="not seat0's active local X11"):
+                await src.session_of_pid(700)
+            with pytest.raises(errors.NotInSession, match="in no login session"):
+                await src.session_of_pid(999)  # no user either
+        finally:
+            await src.close()
+            conn.disconnect()
+
+    asyncio.run(run())
+
+
 def test_logind_session_not_on_vt(bus, logind):
     logind.add_session("s0", uid=1000, vt=0, type="tty", pids=[77])
 

@@ -36,5 +36,6 @@ LOGIND_PATH = "/org/freedesktop/login1"
 LOGIND_MANAGER = "org.freedesktop.login1.Manager"
 LOGIND_SESSION = "org.freedesktop.login1.Session"
 LOGIND_SEAT = "org.freedesktop.login1.Seat"
+LOGIND_USER = "org.freedesktop.login1.User"
 LOGIND_SEAT0_PATH = "/org/freedesktop/login1/seat/seat0"
 LOGIND_TIMEOUT_S = 5.0

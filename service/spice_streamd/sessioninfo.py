@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 _NO_SESSION_ERRORS = {
     "org.freedesktop.login1.NoSessionForPID",
     "org.freedesktop.login1.NoSuchSession",
+    "org.freedesktop.login1.NoUserForPID",
+    "org.freedesktop.login1.NoSuchUser",
     "org.freedesktop.DBus.Error.UnixProcessIdUnknown",
 }
 # These mean "logind is not there (any more)", not "this caller has no session".
@@ -205,7 +207,7 @@ def _map_logind_error(pid: int, e: LogindError) -> errors.ServiceError:
 
 
 class LogindSessionSource:
-    """Sessions from org.freedesktop.login1 (GetSessionByPID, then the Session's properties)."""
+    """Sessions from org.freedesktop.login1: GetSessionByPID, else the user's display session."""
 
     def __init__(self, bus: MessageBus, timeout: float = constants.LOGIND_TIMEOUT_S) -> None:
         self._bus = bus
@@ -252,11 +254,17 @@ class LogindSessionSource:
         if not isinstance(pid, int) or pid <= 0:
             raise errors.NotInSession(f"no process {pid!r}")
         try:
-            (path,) = await logind_call(
-                self._bus, constants.LOGIND_PATH, constants.LOGIND_MANAGER, "GetSessionByPID",
-                "u", [pid], self._timeout,
-            )
-            props = await get_properties(self._bus, path, constants.LOGIND_SESSION, self._timeout)
+            try:
+                (path,) = await logind_call(
+                    self._bus, constants.LOGIND_PATH, constants.LOGIND_MANAGER, "GetSessionByPID",
+                    "u", [pid], self._timeout,
+                )
+                props = await get_properties(self._bus, path, constants.LOGIND_SESSION,
+                                             self._timeout)
+            except LogindError as e:
+                if e.name != "org.freedesktop.login1.NoSessionForPID":
+                    raise
+                path, props = await self._display_session_of_user(pid)
         except LogindError as e:
             raise _map_logind_error(pid, e) from None
         try:
@@ -272,6 +280,45 @@ class LogindSessionSource:
         if not 1 <= vt <= MAX_VT:
             raise errors.NotInSession(f"session {session_id} of process {pid} is not on a VT")
         return SessionInfo(session_id=session_id, uid=uid, vt=vt, kind=kind, active=active)
+
+    async def _display_session_of_user(self, pid: int) -> tuple[str, dict[str, Any]]:
+        """The display session of the user owning `pid`, for a process outside any session.
+
+        Under a systemd user instance (GNOME 43 and later) autostart programs run in
+        user@UID.service, not in the session's scope, so GetSessionByPID finds nothing; like
+        spice-vdagent, take the user's display session instead. Only a session that is seat0's
+        active, local X11 session of that same user will do: anything looser would let a process
+        outside a session borrow a session it is not part of.
+        """
+        (user_path,) = await logind_call(
+            self._bus, constants.LOGIND_PATH, constants.LOGIND_MANAGER, "GetUserByPID",
+            "u", [pid], self._timeout,
+        )
+        user = await get_properties(self._bus, user_path, constants.LOGIND_USER, self._timeout)
+        try:
+            uid = int(user["UID"])
+            session_id, path = str(user["Display"][0]), str(user["Display"][1])
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise errors.NotInSession(
+                f"logind user {user_path} of process {pid} has malformed properties") from None
+        if not session_id:
+            raise errors.NotInSession(
+                f"process {pid} is in no login session and uid {uid} has no display session")
+        props = await get_properties(self._bus, path, constants.LOGIND_SESSION, self._timeout)
+        try:
+            owner = int(props["User"][0])
+            seat = str(props["Seat"][0])
+            remote = bool(props["Remote"])
+            active = bool(props["Active"])
+            kind = str(props["Type"])
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise errors.NotInSession(
+                f"logind session {path} of uid {uid} has malformed properties") from None
+        if owner != uid or seat != "seat0" or remote or not active or kind != "x11":
+            raise errors.NotInSession(
+                f"process {pid} is in no login session, and uid {uid}'s display session "
+                f"{session_id} is not seat0's active local X11 session")
+        return path, props
 
     async def close(self) -> None:
         if self._started:

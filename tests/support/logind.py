@@ -67,6 +67,8 @@ class LogindMock:
             stdout=subprocess.DEVNULL,
         )
         self._pids: dict[int, str] = {}
+        self._user_pids: dict[int, int] = {}  # pids in a user's manager, outside any session
+        self._session_uids: dict[str, int] = {}
         self._hang_s = 0.0
         try:
             self.conn = dbus.bus.BusConnection(address)
@@ -113,6 +115,38 @@ class LogindMock:
             "ret = dbus.ObjectPath(m[args[0]])\n"
         )
         self._mock(LOGIND_PATH).AddMethod(MANAGER, "GetSessionByPID", "u", "o", code)
+        users = dict(self._user_pids)
+        users.update({pid: self._session_uids[sid] for pid, sid in self._pids.items()})
+        self._mock(LOGIND_PATH).AddMethod(MANAGER, "GetUserByPID", "u", "o", (
+            f"m = {users!r}\n"
+            "if args[0] not in m:\n"
+            "    raise dbus.exceptions.DBusException("
+            "'PID %d does not belong to any known or logged in user' % args[0], "
+            "name='org.freedesktop.login1.NoUserForPID')\n"
+            "ret = dbus.ObjectPath('/org/freedesktop/login1/user/%d' % m[args[0]])\n"
+        ))
+
+    def _add_user(self, uid: int, name: str) -> str:
+        try:
+            self._mock(LOGIND_PATH).AddUser(dbus.UInt32(uid), name, False)
+        except dbus.exceptions.DBusException as e:
+            if not e.get_dbus_name().endswith("UserExists"):
+                raise
+        return f"/org/freedesktop/login1/user/{uid}"
+
+    def map_user_pids(self, uid: int, pids: Iterable[int]) -> None:
+        """Processes of `uid` outside any session (as GNOME autostart programs under systemd --user)."""
+        self._add_user(uid, f"user{uid}")
+        for pid in pids:
+            self._user_pids[int(pid)] = uid
+        self._install_get_session_by_pid()
+
+    def set_user_display(self, uid: int, session_id: str | None) -> None:
+        """logind's User.Display: the user's graphical session (None: none)."""
+        value = (dbus.Struct((session_id, dbus.ObjectPath(self.session_path(session_id))))
+                 if session_id else dbus.Struct(("", dbus.ObjectPath("/"))))
+        self._mock(f"/org/freedesktop/login1/user/{uid}").UpdateProperties(
+            "org.freedesktop.login1.User", dbus.Dictionary({"Display": value}, signature="sv"))
 
     @staticmethod
     def session_path(session_id: str) -> str:
@@ -130,13 +164,9 @@ class LogindMock:
     ) -> str:
         """Create a session on seat0 (not active unless active=True); map pids to it."""
         name = username or f"user{uid}"
-        user_path = f"/org/freedesktop/login1/user/{uid}"
-        try:
-            self._mock(LOGIND_PATH).AddUser(dbus.UInt32(uid), name, False)
-        except dbus.exceptions.DBusException as e:
-            if not e.get_dbus_name().endswith("UserExists"):
-                raise
+        user_path = self._add_user(uid, name)
         path = self.session_path(session_id)
+        self._session_uids[session_id] = uid
         props = {
             "Id": session_id,
             "User": dbus.Struct((dbus.UInt32(uid), dbus.ObjectPath(user_path))),
