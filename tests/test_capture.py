@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pwd
+import socket
+import struct
 
 import pytest
 from Xlib.ext import xtest
@@ -238,3 +240,31 @@ def test_fileno_is_the_x_socket(xenv):
 def test_row_spans_merge():
     rects = [Rect(0, 10, 5, 5), Rect(50, 12, 5, 10), Rect(0, 40, 1, 1), Rect(0, 300, 5, 5)]
     assert row_spans(rects, 100) == [(10, 22), (40, 41)]
+
+
+def _xauth_entry(family: int, address: bytes, number: bytes, cookie: bytes) -> bytes:
+    out = struct.pack(">H", family)
+    for part in (address, number, b"MIT-MAGIC-COOKIE-1", cookie):
+        out += struct.pack(">H", len(part)) + part
+    return out
+
+
+@pytest.mark.parametrize("family,address", [(65535, b""), (256, socket.gethostname().encode())])
+def test_gdm_style_xauthority_with_empty_display_number_connects(xserver, tmp_path, monkeypatch,
+                                                                 family, address):
+    """GDM writes FamilyWild and host entries with an empty display number; python-xlib alone
+    ignores FamilyWild, libXau (and so the service's check) takes both: the worker must too."""
+    path = tmp_path / "Xauthority"
+    path.write_bytes(_xauth_entry(family, address, b"", bytes.fromhex(xserver.cookie)))
+    monkeypatch.setenv("XAUTHORITY", str(path))
+    with Screen(xserver.display) as screen:
+        assert screen.grab().width == 320
+
+
+def test_cookie_for_another_host_is_not_used(xserver, tmp_path, monkeypatch):
+    path = tmp_path / "Xauthority"
+    path.write_bytes(_xauth_entry(256, b"not-" + socket.gethostname().encode(), b"",
+                                  bytes.fromhex(xserver.cookie)))
+    monkeypatch.setenv("XAUTHORITY", str(path))
+    with pytest.raises(DisplayUnavailable):
+        Screen(xserver.display)

@@ -52,7 +52,34 @@ def test_parse_round_trip():
 
 def test_cookie_for_display_found():
     data = entry(FAMILY_LOCAL, b"h", b"3", b"MIT-MAGIC-COOKIE-1", COOKIE)
-    assert require_cookie_for(data, ":3.0").number == b"3"
+    assert require_cookie_for(data, ":3.0", hostname=b"h").number == b"3"
+
+
+def test_gdm_file_with_empty_display_numbers_accepted():
+    """GDM's /run/user/UID/gdm/Xauthority: a FamilyWild entry and a host entry, both with an
+    empty display number, which libXau takes for any display."""
+    wild = entry(FAMILY_WILD, b"", b"", b"MIT-MAGIC-COOKIE-1", COOKIE)
+    host = entry(FAMILY_LOCAL, b"guest", b"", b"MIT-MAGIC-COOKIE-1", COOKIE)
+    assert require_cookie_for(wild + host, ":0", hostname=b"guest").family == FAMILY_WILD
+    assert require_cookie_for(host, ":1024", hostname=b"guest").address == b"guest"
+
+
+@pytest.mark.parametrize("data", [
+    # another host's entry: libXau would not hand it to a client on this one
+    entry(FAMILY_LOCAL, b"elsewhere", b"", b"MIT-MAGIC-COOKIE-1", COOKIE),
+    entry(FAMILY_LOCAL, b"elsewhere", b"3", b"MIT-MAGIC-COOKIE-1", COOKIE),
+    # FamilyLocalHost and network families are not what a local client asks for
+    entry(252, b"h", b"3", b"MIT-MAGIC-COOKIE-1", COOKIE),
+    entry(FAMILY_INTERNET, b"\x7f\0\0\1", b"", b"MIT-MAGIC-COOKIE-1", COOKIE),
+    # a scheme the worker cannot speak
+    entry(FAMILY_WILD, b"", b"3", b"XDM-AUTHORIZATION-1", COOKIE),
+    # the first match is libXau's answer: an empty cookie there cannot work
+    entry(FAMILY_WILD, b"", b"", b"MIT-MAGIC-COOKIE-1", b"")
+    + entry(FAMILY_WILD, b"", b"3", b"MIT-MAGIC-COOKIE-1", COOKIE),
+])
+def test_entries_libxau_would_not_use_refused(data):
+    with pytest.raises(InvalidArgument, match="no cookie for local display :3 on this host"):
+        require_cookie_for(data, ":3", hostname=b"h")
 
 
 @pytest.mark.parametrize("data,match", [
@@ -69,7 +96,7 @@ def test_cookie_for_display_found():
 ])
 def test_hostile_files_refused(data, match):
     with pytest.raises(InvalidArgument, match=match):
-        require_cookie_for(data, ":3")
+        require_cookie_for(data, ":3", hostname=b"h")
 
 
 @given(st.binary(max_size=2048))

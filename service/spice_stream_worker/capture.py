@@ -14,7 +14,7 @@ from Xlib.ext import damage as xdamage
 from Xlib.ext import randr as xrandr
 from Xlib.ext import xfixes, xinput
 
-from . import xshm
+from . import xauth, xshm
 from .cursor import CursorImage, read_cursor
 from .errors import DisplayLost, DisplayUnavailable
 
@@ -120,6 +120,7 @@ class Screen:
         self._fb: bytearray | None = None
         self._pending_resize = False
         self._errors = _RateLimit()
+        xauth.install()
         try:
             self._disp = xdisplay.Display(display_name)
         except Exception as exc:  # python-xlib raises several unrelated types for this

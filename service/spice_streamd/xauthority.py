@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -16,7 +17,8 @@ FAMILY_INTERNET6 = 6
 FAMILY_LOCALHOST = 252
 FAMILY_LOCAL = 256
 FAMILY_WILD = 65535
-LOCAL_FAMILIES = frozenset({FAMILY_LOCAL, FAMILY_WILD, FAMILY_LOCALHOST})
+# The only scheme the worker's X library (python-xlib) speaks.
+COOKIE_NAME = b"MIT-MAGIC-COOKIE-1"
 
 _DISPLAY_RE = re.compile(r":([0-9]{1,4})(?:\.([0-9]{1,2}))?")
 
@@ -72,17 +74,31 @@ def parse_xauthority(data: bytes) -> list[XauthEntry]:
     return entries
 
 
-def require_cookie_for(data: bytes, display: str) -> XauthEntry:
-    """The entry an X client would use for this local display; refuses a file without one."""
+def matches_local_display(entry: XauthEntry, number: int, hostname: bytes) -> bool:
+    """libXau's rule (XauGetBestAuthByAddr) for a client of a local display, which asks with
+    family FamilyLocal and this machine's host name: a FamilyWild entry or a FamilyLocal one
+    for this host, whose display number is this one or empty (GDM writes empty numbers: any
+    display)."""
+    if entry.family != FAMILY_WILD and not (entry.family == FAMILY_LOCAL
+                                            and entry.address == hostname):
+        return False
+    return entry.number in (b"", str(number).encode())
+
+
+def require_cookie_for(data: bytes, display: str, hostname: bytes | None = None) -> XauthEntry:
+    """The entry an X client on this machine would use for this local display (libXau's first
+    match with a MIT-MAGIC-COOKIE-1); refuses a file without one."""
     number = display_number(display)
     entries = parse_xauthority(data)
     if not entries:
         raise InvalidArgument("Xauthority file is empty: it holds no cookie")
-    wanted = str(number).encode()
+    host = socket.gethostname().encode() if hostname is None else hostname
     for entry in entries:
-        if entry.family in LOCAL_FAMILIES and entry.number == wanted and entry.name \
-                and entry.data:
+        if entry.name == COOKIE_NAME and matches_local_display(entry, number, host):
+            if not entry.data:
+                break  # libXau would hand this empty cookie to the server: it cannot work
             return entry
     raise InvalidArgument(
-        f"Xauthority file holds no cookie for local display :{number} "
-        f"(it has {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} for other displays)")
+        f"Xauthority file holds no cookie for local display :{number} on this host "
+        f"(it has {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} for other displays "
+        "or hosts)")
