@@ -248,6 +248,8 @@ def test_device_absent_means_no_worker(workdir, pty_device):
     async def run():
         sup, _ = make(script, rec, pty_device[0], "sleep", device_present=False)
         try:
+            # Before any session registers, too (the README's troubleshooting says so).
+            assert sup.status["state"] == "no-device"
             sup.set_target(NOBODY)
             await wait_async(lambda: sup.status["state"] == "no-device", what="no-device")
             assert records(rec) == [] and sup.device_opens == 0
@@ -288,7 +290,7 @@ def test_root_group_targets_are_refused(target):
         sup = WorkerSupervisor(device_path="/nonexistent", fps=30, quality=80)
         with pytest.raises(errors.PermissionDenied):
             sup.set_target(target)
-        assert sup.status["state"] == "idle" and sup.status["uid"] == -1
+        assert sup.status["state"] == "no-device" and sup.status["uid"] == -1
         await sup.close()
 
     asyncio.run(run())

@@ -19,7 +19,7 @@ from spice_streamd.constants import (
     INTERFACE,
     OBJECT_PATH,
 )
-from spice_streamd.dbusnext_compat import bus_for
+from spice_streamd.dbusnext_compat import bus_for, disconnected
 
 # The service is not there (yet): wait for it rather than give up.
 ABSENT_ERRORS = {
@@ -139,7 +139,7 @@ async def run(spec: str, display: str, xauthority: str) -> int:
     helper = Helper(bus, display, xauthority)
     tasks = {
         loop.create_task(stop.wait(), name="stop signal"): "stop",
-        loop.create_task(bus.wait_for_disconnect(), name="bus connection"): "bus",
+        loop.create_task(disconnected(bus), name="bus connection"): "bus",
         loop.create_task(helper.run(), name=f"registration of {display}"): "helper",
     }
     done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

@@ -13,6 +13,8 @@ import termios
 import time
 import tty
 
+from spice_streamd import logsetup
+
 from . import protocol as p
 from .errors import DeviceLost, DeviceUnavailable, ExitCode, WorkerError
 from .outbox import Outbox
@@ -218,11 +220,7 @@ def _drain(fd: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format=f"spice-stream-worker[{os.getpid()}]: %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    logsetup.setup("spice-stream-worker", args.log_level.upper(), own_stream=False)
     try:
         if args.device_fd is not None:
             follow_parent()

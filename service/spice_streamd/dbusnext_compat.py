@@ -71,3 +71,13 @@ def bus_for(spec: str) -> MessageBus:
     if spec == "session":
         return MessageBus(bus_type=BusType.SESSION)
     return MessageBus(bus_address=spec)
+
+
+async def disconnected(bus: MessageBus) -> BaseException | None:
+    """Wait until the bus connection ends; the reason (EOFError when the bus went away), retrieved
+    here so that asyncio never reports it as a "Task exception was never retrieved"."""
+    try:
+        await bus.wait_for_disconnect()
+    except Exception as e:
+        return e
+    return None

@@ -13,11 +13,11 @@ from dbus_next.aio import MessageBus
 from dbus_next.constants import NameFlag, RequestNameReply
 from dbus_next.errors import DBusError
 
-from . import constants
+from . import constants, logsetup
 from .config import KEYS, Config, load
 from .coordinator import Coordinator
 from .dbus_service import RegistrationEndpoint, StreamingAgentInterface
-from .dbusnext_compat import bus_for
+from .dbusnext_compat import bus_for, disconnected
 from .errors import ConfigError
 from .polkit import PolkitAuthority
 from .sessions import SessionRegistry
@@ -123,7 +123,7 @@ class Service:
 
             watchers = [
                 loop.create_task(self._stop.wait(), name="stop request"),
-                loop.create_task(bus.wait_for_disconnect(), name="bus connection"),
+                loop.create_task(disconnected(bus), name="bus connection"),
                 loop.create_task(self._idle_exit(coordinator, endpoint), name="idle exit"),
             ]
             done, pending = await asyncio.wait(watchers, return_when=asyncio.FIRST_COMPLETED)
@@ -184,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"spice-streamd: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=getattr(logging, config.log_level.upper()), stream=sys.stderr,
-                        format="spice-streamd[%(process)d]: %(levelname)s %(name)s: %(message)s")
+    logsetup.setup("spice-streamd", config.log_level.upper(), with_logger=True)
     try:
         return asyncio.run(Service(config, args.bus, args.polkit_timeout).run())
     except KeyboardInterrupt:

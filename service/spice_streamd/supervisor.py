@@ -128,7 +128,8 @@ class WorkerSupervisor:
         self._dev_fd: int | None = None
         self._device_moved = False
         self.device_opens = 0  # how often the device was (re)opened: a reopen resets the host
-        self._state = "idle"
+        # What the reconciling task would say before it first runs (no target yet).
+        self._state = "idle" if self._device_present else "no-device"
         self._last_error = ""
         self._quick_failures = 0
         self._restarts = 0
@@ -322,6 +323,9 @@ class WorkerSupervisor:
             home = ""
         if home:
             env["HOME"] = home
+        # The worker writes into our stderr: under journald it may then mark its priorities.
+        if "JOURNAL_STREAM" in os.environ:
+            env["JOURNAL_STREAM"] = os.environ["JOURNAL_STREAM"]
         return env
 
     async def _start_worker(self, target: WorkerTarget) -> None:
