@@ -230,6 +230,16 @@ def test_missing_device_exit_code(xserver, run):
     assert "cannot open device /nonexistent" in err and "Traceback" not in err
 
 
+def test_regular_file_as_device_is_refused_in_one_line(xserver, run, tmp_path):
+    path = tmp_path / "not-a-port"
+    path.write_bytes(b"x")
+    w = run(device=str(path))
+    code, err = w.wait()
+    assert code == ExitCode.DEVICE_UNAVAILABLE, err
+    assert f"cannot use device {path}: not a character device" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_display_going_away_exits_with_display_lost(xserver, run):
     w = run(["--start-codecs", "1"])
     w.peer.wait_count(p.MsgType.DATA, 1)

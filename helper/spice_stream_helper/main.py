@@ -18,8 +18,9 @@ from spice_streamd.constants import (
     ERROR_PREFIX,
     INTERFACE,
     OBJECT_PATH,
+    VERSION,
 )
-from spice_streamd.dbusnext_compat import bus_for, disconnected
+from spice_streamd.dbusnext_compat import bus_for, describe_bus, disconnected
 
 # The service is not there (yet): wait for it rather than give up.
 ABSENT_ERRORS = {
@@ -134,7 +135,8 @@ async def run(spec: str, display: str, xauthority: str) -> int:
     try:
         bus = await bus_for(spec).connect()
     except (OSError, ValueError) as e:
-        say(f"cannot connect to the {spec} bus: {e}")
+        reason = getattr(e, "strerror", None) or str(e)
+        say(f"cannot connect to the {spec} bus at {describe_bus(spec)}: {reason}")
         return EXIT_BUS
     helper = Helper(bus, display, xauthority)
     tasks = {
@@ -165,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                     "for the session's life.")
     p.add_argument("--bus", default="system",
                    help="'system' (default), 'session', or a D-Bus address")
+    p.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     args = p.parse_args(argv)
     found = session_display(dict(os.environ))
     if isinstance(found, str):

@@ -8,12 +8,14 @@ import logging
 import os
 import selectors
 import signal
+import stat
 import sys
 import termios
 import time
 import tty
 
 from spice_streamd import logsetup
+from spice_streamd.constants import VERSION
 
 from . import protocol as p
 from .errors import DeviceLost, DeviceUnavailable, ExitCode, WorkerError
@@ -45,6 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--host-caps", metavar="HEX", default=None,
                     help="host state handed over: its capabilities")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    ap.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     args = ap.parse_args(argv)
     if not 1 <= args.fps <= 120:
         ap.error(f"--fps {args.fps}: allowed 1-120")
@@ -87,14 +90,21 @@ def open_device(path: str) -> int:
         fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise DeviceUnavailable(f"cannot open device {path}: {exc.strerror}") from None
+    if not stat.S_ISCHR(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise DeviceUnavailable(f"cannot use device {path}: not a character device")
     return fd
 
 
 def prepare_device(fd: int) -> None:
     try:
-        os.fstat(fd)
+        st = os.fstat(fd)
     except OSError as exc:
         raise DeviceUnavailable(f"device fd {fd} is not open: {exc.strerror}") from None
+    # The port is a character device (a pty in tests); a socket is the service's relay end.
+    if not (stat.S_ISCHR(st.st_mode) or stat.S_ISSOCK(st.st_mode)):
+        raise DeviceUnavailable(f"device fd {fd} is not a character device or socket "
+                                f"(mode {stat.filemode(st.st_mode)})")
     os.set_blocking(fd, False)
     if os.isatty(fd):
         # A pty stand-in must not translate or echo our bytes; a virtio port is not a tty at all.

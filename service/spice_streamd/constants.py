@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# The release, as pyproject.toml says (tests/test_contract.py checks they agree).
+VERSION = "0.1.0"
+
 BUS_NAME = "org.spice_space.StreamingAgent1"
 OBJECT_PATH = "/org/spice_space/StreamingAgent1"
 INTERFACE = "org.spice_space.StreamingAgent1"

@@ -73,6 +73,19 @@ def bus_for(spec: str) -> MessageBus:
     return MessageBus(bus_address=spec)
 
 
+def describe_bus(spec: str) -> str:
+    """The address a --bus option connects to, for a message a person reads."""
+    if spec == "system":
+        if os.environ.get("DBUS_STARTER_BUS_TYPE") == "system" and os.environ.get(
+                "DBUS_STARTER_ADDRESS"):
+            return os.environ["DBUS_STARTER_ADDRESS"]
+        return os.environ.get("DBUS_SYSTEM_BUS_ADDRESS",
+                              "unix:path=/run/dbus/system_bus_socket (the system bus)")
+    if spec == "session":
+        return os.environ.get("DBUS_SESSION_BUS_ADDRESS", "(DBUS_SESSION_BUS_ADDRESS is not set)")
+    return spec
+
+
 async def disconnected(bus: MessageBus) -> BaseException | None:
     """Wait until the bus connection ends; the reason (EOFError when the bus went away), retrieved
     here so that asyncio never reports it as a "Task exception was never retrieved"."""

@@ -434,6 +434,11 @@ def main(argv: Sequence[str]) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     destdir = os.path.abspath(args.destdir) if args.destdir else ""
+    if not destdir and os.geteuid() != 0:
+        print(f"spice-streamd {command}: needs root: it changes system directories under "
+              f"{args.prefix} and {args.sysconfdir} (run it with sudo, or stage the files with "
+              "--destdir)", file=sys.stderr)
+        return 1
     try:
         if command == "install-system-files":
             report = install(args.prefix, destdir, sysconfdir=args.sysconfdir,
@@ -444,7 +449,12 @@ def main(argv: Sequence[str]) -> int:
         print(f"spice-streamd {command}: {e}", file=sys.stderr)
         return 1
     except OSError as e:
-        print(f"spice-streamd {command}: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        where = os.path.dirname(e.filename) if isinstance(e.filename, str) else ""
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            print(f"spice-streamd {command}: cannot write in {where or 'a system directory'}: "
+                  f"{e.strerror} (run it as root)", file=sys.stderr)
+        else:
+            print(f"spice-streamd {command}: {e.filename or ''}: {e.strerror}", file=sys.stderr)
         return 1
     for line in report.lines:
         print(line)

@@ -17,7 +17,7 @@ from . import constants, logsetup
 from .config import KEYS, Config, load
 from .coordinator import Coordinator
 from .dbus_service import RegistrationEndpoint, StreamingAgentInterface
-from .dbusnext_compat import bus_for, disconnected
+from .dbusnext_compat import bus_for, describe_bus, disconnected
 from .errors import ConfigError
 from .polkit import PolkitAuthority
 from .sessions import SessionRegistry
@@ -33,8 +33,16 @@ IDLE_CHECK_S = 1.0
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="spice-streamd",
-        description="Root service that streams the active graphical session to the SPICE host. "
-                    "Subcommands: install-system-files, uninstall-system-files.")
+        usage="%(prog)s [options]\n       %(prog)s install-system-files [--prefix P] [--destdir D] "
+              "[--bindir B]\n       %(prog)s uninstall-system-files [--prefix P] [--destdir D]",
+        description="Root service that streams the active graphical session to the SPICE host.",
+        epilog="subcommands:\n"
+               "  install-system-files    put the D-Bus, systemd, udev, polkit and autostart files "
+               "in place (root)\n"
+               "  uninstall-system-files  remove what install-system-files put (root)\n"
+               "Each has its own --help.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {constants.VERSION}")
     p.add_argument("--bus", default="system",
                    help="'system' (default), 'session', or a D-Bus address such as "
                         "unix:path=/tmp/bus (a private bus for tests and demos)")
@@ -82,7 +90,13 @@ class Service:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
 
-        bus = await bus_for(self.bus_spec).connect()
+        try:
+            bus = await bus_for(self.bus_spec).connect()
+        except (OSError, ValueError, EOFError) as e:
+            reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+            log.error("cannot connect to the %s bus at %s: %s", self.bus_spec,
+                      describe_bus(self.bus_spec), reason)
+            return 1
         closers = []
         try:
             session_source = await open_session_source(bus)
