@@ -183,3 +183,28 @@ def test_dirty_bands():
     assert dirty_bands([Rect(0, 90, 5, 50)], 100) == [5, 6]
     assert dirty_bands([Rect(0, 200, 5, 5), Rect(0, 0, 0, 5)], 100) == []
     assert BAND_ROWS == 16
+
+
+def test_without_restart_markers_every_changed_frame_is_encoded_whole():
+    """Pillow older than 11.1 (Debian 12's 9.4) writes no restart markers: no splicing, whole
+    encodes of every changed frame, the cached bytes for an unchanged one."""
+    w, h = 160, 96
+    buf = bgrx(picture(w, h, 5))
+    enc = JpegEncoder(splice=False)
+    first = enc.encode(frame_of(buf, w, h))
+    assert b"\xff\xdd" not in first and decode(first).size == (w, h)
+    assert enc.encode(frame_of(buf, w, h), []) is first
+    other = bgrx(picture(w, h, 6))
+    paste(buf, w, other, Rect(0, 40, w, 20))
+    second = enc.encode(frame_of(buf, w, h), [Rect(0, 40, w, 20)])
+    assert second is not first
+    assert psnr(decode(second), direct(buf, w, h)) > 35
+    set_size = enc.encode(frame_of(bgrx(picture(80, 48, 7)), 80, 48), [Rect(0, 0, 1, 1)])
+    assert decode(set_size).size == (80, 48)
+
+
+def test_the_pillow_pyproject_asks_for_splices():
+    from spice_stream_worker.encoder import restart_markers_supported
+
+    assert restart_markers_supported() is True
+    assert b"\xff\xdd" in JpegEncoder().encode(frame_of(bgrx(picture(32, 32, 1)), 32, 32))

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
 import re
 import struct
 from collections.abc import Iterable
 
+import PIL
 from PIL import Image
 
 from .capture import Frame, Rect
@@ -22,8 +25,27 @@ FULL_ENCODE_SHARE = 0.7
 MAX_CACHED_IMAGES = 8
 
 
+log = logging.getLogger(__name__)
+
+
 class EncoderError(Exception):
     """libjpeg's output was not what the splicer expects (never seen with Pillow's libjpeg)."""
+
+
+@functools.cache
+def restart_markers_supported() -> bool:
+    """Whether this Pillow writes JPEG restart markers (restart_marker_rows, Pillow 11).
+
+    Older ones (Debian 12 has 9.4) ignore the option: without markers no band can be spliced,
+    so every changed frame is encoded whole, which works everywhere, only slower."""
+    out = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(out, "JPEG", restart_marker_rows=1)
+    found = b"\xff\xdd" in out.getvalue()
+    if not found:
+        log.info("Pillow %s writes no JPEG restart markers: each changed frame is encoded "
+                 "whole (with Pillow 11 or later only the changed bands are)",
+                 PIL.__version__)
+    return found
 
 
 def dirty_bands(changed: Iterable[Rect], height: int) -> list[int]:
@@ -93,8 +115,10 @@ def _patch_header(header: bytes, width: int, height: int, restart: int) -> bytes
 class JpegEncoder:
     """Encodes Frames to complete baseline JPEGs, caching each band's entropy-coded segment."""
 
-    def __init__(self, quality: int = 80) -> None:
+    def __init__(self, quality: int = 80, splice: bool | None = None) -> None:
         self._quality = quality
+        # splice=False: whole-frame encodes only (what an old Pillow allows); None: probe Pillow.
+        self._splice = restart_markers_supported() if splice is None else splice
         self._size: tuple[int, int] | None = None
         self._header = b""
         self._bands: list[bytes] = []
@@ -127,6 +151,12 @@ class JpegEncoder:
         changed=None re-encodes everything; so does any change of frame size or quality.
         """
         size = (frame.width, frame.height)
+        if not self._splice:
+            if changed is not None and size == self._size and self._last is not None \
+                    and not dirty_bands(changed, frame.height):
+                return self._last
+            self._size, self._last = size, self._encode_rows(frame, 0, frame.height)
+            return self._last
         nbands = (frame.height + BAND_ROWS - 1) // BAND_ROWS
         if changed is None or size != self._size or len(self._bands) != nbands:
             return self._encode_full(frame)
@@ -163,7 +193,7 @@ class JpegEncoder:
             subsampling=2,
             optimize=False,
             progressive=False,
-            restart_marker_rows=1,
+            **({"restart_marker_rows": 1} if self._splice else {}),
         )
         return out.getvalue()
 
