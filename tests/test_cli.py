@@ -62,3 +62,14 @@ def test_service_without_a_bus_names_the_address(tmp_path):
     assert p.stderr.strip().splitlines()[-1].endswith(
         f"cannot connect to the system bus at {address}: No such file or directory")
     assert "Traceback" not in p.stderr
+
+
+def test_system_files_commands_leave_a_debian_package_alone(monkeypatch, tmp_path, capsys):
+    from spice_streamd import install
+
+    listed = tmp_path / "spice-streamd.list"
+    listed.write_text("/usr/bin/spice-streamd\n")
+    monkeypatch.setattr(install, "DPKG_LIST", str(listed))
+    assert install.main(["uninstall-system-files"]) == 1
+    assert "use apt" in capsys.readouterr().err
+    assert install.main(["install-system-files", "--destdir", str(tmp_path / "stage")]) == 0

@@ -182,7 +182,11 @@ class JpegEncoder:
             if len(self._images) >= MAX_CACHED_IMAGES:
                 self._images.clear()
             image = self._images[size] = Image.new("RGB", size)
-        image.frombytes(view, "raw", ("BGRX", frame.stride, 1))
+        try:
+            image.frombytes(view, "raw", ("BGRX", frame.stride, 1))
+        except TypeError:
+            # Pillow before 10 takes only bytes (Debian 12 has 9.4): one copy more per encode.
+            image.frombytes(bytes(view), "raw", ("BGRX", frame.stride, 1))
         out = io.BytesIO()
         # No optimize: the standard Huffman tables are then the same in every call, which is
         # what lets segments from different calls share one header.

@@ -25,6 +25,7 @@ UDEV_RULE = "70-spice-streamd.rules"
 HELPER_DESKTOP = "spice-stream-helper.desktop"
 GREETER_DESKTOP = "spice-stream-helper-greeter.desktop"
 CONFIG_NAME = "spice-streamd.conf"
+DPKG_LIST = "/var/lib/dpkg/info/spice-streamd.list"
 MANIFEST_HEADER = "# spice-streamd install-system-files manifest: what uninstall-system-files removes."
 # System files are a few KiB; an existing file larger than this is not one of ours.
 MAX_COMPARE_BYTES = 1024 * 1024
@@ -434,6 +435,12 @@ def main(argv: Sequence[str]) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     destdir = os.path.abspath(args.destdir) if args.destdir else ""
+    if not destdir and os.path.exists(DPKG_LIST):
+        # dpkg owns these files: removing or rewriting them behind its back breaks the package.
+        print(f"spice-streamd {command}: the spice-streamd Debian package is installed and owns "
+              "the system files: use apt (apt install --reinstall / apt purge spice-streamd)",
+              file=sys.stderr)
+        return 1
     if not destdir and os.geteuid() != 0:
         print(f"spice-streamd {command}: needs root: it changes system directories under "
               f"{args.prefix} and {args.sysconfdir} (run it with sudo, or stage the files with "
