@@ -1,11 +1,17 @@
-"""The worker supervisor with real processes under real uids and a raw pty as the device."""
+"""The worker supervisor and the port relay: real processes under real uids, a raw pty as the port.
+
+A stand-in worker speaks the stream-device protocol on the socket the supervisor gives it; the
+test reads and writes the pty's master side as the host would.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import select
 import shutil
+import struct
 import sys
 import tempfile
 import time
@@ -13,52 +19,102 @@ import tty
 
 import pytest
 
+from spice_stream_worker import protocol as p
 from spice_streamd import errors
 from spice_streamd.supervisor import WorkerSupervisor, WorkerTarget
 from tests.support.waiting import wait_async
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs workers as other uids")
 
-# A stand-in worker: records how it was started, then behaves as its mode says.
+# A stand-in worker: records how it was started and what the relay told it, then behaves as its
+# mode says. It uses the project's own protocol module, as the real worker does.
 FAKE_WORKER = r'''
-import json, os, signal, sys, time
+import json, os, select, signal, socket, stat, struct, sys, time
+sys.path.insert(0, sys.argv[3])
+from spice_stream_worker import protocol as p
 mode, rec = sys.argv[1], sys.argv[2]
-args = sys.argv[3:]
+args = sys.argv[4:]
 opt = dict(zip(args[::2], args[1::2]))
 dev = int(opt["--device-fd"])
-st = int(opt["--status-fd"])
+st = os.fstat(dev)
 info = {
     "pid": os.getpid(), "argv": args, "resuid": os.getresuid(), "resgid": os.getresgid(),
     "groups": sorted(os.getgroups()), "env": dict(os.environ), "cwd": os.getcwd(),
-    "dev_is_tty": os.isatty(dev), "status_is_fifo": __import__("stat").S_ISFIFO(os.fstat(st).st_mode),
-    "sid_leader": os.getsid(0) == os.getpid(), "dev_rdev": os.fstat(dev).st_rdev,
+    "dev_is_socket": stat.S_ISSOCK(st.st_mode), "dev_is_chr": stat.S_ISCHR(st.st_mode),
+    "sid_leader": os.getsid(0) == os.getpid(),
 }
-path = os.path.join(rec, "start-%d.json" % os.getpid())
-with open(path + ".tmp", "w") as f:
-    json.dump(info, f)
-os.rename(path + ".tmp", path)
+def record(name, data):
+    path = os.path.join(rec, "%s-%d.json" % (name, os.getpid()))
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f)
+    os.rename(path + ".tmp", path)
+record("start", info)
 if mode == "exit1":
     sys.exit(1)
 def on_term(*_):
     open(os.path.join(rec, "term-%d" % os.getpid()), "w").close()
     if mode != "stubborn":
-        sys.exit(0)
+        os._exit(0)
 signal.signal(signal.SIGTERM, on_term)
-if mode == "chatty":
-    out = os.fdopen(st, "wb", buffering=0)
-    out.write(b'{"streaming": true, "frames": 5, "bytes": 1000, "fps": 30.0, '
-              b'"codecs": [1, 3], "host_caps": "0f"}\n')
-    out.write(b"x" * 10000 + b"\n")          # over-long: dropped
-    out.write(b"not json\n[1,2]\n" + b"[" * 3000 + b"\n")   # garbage: ignored
-    out.write(b'{"frames": "many", "bytes": -1, "fps": true}\n')  # wrong types: ignored
-    out.write(b'{"streaming": true, "frames": 7, "bytes": 2000, "fps": 25.5}\n')
+sock = socket.socket(fileno=dev)
+sock.setblocking(False)
+parser = p.Parser()
+heard = []
+streaming = False
+frame_no = 0
+sent = []
+def send(data):
+    sock.setblocking(True)
+    sock.sendall(data)
+    sock.setblocking(False)
+if mode in ("chatty", "hostile", "tear", "silent", "flood"):
+    send(p.capabilities(b"\x01"))
+if mode == "hostile":
+    send(p.encode(p.MsgType.DATA, b"\xff\xd8early"))       # DATA before FORMAT: refused
+    send(p.start_stop([0, 1]))                              # a host-only type: refused
+    send(p.encode(p.MsgType.CURSOR_SET, b"\x00" * 20))      # malformed cursor: refused
+    send(p.format_msg(64, 48, 7))                           # not MJPEG: refused
+    send(b"garbage that is no header at all" * 4)           # resynchronised, dropped
+next_frame = 0.0
 while True:
-    time.sleep(0.05)
+    r, _, _ = select.select([sock], [], [], 0.01)
+    if r:
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            data = b"?"
+        if not data:
+            while mode == "stubborn":  # ignores its socket closing too
+                time.sleep(1)
+            sys.exit(6)
+        for item in parser.feed(data):
+            if isinstance(item, p.Message):
+                heard.append([item.type, item.payload.hex(), time.monotonic()])
+                record("heard", heard)
+                if item.type == p.MsgType.START_STOP:
+                    streaming = p.CODEC_MJPEG in p.decode_start_stop(item.payload).codecs
+                    if streaming and mode in ("chatty", "hostile", "tear", "flood"):
+                        send(p.format_msg(64, 48))
+    now = time.monotonic()
+    if streaming and mode in ("chatty", "hostile", "flood") and now >= next_frame:
+        frame_no += 1
+        payload = b"\xff\xd8" + struct.pack("<Id", frame_no, now) + b"\0" * (
+            60000 if mode == "flood" else 100)
+        send(p.encode(p.MsgType.DATA, payload))
+        sent.append([frame_no, now])
+        record("sent", sent)
+        next_frame = now + (0.02 if mode == "flood" else 0.1)
+    if streaming and mode == "tear":
+        msg = p.encode(p.MsgType.DATA, b"\xff\xd8" + b"\1" * 5000)
+        send(msg[: len(msg) // 2])   # half a frame, then nothing more
+        record("torn", [True])
+        mode = "sleep"
 '''
 
 NOBODY = WorkerTarget(uid=65534, gid=65534, groups=(), display=":91", xauthority="/tmp/xa-n", vt=2)
 OTHER = WorkerTarget(uid=12345, gid=12346, groups=(12347, 12348), display=":92",
                      xauthority="/tmp/xa-o", vt=3)
+SERVICE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "service")
 
 
 @pytest.fixture
@@ -90,13 +146,25 @@ def pty_device():
         os.close(slave)
 
 
-def records(rec: str) -> list[dict]:
+def recorded(rec: str, kind: str) -> list:
     out = []
     for name in sorted(os.listdir(rec)):
-        if name.startswith("start-") and name.endswith(".json"):
+        if name.startswith(kind + "-") and name.endswith(".json"):
             with open(os.path.join(rec, name)) as f:
                 out.append(json.load(f))
     return out
+
+
+def records(rec: str) -> list[dict]:
+    return recorded(rec, "start")
+
+
+def of_pid(rec: str, kind: str, pid: int):
+    try:
+        with open(os.path.join(rec, f"{kind}-{pid}.json")) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 def alive(pid: int) -> bool:
@@ -115,9 +183,48 @@ def make(script, rec, device, mode, **kw) -> tuple[WorkerSupervisor, list[dict]]
         changes.append(sup.status)
 
     sup = WorkerSupervisor(device_path=device, fps=30, quality=80,
-                           worker_argv=[sys.executable, script, mode, rec],
+                           worker_argv=[sys.executable, script, mode, rec, SERVICE_DIR],
                            on_change=on_change, **kw)
     return sup, changes
+
+
+class Host:
+    """The pty's master side read strictly: every byte must belong to a whole, valid message."""
+
+    def __init__(self, master: int) -> None:
+        self.master = master
+        self.buf = bytearray()
+        self.messages: list[tuple[int, bytes]] = []
+
+    def read(self) -> list[tuple[int, bytes]]:
+        while select.select([self.master], [], [], 0)[0]:
+            try:
+                chunk = os.read(self.master, 1 << 20)
+            except OSError:
+                break
+            if not chunk:
+                break
+            self.buf += chunk
+        while len(self.buf) >= p.HEADER_SIZE:
+            version, pad, mtype, size = p.HEADER.unpack_from(self.buf)
+            assert (version, pad) == (1, 0), f"torn or garbled stream: {bytes(self.buf[:16])!r}"
+            assert mtype in p.GUEST_TO_HOST_LIMITS and size <= p.GUEST_TO_HOST_LIMITS[mtype], \
+                f"message type {mtype} size {size} on the port"
+            if len(self.buf) < p.HEADER_SIZE + size:
+                break
+            self.messages.append((mtype, bytes(self.buf[p.HEADER_SIZE:p.HEADER_SIZE + size])))
+            del self.buf[:p.HEADER_SIZE + size]
+        return self.messages
+
+    def types(self) -> list[int]:
+        return [t for t, _ in self.read()]
+
+    def frames(self) -> list[int]:
+        """Frame numbers of the stand-in's DATA messages, in arrival order."""
+        return [struct.unpack_from("<I", m, 2)[0] for t, m in self.read() if t == p.MsgType.DATA]
+
+    def send(self, data: bytes) -> None:
+        os.write(self.master, data)
 
 
 def test_quick_exits_back_off_then_fail(workdir, pty_device):
@@ -135,9 +242,8 @@ def test_quick_exits_back_off_then_fail(workdir, pty_device):
             states = [c["state"] for c in changes]
             assert states.count("backoff") == 4 and states[-1] == "failed"
             # Backoff grows: the gaps between starts double (0.05, 0.1, 0.2, 0.4).
-            starts = [os.stat(os.path.join(rec, f"start-{r['pid']}.json")).st_mtime
-                      for r in records(rec)]
-            starts.sort()
+            starts = sorted(os.stat(os.path.join(rec, f"start-{r['pid']}.json")).st_mtime
+                            for r in records(rec))
             assert starts[-1] - starts[-2] > starts[1] - starts[0]
             # A new target resets the failure count and tries again.
             sup.set_target(OTHER)
@@ -157,15 +263,19 @@ def test_switch_sigterms_first_and_runs_second_as_its_uid(workdir, pty_device):
             sup.set_target(NOBODY)
             first = (await wait_async(lambda: records(rec), what="first worker"))[0]
             assert sup.status["pid"] == first["pid"]
-            assert sup.status["state"] == "starting"  # it never reported a status
+            assert sup.status["state"] == "starting"  # it never sent a message
             assert first["resuid"] == [65534] * 3 and first["resgid"] == [65534] * 3
             assert first["groups"] == []
             assert first["env"] == {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
                                     "DISPLAY": ":91", "XAUTHORITY": "/tmp/xa-n",
                                     "HOME": "/nonexistent"}
             assert first["cwd"] == "/" and first["sid_leader"]
-            assert first["dev_is_tty"] and first["status_is_fifo"]
-            assert first["argv"][4:] == ["--fps", "30", "--quality", "80"]
+            # The worker holds a socket end, never the port.
+            assert first["dev_is_socket"] and not first["dev_is_chr"]
+            assert first["argv"][2:] == ["--fps", "30", "--quality", "80"]
+            fds = {os.readlink(f"/proc/{first['pid']}/fd/{fd}")
+                   for fd in os.listdir(f"/proc/{first['pid']}/fd")}
+            assert pty_device[0] not in fds
 
             sup.set_target(OTHER)
             await wait_async(lambda: len(records(rec)) == 2, what="second worker")
@@ -183,7 +293,7 @@ def test_switch_sigterms_first_and_runs_second_as_its_uid(workdir, pty_device):
             assert status["Gid"].split() == ["12346"] * 4
             assert status["Groups"].split() == ["12347", "12348"]
             assert sup.status["uid"] == 12345 and sup.status["vt"] == 3
-            assert sup.device_opens == 1  # kept open across a clean switch
+            assert sup.device_opens == 1  # the service keeps the port across a switch
             sup.set_target(None)
             await wait_async(lambda: sup.status["state"] == "idle", what="idle")
             assert not alive(second["pid"]) and sup.status["pid"] == 0
@@ -193,7 +303,7 @@ def test_switch_sigterms_first_and_runs_second_as_its_uid(workdir, pty_device):
     asyncio.run(run())
 
 
-def test_sigterm_ignored_means_sigkill_and_device_reopen(workdir, pty_device):
+def test_stubborn_worker_is_killed_and_the_port_stays_open(workdir, pty_device):
     _, script, rec = workdir
 
     async def run():
@@ -208,7 +318,8 @@ def test_sigterm_ignored_means_sigkill_and_device_reopen(workdir, pty_device):
             assert time.monotonic() - t0 >= 0.3
             assert os.path.exists(os.path.join(rec, f"term-{first['pid']}"))
             assert not alive(first["pid"])
-            assert sup.device_opens == 2  # closed and reopened: the host side resets
+            # A killed worker cannot have torn a message on the port: no reopen needed.
+            assert sup.device_opens == 1
         finally:
             await sup.close()
         assert sup.status["pid"] == 0
@@ -217,25 +328,169 @@ def test_sigterm_ignored_means_sigkill_and_device_reopen(workdir, pty_device):
     asyncio.run(run())
 
 
-def test_status_pipe_fields_and_host_state_handover(workdir, pty_device):
+def test_relay_writes_checked_messages_and_keeps_the_host_state(workdir, pty_device):
+    """The host's START_STOP reaches the worker through the relay; what the worker sends reaches
+    the port whole; what a host would refuse never does; the next worker is told the host's
+    state by the relay itself."""
     _, script, rec = workdir
+    host = Host(pty_device[1])
 
     async def run():
-        sup, changes = make(script, rec, pty_device[0], "chatty")
+        sup, changes = make(script, rec, pty_device[0], "hostile")
         try:
             sup.set_target(NOBODY)
-            await wait_async(lambda: sup.status["frames"] == 7, what="last status line")
-            st = sup.status
-            assert st["state"] == "running"
-            assert (st["streaming"], st["bytes"], st["fps"]) == (True, 2000, 25.5)
-            assert sup.host_state == ([1, 3], "0f")
-            assert any(c["state"] == "running" and c["frames"] == 5 for c in changes)
+            first = (await wait_async(lambda: records(rec), what="worker"))[0]
+            await wait_async(lambda: sup.status["state"] == "running", what="running")
+            host.send(p.capabilities(b"\x01") + p.start_stop([1]))
+            await wait_async(lambda: len(host.frames()) >= 3, timeout=15, what="frames on the port")
+            types = host.types()
+            assert types.index(p.MsgType.FORMAT) < types.index(p.MsgType.DATA)
+            assert types.count(p.MsgType.CAPABILITIES) == 1
+            assert p.MsgType.START_STOP not in types and p.MsgType.CURSOR_SET not in types
+            assert all(p.decode_format(m) == p.Format(64, 48, 1)
+                       for t, m in host.read() if t == p.MsgType.FORMAT)
+            assert not any(m.startswith(b"\xff\xd8early") for _, m in host.read())
+            heard = of_pid(rec, "heard", first["pid"])
+            assert [h[0] for h in heard] == [p.MsgType.CAPABILITIES, p.MsgType.START_STOP]
+            await wait_async(lambda: sup.status["streaming"] and sup.status["frames"] >= 3,
+                             what="streaming reported from what reached the host")
+            assert sup.host_state == ([1], b"\x01")
+            assert any(c["streaming"] for c in changes)
+
+            # Switch: the second worker hears caps and START_STOP from the relay, the host says
+            # nothing more, and its frames follow on the same open port.
+            sup.set_target(OTHER)
+            second = await wait_async(
+                lambda: [r for r in records(rec) if r["pid"] != first["pid"]], what="second")
+            pid2 = second[0]["pid"]
+            heard2 = await wait_async(lambda: (h := of_pid(rec, "heard", pid2)) and len(h) >= 2
+                                      and h, what="host state told to the second worker")
+            assert [(h[0], h[1]) for h in heard2[:2]] == [
+                (p.MsgType.CAPABILITIES, "01"), (p.MsgType.START_STOP, "0101")]
+            n = len(host.frames())
+            await wait_async(lambda: len(host.frames()) >= n + 3, timeout=15,
+                             what="the second worker's frames")
+            assert sup.device_opens == 1
+        finally:
+            await sup.close()
+
+    asyncio.run(run())
+
+
+def test_a_worker_switched_away_mid_message_never_tears_the_port(workdir, pty_device):
+    _, script, rec = workdir
+    host = Host(pty_device[1])
+
+    async def run():
+        sup, _ = make(script, rec, pty_device[0], "tear")
+        try:
+            sup.set_target(NOBODY)
+            first = (await wait_async(lambda: records(rec), what="worker"))[0]
+            host.send(p.start_stop([1]))
+            await wait_async(lambda: of_pid(rec, "torn", first["pid"]), what="half a frame sent")
+            await wait_async(lambda: p.MsgType.FORMAT in host.types(), what="FORMAT")
             sup.set_target(OTHER)
             await wait_async(lambda: len(records(rec)) == 2, what="second worker")
-            second = max(records(rec), key=lambda r: r["argv"].count("--start-codecs"))
-            assert second["argv"][8:] == ["--start-codecs", "1,3", "--host-caps", "0f"]
-            await wait_async(lambda: sup.status["frames"] == 7 and sup.status["uid"] == 12345,
-                             what="second worker's status")
+            # The second worker's whole FORMAT follows the first one's: the half frame was
+            # dropped with the first worker's socket. Host.read() asserts every byte parses.
+            await wait_async(lambda: host.types().count(p.MsgType.FORMAT) == 2, timeout=10,
+                             what="the second FORMAT")
+            assert p.MsgType.DATA not in host.types() and not host.buf
+        finally:
+            await sup.close()
+
+    asyncio.run(run())
+
+
+def test_host_error_reopens_the_port_and_the_worker_starts_over(workdir, pty_device):
+    """NOTIFY_ERROR: the host ignores the port until it is reopened. The relay reopens it, stops
+    the worker's stream, and the worker sends FORMAT and frames again when the host asks."""
+    _, script, rec = workdir
+    host = Host(pty_device[1])
+
+    async def run():
+        sup, _ = make(script, rec, pty_device[0], "chatty")
+        try:
+            sup.set_target(NOBODY)
+            first = (await wait_async(lambda: records(rec), what="worker"))[0]
+            host.send(p.start_stop([1]))
+            await wait_async(lambda: host.frames(), timeout=10, what="frames")
+            host.send(p.notify_error(1, "invalid message"))
+            await wait_async(lambda: sup.device_opens == 2, what="port reopened")
+            heard = await wait_async(
+                lambda: (h := of_pid(rec, "heard", first["pid"])) and len(h) >= 2 and h,
+                what="stop told to the worker")
+            assert (heard[-1][0], heard[-1][1]) == (p.MsgType.START_STOP, "00")
+            formats = host.types().count(p.MsgType.FORMAT)
+            host.send(p.start_stop([1]))  # the host asks again after the reopen
+            await wait_async(lambda: host.types().count(p.MsgType.FORMAT) == formats + 1,
+                             timeout=10, what="FORMAT again")
+            n = len(host.frames())
+            await wait_async(lambda: len(host.frames()) > n, timeout=10, what="frames again")
+            assert sup.status["pid"] == first["pid"]  # the same worker, never restarted
+        finally:
+            await sup.close()
+
+    asyncio.run(run())
+
+
+def test_blocked_port_pauses_the_worker_and_keeps_only_the_newest_frame(workdir, pty_device):
+    """While the host does not read, at most the message in progress and the newest frame wait;
+    the worker is told to stop encoding and to start again once the port drains."""
+    _, script, rec = workdir
+    host = Host(pty_device[1])
+
+    async def run():
+        sup, _ = make(script, rec, pty_device[0], "flood", pause_after_s=0.2)
+        try:
+            sup.set_target(NOBODY)
+            first = (await wait_async(lambda: records(rec), what="worker"))[0]
+            host.send(p.start_stop([1]))
+            await wait_async(lambda: len(host.frames()) >= 3, timeout=10, what="frames")
+            # The host stops reading: the pty fills, the relay pauses the worker.
+            heard = await wait_async(
+                lambda: (h := of_pid(rec, "heard", first["pid"])) and h[-1][1] == "00" and h,
+                timeout=10, what="worker told to stop encoding")
+            paused_at = heard[-1][2]
+            sent = of_pid(rec, "sent", first["pid"])
+            assert all(t <= paused_at + 0.5 for _, t in sent[-3:])  # it stopped encoding
+            before = {n for n, _ in sent}
+            received = host.frames()  # the host reads again, from now on continuously
+
+            def resumed():
+                host.read()
+                h = of_pid(rec, "heard", first["pid"])
+                return h and h[-1][1] == "0101"
+
+            await wait_async(resumed, timeout=10, what="worker told to start again")
+            await wait_async(lambda: any(n not in before for n in host.frames()), timeout=10,
+                             what="a frame encoded after the resume")
+            after = host.frames()
+            stale = [n for n in after[len(received):] if n in before]
+            # Written after the host resumed but encoded before: the one in progress and the
+            # newest waiting one, never a queue of them.
+            assert len(stale) <= 2, stale
+            assert sup.relay.dropped_frames > 0
+        finally:
+            await sup.close()
+
+    asyncio.run(run())
+
+
+def test_worker_that_sends_no_frames_is_restarted(workdir, pty_device):
+    _, script, rec = workdir
+    host = Host(pty_device[1])
+
+    async def run():
+        sup, _ = make(script, rec, pty_device[0], "silent", watchdog_s=1.0)
+        try:
+            sup.set_target(NOBODY)
+            first = (await wait_async(lambda: records(rec), what="worker"))[0]
+            host.send(p.start_stop([1]))
+            await wait_async(lambda: len(records(rec)) == 2, timeout=15, what="a restart")
+            assert not alive(first["pid"])
+            assert "sent no frame" in sup.status["last_error"]
+            assert not sup.status["streaming"]
         finally:
             await sup.close()
 
@@ -257,7 +512,7 @@ def test_device_absent_means_no_worker(workdir, pty_device):
             first = (await wait_async(lambda: records(rec), what="worker"))[0]
             sup.set_device_present(False)
             await wait_async(lambda: sup.status["state"] == "no-device", what="no-device again")
-            assert not alive(first["pid"])
+            assert not alive(first["pid"]) and not sup.relay.is_open
         finally:
             await sup.close()
 
@@ -273,7 +528,7 @@ def test_missing_device_path_backs_off(workdir):
         try:
             sup.set_target(NOBODY)
             await wait_async(lambda: sup.status["state"] == "failed", what="failed")
-            assert "cannot open /nonexistent/port" in sup.status["last_error"]
+            assert "cannot open the stream port /nonexistent/port" in sup.status["last_error"]
             assert records(rec) == []
         finally:
             await sup.close()
@@ -309,23 +564,27 @@ def test_close_kills_a_stubborn_worker(workdir, pty_device):
     asyncio.run(run())
 
 
-def test_device_path_change_moves_the_worker(workdir, pty_device):
+def test_device_path_change_moves_the_port_not_the_worker(workdir, pty_device):
     _, script, rec = workdir
     master2, slave2 = os.openpty()
     tty.setraw(slave2)
     path2 = os.ttyname(slave2)
 
     async def run():
-        sup, _ = make(script, rec, pty_device[0], "sleep")
+        sup, _ = make(script, rec, pty_device[0], "chatty")
         try:
             sup.set_target(NOBODY)
             first = (await wait_async(lambda: records(rec), what="worker"))[0]
-            assert first["dev_rdev"] == os.stat(pty_device[0]).st_rdev
+            Host(pty_device[1]).send(p.start_stop([1]))
+            await wait_async(lambda: sup.status["streaming"], timeout=10, what="streaming")
             sup.set_device_present(True, path=path2)
-            await wait_async(lambda: len(records(rec)) == 2, what="worker on the new node")
-            second = [r for r in records(rec) if r["pid"] != first["pid"]][0]
-            assert second["dev_rdev"] == os.stat(path2).st_rdev
-            assert not alive(first["pid"]) and sup.device_opens == 2
+            await wait_async(lambda: sup.device_opens == 2 and sup.relay.path == path2,
+                             what="the port reopened on the new node")
+            host2 = Host(master2)
+            host2.send(p.start_stop([1]))
+            await wait_async(lambda: host2.frames(), timeout=10, what="frames on the new node")
+            assert p.MsgType.FORMAT in host2.types()
+            assert records(rec) == [first] and alive(first["pid"])
         finally:
             await sup.close()
 
@@ -336,45 +595,18 @@ def test_device_path_change_moves_the_worker(workdir, pty_device):
         os.close(slave2)
 
 
-START_STOP_MJPEG = bytes.fromhex("01000400020000000101")  # v1, type 4, size 2: 1 codec, MJPEG
-
-
-def _read_messages(master: int, buf: bytearray) -> list[tuple[int, bytes]]:
-    """Whole stream-device messages read so far from the pty master (header: u8 u8 u16 u32)."""
-    import select
-    import struct
-
-    while select.select([master], [], [], 0)[0]:
-        try:
-            chunk = os.read(master, 1 << 20)
-        except OSError:
-            break
-        if not chunk:
-            break
-        buf += chunk
-    out = []
-    while len(buf) >= 8:
-        _version, _pad, mtype, size = struct.unpack_from("<BBHI", buf)
-        if len(buf) < 8 + size:
-            break
-        out.append((mtype, bytes(buf[8:8 + size])))
-        del buf[:8 + size]
-    return out
-
-
 @pytest.mark.slow
 def test_real_worker_streams_from_real_xvfb_as_nobody(pty_device):
     from tests.support.xserver import xvfb
 
     device, master = pty_device
+    host = Host(master)
     with xvfb(320, 240, owner_uid=65534) as server:
         target = WorkerTarget(uid=65534, gid=65534, groups=(), display=server.display,
                               xauthority=server.xauthority, vt=2)
 
         async def run():
             sup = WorkerSupervisor(device_path=device, fps=30, quality=80)
-            buf = bytearray()
-            seen: list[int] = []
             try:
                 sup.set_target(target)
                 await wait_async(lambda: sup.status["pid"], what="worker pid")
@@ -382,19 +614,66 @@ def test_real_worker_streams_from_real_xvfb_as_nobody(pty_device):
                 with open(f"/proc/{pid}/status") as f:
                     st = dict(line.split(":", 1) for line in f if ":" in line)
                 assert st["Uid"].split() == ["65534"] * 4 and st["Groups"].split() == []
-                os.write(master, START_STOP_MJPEG)
-
-                def got_frame() -> bool:
-                    seen.extend(t for t, _ in _read_messages(master, buf))
-                    return 3 in seen
-
-                await wait_async(got_frame, timeout=20, what="a DATA message on the pty")
-                assert 2 in seen and seen.index(2) < seen.index(3)  # FORMAT before DATA
+                host.send(p.start_stop([1]))
+                await wait_async(lambda: p.MsgType.DATA in host.types(), timeout=20,
+                                 what="a DATA message on the pty")
+                types = host.types()
+                assert types.index(p.MsgType.FORMAT) < types.index(p.MsgType.DATA)
                 await wait_async(lambda: sup.status["streaming"] and sup.status["frames"] > 0,
-                                 timeout=10, what="worker status reports streaming")
+                                 timeout=10, what="streaming reported")
                 assert sup.status["state"] == "running"
                 assert sup.host_state[0] == [1]
             finally:
                 await sup.close()
 
         asyncio.run(run())
+
+
+def test_stopped_worker_dies_with_a_killed_service(workdir):
+    """kill -9 of the service while its user has stopped the worker (SIGSTOP): the worker still
+    goes (its parent-death signal is SIGKILL), so no worker outlives the service."""
+    import signal
+    import subprocess
+
+    from tests.support.waiting import wait_until
+
+    from pathlib import Path
+
+    rec = Path(workdir[2])
+    out, ready = rec / "pid", rec / "ready"
+    # The worker's own start-up (follow_parent), then it waits as if capturing. Its user may
+    # make it ignore SIGTERM and the SIGHUP an orphaned stopped group gets: only the kernel's
+    # parent-death SIGKILL is left to end it.
+    worker = (f"import signal, sys, time; sys.path.insert(0, {SERVICE_DIR!r}); "
+              "from spice_stream_worker.main import follow_parent; follow_parent(); "
+              "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+              "signal.signal(signal.SIGHUP, signal.SIG_IGN); "
+              f"open({str(ready)!r}, 'w').close(); time.sleep(60)")
+    program = f"""
+import asyncio, os, sys
+sys.path.insert(0, {SERVICE_DIR!r})
+from spice_streamd.supervisor import WorkerSupervisor, WorkerTarget
+async def main():
+    master, slave = os.openpty()
+    sup = WorkerSupervisor(device_path=os.ttyname(slave), fps=30, quality=80,
+                           worker_argv=[sys.executable, "-c", {worker!r}])
+    sup.set_target(WorkerTarget(65534, 65534, (), ":4242", "/nonexistent", 2))
+    while not sup.status["pid"]:
+        await asyncio.sleep(0.01)
+    open({str(out)!r}, "w").write(str(sup.status["pid"]))
+    await asyncio.sleep(60)
+asyncio.run(main())
+"""
+    service = subprocess.Popen([sys.executable, "-c", program])
+    try:
+        wait_until(lambda: out.exists() and out.read_text() and ready.exists(), timeout=20,
+                   what="worker started")
+        pid = int(out.read_text())
+        os.kill(pid, signal.SIGSTOP)
+        service.kill()
+        service.wait(10)
+        wait_until(lambda: not alive(pid), timeout=10, what="the stopped worker to go")
+    finally:
+        if service.poll() is None:
+            service.kill()
+            service.wait()

@@ -75,12 +75,13 @@ def _parse_codecs(text: str | None) -> tuple[int, ...] | None:
 
 
 def follow_parent() -> None:
-    """Die with the service that started us: an orphan would keep writing to the shared device."""
+    """Die with the service that started us, even while stopped (SIGKILL acts on a stopped
+    process, SIGTERM waits for a SIGCONT that may never come): no worker outlives its service."""
     import ctypes
 
     pr_set_pdeathsig = 1
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
     if os.getppid() == 1:  # the service died before prctl took effect
         raise DeviceUnavailable("the service that started this worker is gone")
 
