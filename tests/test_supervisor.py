@@ -634,10 +634,9 @@ def test_stopped_worker_dies_with_a_killed_service(workdir):
     goes (its parent-death signal is SIGKILL), so no worker outlives the service."""
     import signal
     import subprocess
+    from pathlib import Path
 
     from tests.support.waiting import wait_until
-
-    from pathlib import Path
 
     rec = Path(workdir[2])
     out, ready = rec / "pid", rec / "ready"
