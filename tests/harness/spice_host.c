@@ -14,7 +14,12 @@
  *   EXIT <status>
  * stdin commands (one per line): "reopen", "close", "open".
  *
- * Usage: spice_host [--debug]
+ * --follow-guest: the port opens and closes as the guest opens and closes the
+ * pty slave (seen with inotify), as QEMU turns a guest's open and close of the
+ * virtio port into OPENED and CLOSED: a guest that reopens the port resets the
+ * host's side. Without it the port is opened once at start.
+ *
+ * Usage: spice_host [--debug] [--follow-guest]
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -28,6 +33,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/inotify.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <termios.h>
@@ -35,6 +41,8 @@
 
 static GMainLoop *loop;
 static gboolean debug_logs;
+static gboolean follow_guest;
+static int guest_opens;
 static int pty_master = -1;
 /* Kept open so that the master never sees a hang-up while no guest holds the
  * slave; otherwise the read watch would spin on POLLHUP between guests. */
@@ -367,6 +375,24 @@ static char *open_pty(void)
     return path;
 }
 
+static gboolean on_inotify(gint fd, GIOCondition cond, gpointer data)
+{
+    (void)cond;
+    (void)data;
+    char buf[4096] __attribute__((aligned(__alignof__(struct inotify_event))));
+    ssize_t n = read(fd, buf, sizeof(buf));
+    for (char *p = buf; n > 0 && p < buf + n;) {
+        struct inotify_event *ev = (struct inotify_event *)p;
+        if (ev->mask & IN_OPEN) {
+            if (guest_opens++ == 0) port_open(TRUE);
+        } else if (ev->mask & (IN_CLOSE_WRITE | IN_CLOSE_NOWRITE)) {
+            if (guest_opens > 0 && --guest_opens == 0) port_open(FALSE);
+        }
+        p += sizeof(*ev) + ev->len;
+    }
+    return G_SOURCE_CONTINUE;
+}
+
 /* ---- control ---- */
 
 static gboolean on_stdin(gint fd, GIOCondition cond, gpointer data)
@@ -427,6 +453,7 @@ int main(int argc, char **argv)
 {
     for (int i = 1; i < argc; i++) {
         if (g_str_equal(argv[i], "--debug")) debug_logs = TRUE;
+        if (g_str_equal(argv[i], "--follow-guest")) follow_guest = TRUE;
     }
     g_log_set_default_handler(log_handler, NULL);
     g_log_set_writer_func(log_writer, NULL, NULL);
@@ -465,7 +492,17 @@ int main(int argc, char **argv)
         emit("FATAL cannot add the stream port");
         return 1;
     }
-    port_open(TRUE);
+    if (follow_guest) {
+        /* Our own slave fd was opened before the watch: only guests' opens count. */
+        int ino = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+        if (ino < 0 || inotify_add_watch(ino, pty_path, IN_OPEN | IN_CLOSE) < 0) {
+            emit("FATAL cannot watch %s: %s", pty_path, g_strerror(errno));
+            return 1;
+        }
+        g_unix_fd_add(ino, G_IO_IN, on_inotify, NULL);
+    } else {
+        port_open(TRUE);
+    }
 
     g_unix_signal_add(SIGTERM, on_sigterm, NULL);
     g_unix_signal_add(SIGINT, on_sigterm, NULL);

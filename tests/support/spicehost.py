@@ -140,14 +140,16 @@ class SpiceHost:
     TCP port on 127.0.0.1, .log_lines every line the host printed.
     """
 
-    def __init__(self, debug: bool = False, start_timeout: float = 15.0) -> None:
+    def __init__(self, debug: bool = False, start_timeout: float = 15.0,
+                 follow_guest: bool = False) -> None:
         self._binary = build("spice_host")
         self._cond = threading.Condition()
         self.log_lines: list[str] = []
         self.pty_path = ""
         self.port = 0
         self._tmpdir = tempfile.mkdtemp(prefix="spicehost-")
-        args = [str(self._binary)] + (["--debug"] if debug else [])
+        args = [str(self._binary)] + (["--debug"] if debug else []) + (
+            ["--follow-guest"] if follow_guest else [])
         self.proc = subprocess.Popen(
             args,
             stdin=subprocess.PIPE,
