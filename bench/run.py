@@ -27,6 +27,7 @@ PYTHON = os.path.join(VENV_BIN, "python")
 WORKER = os.path.join(VENV_BIN, "spice-stream-worker")
 HEADER = struct.Struct("<BBHI")
 MSG_DATA = 3
+START_STOP_MJPEG = bytes.fromhex("01000400020000000101")  # v1, START_STOP, 1 codec: MJPEG
 TICK = os.sysconf("SC_CLK_TCK")
 
 # The brief's targets, as ratios against the baseline measured in the same run.
@@ -36,6 +37,7 @@ TARGET_FULL_CPU_RATIO = 0.6
 TARGET_REGION_CPU_RATIO = 0.25
 TARGET_IDLE_CPU_PCT = 1.0
 TARGET_WORKER_RSS_MB = 100
+TARGET_RELAY_MS_PER_FRAME = 1.0
 
 
 def cpu_seconds(pid: int) -> float:
@@ -102,7 +104,8 @@ class Result:
     workload: str
     fps: float
     cpu_ms_per_frame: float
-    engine_ms_per_frame: float
+    engine_ms_per_frame: float  # every process of the engine (relayed: service + worker)
+    service_ms_per_frame: float  # relayed only: the service's supervisor and relay
     x_ms_per_frame: float
     kb_per_frame: float
     cpu_pct: float  # worker + X, percent of one core
@@ -140,12 +143,24 @@ def start_engine(engine: str, server, device: str, fps: int, quality: int) -> su
     if engine == "worker":
         args = [WORKER, "--device", device, "--fps", str(fps), "--quality", str(quality),
                 "--start-codecs", "1", "--log-level", "warning"]
+    elif engine == "relayed":
+        # The service's supervisor and relay own the pty; the worker writes to their socket.
+        args = [PYTHON, os.path.join(HERE, "relayed.py"), "--device", device, "--worker", WORKER,
+                "--fps", str(fps), "--quality", str(quality)]
     else:
         args = [PYTHON, os.path.join(HERE, "baseline.py"), "--device", device,
                 "--fps", str(fps), "--quality", str(quality)]
     env = server.full_env()
     env["PYTHONPATH"] = os.path.join(ROOT, "service")
     return subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL)
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -165,17 +180,24 @@ def measure(engine: str, workload: str, server, args) -> Result:
     drain = Drain(master)
     try:
         proc = start_engine(engine, server, os.ttyname(slave), args.fps, args.quality)
+        pids = [proc.pid]
+        if engine == "relayed":
+            deadline = time.monotonic() + 10
+            while not children(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            pids += children(proc.pid)
+            os.write(master, START_STOP_MJPEG)  # the host asks, through the relay
         time.sleep(args.warmup)  # let the first full frame and the painter's pace settle
         if proc.poll() is not None:
             raise RuntimeError(f"{engine} exited with {proc.returncode}")
         f0, b0 = drain.snapshot()
-        c0, x0, t0 = cpu_seconds(proc.pid), cpu_seconds(server.pid), time.monotonic()
+        c0, x0, t0 = [cpu_seconds(p) for p in pids], cpu_seconds(server.pid), time.monotonic()
         o0 = cpu_seconds(painter.pid) + cpu_seconds(os.getpid())
         time.sleep(args.seconds)
         f1, b1 = drain.snapshot()
-        c1, x1, t1 = cpu_seconds(proc.pid), cpu_seconds(server.pid), time.monotonic()
+        c1, x1, t1 = [cpu_seconds(p) for p in pids], cpu_seconds(server.pid), time.monotonic()
         o1 = cpu_seconds(painter.pid) + cpu_seconds(os.getpid())
-        rss = peak_rss_mb(proc.pid)
+        rss = peak_rss_mb(pids[-1])
     finally:
         stop(proc)
         stop(painter)
@@ -185,15 +207,18 @@ def measure(engine: str, workload: str, server, args) -> Result:
     elapsed = t1 - t0
     frames = f1 - f0
     per = max(frames, 1)
+    used = [b - a for a, b in zip(c0, c1, strict=True)]
+    engine_s = sum(used)
     return Result(
         engine=engine,
         workload=workload,
         fps=frames / elapsed,
-        cpu_ms_per_frame=1000 * ((c1 - c0) + (x1 - x0)) / per,
-        engine_ms_per_frame=1000 * (c1 - c0) / per,
+        cpu_ms_per_frame=1000 * (engine_s + (x1 - x0)) / per,
+        engine_ms_per_frame=1000 * engine_s / per,
+        service_ms_per_frame=1000 * used[0] / per if len(used) > 1 else 0.0,
         x_ms_per_frame=1000 * (x1 - x0) / per,
         kb_per_frame=(b1 - b0) / per / 1024,
-        cpu_pct=100 * ((c1 - c0) + (x1 - x0)) / elapsed,
+        cpu_pct=100 * (engine_s + (x1 - x0)) / elapsed,
         others_pct=100 * (o1 - o0) / elapsed,
         peak_rss_mb=rss,
     )
@@ -226,7 +251,9 @@ def main() -> int:
     try:
         for workload in ("full", "region", "idle"):
             painter_x[workload] = painter_only(workload, server, min(args.seconds, 3.0))
-            for engine in ("worker", "baseline"):
+            engines = ("worker", "relayed", "baseline") if workload != "idle" else (
+                "worker", "baseline")
+            for engine in engines:
                 r = measure(engine, workload, server, args)
                 results[(engine, workload)] = r
                 print(f"  measured {engine:8s} {workload:6s}: {r.fps:5.1f} fps", flush=True)
@@ -235,15 +262,17 @@ def main() -> int:
 
     print()
     print(f"Xvfb {width}x{height}, quality {args.quality}, fps cap {args.fps}, "
-          f"{args.seconds:.0f}s per run; CPU = engine process + Xvfb process (/proc stat)")
+          f"{args.seconds:.0f}s per run; CPU = engine processes + Xvfb process (/proc stat); "
+          "relayed = service (supervisor + port relay) + worker, 'service' its share")
     head = (f"{'engine':9s} {'workload':8s} {'fps':>6s} {'CPU ms/frame':>13s} {'(engine':>8s} "
-            f"{'+ X)':>6s} {'KB/frame':>9s} {'CPU % core':>11s} {'X% by painter':>14s} "
-            f"{'others %':>9s} {'peak RSS MB':>12s}")
+            f"{'+ X)':>6s} {'service':>8s} {'KB/frame':>9s} {'CPU % core':>11s} "
+            f"{'X% by painter':>14s} {'others %':>9s} {'peak RSS MB':>12s}")
     print(head)
     print("-" * len(head))
     for (engine, workload), r in results.items():
         print(f"{engine:9s} {workload:8s} {r.fps:6.1f} {r.cpu_ms_per_frame:13.1f} "
-              f"{r.engine_ms_per_frame:8.1f} {r.x_ms_per_frame:6.1f} {r.kb_per_frame:9.1f} "
+              f"{r.engine_ms_per_frame:8.1f} {r.x_ms_per_frame:6.1f} "
+              f"{r.service_ms_per_frame:8.2f} {r.kb_per_frame:9.1f} "
               f"{r.cpu_pct:11.1f} {painter_x[workload]:14.1f} {r.others_pct:9.1f} {r.peak_rss_mb:12.1f}")
 
     w_full, b_full = results[("worker", "full")], results[("baseline", "full")]
@@ -263,6 +292,12 @@ def main() -> int:
                    f"(<= x{TARGET_REGION_CPU_RATIO})", reg_ratio <= TARGET_REGION_CPU_RATIO))
     checks.append((f"idle: {w_idle.cpu_pct:.2f}% of a core (< {TARGET_IDLE_CPU_PCT}%)",
                    w_idle.cpu_pct < TARGET_IDLE_CPU_PCT))
+    r_full = results[("relayed", "full")]
+    relay_ratio = r_full.cpu_ms_per_frame / max(b_full.cpu_ms_per_frame, 1e-9)
+    checks.append((f"relay: service {r_full.service_ms_per_frame:.2f} ms per 1080p frame "
+                   f"(<= {TARGET_RELAY_MS_PER_FRAME} ms); whole pipeline (service + worker + X) "
+                   f"x{relay_ratio:.2f} baseline, direct write x{cpu_ratio:.2f}",
+                   r_full.service_ms_per_frame <= TARGET_RELAY_MS_PER_FRAME))
     rss = max(results[("worker", w)].peak_rss_mb for w in ("full", "region", "idle"))
     checks.append((f"worker peak RSS {rss:.0f} MB (< {TARGET_WORKER_RSS_MB} MB)", rss < TARGET_WORKER_RSS_MB))
     for text, ok in checks:

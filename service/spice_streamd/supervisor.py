@@ -42,6 +42,7 @@ class _Worker:
         self.started = time.monotonic()
         self.wait_task: asyncio.Task[int] = asyncio.get_running_loop().create_task(proc.wait())
         self.reported = False
+        self.detached = False
         self.frames_before = frames_before
         self.bytes_before = bytes_before
 
@@ -298,7 +299,7 @@ class WorkerSupervisor:
         self._set_state("starting")
 
     def _from_worker(self, w: _Worker, msg: Any) -> None:
-        if self._worker is not w:
+        if self._worker is not w or w.detached:
             return
         if not w.reported:
             w.reported = True
@@ -306,12 +307,12 @@ class WorkerSupervisor:
             self._set_state("running")
         self.relay.submit(msg)
 
-    def _disconnect(self, w: _Worker) -> None:
-        """Close the worker's socket before anything else happens: nothing it sends after this
-        point reaches the port, and the next worker is relayed only after."""
+    def _detach(self, w: _Worker) -> None:
+        """From here on nothing the worker sends reaches the port, and the next worker is relayed
+        only after: the relay forgets it before anything else happens."""
+        w.detached = True
         if self._worker is w:
             self.relay.detach()
-        w.channel.close()
 
     def _failure(self, target: WorkerTarget, error: str, ran_s: float) -> None:
         delay = self._policy.failed(error, ran_s)
@@ -327,7 +328,8 @@ class WorkerSupervisor:
     async def _on_unexpected_exit(self, w: _Worker) -> None:
         rc = await w.wait_task
         ran = time.monotonic() - w.started
-        self._disconnect(w)
+        self._detach(w)
+        w.channel.close()
         if self._worker is w:
             self._worker = None
         log.info("worker exited %s %s after %.1f s", w, exit_text(rc), ran)
@@ -336,8 +338,11 @@ class WorkerSupervisor:
     async def _stop_worker(self, reason: str) -> None:
         w = self._worker
         assert w is not None
-        self._disconnect(w)
+        self._detach(w)
+        # The socket closes after the worker has gone: closed first, a worker would take the
+        # end of its stream for a lost device and say so as an error.
         rc, killed = await workerprocess.end(w.proc, w.wait_task, self._grace_s)
+        w.channel.close()
         if killed:
             log.warning("worker %s ignored SIGTERM for %.1f s: killed", w, self._grace_s)
         if self._worker is w:
