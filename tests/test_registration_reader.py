@@ -99,3 +99,61 @@ def test_bad_paths_refused(path):
 def test_missing_file_refused(public_dir):
     with pytest.raises(InvalidArgument, match="does not exist"):
         read(os.path.join(public_dir, "nothing"))
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/self/status")
+
+
+def test_a_reader_that_never_stops_writing_is_cut_off_at_the_limit(public_dir):
+    # The reader runs as the caller, who can ptrace or replace it; a caller that made it write
+    # 1 GiB had the service peak at 2.1 GB. Stand in with a reader writing without end: the
+    # service reads the limit plus one byte, ends the reader and refuses.
+    p = own(write(os.path.join(public_dir, "xa"), b"x"))
+    endless = ("/usr/bin/yes", "A" * 4000)  # the path is appended as one more word to repeat
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset this process's peak RSS to its RSS now
+    before = _status_kib("VmRSS")
+    t0 = time.monotonic()
+    with pytest.raises(InvalidArgument, match="larger than 65536 bytes") as refused:
+        asyncio.run(read_as_caller(NOBODY, p, timeout=10.0, reader=endless))
+    assert time.monotonic() - t0 < 5, "the reader was not ended once it passed the limit"
+    grown_mib = (_status_kib("VmHWM") - before) / 1024
+    assert grown_mib < 16, f"reading the reader's output grew the service by {grown_mib:.0f} MiB"
+    assert p in str(refused.value)
+
+
+def test_the_readers_reason_is_shown_escaped(public_dir):
+    # Its stderr is the caller's to write too: no control character gets into the refusal.
+    p = own(write(os.path.join(public_dir, "xa"), b"x"))
+    liar = ("/bin/sh", "-c", 'printf "is fine\\n\\033[2Kuid 0 registered\\a\\n" >&2; exit 3')
+    with pytest.raises(InvalidArgument) as refused:
+        asyncio.run(read_as_caller(NOBODY, p, timeout=10.0, reader=liar))
+    assert str(refused.value).isprintable()
+    assert "\\x1b[2Kuid 0 registered\\x07" in str(refused.value)
+
+
+def test_a_reader_that_hands_its_pipes_to_an_escaped_process_does_not_hold_the_service(public_dir):
+    # A process in a session of its own survives the kill of the reader's group and keeps the
+    # pipes open: the refusal must still come at once, not at the timeout (or never).
+    p = own(write(os.path.join(public_dir, "xa"), b"x"))
+    pid_file = own(write(os.path.join(public_dir, "escaped.pid"), b""))
+    escaping = ("/bin/sh", "-c", f"setsid sleep 30 & echo $! > {pid_file}; exec yes AAAAAAAA",
+                "reader")
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(InvalidArgument, match="larger than"):
+            asyncio.run(read_as_caller(NOBODY, p, timeout=20.0, reader=escaping))
+        assert time.monotonic() - t0 < 5
+    finally:
+        with open(pid_file) as f:
+            escaped = f.read().strip()
+        if escaped:
+            try:
+                os.kill(int(escaped), 9)
+            except ProcessLookupError:
+                pass

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from . import constants
@@ -14,20 +15,48 @@ from .caller import Caller
 from .errors import InvalidArgument, NotInSession
 from .readfile import EXIT_REFUSED
 from .sessions import Registration
+from .untrusted import shown
 from .xauthority import MAX_XAUTHORITY_BYTES, display_number, require_cookie_for
 
 READ_TIMEOUT_S = 5.0
+# The reader runs as the caller, so the caller can replace or drive it (ptrace): read no more than
+# a file we would accept plus one byte, and a line or so of its reason for refusing.
+MAX_REASON_BYTES = 4096
+# The reader's command line; the path is appended. A test may substitute a misbehaving reader.
+READER_ARGV: tuple[str, ...] = (sys.executable, "-I", "-m", "spice_streamd.readfile")
 
 
 class SessionLookup(Protocol):
     async def session_of_pid(self, pid: int): ...
 
 
-async def read_as_caller(caller: Caller, path: str, timeout: float = READ_TIMEOUT_S) -> bytes:
+async def _read_at_most(stream: asyncio.StreamReader, limit: int) -> bytes:
+    """Up to `limit` bytes of `stream` (fewer at end of file): never more in memory than that."""
+    chunks: list[bytes] = []
+    total = 0
+    while total < limit:
+        chunk = await stream.read(limit - total)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
+
+
+async def _ended(proc: asyncio.subprocess.Process, grace: float = 1.0) -> None:
+    """Waits for a killed reader. Python 3.11's wait() also waits for its pipes to close, which a
+    process it started in a session of its own could hold open for ever: close them ourselves."""
+    try:
+        await asyncio.wait_for(asyncio.shield(proc.wait()), grace)
+    except TimeoutError:
+        proc._transport.close()  # type: ignore[attr-defined]  # no public way to drop the pipes
+
+
+async def read_as_caller(caller: Caller, path: str, timeout: float = READ_TIMEOUT_S, *,
+                         reader: Sequence[str] = READER_ARGV) -> bytes:
     """The file's bytes, read by a child running with the caller's uid and groups."""
     if not isinstance(path, str) or not path.startswith("/") or "\0" in path or len(path) > 4096:
         raise InvalidArgument("the Xauthority path must be an absolute path")
-    argv = [sys.executable, "-I", "-m", "spice_streamd.readfile", path]
     kwargs: dict = {}
     if os.geteuid() == 0:
         kwargs = {"user": caller.uid, "group": caller.gid, "extra_groups": list(caller.groups)}
@@ -35,25 +64,52 @@ async def read_as_caller(caller: Caller, path: str, timeout: float = READ_TIMEOU
         # Unprivileged (a development run): we cannot become the caller, so we must not read it.
         raise InvalidArgument("this service instance cannot read another user's Xauthority")
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        *reader, path, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, cwd="/", env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-        close_fds=True, **kwargs)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
+        close_fds=True, start_new_session=True, **kwargs)
+
+    def kill() -> None:
+        # Its own process group: whatever it started goes with it and lets go of the pipes.
+        if proc.returncode is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    async def collect() -> tuple[bytes, bytes]:
+        assert proc.stdout is not None and proc.stderr is not None
+        errors = asyncio.ensure_future(_read_at_most(proc.stderr, MAX_REASON_BYTES))
+        try:
+            out = await _read_at_most(proc.stdout, MAX_XAUTHORITY_BYTES + 1)
+            if len(out) > MAX_XAUTHORITY_BYTES:
+                kill()  # more than any file we accept: stop it here, whatever it is doing
+                await _ended(proc)
+                return out, b""
+            err = await errors
+        finally:
+            errors.cancel()
         await proc.wait()
-        raise InvalidArgument(f"reading the Xauthority file {path} took longer than "
+        return out, err
+
+    try:
+        out, err = await asyncio.wait_for(collect(), timeout)
+    except TimeoutError:
+        raise InvalidArgument(f"reading the Xauthority file {shown(path)} took longer than "
                               f"{timeout:g} s") from None
     finally:
         if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+            kill()
+            await _ended(proc)
+    if len(out) > MAX_XAUTHORITY_BYTES:
+        raise InvalidArgument(f"the Xauthority file {shown(path)} is larger than "
+                              f"{MAX_XAUTHORITY_BYTES} bytes")
     if proc.returncode == EXIT_REFUSED:
-        reason = err.decode("utf-8", "replace").strip().splitlines()[-1:] or ["cannot be read"]
-        raise InvalidArgument(f"the Xauthority file {path} {reason[0][:200]}")
-    if proc.returncode != 0 or len(out) > MAX_XAUTHORITY_BYTES:
-        raise InvalidArgument(f"the Xauthority file {path} could not be read "
+        # The reason comes from a process the caller controls: escaped like any caller text.
+        lines = err.decode("utf-8", "replace").strip().splitlines()
+        reason = shown(lines[-1], 200, quoted=False) if lines else "cannot be read"
+        raise InvalidArgument(f"the Xauthority file {shown(path)} {reason}")
+    if proc.returncode != 0:
+        raise InvalidArgument(f"the Xauthority file {shown(path)} could not be read "
                               f"(reader exited with {proc.returncode})")
     return out
 
@@ -61,10 +117,16 @@ async def read_as_caller(caller: Caller, path: str, timeout: float = READ_TIMEOU
 class RegistrationVerifier:
     def __init__(self, *, authorize: Callable[[str, str], Awaitable[None]],
                  sessions: SessionLookup,
-                 read_file: Callable[[Caller, str], Awaitable[bytes]] = read_as_caller) -> None:
+                 read_file: Callable[[Caller, str], Awaitable[bytes]] = read_as_caller,
+                 require_active: bool = False) -> None:
+        """require_active: refuse a session that is not seat0's active one at registration.
+        Off by default: a session in the background (its VT not in front) registers when the
+        service restarts and is streamed only once its VT comes to the front, which makes it the
+        active session; turning it on needs helpers that register once their session is active."""
         self._authorize = authorize
         self._sessions = sessions
         self._read_file = read_file
+        self._require_active = require_active
 
     async def verify(self, caller: Caller, display: str, xauthority: str) -> Registration:
         """A Registration for this caller, or a ServiceError saying why not (in the contract's order)."""
@@ -75,9 +137,22 @@ class RegistrationVerifier:
         if info.uid != caller.uid:
             raise NotInSession(f"process {caller.pid} is in a session of uid {info.uid}, "
                                f"not of uid {caller.uid}")
+        # polkit's rule decides who may ask; logind's own view of the session decides where the
+        # stream may go, so a loose polkit rule cannot give the port to a remote session.
+        where = f"session {shown(info.session_id or '?', 40, quoted=False)} on VT {info.vt}"
+        if info.remote:
+            raise NotInSession(f"{where} is a remote session; only a local one can be streamed")
+        if info.seat != "seat0":
+            raise NotInSession(f"{where} is on seat {shown(info.seat, 40)}, not seat0; only "
+                               "seat0 has the VTs and the stream port")
+        if info.closing:
+            # A logged-out session's leftover processes: its VT may already hold a new session.
+            raise NotInSession(f"{where} has ended (logind state closing)")
+        if self._require_active and not info.active:
+            raise NotInSession(f"{where} is not the active session; register once it is")
         if info.kind == "wayland":
-            raise NotInSession(f"session {info.session_id or '?'} on VT {info.vt} is a Wayland "
-                               "session; only X11 sessions can be streamed")
+            raise NotInSession(f"{where} is a Wayland session; only X11 sessions can be "
+                               "streamed")
 
         display_number(display)  # raises InvalidArgument with the reason
         data = await self._read_file(caller, xauthority)
