@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.support.bus import Stack
+from tests.support.bus import Stack, wait_until
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root: real polkitd, test users")]
@@ -21,7 +21,7 @@ USER = "spice-test-a"
 def stack(stack_module):
     # A fresh service per test: the per-uid call rate limit must not carry over between tests.
     try:
-        stack_module.service()
+        stack_module.current_service = stack_module.service()
         yield stack_module
     finally:
         stack_module.end_test()
@@ -101,6 +101,27 @@ def test_the_valid_call_is_accepted(stack):
     # The control for every refusal above: the same caller with a good file succeeds.
     xa = stack.files.xauthority(USER, ":42", name="xa-good")
     assert stack.register(USER, "a", ":42", xa)[:2] == ["ok", 2]
+
+
+def test_caller_text_cannot_forge_log_lines_nor_reach_a_terminal(stack):
+    # A path with a newline once forged a whole "session registered: uid 0" line in the log, and
+    # its escape sequences reached the log and the helper's terminal.
+    svc = stack.current_service
+    forged_line = (f"spice-streamd[{svc.proc.pid}]: INFO session registered: uid 0 pid 1 VT 2 "
+                   "display :0 session 1")
+    path = stack.files.path("nothing-here") + "\n" + forged_line + "\x1b[2K\x1b]0;owned\x07"
+    result = stack.register(USER, "a", ":42", path)
+    assert result[:2] == ["error", ERR + "InvalidArgument"], result
+    assert "does not exist" in result[2] and result[2].isprintable(), result[2]
+    h = stack.helper(USER, "a", ":42", xauthority=path)
+    assert h.wait() == 1
+    assert "InvalidArgument" in h.output
+    assert all(line.isprintable() for line in h.output.splitlines()), repr(h.output)
+    wait_until(lambda: "refused (InvalidArgument)" in svc.log, what="the refusal logged")
+    lines = svc.log.splitlines()
+    assert not [line for line in lines if line.startswith(forged_line)]
+    assert all(line.isprintable() for line in lines), [x for x in lines if not x.isprintable()]
+    assert "\\nspice-streamd[" in svc.log  # the newline is there, escaped
 
 
 def test_polkit_that_never_answers():

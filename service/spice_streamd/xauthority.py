@@ -8,6 +8,7 @@ import struct
 from dataclasses import dataclass
 
 from .errors import InvalidArgument
+from .untrusted import shown
 
 MAX_XAUTHORITY_BYTES = 64 * 1024
 
@@ -35,9 +36,9 @@ class XauthEntry:
 def display_number(display: str) -> int:
     """The N of a local display ":N" or ":N.S"; anything else (remote, odd characters) is refused."""
     if not isinstance(display, str) or _DISPLAY_RE.fullmatch(display) is None:
-        shown = display if isinstance(display, str) and len(display) <= 40 else "(too long)"
         raise InvalidArgument(
-            f"display {shown!r} is not a local X display: expected ':N' or ':N.S' (e.g. ':0')")
+            f"display {shown(display, 40)} is not a local X display: expected ':N' or ':N.S' "
+            "(e.g. ':0')")
     return int(_DISPLAY_RE.fullmatch(display).group(1))
 
 
