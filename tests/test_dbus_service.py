@@ -42,7 +42,8 @@ def test_helper_registers_and_its_session_ends_with_its_connection(stack):
     h = stack.helper("spice-test-a", "a", ":42")
     uid = stack.uid("spice-test-a")
     wait_until(lambda: stack.prop("Sessions") == [(2, uid, ":42")], what="the session listed")
-    assert "registered" in h.output
+    # The property changes before the helper has read its reply: wait for its line too.
+    wait_until(lambda: "registered" in h.output, what="the helper's line")
     assert stack.prop("ActiveVT") == 2
     h.stop()
     wait_until(lambda: stack.prop("Sessions") == [], what="the session dropped")
@@ -101,6 +102,48 @@ def test_reregistration_replaces(stack):
     assert h2.proc.poll() is None
 
 
+def test_a_second_caller_leaving_gives_the_vt_back_to_the_helper(stack):
+    # The helper registered at login; another process of the same session registers for the
+    # same VT and leaves. The helper's registration must still be there: it never registers again.
+    stack.service()
+    uid = stack.uid("spice-test-a")
+    h = stack.helper("spice-test-a", "a", ":42")
+    wait_until(lambda: stack.prop("Sessions") == [(2, uid, ":42")], what="the helper registered")
+    second = stack.client("spice-test-a", "a")
+    xa = stack.files.xauthority("spice-test-a", ":45")
+    assert second.send({"op": "register", "calls": [[":45", xa]], "stay": True})[0][:2] == ["ok", 2]
+    assert stack.prop("Sessions") == [(2, uid, ":45")]
+    second.stop()
+    wait_until(lambda: stack.prop("Sessions") == [(2, uid, ":42")],
+               what="the helper's registration in use again")
+    assert h.proc.poll() is None
+
+
+def test_logind_says_remote_or_other_seat_or_ended_refuses_whatever_polkit_says(stack):
+    # The test's polkit rule says YES to spice-test-a wherever it is: a loose rule. logind's view
+    # of the caller's own session must still keep the port from a remote or ended session.
+    import dbus
+
+    svc = stack.service()
+    xa = stack.files.xauthority("spice-test-a", ":42")
+    seat1 = dbus.Struct(("seat1", dbus.ObjectPath("/org/freedesktop/login1/seat/seat1")))
+    seat0 = dbus.Struct(("seat0", dbus.ObjectPath("/org/freedesktop/login1/seat/seat0")))
+    for name, bad, good, says in [("Remote", True, False, "remote session"),
+                                  ("Seat", seat1, seat0, "not seat0"),
+                                  ("State", "closing", "active", "has ended")]:
+        stack.logind.set_property("a", name, bad)
+        try:
+            result = stack.register("spice-test-a", "a", ":42", xa)
+        finally:
+            stack.logind.set_property("a", name, good)
+        assert result[:2] == ["error", ERR + "NotInSession"], (name, result)
+        assert says in result[2]
+    assert stack.prop("Sessions") == []
+    # The control: the same caller, its session local on seat0 again, is accepted.
+    assert stack.register("spice-test-a", "a", ":42", xa)[:2] == ["ok", 2]
+    assert svc.proc.poll() is None
+
+
 def test_session_removed_by_logind_drops_registration(stack):
     stack.service()
     uid = stack.uid("spice-test-a")
@@ -150,6 +193,137 @@ def test_flood_from_one_caller_does_not_stall_another(stack):
     assert rss_kib(svc.proc.pid) - rss_before < 20 * 1024
     refusals = [line for line in svc.log.splitlines() if "refused" in line]
     assert len(refusals) < 10, "refusal logging is not rate-limited"
+
+
+# Run as a test user: `n` connections, `per` RegisterSession calls on each, all at once; prints
+# the error names (or "ok") once every call has its answer.
+FLOOD_SCRIPT = r'''
+import asyncio, json, sys
+from dbus_next import Message, MessageType
+from dbus_next.aio import MessageBus
+from spice_streamd import dbusnext_compat
+
+
+async def main():
+    dbusnext_compat.install()
+    address, n, per = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    buses = [await MessageBus(bus_address=address).connect() for _ in range(n)]
+
+    async def call(bus):
+        reply = await bus.call(Message(
+            destination="org.spice_space.StreamingAgent1", path="/org/spice_space/StreamingAgent1",
+            interface="org.spice_space.StreamingAgent1", member="RegisterSession", signature="ss",
+            body=[":43", "/nonexistent"]))
+        return reply.error_name if reply.message_type == MessageType.ERROR else "ok"
+
+    print(json.dumps(await asyncio.gather(*[call(b) for b in buses for _ in range(per)])), flush=True)
+
+asyncio.run(main())
+'''
+
+
+def test_one_uids_flood_never_refuses_another_uid(stack):
+    """spice-test-b keeps 40 calls in flight from 20 connections; spice-test-a still registers,
+    while b's calls are waiting to be identified and again once b is at its share.
+
+    The endpoint is the real one on the policy bus, with the bus daemon's credentials; b's calls
+    are held where a continuous flood piles them up (between arrival and identification), and in
+    verification (a polkit that takes its time for b), so that what is in flight is certain."""
+    import asyncio
+    import pwd
+    import subprocess
+    import sys
+    from collections import Counter
+
+    from spice_streamd import errors
+    from spice_streamd.caller import credentials_of
+    from spice_streamd.dbus_service import RegistrationEndpoint
+    from spice_streamd.sessions import Registration, SessionRegistry
+    from tests.conftest import connect
+    from tests.support.waiting import wait_async
+
+    b = stack.uid("spice-test-b")
+    xa = stack.files.xauthority("spice-test-a", ":42")
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        identify_b, verify_b = asyncio.Event(), asyncio.Event()
+        seen: list[str] = []
+        verifying: Counter[int] = Counter()
+
+        async def credentials(bus, sender):
+            caller = await credentials_of(bus, sender)
+            if caller.uid == b:
+                await identify_b.wait()
+            return caller
+
+        class Verifier:
+            async def verify(self, caller, display, xauthority):
+                verifying[caller.uid] += 1
+                if caller.uid == b:
+                    await verify_b.wait()
+                    raise errors.PermissionDenied("not b")
+                return Registration(sender=caller.sender, uid=caller.uid, gid=caller.gid,
+                                    groups=(), pid=caller.pid, session_id="a", vt=2,
+                                    display=display, xauthority=xauthority)
+
+        def count(msg):
+            if msg.member == "RegisterSession":
+                seen.append(msg.sender)
+            return False
+
+        service_bus = await connect(stack.bus.address)
+        service_bus.add_message_handler(count)
+        endpoint = RegistrationEndpoint(service_bus, Verifier(), SessionRegistry(),
+                                        credentials=credentials)
+        await endpoint.start()
+        await service_bus.request_name(BUS_NAME)
+        pw = pwd.getpwnam("spice-test-b")
+        flood = subprocess.Popen(
+            [sys.executable, "-c", FLOOD_SCRIPT, stack.bus.address, "20", "2"], user=pw.pw_uid,
+            group=pw.pw_gid, extra_groups=[], cwd="/", stdout=subprocess.PIPE, text=True,
+            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+
+        def register_a():
+            return stack.register("spice-test-a", None, ":42", xa)
+
+        try:
+            await wait_async(lambda: len(seen) == 40, timeout=20, what="b's 40 calls in flight")
+            assert (await loop.run_in_executor(None, register_a))[:2] == ["ok", 2]
+            identify_b.set()
+            await wait_async(lambda: verifying[b] == 4 and endpoint.in_flight == 4,
+                             what="b at its share, its other calls refused")
+            assert (await loop.run_in_executor(None, register_a))[:2] == ["ok", 2]
+            verify_b.set()
+            out, _ = await loop.run_in_executor(None, lambda: flood.communicate(timeout=30))
+        finally:
+            identify_b.set()
+            verify_b.set()
+            if flood.poll() is None:
+                flood.kill()
+                flood.wait()
+            await endpoint.close()
+            service_bus.disconnect()
+        names = json.loads(out)
+        assert names.count(ERR + "LimitReached") == 36 and names.count(ERR + "PermissionDenied") == 4
+        assert verifying[stack.uid("spice-test-a")] == 2
+
+    asyncio.run(run())
+
+
+def test_helper_tries_again_after_limit_reached_and_registers(stack):
+    stack.service(env={"SPICE_STREAMD_MAX_SESSIONS_PER_UID": "1"})
+    uid = stack.uid("spice-test-a")
+    holder = stack.client("spice-test-a", "a4")
+    xa4 = stack.files.xauthority("spice-test-a", ":44")
+    assert holder.send({"op": "register", "calls": [[":44", xa4]], "stay": True})[0][:2] == ["ok", 4]
+    h = stack.helper("spice-test-a", "a", ":42")
+    wait_until(lambda: "LimitReached" in h.output, what="the helper refused for now")
+    assert "trying again" in h.output and h.proc.poll() is None
+    holder.stop()
+    wait_until(lambda: stack.prop("Sessions") == [(2, uid, ":42")], timeout=15,
+               what="the helper registered on a later try")
+    assert h.proc.poll() is None
 
 
 def rss_kib(pid: int) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from spice_stream_helper.main import session_display
+from spice_stream_helper.main import Backoff, session_display
 from tests.support.bus import PolicyBus, wait_until
 
 HELPER = str(Path(sys.executable).parent / "spice-stream-helper")
@@ -60,3 +60,12 @@ def test_waits_for_an_absent_service_then_sigterm_exits_zero():
                 proc.wait()
             proc.stderr.close()
         wait_until(lambda: proc.returncode is not None, what="helper exit")
+
+
+def test_backoff_doubles_from_one_second_to_thirty_with_jitter():
+    longest = Backoff(rand=lambda: 1.0)
+    assert [longest.next_delay() for _ in range(8)] == [1, 2, 4, 8, 16, 30, 30, 30]
+    shortest = Backoff(rand=lambda: 0.0)
+    assert [shortest.next_delay() for _ in range(3)] == [0.5, 1, 2]
+    longest.reset()
+    assert longest.next_delay() == 1

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import signal
 import sys
+from collections.abc import Callable
 
 from dbus_next import Message, MessageType
 from dbus_next.aio import MessageBus
@@ -21,6 +23,7 @@ from spice_streamd.constants import (
     VERSION,
 )
 from spice_streamd.dbusnext_compat import bus_for, describe_bus, disconnected
+from spice_streamd.untrusted import printable
 
 # The service is not there (yet): wait for it rather than give up.
 ABSENT_ERRORS = {
@@ -33,6 +36,11 @@ ABSENT_ERRORS = {
 }
 RETRY_AFTER_LOSS_S = 2.0
 CALL_TIMEOUT_S = 60.0
+# Refusals that say "not now" rather than "no": the service is busy (another user's flood, or this
+# user's own calls) or polkit/logind did not answer. Ask again, ever later, rather than give up.
+RETRY_LATER = {ERROR_PREFIX + "LimitReached", ERROR_PREFIX + "AuthorityUnavailable"}
+BACKOFF_FIRST_S = 1.0
+BACKOFF_MAX_S = 30.0
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -41,7 +49,29 @@ EXIT_BUS = 3
 
 
 def say(text: str) -> None:
-    print(f"spice-stream-helper: {text}", file=sys.stderr, flush=True)
+    # What we print comes in part from the service and the environment: no escape sequence may
+    # reach the terminal or the journal through it.
+    print(f"spice-stream-helper: {printable(text)}", file=sys.stderr, flush=True)
+
+
+class Backoff:
+    """Capped exponential delays with jitter: first, 2 x first, ... up to `cap`, each drawn in
+    [d/2, d] so that helpers refused together do not all come back at the same moment."""
+
+    def __init__(self, first: float = BACKOFF_FIRST_S, cap: float = BACKOFF_MAX_S,
+                 rand: Callable[[], float] = random.random) -> None:
+        self.first = first
+        self.cap = cap
+        self._rand = rand
+        self._next = first
+
+    def next_delay(self) -> float:
+        delay = self._next
+        self._next = min(self.cap, self._next * 2)
+        return delay / 2 + self._rand() * delay / 2
+
+    def reset(self) -> None:
+        self._next = self.first
 
 
 def session_display(env: dict[str, str]) -> tuple[str, str] | str:
@@ -63,6 +93,7 @@ class Helper:
         self.xauthority = xauthority
         self._need = asyncio.Event()
         self._retry: asyncio.TimerHandle | None = None
+        self._backoff = Backoff()
 
     def _on_message(self, msg: Message) -> bool:
         if (msg.message_type == MessageType.SIGNAL and msg.member == "NameOwnerChanged"
@@ -71,6 +102,7 @@ class Helper:
             new_owner = msg.body[2]
             if new_owner:
                 say(f"the service is back ({new_owner}): registering again")
+                self._backoff.reset()
                 self._need.set()
             else:
                 say("the service stopped: registering again once it is back")
@@ -113,17 +145,24 @@ class Helper:
         if reply is None:
             return None
         if reply.message_type == MessageType.METHOD_RETURN:
+            self._backoff.reset()
             say(f"display {self.display} registered: streamed while VT {reply.body[0]} is active")
             return None
         text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
         if reply.error_name in ABSENT_ERRORS:
             say("the streaming service is not running; waiting for it")
             return None
-        if reply.error_name.startswith(ERROR_PREFIX):
-            kind = reply.error_name[len(ERROR_PREFIX):]
-            say(f"registration refused ({kind}): {text}")
+        name = reply.error_name or ""
+        if name in RETRY_LATER:
+            delay = self._backoff.next_delay()
+            say(f"registration refused for now ({name[len(ERROR_PREFIX):]}): {text}; "
+                f"trying again in {delay:.0f} s")
+            self._retry = asyncio.get_running_loop().call_later(delay, self._need.set)
+            return None
+        if name.startswith(ERROR_PREFIX):
+            say(f"registration refused ({name[len(ERROR_PREFIX):]}): {text}")
             return EXIT_REFUSED
-        say(f"registration failed ({reply.error_name}): {text}")
+        say(f"registration failed ({name}): {text}")
         return EXIT_REFUSED
 
 

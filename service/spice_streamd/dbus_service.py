@@ -17,6 +17,7 @@ from . import constants, errors
 from .caller import Caller, credentials_of
 from .ratelimit import LogLimiter, TokenBucket
 from .sessions import SessionRegistry
+from .untrusted import printable, shown
 from .verifier import RegistrationVerifier
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,13 @@ class RegistrationEndpoint:
     def __init__(self, bus: MessageBus, verifier: RegistrationVerifier, registry: SessionRegistry,
                  *, credentials: Callable[[MessageBus, str], Awaitable[Caller]] = credentials_of,
                  max_in_flight: int = 32, max_in_flight_per_sender: int = 2,
-                 max_in_flight_per_uid: int = 4, uid_rate: float = 1.0,
-                 uid_burst: float = 5.0) -> None:
+                 max_in_flight_per_uid: int = 4, max_unidentified: int = 1024,
+                 uid_rate: float = 1.0, uid_burst: float = 5.0) -> None:
+        """Bounds, in the order they apply: per connection (max_in_flight_per_sender), calls
+        whose caller is not known yet (max_unidentified), per uid (max_in_flight_per_uid and the
+        rate), then the verifications under way (max_in_flight). A bound shared by everyone is
+        only checked after a uid's own share, and one uid cannot reach it alone, so one user's
+        flood never refuses another user."""
         self._bus = bus
         self._verifier = verifier
         self._registry = registry
@@ -115,6 +121,8 @@ class RegistrationEndpoint:
         self._max_in_flight = max_in_flight
         self._max_per_sender = max_in_flight_per_sender
         self._max_per_uid = max_in_flight_per_uid
+        self._max_unidentified = max_unidentified
+        self._verifying = 0
         self._uid_bucket = TokenBucket(uid_rate, uid_burst)
         self._by_sender: Counter[str] = Counter()
         self._by_uid: Counter[int] = Counter()
@@ -162,6 +170,10 @@ class RegistrationEndpoint:
         if reg is not None:
             log.info("session of uid %d on VT %d dropped: its helper %s disconnected",
                      reg.uid, reg.vt, sender)
+            behind = self._registry.by_vt(reg.vt)
+            if behind is not None:
+                log.info("VT %d: the registration of uid %d display %s (%s) is in use again",
+                         behind.vt, behind.uid, behind.display, behind.sender)
 
     def _accept(self, msg: Message) -> None:
         sender = msg.sender or ""
@@ -169,16 +181,19 @@ class RegistrationEndpoint:
             self._refuse(msg, errors.InvalidArgument(
                 "RegisterSession takes two strings: display and xauthority path"), f"sender {sender}")
             return
-        # Bounds before any work: a flood costs one counter check per message.
-        if len(self._tasks) >= self._max_in_flight:
-            self._refuse(msg, errors.LimitReached(
-                "the service is busy with other registrations; try again in a few seconds"),
-                f"sender {sender}", key="busy")
-            return
+        # Bounds before any work: a flood costs one counter check per message. The uid is not
+        # known yet (asking the bus daemon is the first await), so only the connection's own
+        # share applies here, and a total far above what one uid can reach: the system bus
+        # admits 256 connections per uid (max_connections_per_user), 2 calls each is 512.
         if self._by_sender[sender] >= self._max_per_sender:
             self._refuse(msg, errors.LimitReached(
                 "too many RegisterSession calls in progress from this connection"),
                 f"sender {sender}", key=("sender", sender))
+            return
+        if len(self._tasks) >= self._max_unidentified:
+            self._refuse(msg, errors.LimitReached(
+                "the service is busy with other registrations; try again in a few seconds"),
+                f"sender {sender}", key="busy")
             return
         self._by_sender[sender] += 1
         task = asyncio.get_running_loop().create_task(
@@ -189,6 +204,7 @@ class RegistrationEndpoint:
     async def _register(self, msg: Message, sender: str) -> None:
         subject = f"sender {sender}"
         uid: int | None = None
+        verifying = False
         try:
             caller = await self._credentials(self._bus, sender)
             subject = f"uid {caller.uid} pid {caller.pid}"
@@ -198,14 +214,23 @@ class RegistrationEndpoint:
                     f"too many RegisterSession calls from uid {caller.uid}; wait a few seconds")
             uid = caller.uid
             self._by_uid[uid] += 1
+            # The shared bound last, after this uid's share: at most max_in_flight_per_uid of
+            # these slots are any one uid's.
+            if self._verifying >= self._max_in_flight:
+                raise errors.LimitReached(
+                    "the service is busy with other registrations; try again in a few seconds")
+            verifying = True
+            self._verifying += 1
             display, xauthority = msg.body
             reg = await self._verifier.verify(caller, display, xauthority)
             replaced = self._registry.add(reg)
             for old in replaced:
                 log.info("registration of uid %d on VT %d (%s) replaced", old.uid, old.vt,
                          old.sender)
-            log.info("session registered: uid %d pid %d VT %d display %s session %s",
-                     reg.uid, reg.pid, reg.vt, reg.display, reg.session_id or "-")
+            # The display passed display_number()'s pattern; the path is anything the caller sent.
+            log.info("session registered: uid %d pid %d VT %d display %s xauthority %s session %s",
+                     reg.uid, reg.pid, reg.vt, reg.display, shown(reg.xauthority),
+                     shown(reg.session_id or "-", 40, quoted=False))
             # The helper may have left while we verified: its NameOwnerChanged came too early.
             if not await self._has_owner(sender):
                 self._drop_sender(sender)
@@ -220,6 +245,8 @@ class RegistrationEndpoint:
             self._bus.send(Message.new_error(
                 msg, errors.GENERIC_ERROR, "the service failed unexpectedly; see its log"))
         finally:
+            if verifying:
+                self._verifying -= 1
             self._by_sender[sender] -= 1
             if self._by_sender[sender] <= 0:
                 del self._by_sender[sender]
@@ -242,7 +269,8 @@ class RegistrationEndpoint:
 
     def _refuse(self, msg: Message, exc: errors.ServiceError, subject: str,
                 key: Any = None) -> None:
-        text = str(exc) or type(exc).__name__
+        # Messages quote caller text with shown(); this catches any that slipped through.
+        text = printable(str(exc)) or type(exc).__name__
         self._logs.log(logging.WARNING, key or (subject, type(exc).__name__),
                        "RegisterSession from %s refused (%s): %s", subject, type(exc).__name__,
                        text)
