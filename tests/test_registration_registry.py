@@ -28,6 +28,32 @@ def test_same_sender_or_vt_replaces():
     assert [x.sender for x in r.all()] == [":1.2"]
 
 
+def test_a_second_caller_on_the_helpers_vt_does_not_cost_the_helper_its_registration():
+    r = SessionRegistry()
+    helper = reg(":1.1", 1000, 2, "s1")
+    r.add(helper)
+    second = Registration(sender=":1.2", uid=1000, gid=1000, groups=(), pid=101, session_id="s1",
+                          vt=2, display=":5", xauthority="/y")
+    assert r.add(second) == []  # same session: kept, both of them
+    assert r.by_vt(2) == second and r.all() == [second] and len(r) == 2
+    r.remove_sender(":1.2")
+    assert r.by_vt(2) == helper and r.all() == [helper]
+    # Either may leave first: what remains still counts.
+    r.add(second)
+    r.remove_sender(":1.1")
+    assert r.by_vt(2) == second
+
+
+def test_another_session_on_the_same_vt_replaces_the_ended_one():
+    # logind gives a VT to one live session at a time: an older session there has ended.
+    r = SessionRegistry()
+    r.add(reg(":1.1", 1000, 2, "s1"))
+    r.add(reg(":1.2", 1000, 2, "s1"))
+    newer = reg(":1.3", 1001, 2, "s9")
+    assert sorted(x.sender for x in r.add(newer)) == [":1.1", ":1.2"]
+    assert r.all() == [newer] and len(r) == 1
+
+
 def test_limits_change_nothing_when_refused():
     r = SessionRegistry(max_sessions=2, max_sessions_per_uid=1)
     r.add(reg(":1.1", 1000, 2))

@@ -1,4 +1,4 @@
-"""The registry of verified sessions: one per helper connection and per VT, bounded per uid and total."""
+"""The registry of verified sessions: one per helper connection, one in use per VT, bounded."""
 
 from __future__ import annotations
 
@@ -22,10 +22,20 @@ class Registration:
 
 
 class SessionRegistry:
+    """Every live registration, one per helper connection; per VT, the newest one of the session on
+    that VT is the one in use, and the others of that session wait behind it.
+
+    Why: within one session every caller is the same user, so a later registration (say, a helper
+    started by hand for another display) is what that user asked for last and is used; but it must
+    not cost the earlier one (the session's own helper): when either leaves, the other one still
+    counts, without having to register again. A registration from another session on the same VT
+    replaces that session's ones: logind gives a VT to one live session at a time, so the older
+    session there has ended (a logout that left processes behind)."""
+
     def __init__(self, *, max_sessions: int = 16, max_sessions_per_uid: int = 4) -> None:
         self.max_sessions = max_sessions
         self.max_sessions_per_uid = max_sessions_per_uid
-        self._by_sender: dict[str, Registration] = {}
+        self._by_sender: dict[str, Registration] = {}  # oldest first
         self._listeners: list[Callable[[], None]] = []
 
     def on_change(self, callback: Callable[[], None]) -> None:
@@ -35,11 +45,18 @@ class SessionRegistry:
         for cb in list(self._listeners):
             cb()
 
+    @staticmethod
+    def _same_session(a: Registration, b: Registration) -> bool:
+        # Without logind (session_id None) the uid is all there is to tell sessions apart.
+        return a.session_id == b.session_id and a.uid == b.uid
+
     def add(self, reg: Registration) -> list[Registration]:
-        """Adds `reg`, replacing any registration of the same sender or the same VT; returns those
-        replaced. Raises LimitReached (and changes nothing) when a bound would be exceeded."""
+        """Adds `reg` in front of its VT's registrations; replaces this sender's earlier one and
+        those of another session on the same VT, and returns them. Raises LimitReached (and
+        changes nothing) when a bound would be exceeded."""
         replaced = [r for r in self._by_sender.values()
-                    if r.sender == reg.sender or r.vt == reg.vt]
+                    if r.sender == reg.sender
+                    or (r.vt == reg.vt and not self._same_session(r, reg))]
         remaining = [r for r in self._by_sender.values() if r not in replaced]
         if len(remaining) + 1 > self.max_sessions:
             raise LimitReached(
@@ -70,15 +87,22 @@ class SessionRegistry:
         return gone
 
     def by_vt(self, vt: int | None) -> Registration | None:
+        """The registration in use on `vt`: the newest one there."""
         if vt is None:
             return None
+        found = None
         for r in self._by_sender.values():
             if r.vt == vt:
-                return r
-        return None
+                found = r
+        return found
 
     def all(self) -> list[Registration]:
-        return sorted(self._by_sender.values(), key=lambda r: r.vt)
+        """The registrations in use, one per VT (those waiting behind them are not listed)."""
+        in_use: dict[int, Registration] = {}
+        for r in self._by_sender.values():
+            in_use[r.vt] = r
+        return sorted(in_use.values(), key=lambda r: r.vt)
 
     def __len__(self) -> int:
+        """Every live registration, those waiting included (what the bounds count)."""
         return len(self._by_sender)
