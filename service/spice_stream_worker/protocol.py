@@ -16,6 +16,7 @@ HEADER = struct.Struct("<BBHI")  # protocol_version, padding, type, size
 HEADER_SIZE = HEADER.size
 
 CODEC_MJPEG = 1  # SpiceVideoCodecType
+_VERSION_BYTE = bytes([PROTOCOL_VERSION])  # where a resynchronising parser looks for a header
 
 
 class MsgType(enum.IntEnum):
@@ -260,8 +261,9 @@ class Parser:
     """Splits a byte stream into messages without ever buffering more than one bounded message.
 
     Garbage (bad version, padding, unknown type, oversized message) yields one Violation per run of bad
-    bytes; the parser then scans byte by byte for the next plausible header, so one corrupted message does
-    not cost the rest of the stream.
+    bytes; the parser then looks for the next plausible header with bytes.find on the version byte
+    (checking each candidate whole), so one corrupted message does not cost the rest of the stream and
+    a stream of noise costs a search, not a Python step per byte.
     """
 
     def __init__(self, limits: dict[int, int] | None = None) -> None:
@@ -292,21 +294,39 @@ class Parser:
 
     def feed(self, data: bytes) -> list[Message | Violation]:
         out: list[Message | Violation] = []
+        if not isinstance(data, bytes | bytearray):
+            data = bytes(data)
         view = memoryview(data)
         pos = 0
+        end = len(data)
         while True:
             # Only take in what can complete the message in hand, so the buffer stays bounded.
             need = self._need()
-            if pos < len(view) and need > 0:
-                take = min(need, len(view) - pos)
+            if need > 0:
+                if pos >= end:
+                    break
+                take = min(need, end - pos)
                 self._buf += view[pos : pos + take]
                 pos += take
                 continue
-            if need > 0:
+            if self._step(out):
+                continue
+            # A bad header: drop its first byte and go to the next version byte, first among the
+            # (at most 7) bytes still buffered, then in the input itself.
+            nxt = self._buf.find(_VERSION_BYTE, 1)
+            if nxt > 0:
+                self._discarding += nxt
+                del self._buf[:nxt]
+                continue
+            self._discarding += len(self._buf)
+            self._buf.clear()
+            nxt = data.find(_VERSION_BYTE, pos)
+            if nxt < 0:
+                self._discarding += end - pos
+                pos = end
                 break
-            self._step(out)
-            if not self._buf and pos >= len(view):
-                break
+            self._discarding += nxt - pos
+            pos = nxt
         # A garbage run is reported at the end of each read, so a host that goes quiet cannot hide it.
         self._flush_violation(out)
         return out
@@ -319,18 +339,18 @@ class Parser:
             return 0
         return HEADER_SIZE + size - len(self._buf)
 
-    def _step(self, out: list[Message | Violation]) -> None:
+    def _step(self, out: list[Message | Violation]) -> bool:
+        """Emits the whole message in the buffer; False (nothing taken) if its header is bad."""
         version, padding, msg_type, size = HEADER.unpack_from(self._buf)
         problem = self._header_problem(version, padding, msg_type, size)
         if problem is not None:
             if not self._discarding:
                 self._reason = problem
-            self._discarding += 1
-            del self._buf[0]
-            return
+            return False
         self._flush_violation(out)
         out.append(Message(msg_type, bytes(self._buf[HEADER_SIZE : HEADER_SIZE + size])))
         del self._buf[: HEADER_SIZE + size]
+        return True
 
     def _flush_violation(self, out: list[Message | Violation]) -> None:
         if self._discarding:
