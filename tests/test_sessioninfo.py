@@ -42,6 +42,30 @@ def test_logind_session_of_pid(bus, logind):
     asyncio.run(run())
 
 
+def test_logind_session_says_whether_it_is_remote_on_seat0_or_ended(bus, logind):
+    import dbus
+
+    logind.add_session("c2", uid=65534, vt=2, type="x11", pids=[4242], active=True)
+
+    async def run():
+        conn = await connect(bus.address)
+        src = await open_session_source(conn)
+        try:
+            info = await src.session_of_pid(4242)
+            assert (info.remote, info.seat, info.closing) == (False, "seat0", False)
+            logind.set_property("c2", "Remote", True)
+            logind.set_property("c2", "Seat", dbus.Struct(
+                ("seat1", dbus.ObjectPath("/org/freedesktop/login1/seat/seat1"))))
+            logind.set_property("c2", "State", "closing")
+            info = await src.session_of_pid(4242)
+            assert (info.remote, info.seat, info.closing) == (True, "seat1", True)
+        finally:
+            await src.close()
+            conn.disconnect()
+
+    asyncio.run(run())
+
+
 def test_logind_autostart_process_gets_the_users_display_session(bus, logind):
     """GNOME's autostart programs run in user@UID.service, outside the session's scope: the user's
     display session stands in, but only seat0's active, local X11 session of that same user."""

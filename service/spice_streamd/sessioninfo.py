@@ -44,6 +44,10 @@ class SessionInfo:
     vt: int  # 1..63
     kind: str  # logind Type: "x11", "wayland", "tty", "mir", "unspecified"
     active: bool
+    # The /proc fallback knows only the controlling VT, which is seat0's and local: these defaults.
+    remote: bool = False  # logind Remote: a session from ssh, xrdp...
+    seat: str = "seat0"  # logind Seat's id ("" for none): only seat0 has VTs and the stream port
+    closing: bool = False  # logind State "closing": logged out, processes left behind
 
 
 class SessionSource(Protocol):
@@ -273,13 +277,19 @@ class LogindSessionSource:
             kind = str(props.get("Type", "unspecified")) or "unspecified"
             active = bool(props.get("Active", False))
             session_id = str(props.get("Id") or path.rsplit("/", 1)[-1])
+            # Absent from a logind means unknown: the verifier refuses a session it cannot place
+            # on seat0 as a local one, so default to what refuses.
+            remote = bool(props.get("Remote", True))
+            seat = str(props.get("Seat", ("",))[0])
+            closing = str(props.get("State", "")) == "closing"
         except (KeyError, IndexError, TypeError, ValueError):
             raise errors.NotInSession(
                 f"logind session {path} of process {pid} has malformed properties"
             ) from None
         if not 1 <= vt <= MAX_VT:
             raise errors.NotInSession(f"session {session_id} of process {pid} is not on a VT")
-        return SessionInfo(session_id=session_id, uid=uid, vt=vt, kind=kind, active=active)
+        return SessionInfo(session_id=session_id, uid=uid, vt=vt, kind=kind, active=active,
+                           remote=remote, seat=seat, closing=closing)
 
     async def _display_session_of_user(self, pid: int) -> tuple[str, dict[str, Any]]:
         """The display session of the user owning `pid`, for a process outside any session.
