@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from spice_stream_worker import protocol as p
 
+from .portwriter import PortWriter
 from .ratelimit import LogLimiter
 
 log = logging.getLogger(__name__)
@@ -26,12 +27,6 @@ REOPEN_DELAY_S = 1.0
 PAUSE_AFTER_S = 0.25
 FPS_WINDOW_S = 2.0
 HOST_LOG_INTERVAL_S = 10.0
-
-# Latest state wins, written in this order: what describes a frame goes before the frame. At most
-# the message being written and one message of each type wait, so a host that stops reading costs
-# one stale frame, never a queue of them.
-_ORDER = (p.MsgType.CAPABILITIES, p.MsgType.DEVICE_DISPLAY_INFO, p.MsgType.QUALITY_INDICATOR,
-          p.MsgType.FORMAT, p.MsgType.CURSOR_SET, p.MsgType.CURSOR_MOVE, p.MsgType.DATA)
 
 Sink = Callable[[bytes], None]
 
@@ -59,19 +54,13 @@ class PortRelay:
         self.host_caps: bytes | None = None
         self.host_codecs: tuple[int, ...] | None = None
         self._sink: Sink | None = None
-        self._current: memoryview | None = None
-        self._current_type = 0
-        self._offset = 0
-        self._pending: dict[int, bytes] = {}
-        self._writing = False
-        self._blocked_since: float | None = None
-        self._pause_timer: asyncio.TimerHandle | None = None
+        self._writer: PortWriter | None = None
+        self._dropped_before = 0
         self.paused = False
         self.format_sent = False
         self._caps_written: bytes | None = None
         self.frames = 0
         self.bytes = 0
-        self.dropped_frames = 0
         self._frame_times: deque[float] = deque(maxlen=512)
         self._host_log = LogLimiter(log, HOST_LOG_INTERVAL_S)
 
@@ -133,7 +122,18 @@ class PortRelay:
         self.host_caps = None
         self.host_codecs = None
         self._caps_written = None
-        asyncio.get_running_loop().add_reader(fd, self._on_readable)
+        loop = asyncio.get_running_loop()
+        writer: PortWriter | None = None
+
+        def mine(callback: Callable[..., None]) -> Callable[..., None]:
+            # A closed port's writer may still have a report on its way: it is not ours any more.
+            return lambda *a: callback(*a) if writer is self._writer else None
+
+        writer = PortWriter(fd, loop=loop, stall_s=self._pause_after_s,
+                            on_written=mine(self._written), on_stalled=mine(self._stalled),
+                            on_drained=mine(self._drained), on_failed=mine(self._failed))
+        self._writer = writer
+        loop.add_reader(fd, self._on_readable)
         log.info("stream port %s opened", self.path)
         self._changed()
 
@@ -156,16 +156,13 @@ class PortRelay:
         fd, self._fd = self._fd, None
         if fd is None:
             return
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(fd)
-        if self._writing:
-            loop.remove_writer(fd)
-            self._writing = False
+        asyncio.get_running_loop().remove_reader(fd)
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            # A message cut here cannot tear anything: the host resets its parser on the reopen.
+            writer.stop()
+            self._dropped_before += writer.dropped_frames
         os.close(fd)
-        # A message cut here cannot tear anything: the host resets its parser on the reopen.
-        self._current = None
-        self._pending.clear()
-        self._unblocked()
         self.host_caps = None
         self.host_codecs = None
         self.format_sent = False
@@ -240,7 +237,8 @@ class PortRelay:
     def attach(self, sink: Sink) -> None:
         """From now on host messages go to `sink`; it is told the host's state at once."""
         self._sink = sink
-        self._pending.clear()
+        if self._writer is not None:
+            self._writer.drop_waiting()
         self.format_sent = False
         self.paused = False
         self._caps_written = None  # each worker announces itself
@@ -252,7 +250,8 @@ class PortRelay:
     def detach(self) -> None:
         """Forget the worker and what it queued; the message being written still ends whole."""
         self._sink = None
-        self._pending.clear()
+        if self._writer is not None:
+            self._writer.drop_waiting()
         self.format_sent = False
         self.paused = False
 
@@ -262,84 +261,38 @@ class PortRelay:
 
     def submit(self, msg: p.Message) -> None:
         """Queue a checked worker message for the port (latest of each type wins)."""
-        if self._fd is None:
+        if self._writer is None:
             return
         if msg.type == p.MsgType.CAPABILITIES and msg.payload == self._caps_written:
             return
         if msg.type == p.MsgType.FORMAT:
-            # A frame waiting for the port has the old size; the worker sends a new one.
-            if self._pending.pop(p.MsgType.DATA, None) is not None:
-                self.dropped_frames += 1
             self.format_sent = True
-        elif msg.type == p.MsgType.DATA and p.MsgType.DATA in self._pending:
-            self.dropped_frames += 1
-        self._pending[msg.type] = p.encode(msg.type, msg.payload)
-        self._flush()
+        self._writer.submit(msg.type, p.encode(msg.type, msg.payload))
 
-    def _flush(self) -> None:
-        fd = self._fd
-        while fd is not None:
-            if self._current is None:
-                nxt = next((t for t in _ORDER if t in self._pending), None)
-                if nxt is None:
-                    break
-                self._current = memoryview(self._pending.pop(nxt))
-                self._current_type = nxt
-                self._offset = 0
-            try:
-                n = os.write(fd, self._current[self._offset:])
-            except InterruptedError:
-                continue
-            except BlockingIOError:
-                n = 0
-            except OSError as e:
-                self._failed(f"write failed: {e.strerror}")
-                return
-            self._offset += n
-            if self._offset < len(self._current):
-                self._blocked()
-                return
-            self._written(self._current_type, len(self._current))
-            self._current = None
-        if self._writing and fd is not None:
-            asyncio.get_running_loop().remove_writer(fd)
-            self._writing = False
-        self._unblocked()
+    @property
+    def dropped_frames(self) -> int:
+        """Frames replaced by a newer one before the host took them."""
+        return self._dropped_before + (self._writer.dropped_frames if self._writer else 0)
 
-    def _written(self, msg_type: int, size: int) -> None:
+    def _written(self, msg_type: int, message: bytes) -> None:
         if msg_type == p.MsgType.DATA:
             now = time.monotonic()
             first = not self._frame_times or now - self._frame_times[-1] > FPS_WINDOW_S
             self.frames += 1
-            self.bytes += size
+            self.bytes += len(message)
             self._frame_times.append(now)
             if first:
                 self._changed()
-        elif msg_type == p.MsgType.CAPABILITIES and self._current is not None:
-            self._caps_written = bytes(self._current[p.HEADER_SIZE:])
+        elif msg_type == p.MsgType.CAPABILITIES:
+            self._caps_written = message[p.HEADER_SIZE:]
 
-    def _blocked(self) -> None:
-        if not self._writing and self._fd is not None:
-            asyncio.get_running_loop().add_writer(self._fd, self._flush)
-            self._writing = True
-        if self._blocked_since is None:
-            self._blocked_since = time.monotonic()
-            self._pause_timer = asyncio.get_running_loop().call_later(
-                self._pause_after_s, self._pause_if_still_blocked)
-
-    def _pause_if_still_blocked(self) -> None:
-        self._pause_timer = None
-        if self._blocked_since is not None and not self.paused and self._sink is not None:
+    def _stalled(self, waited_s: float) -> None:
+        if not self.paused and self._sink is not None:
             self.paused = True
-            log.info("the host has not read the port for %.2f s: worker paused",
-                     time.monotonic() - self._blocked_since)
+            log.info("the host has not read the port for %.2f s: worker paused", waited_s)
             self._sink(p.start_stop(()))
 
-    def _unblocked(self) -> None:
-        self._blocked_since = None
-        if self._pause_timer is not None:
-            self._pause_timer.cancel()
-            self._pause_timer = None
+    def _drained(self) -> None:
         if self.paused:
             self.paused = False
             if self._sink is not None and self._fd is not None:

@@ -1,0 +1,119 @@
+"""Writing to the port: a thread that writes one whole message at a time, the latest of each type next."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import threading
+import time
+from collections.abc import Callable
+
+from spice_stream_worker import protocol as p
+
+# Latest state wins, written in this order: what describes a frame goes before the frame. At most
+# the message being written and one message of each type wait, so a host that stops reading costs
+# one stale frame, never a queue of them.
+ORDER = (p.MsgType.CAPABILITIES, p.MsgType.DEVICE_DISPLAY_INFO, p.MsgType.QUALITY_INDICATOR,
+         p.MsgType.FORMAT, p.MsgType.CURSOR_SET, p.MsgType.CURSOR_MOVE, p.MsgType.DATA)
+POLL_MS = 100  # how often a waiting writer looks at its stop flag
+
+
+class PortWriter:
+    """Owns the order of bytes on the port (not the fd: the PortRelay opens and closes it).
+
+    A thread, because the port takes a frame a few KiB at a time: one blocking poll() and write()
+    per piece costs a few microseconds, a turn of the event loop per piece several times that.
+    Everything it reports (a message written, a stall, the queue drained, a failure) runs on the
+    event loop through call_soon_threadsafe.
+    """
+
+    def __init__(self, fd: int, *, loop: asyncio.AbstractEventLoop, stall_s: float,
+                 on_written: Callable[[int, bytes], None],
+                 on_stalled: Callable[[float], None],
+                 on_drained: Callable[[], None],
+                 on_failed: Callable[[str], None]) -> None:
+        self._fd = fd
+        self._loop = loop
+        self._stall_s = stall_s
+        self._on_written = on_written
+        self._on_stalled = on_stalled
+        self._on_drained = on_drained
+        self._on_failed = on_failed
+        self._cond = threading.Condition()
+        self._pending: dict[int, bytes] = {}
+        self._stop = False
+        self._stalled = False  # the writer thread's own: told the loop, not yet drained
+        self.dropped_frames = 0
+        self._thread = threading.Thread(target=self._run, name="stream port writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, msg_type: int, message: bytes) -> None:
+        """Queue a whole message; it replaces a waiting one of its type (a FORMAT also drops the
+        waiting frame: it has the old size, and the worker sends one of the new)."""
+        with self._cond:
+            if msg_type == p.MsgType.FORMAT:
+                if self._pending.pop(p.MsgType.DATA, None) is not None:
+                    self.dropped_frames += 1
+            elif msg_type == p.MsgType.DATA and p.MsgType.DATA in self._pending:
+                self.dropped_frames += 1
+            self._pending[msg_type] = message
+            self._cond.notify()
+
+    def drop_waiting(self) -> None:
+        """Forget what waits; the message being written still ends whole."""
+        with self._cond:
+            self._pending.clear()
+
+    def stop(self) -> None:
+        """Stop at once, even mid-message (the port is being closed: the host resets)."""
+        with self._cond:
+            self._stop = True
+            self._pending.clear()
+            self._cond.notify()
+        self._thread.join()
+
+    def _next(self) -> tuple[int, bytes] | None:
+        with self._cond:
+            while not self._stop:
+                nxt = next((t for t in ORDER if t in self._pending), None)
+                if nxt is not None:
+                    return nxt, self._pending.pop(nxt)
+                if self._stalled:
+                    self._stalled = False
+                    self._loop.call_soon_threadsafe(self._on_drained)
+                self._cond.wait()
+            return None
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._fd, select.POLLOUT)
+        while (item := self._next()) is not None:
+            msg_type, message = item
+            view = memoryview(message)
+            offset = 0
+            waiting_since: float | None = None
+            while offset < len(view):
+                if self._stop:
+                    return
+                try:
+                    n = os.write(self._fd, view[offset:])
+                except (BlockingIOError, InterruptedError):
+                    n = 0
+                except OSError as e:
+                    self._loop.call_soon_threadsafe(self._on_failed,
+                                                    f"write failed: {e.strerror}")
+                    return
+                if n:
+                    offset += n
+                    waiting_since = None
+                    continue
+                now = time.monotonic()
+                if waiting_since is None:
+                    waiting_since = now
+                elif not self._stalled and now - waiting_since >= self._stall_s:
+                    # Nothing taken for this long: the host has stopped reading.
+                    self._stalled = True
+                    self._loop.call_soon_threadsafe(self._on_stalled, now - waiting_since)
+                poller.poll(POLL_MS)
+            self._loop.call_soon_threadsafe(self._on_written, msg_type, message)
