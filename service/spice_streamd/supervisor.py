@@ -15,6 +15,7 @@ from . import errors, guestmessages, workerprocess
 from .portrelay import PortRelay
 from .restartpolicy import RestartPolicy
 from .workerchannel import WorkerChannel, socket_pair
+from .workerlog import relay_stderr
 from .workerprocess import WorkerTarget, check_target, exit_text
 
 log = logging.getLogger(__name__)
@@ -40,11 +41,23 @@ class _Worker:
         self.pid = proc.pid
         self.channel = channel
         self.started = time.monotonic()
-        self.wait_task: asyncio.Task[int] = asyncio.get_running_loop().create_task(proc.wait())
+        loop = asyncio.get_running_loop()
+        self.log_task = loop.create_task(relay_stderr(proc.stderr, str(self))) \
+            if proc.stderr is not None else None
+        self.wait_task: asyncio.Task[int] = loop.create_task(self._wait())
         self.reported = False
         self.detached = False
         self.frames_before = frames_before
         self.bytes_before = bytes_before
+
+    async def _wait(self) -> int:
+        rc = await self.proc.wait()
+        if self.log_task is not None:
+            # Its last lines (why it ended) come before the service's line about the exit; a
+            # child of its own holding the pipe must not keep us waiting.
+            await asyncio.wait({self.log_task}, timeout=1.0)
+            self.log_task.cancel()
+        return rc
 
     def __str__(self) -> str:
         return f"uid={self.target.uid} vt={self.target.vt} pid={self.pid}"

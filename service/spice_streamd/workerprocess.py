@@ -62,9 +62,6 @@ def worker_env(target: WorkerTarget) -> dict[str, str]:
         home = ""
     if home:
         env["HOME"] = home
-    # The worker writes into our stderr: under journald it may then mark its priorities.
-    if "JOURNAL_STREAM" in os.environ:
-        env["JOURNAL_STREAM"] = os.environ["JOURNAL_STREAM"]
     return env
 
 
@@ -80,9 +77,12 @@ async def spawn(argv: list[str], target: WorkerTarget, channel_fd: int) -> async
         kwargs = {"user": target.uid, "group": target.gid, "extra_groups": list(target.groups)}
     elif target.uid != os.geteuid():
         raise errors.PermissionDenied(f"not root: cannot run a worker as uid {target.uid}")
+    # stderr is a pipe the service reads (workerlog): inherited, it would be the service's own
+    # journal stream, where the worker's user could write lines that pass for the service's.
     return await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
         env=worker_env(target),
         cwd="/",
         pass_fds=(channel_fd,),
