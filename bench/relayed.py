@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "service"))
@@ -14,10 +16,36 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "service"))
 from spice_streamd.supervisor import WorkerSupervisor, WorkerTarget  # noqa: E402
 
 
+class WriteMeter:
+    """CPU spent in os.write, which in this process only the relay calls (its port writes)."""
+
+    def __init__(self) -> None:
+        self.cpu_s = 0.0
+        self.calls = 0
+        self._write = os.write
+        os.write = self.write  # type: ignore[assignment]
+
+    def write(self, fd: int, data) -> int:
+        t0 = time.thread_time()
+        try:
+            return self._write(fd, data)
+        finally:
+            self.cpu_s += time.thread_time() - t0
+            self.calls += 1
+
+
 async def run(args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    meter = WriteMeter()
+
+    def report() -> None:  # SIGUSR1: the bench reads these at the ends of its window
+        with open(args.stats + ".tmp", "w") as f:
+            json.dump({"write_cpu_s": meter.cpu_s, "writes": meter.calls}, f)
+        os.replace(args.stats + ".tmp", args.stats)
+
+    loop.add_signal_handler(signal.SIGUSR1, report)
     sup = WorkerSupervisor(device_path=args.device, fps=args.fps, quality=args.quality,
                            worker_argv=[args.worker, "--log-level", "warning"],
                            device_present=True)
@@ -34,6 +62,7 @@ def main() -> None:
     ap.add_argument("--worker", required=True)
     ap.add_argument("--fps", type=int, default=60)
     ap.add_argument("--quality", type=int, default=80)
+    ap.add_argument("--stats", required=True, help="where SIGUSR1 writes the port-write figures")
     asyncio.run(run(ap.parse_args()))
 
 
