@@ -69,3 +69,75 @@ def test_backoff_doubles_from_one_second_to_thirty_with_jitter():
     assert [shortest.next_delay() for _ in range(3)] == [0.5, 1, 2]
     longest.reset()
     assert longest.next_delay() == 1
+
+
+def test_a_background_session_registers_when_it_becomes_active(bus, logind):
+    """polkit's allow_active refuses a session in the background; its helper waits for logind to
+    say the session became active, then registers (as after a VT switch to it)."""
+    import asyncio
+    import threading
+
+    from dbus_next import Message, MessageType
+    from dbus_next.aio import MessageBus
+
+    from spice_streamd import constants
+
+    calls: list[str] = []
+    allowed = threading.Event()
+    mapped = threading.Event()  # the helper's pid is in its logind session
+    ready = threading.Event()
+    stop = threading.Event()
+
+    def fake_service() -> None:
+        async def main() -> None:
+            conn = await MessageBus(bus_address=bus.address).connect()
+
+            async def answer(msg: Message) -> None:
+                while not mapped.is_set():
+                    await asyncio.sleep(0.01)
+                if not allowed.is_set():
+                    conn.send(Message.new_error(msg, constants.ERROR_PREFIX + "PermissionDenied",
+                                                "polkit does not authorize you"))
+                else:
+                    conn.send(Message.new_method_return(msg, "u", [3]))
+
+            def handler(msg: Message):
+                if msg.member != "RegisterSession" or msg.interface != constants.INTERFACE:
+                    return None
+                calls.append(msg.sender)
+                asyncio.get_running_loop().create_task(answer(msg))
+                return True
+
+            conn.add_message_handler(handler)
+            await conn.request_name(constants.BUS_NAME)
+            ready.set()
+            while not stop.is_set():
+                await asyncio.sleep(0.02)
+            conn.disconnect()
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=fake_service, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    proc = subprocess.Popen([HELPER, "--bus", bus.address],
+                            env={"PATH": "/usr/bin:/bin", "DISPLAY": ":9",
+                                 "XAUTHORITY": "/nonexistent"},
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        logind.add_session("c3", uid=os.getuid(), vt=3, pids=[proc.pid])
+        mapped.set()
+        line = proc.stderr.readline()
+        assert "registering again when this session becomes the active one" in line, line
+        assert proc.poll() is None and len(calls) == 1
+        allowed.set()
+        logind.activate("c3")
+        line = proc.stderr.readline()
+        assert "display :9 registered: streamed while VT 3 is active" in line, line
+        assert len(calls) == 2
+    finally:
+        stop.set()
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+        thread.join(5)

@@ -25,6 +25,8 @@ from spice_streamd.constants import (
 from spice_streamd.dbusnext_compat import bus_for, describe_bus, disconnected
 from spice_streamd.untrusted import printable
 
+from .sessionwatch import ActiveWatch, own_session_path
+
 # The service is not there (yet): wait for it rather than give up.
 ABSENT_ERRORS = {
     "org.freedesktop.DBus.Error.ServiceUnknown",
@@ -39,6 +41,9 @@ CALL_TIMEOUT_S = 60.0
 # Refusals that say "not now" rather than "no": the service is busy (another user's flood, or this
 # user's own calls) or polkit/logind did not answer. Ask again, ever later, rather than give up.
 RETRY_LATER = {ERROR_PREFIX + "LimitReached", ERROR_PREFIX + "AuthorityUnavailable"}
+# polkit's allow_active refuses a session in the background (bob's, while alice's VT is shown,
+# when the service restarted): ask again when logind says this session became the active one.
+WHEN_ACTIVE = {ERROR_PREFIX + "PermissionDenied"}
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
 
@@ -94,6 +99,7 @@ class Helper:
         self._need = asyncio.Event()
         self._retry: asyncio.TimerHandle | None = None
         self._backoff = Backoff()
+        self._watch: ActiveWatch | None = None
 
     def _on_message(self, msg: Message) -> bool:
         if (msg.message_type == MessageType.SIGNAL and msg.member == "NameOwnerChanged"
@@ -159,11 +165,30 @@ class Helper:
                 f"trying again in {delay:.0f} s")
             self._retry = asyncio.get_running_loop().call_later(delay, self._need.set)
             return None
+        if name in WHEN_ACTIVE and await self._watch_session():
+            say(f"registration refused for now ({name[len(ERROR_PREFIX):]}): {text}; "
+                "registering again when this session becomes the active one")
+            return None
         if name.startswith(ERROR_PREFIX):
             say(f"registration refused ({name[len(ERROR_PREFIX):]}): {text}")
             return EXIT_REFUSED
         say(f"registration failed ({name}): {text}")
         return EXIT_REFUSED
+
+
+    async def _watch_session(self) -> bool:
+        """Start watching our logind session for becoming active; False without logind."""
+        if self._watch is None:
+            path = await own_session_path(self.bus)
+            if path is None:
+                return False
+            watch = ActiveWatch(self.bus, path, self._need.set)
+            if not await watch.start():
+                return False
+            self._watch = watch
+            if await watch.is_active():
+                self._need.set()  # it became active before the watch began: ask now
+        return True
 
 
 async def run(spec: str, display: str, xauthority: str) -> int:
