@@ -77,7 +77,7 @@ def test_a_background_session_registers_when_it_becomes_active(bus, logind):
     import asyncio
     import threading
 
-    from dbus_next import Message, MessageType
+    from dbus_next import Message
     from dbus_next.aio import MessageBus
 
     from spice_streamd import constants
