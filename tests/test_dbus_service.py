@@ -344,11 +344,20 @@ def test_helper_reregisters_with_a_restarted_service(stack):
     assert h.proc.poll() is None
 
 
-def test_helper_prints_refusal_and_exits_nonzero(stack):
+def test_helper_refused_by_polkit_waits_for_its_session_to_become_active(stack):
+    """polkit refuses spice-test-b here (no rule for it, session in the background): the helper
+    says so and waits for its logind session to become the active one, rather than exit."""
     stack.service()
     h = stack.helper("spice-test-b", "b", ":43")
+    wait_until(lambda: "becomes the active one" in h.output, what="the helper's refusal line")
+    assert "PermissionDenied" in h.output and h.proc.poll() is None
+
+
+def test_helper_prints_a_final_refusal_and_exits_nonzero(stack):
+    stack.service()
+    h = stack.helper("spice-test-a", "a", ":43", xauthority="/nonexistent/Xauthority")
     assert h.wait() != 0
-    assert "PermissionDenied" in h.output
+    assert "InvalidArgument" in h.output
 
 
 def test_helper_exits_zero_on_sigterm(stack):

@@ -88,13 +88,17 @@ def test_client_sees_the_active_session_and_follows_a_vt_switch(chain):
     wait_until(lambda: stack.prop("WorkerState") == "running" and not stack.prop("Streaming"),
                timeout=10, what="worker running, not streaming, once the client left")
 
-    # Switch to B's VT: A's worker goes, B's comes, the client sees B's screen.
+    # Switch to B's VT: B's worker (started ahead, in standby) is relayed, A's waits in standby;
+    # the client sees B's screen. No worker ever holds the port: only the service does.
     first_pid = stack.prop("WorkerPID")
     stack.logind.activate("b")
     wait_until(lambda: stack.prop("ActiveVT") == 3, what="ActiveVT 3")
     wait_until(lambda: stack.prop("WorkerPID") not in (0, first_pid), timeout=20, what="B's worker")
-    assert not os.path.exists(f"/proc/{first_pid}") or proc_ids(first_pid)["Uid"] != [a] * 4
     assert proc_ids(stack.prop("WorkerPID"))["Uid"] == [b] * 4
+    port = os.path.realpath(host.pty_path)
+    for pid in (first_pid, stack.prop("WorkerPID")):
+        fds = [os.path.realpath(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        assert port not in fds, f"worker {pid} holds the port"
     grab = host.grab(timeout=30)
     assert psnr(grab.image, picture_b) > 30, "after the switch the client does not see session B"
 

@@ -105,6 +105,9 @@ class FakeSupervisor:
     def set_device_present(self, p, path=None):
         self.present.append(p)
 
+    def set_standby(self, targets):
+        self.standby = list(targets)
+
 
 def test_coordinator_follows_vt_registry_and_device():
     registry = SessionRegistry()
@@ -115,8 +118,9 @@ def test_coordinator_follows_vt_registry_and_device():
     assert c.idle()
     registry.add(reg(":1.1", 1000, 3))
     assert sup.targets == []  # VT 3 is not active
+    assert sup.standby == [(1000, 3)]  # its worker is kept started, not relayed
     vt.set(3)
-    assert sup.targets == [(1000, 3)]
+    assert sup.targets == [(1000, 3)] and sup.standby == []
     dev.set(True)
     assert sup.present == [False, True]
     assert not c.idle()

@@ -676,3 +676,42 @@ asyncio.run(main())
         if service.poll() is None:
             service.kill()
             service.wait()
+
+
+def test_standby_worker_is_relayed_on_a_switch_without_a_start(workdir, pty_device):
+    """Registered sessions on other VTs have their worker started ahead, holding only a socket;
+    a switch relays it at once (no process start) and the one switched away from waits in standby."""
+    _, script, rec = workdir
+    host = Host(pty_device[1])
+
+    async def run():
+        sup, _ = make(script, rec, pty_device[0], "chatty")
+        try:
+            sup.set_target(NOBODY)
+            sup.set_standby([NOBODY, OTHER])  # the active one in the list is ignored
+            await wait_async(lambda: len(records(rec)) == 2, what="active and standby workers")
+            by_uid = {r["resuid"][0]: r for r in records(rec)}
+            host.send(p.capabilities(b"") + p.start_stop([1]))
+            await wait_async(lambda: host.frames(), timeout=10, what="frames from the active one")
+            standby = by_uid[12345]
+            assert of_pid(rec, "heard", standby["pid"]) is None  # told nothing: not relayed
+            assert sup.status["pid"] == by_uid[65534]["pid"]
+
+            sup.set_target(OTHER)
+            sup.set_standby([NOBODY, OTHER])
+            await wait_async(lambda: sup.status["pid"] == standby["pid"], what="the switch")
+            n = len(host.frames())
+            await wait_async(lambda: len(host.frames()) > n, timeout=10, what="its frames")
+            assert len(records(rec)) == 2  # nobody was started for the switch
+            first = by_uid[65534]["pid"]
+            assert alive(first)  # waiting in standby
+            heard = of_pid(rec, "heard", first)
+            assert (heard[-1][0], heard[-1][1]) == (p.MsgType.START_STOP, "00")  # told to stop
+
+            sup.set_standby([OTHER])  # the first session ended
+            await wait_async(lambda: not alive(first), what="the ended session's worker to go")
+        finally:
+            await sup.close()
+        assert not any(alive(r["pid"]) for r in records(rec))
+
+    asyncio.run(run())

@@ -32,6 +32,8 @@ class _Supervisor(Protocol):
 
     def set_device_present(self, present: bool, path: str | None = None) -> None: ...
 
+    def set_standby(self, targets: list[Any]) -> None: ...
+
 
 def target_of(reg: Registration | None):
     """The supervisor's WorkerTarget for a registration (imported late: supervisor is C2's module)."""
@@ -82,6 +84,9 @@ class Coordinator:
             except ServiceError as exc:
                 # A target the supervisor refuses (e.g. a root group) must not stop the service.
                 log.warning("not streaming uid %d on VT %d: %s", reg.uid, reg.vt, exc)
+        # The other registered sessions' workers are kept started: a switch then costs no start.
+        self.supervisor.set_standby([self._make_target(r) for r in self.registry.all()
+                                     if r is not reg])
         self.notify()
 
     def notify(self) -> None:

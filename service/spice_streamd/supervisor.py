@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from spice_stream_worker import protocol as p
+
 from . import errors, guestmessages, workerprocess
 from .portrelay import PortRelay
 from .restartpolicy import RestartPolicy
@@ -47,6 +49,7 @@ class _Worker:
         self.wait_task: asyncio.Task[int] = loop.create_task(self._wait())
         self.reported = False
         self.detached = False
+        self.caps: Any = None  # its CAPABILITIES, kept while it waits in standby
         self.frames_before = frames_before
         self.bytes_before = bytes_before
 
@@ -108,9 +111,15 @@ class WorkerSupervisor:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._worker: _Worker | None = None
+        # Workers of the other registered sessions, started ahead and holding only their socket:
+        # switching to one of them costs no process start (seconds on a slow guest).
+        self._standby_targets: frozenset[WorkerTarget] = frozenset()
+        self._standby: dict[WorkerTarget, _Worker] = {}
+        self._standby_failed: set[WorkerTarget] = set()
         # What the reconciling task would say before it first runs (no target yet).
         self._state = "idle" if self._device_present else "no-device"
         self._frames_expected_since: float | None = None
+        self._spawn_error = ""
         self._last_notified: dict[str, Any] | None = None
 
     # ---- public API -------------------------------------------------------------------------
@@ -163,6 +172,21 @@ class WorkerSupervisor:
         self._policy.reset()
         self._kick()
 
+    def set_standby(self, targets: list[WorkerTarget]) -> None:
+        """The other registered sessions: their workers are kept started, not relayed."""
+        allowed = set()
+        for t in targets:
+            try:
+                check_target(t)
+            except errors.ServiceError:
+                continue
+            allowed.add(t)
+        wanted = frozenset(allowed)
+        if wanted != self._standby_targets:
+            self._standby_targets = wanted
+            self._standby_failed &= wanted
+            self._kick()
+
     def set_device_present(self, present: bool, path: str | None = None) -> None:
         """path: where the port was found (DeviceWatch.node), when that differs from before."""
         present = bool(present)
@@ -189,6 +213,8 @@ class WorkerSupervisor:
             self._task = None
         if self._worker is not None:  # the task died: still never leave a worker behind
             await self._stop_worker("service stopping")
+        for t in list(self._standby):
+            await self._stop_standby(t, "service stopping")
         self.relay.stop("service stopping")
 
     # ---- the reconciling task ---------------------------------------------------------------
@@ -206,6 +232,9 @@ class WorkerSupervisor:
             desired = self._target if (self._device_present and not self._closing) else None
             w = self._worker
             if w is not None and w.target != desired:
+                if w.target in self._standby_wanted() and not w.wait_task.done():
+                    self._demote(w)
+                    continue
                 reason = "service stopping" if self._closing else (
                     "device gone" if not self._device_present else
                     "target changed" if self._target else "no active session")
@@ -213,6 +242,9 @@ class WorkerSupervisor:
                 continue
             if self._closing:
                 return
+            settled = desired is None or (w is not None and w.target == desired)
+            if settled and await self._reconcile_standby():
+                continue
             if not self._device_present:
                 self.relay.stop("device absent")
                 self._set_state("no-device")
@@ -227,10 +259,17 @@ class WorkerSupervisor:
                         self._set_state("backoff")
                         await self._wait(delay)
                         continue
-                    await self._start_worker(desired)
+                    ready = self._standby.pop(desired, None)
+                    if ready is not None and not ready.wait_task.done():
+                        self._promote(ready)
+                    else:
+                        if ready is not None:
+                            await self._stop_standby_worker(ready, "it had exited")
+                        await self._start_worker(desired)
                     continue
             else:
-                await self._wait(TICK_S, w.wait_task)
+                await self._wait(TICK_S, w.wait_task,
+                                 *(sw.wait_task for sw in self._standby.values()))
                 still_wanted = self._target if self._device_present else None
                 if self._worker is not w or w.target != still_wanted:
                     continue  # the next round stops it (or notes that it already exited)
@@ -244,7 +283,70 @@ class WorkerSupervisor:
                 else:
                     self._notify()
                 continue
-            await self._wait(None)
+            await self._wait(None, *(sw.wait_task for sw in self._standby.values()))
+
+    def _standby_wanted(self) -> frozenset[WorkerTarget]:
+        if self._closing or not self._device_present:
+            return frozenset()
+        return self._standby_targets - {self._target}
+
+    async def _reconcile_standby(self) -> bool:
+        """Start and stop standby workers to match the wanted set; True if anything changed."""
+        wanted = self._standby_wanted()
+        for t, sw in list(self._standby.items()):
+            if t not in wanted:
+                await self._stop_standby(t, "no longer registered" if t not in
+                                         self._standby_targets else "not needed")
+                return True
+            if sw.wait_task.done():
+                # Not restarted while in standby: the switch to its session starts it again.
+                self._standby_failed.add(t)
+                await self._stop_standby(t, "it exited")
+                return True
+        for t in wanted:
+            if t not in self._standby and t not in self._standby_failed:
+                sw = await self._spawn(t)
+                if sw is None:
+                    self._standby_failed.add(t)
+                else:
+                    self._standby[t] = sw
+                    log.info("standby worker started %s display=%s", sw, t.display)
+                return True
+        return False
+
+    async def _stop_standby(self, target: WorkerTarget, reason: str) -> None:
+        sw = self._standby.pop(target)
+        await self._stop_standby_worker(sw, reason)
+
+    async def _stop_standby_worker(self, sw: _Worker, reason: str) -> None:
+        sw.detached = True
+        rc, _ = await workerprocess.end(sw.proc, sw.wait_task, self._grace_s)
+        sw.channel.close()
+        log.info("standby worker stopped %s (%s): %s", sw, reason, exit_text(rc))
+
+    def _promote(self, w: _Worker, fresh: bool = False) -> None:
+        """A worker becomes the relayed one; from standby, a switch costs no process start."""
+        w.detached = False
+        w.frames_before, w.bytes_before = self.relay.frames, self.relay.bytes
+        self._worker = w
+        self._frames_expected_since = None
+        self.relay.start()
+        self.relay.attach(w.channel.send)
+        if w.caps is not None:
+            self.relay.submit(w.caps)
+        if not fresh:
+            log.info("worker relayed %s (it was in standby)", w)
+        self._set_state("running" if w.reported else "starting")
+
+    def _demote(self, w: _Worker) -> None:
+        """The relayed worker's session is no longer active but still registered: it stops
+        streaming and waits in standby for its session to come back."""
+        self.relay.detach()
+        self._worker = None
+        w.channel.send(p.start_stop(()))
+        self._standby[w.target] = w
+        log.info("worker %s in standby (its VT is no longer active)", w)
+        self._notify()
 
     async def _wait(self, timeout: float | None, *others: asyncio.Future[Any]) -> None:
         wake = asyncio.get_running_loop().create_task(self._wake.wait())
@@ -275,23 +377,20 @@ class WorkerSupervisor:
         return [*self._argv, "--device-fd", str(channel_fd),
                 "--fps", str(self._fps), "--quality", str(self._quality)]
 
-    async def _start_worker(self, target: WorkerTarget) -> None:
-        self.relay.start()
-        if not self.relay.is_open:
-            self._failure(target, f"cannot open the stream port {self.relay.path}", 0.0)
-            return
+    async def _spawn(self, target: WorkerTarget) -> _Worker | None:
+        """A started worker with its socket, relayed to nothing yet; None (logged) on failure."""
         ours, theirs = socket_pair()
         try:
             proc = await workerprocess.spawn(self._worker_argv(theirs.fileno()), target,
                                              theirs.fileno())
         except errors.ServiceError as e:
             ours.close()
-            self._failure(target, str(e), 0.0)
-            return
+            self._spawn_error = str(e)
+            return None
         except (OSError, ValueError, subprocess.SubprocessError) as e:
             ours.close()
-            self._failure(target, f"cannot start worker: {e}", 0.0)
-            return
+            self._spawn_error = f"cannot start worker: {e}"
+            return None
         finally:
             theirs.close()
         label = f"worker uid={target.uid} vt={target.vt} pid={proc.pid}"
@@ -303,19 +402,30 @@ class WorkerSupervisor:
             deliver=lambda msg: self._from_worker(holder[0], msg),
             on_closed=self._wake.set)
         worker = _Worker(target, proc, channel, self.relay.frames, self.relay.bytes)
+        worker.detached = True
         holder.append(worker)
-        self._worker = worker
-        self._frames_expected_since = None
-        self.relay.attach(channel.send)
+        return worker
+
+    async def _start_worker(self, target: WorkerTarget) -> None:
+        self.relay.start()
+        if not self.relay.is_open:
+            self._failure(target, f"cannot open the stream port {self.relay.path}", 0.0)
+            return
+        worker = await self._spawn(target)
+        if worker is None:
+            self._failure(target, self._spawn_error, 0.0)
+            return
         log.info("worker started uid=%d vt=%d pid=%d display=%s",
                  target.uid, target.vt, worker.pid, target.display)
-        self._set_state("starting")
+        self._promote(worker, fresh=True)
 
     def _from_worker(self, w: _Worker, msg: Any) -> None:
+        if msg.type == p.MsgType.CAPABILITIES:
+            w.caps = msg  # sent once at its start: kept for when it is relayed
+        first, w.reported = not w.reported, True
         if self._worker is not w or w.detached:
             return
-        if not w.reported:
-            w.reported = True
+        if first:
             log.info("worker running %s", w)
             self._set_state("running")
         self.relay.submit(msg)
