@@ -407,7 +407,10 @@ def test_maintainer_scripts_on_a_running_system(control_dir: Path, tmp_path: Pat
                          "systemctl stop spice-streamd.service", "py3clean -p spice-streamd"], arg
     rc, calls, err = run_script(control_dir, tmp_path, "postrm", "remove", running=True)
     assert rc == 0, err
-    assert calls == ["systemctl --system daemon-reload", "udevadm control --reload", reload_bus]
+    # A helper may have activated the service again between prerm and the files' removal.
+    assert calls == ["systemctl --system daemon-reload", "udevadm control --reload", reload_bus,
+                     "systemctl stop spice-streamd.service",
+                     "systemctl reset-failed spice-streamd.service"]
 
 
 def test_maintainer_scripts_in_a_chroot_do_nothing_to_services(control_dir: Path, tmp_path: Path,
