@@ -715,3 +715,25 @@ def test_standby_worker_is_relayed_on_a_switch_without_a_start(workdir, pty_devi
         assert not any(alive(r["pid"]) for r in records(rec))
 
     asyncio.run(run())
+
+
+def test_worker_that_never_says_a_word_gets_several_periods_then_a_restart(workdir, pty_device):
+    """A worker still starting is not stuck; one that never sends anything for three watchdog
+    periods while the host asks for frames is."""
+    _, script, rec = workdir
+    host = Host(pty_device[1])
+
+    async def run():
+        sup, _ = make(script, rec, pty_device[0], "sleep", watchdog_s=0.5)
+        try:
+            sup.set_target(NOBODY)
+            first = (await wait_async(lambda: records(rec), what="worker"))[0]
+            host.send(p.start_stop([1]))
+            started = time.monotonic()
+            await wait_async(lambda: len(records(rec)) == 2, timeout=15, what="a restart")
+            assert time.monotonic() - started >= 1.0  # not after one period
+            assert not alive(first["pid"]) and "sent no frame" in sup.status["last_error"]
+        finally:
+            await sup.close()
+
+    asyncio.run(run())

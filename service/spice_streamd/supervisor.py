@@ -29,6 +29,7 @@ TICK_S = 1.0
 WATCHDOG_S = 10.0
 # "Streaming" means frames reached the host this recently.
 STREAMING_WINDOW_S = 5.0
+STARTUP_PERIODS = 3
 
 __all__ = ["STATES", "WorkerSupervisor", "WorkerTarget", "check_target"]
 
@@ -50,6 +51,7 @@ class _Worker:
         self.reported = False
         self.detached = False
         self.caps: Any = None  # its CAPABILITIES, kept while it waits in standby
+        self.first_message_at: float | None = None
         self.frames_before = frames_before
         self.bytes_before = bytes_before
 
@@ -365,7 +367,11 @@ class WorkerSupervisor:
             return False
         if self._frames_expected_since is None:
             self._frames_expected_since = now
-        since = max(self._frames_expected_since, w.started)
+        if w.first_message_at is None:
+            # Still starting (an interpreter start takes seconds on a slow guest): only a worker
+            # that never says a word for several periods is stuck.
+            return now - w.started > STARTUP_PERIODS * self._watchdog_s
+        since = max(self._frames_expected_since, w.first_message_at)
         last = w.channel.last_frame_at
         if last is not None:
             since = max(since, last)
@@ -423,6 +429,8 @@ class WorkerSupervisor:
         if msg.type == p.MsgType.CAPABILITIES:
             w.caps = msg  # sent once at its start: kept for when it is relayed
         first, w.reported = not w.reported, True
+        if first:
+            w.first_message_at = time.monotonic()
         if self._worker is not w or w.detached:
             return
         if first:
