@@ -33,6 +33,8 @@ import json, os, select, signal, socket, stat, struct, sys, time
 sys.path.insert(0, sys.argv[3])
 from spice_stream_worker import protocol as p
 mode, rec = sys.argv[1], sys.argv[2]
+if "/" in mode:  # "A/B": mode A as nobody, B as any other uid
+    mode = mode.split("/")[0 if os.getuid() == 65534 else 1]
 args = sys.argv[4:]
 opt = dict(zip(args[::2], args[1::2]))
 dev = int(opt["--device-fd"])
@@ -733,6 +735,32 @@ def test_worker_that_never_says_a_word_gets_several_periods_then_a_restart(workd
             await wait_async(lambda: len(records(rec)) == 2, timeout=15, what="a restart")
             assert time.monotonic() - started >= 1.0  # not after one period
             assert not alive(first["pid"]) and "sent no frame" in sup.status["last_error"]
+        finally:
+            await sup.close()
+
+    asyncio.run(run())
+
+
+def test_streaming_is_this_workers_frames_not_the_last_ones(workdir, pty_device):
+    """After a switch, Streaming stays false until the new worker's own frames reach the host:
+    the frames the previous worker sent a moment ago do not count."""
+    _, script, rec = workdir
+    host = Host(pty_device[1])
+
+    async def run():
+        sup, _ = make(script, rec, pty_device[0], "chatty/silent", watchdog_s=30)
+        try:
+            sup.set_target(NOBODY)
+            first = (await wait_async(lambda: records(rec), what="worker"))[0]
+            host.send(p.start_stop([1]))
+            await wait_async(lambda: sup.status["streaming"], timeout=10, what="streaming")
+            sup.set_target(OTHER)
+            await wait_async(lambda: sup.status["pid"] not in (0, first["pid"])
+                             and sup.status["state"] == "running",
+                             timeout=10, what="the silent worker running")
+            host.read()
+            assert sup.relay.frame_age() < 5  # the first worker's frames are recent...
+            assert not sup.status["streaming"]  # ...but not this worker's
         finally:
             await sup.close()
 

@@ -61,6 +61,11 @@ class PortRelay:
         self._caps_written: bytes | None = None
         self.frames = 0
         self.bytes = 0
+        # The attached worker's own: each attach starts a new generation, and a frame of the
+        # previous worker that was still being written does not count for the next one.
+        self._generation = 0
+        self.attached_frames = 0
+        self.attached_bytes = 0
         self._frame_times: deque[float] = deque(maxlen=512)
         self._host_log = LogLimiter(log, HOST_LOG_INTERVAL_S)
 
@@ -237,6 +242,8 @@ class PortRelay:
     def attach(self, sink: Sink) -> None:
         """From now on host messages go to `sink`; it is told the host's state at once."""
         self._sink = sink
+        self._generation += 1
+        self.attached_frames = self.attached_bytes = 0
         if self._writer is not None:
             self._writer.drop_waiting()
         self.format_sent = False
@@ -250,6 +257,7 @@ class PortRelay:
     def detach(self) -> None:
         """Forget the worker and what it queued; the message being written still ends whole."""
         self._sink = None
+        self._generation += 1
         if self._writer is not None:
             self._writer.drop_waiting()
         self.format_sent = False
@@ -267,19 +275,22 @@ class PortRelay:
             return
         if msg.type == p.MsgType.FORMAT:
             self.format_sent = True
-        self._writer.submit(msg.type, p.encode(msg.type, msg.payload))
+        self._writer.submit(msg.type, p.encode(msg.type, msg.payload), self._generation)
 
     @property
     def dropped_frames(self) -> int:
         """Frames replaced by a newer one before the host took them."""
         return self._dropped_before + (self._writer.dropped_frames if self._writer else 0)
 
-    def _written(self, msg_type: int, message: bytes) -> None:
+    def _written(self, msg_type: int, message: bytes, generation: int) -> None:
         if msg_type == p.MsgType.DATA:
             now = time.monotonic()
             first = not self._frame_times or now - self._frame_times[-1] > FPS_WINDOW_S
             self.frames += 1
             self.bytes += len(message)
+            if generation == self._generation:
+                self.attached_frames += 1
+                self.attached_bytes += len(message)
             self._frame_times.append(now)
             if first:
                 self._changed()

@@ -29,7 +29,7 @@ class PortWriter:
     """
 
     def __init__(self, fd: int, *, loop: asyncio.AbstractEventLoop, stall_s: float,
-                 on_written: Callable[[int, bytes], None],
+                 on_written: Callable[[int, bytes, int], None],
                  on_stalled: Callable[[float], None],
                  on_drained: Callable[[], None],
                  on_failed: Callable[[str], None]) -> None:
@@ -41,23 +41,24 @@ class PortWriter:
         self._on_drained = on_drained
         self._on_failed = on_failed
         self._cond = threading.Condition()
-        self._pending: dict[int, bytes] = {}
+        self._pending: dict[int, tuple[bytes, int]] = {}
         self._stop = False
         self._stalled = False  # the writer thread's own: told the loop, not yet drained
         self.dropped_frames = 0
         self._thread = threading.Thread(target=self._run, name="stream port writer", daemon=True)
         self._thread.start()
 
-    def submit(self, msg_type: int, message: bytes) -> None:
+    def submit(self, msg_type: int, message: bytes, tag: int = 0) -> None:
         """Queue a whole message; it replaces a waiting one of its type (a FORMAT also drops the
-        waiting frame: it has the old size, and the worker sends one of the new)."""
+        waiting frame: it has the old size, and the worker sends one of the new). `tag` comes back
+        with on_written (whose message it was)."""
         with self._cond:
             if msg_type == p.MsgType.FORMAT:
                 if self._pending.pop(p.MsgType.DATA, None) is not None:
                     self.dropped_frames += 1
             elif msg_type == p.MsgType.DATA and p.MsgType.DATA in self._pending:
                 self.dropped_frames += 1
-            self._pending[msg_type] = message
+            self._pending[msg_type] = (message, tag)
             self._cond.notify()
 
     def drop_waiting(self) -> None:
@@ -73,7 +74,7 @@ class PortWriter:
             self._cond.notify()
         self._thread.join()
 
-    def _next(self) -> tuple[int, bytes] | None:
+    def _next(self) -> tuple[int, tuple[bytes, int]] | None:
         with self._cond:
             while not self._stop:
                 nxt = next((t for t in ORDER if t in self._pending), None)
@@ -89,7 +90,7 @@ class PortWriter:
         poller = select.poll()
         poller.register(self._fd, select.POLLOUT)
         while (item := self._next()) is not None:
-            msg_type, message = item
+            msg_type, (message, tag) = item
             view = memoryview(message)
             offset = 0
             waiting_since: float | None = None
@@ -116,4 +117,4 @@ class PortWriter:
                     self._stalled = True
                     self._loop.call_soon_threadsafe(self._on_stalled, now - waiting_since)
                 poller.poll(POLL_MS)
-            self._loop.call_soon_threadsafe(self._on_written, msg_type, message)
+            self._loop.call_soon_threadsafe(self._on_written, msg_type, message, tag)

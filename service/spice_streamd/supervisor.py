@@ -38,7 +38,7 @@ class _Worker:
     """One running worker: its process and the service's end of its socket."""
 
     def __init__(self, target: WorkerTarget, proc: asyncio.subprocess.Process,
-                 channel: WorkerChannel, frames_before: int, bytes_before: int) -> None:
+                 channel: WorkerChannel) -> None:
         self.target = target
         self.proc = proc
         self.pid = proc.pid
@@ -52,8 +52,6 @@ class _Worker:
         self.detached = False
         self.caps: Any = None  # its CAPABILITIES, kept while it waits in standby
         self.first_message_at: float | None = None
-        self.frames_before = frames_before
-        self.bytes_before = bytes_before
 
     async def _wait(self) -> int:
         rc = await self.proc.wait()
@@ -139,16 +137,17 @@ class WorkerSupervisor:
         w = self._worker
         running = self._state == "running" and w is not None
         age = self.relay.frame_age()
+        # Frames of this worker, not of the one before a switch, reached the host recently.
         streaming = (running and self.relay.host_wants_frames and age is not None
-                     and age <= STREAMING_WINDOW_S)
+                     and age <= STREAMING_WINDOW_S and self.relay.attached_frames > 0)
         return {
             "state": self._state,
             "vt": t.vt if t else 0,
             "uid": t.uid if t else -1,
             "pid": w.pid if w else 0,
             "streaming": bool(streaming),
-            "frames": self.relay.frames - w.frames_before if running else 0,
-            "bytes": self.relay.bytes - w.bytes_before if running else 0,
+            "frames": self.relay.attached_frames if running else 0,
+            "bytes": self.relay.attached_bytes if running else 0,
             "fps": round(self.relay.fps(), 1) if streaming else 0.0,
             "restarts": self._policy.restarts,
             "last_error": self._policy.last_error,
@@ -329,7 +328,6 @@ class WorkerSupervisor:
     def _promote(self, w: _Worker, fresh: bool = False) -> None:
         """A worker becomes the relayed one; from standby, a switch costs no process start."""
         w.detached = False
-        w.frames_before, w.bytes_before = self.relay.frames, self.relay.bytes
         self._worker = w
         self._frames_expected_since = None
         self.relay.start()
@@ -407,7 +405,7 @@ class WorkerSupervisor:
                                                     self.relay.format_sent),
             deliver=lambda msg: self._from_worker(holder[0], msg),
             on_closed=self._wake.set)
-        worker = _Worker(target, proc, channel, self.relay.frames, self.relay.bytes)
+        worker = _Worker(target, proc, channel)
         worker.detached = True
         holder.append(worker)
         return worker
