@@ -36,7 +36,6 @@ ABSENT_ERRORS = {
     "org.freedesktop.DBus.Error.Spawn.ServiceNotFound",
     "org.freedesktop.DBus.Error.TimedOut",
 }
-RETRY_AFTER_LOSS_S = 2.0
 CALL_TIMEOUT_S = 60.0
 # Refusals that say "not now" rather than "no": the service is busy (another user's flood, or this
 # user's own calls) or polkit/logind did not answer. Ask again, ever later, rather than give up.
@@ -111,10 +110,10 @@ class Helper:
                 self._backoff.reset()
                 self._need.set()
             else:
+                # No call now: it would activate the service again behind an administrator's
+                # `systemctl stop` or a package removal. A crash is systemd's to restart
+                # (Restart=on-failure); the service's return is signalled above.
                 say("the service stopped: registering again once it is back")
-                # Asking again lets the bus activate it, if it can.
-                loop = asyncio.get_running_loop()
-                self._retry = loop.call_later(RETRY_AFTER_LOSS_S, self._need.set)
         return False
 
     async def _call_bus(self, member: str, body: list) -> Message:
