@@ -165,8 +165,17 @@ class Helper:
             self._retry = asyncio.get_running_loop().call_later(delay, self._need.set)
             return None
         if name in WHEN_ACTIVE and await self._watch_session():
-            say(f"registration refused for now ({name[len(ERROR_PREFIX):]}): {text}; "
-                "registering again when this session becomes the active one")
+            assert self._watch is not None
+            if await self._watch.is_active():
+                # Active, yet refused: polkit may not have seen the switch logind just told us
+                # about. Ask again shortly, ever later.
+                delay = self._backoff.next_delay()
+                say(f"registration refused ({name[len(ERROR_PREFIX):]}) although this session "
+                    f"is active: {text}; trying again in {delay:.1f} s")
+                self._retry = asyncio.get_running_loop().call_later(delay, self._need.set)
+            else:
+                say(f"registration refused for now ({name[len(ERROR_PREFIX):]}): {text}; "
+                    "registering again when this session becomes the active one")
             return None
         if name.startswith(ERROR_PREFIX):
             say(f"registration refused ({name[len(ERROR_PREFIX):]}): {text}")
