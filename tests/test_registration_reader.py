@@ -11,7 +11,7 @@ import time
 import pytest
 
 from spice_streamd.caller import Caller
-from spice_streamd.errors import InvalidArgument
+from spice_streamd.errors import AuthorityUnavailable, InvalidArgument
 from spice_streamd.verifier import read_as_caller
 
 NOBODY = Caller(sender=":1.99", uid=65534, pid=1, gid=65534, groups=())
@@ -157,3 +157,13 @@ def test_a_reader_that_hands_its_pipes_to_an_escaped_process_does_not_hold_the_s
                 os.kill(int(escaped), 9)
             except ProcessLookupError:
                 pass
+
+
+def test_a_slow_reader_is_a_refusal_for_now_not_for_good(public_dir):
+    """A reader that does not finish in time (a slow guest, a busy disk) gives AuthorityUnavailable,
+    which the helper retries, not InvalidArgument, which it would take as final."""
+    p = own(write(os.path.join(public_dir, "xa"), b"x"))
+    t0 = time.monotonic()
+    with pytest.raises(AuthorityUnavailable, match="took longer than 0.5 s"):
+        asyncio.run(read_as_caller(NOBODY, p, timeout=0.5, reader=("/bin/sh", "-c", "sleep 30", "reader")))
+    assert time.monotonic() - t0 < 5

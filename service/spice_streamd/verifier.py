@@ -12,13 +12,16 @@ from typing import Protocol
 
 from . import constants
 from .caller import Caller
-from .errors import InvalidArgument, NotInSession
+from .errors import AuthorityUnavailable, InvalidArgument, NotInSession
 from .readfile import EXIT_REFUSED
 from .sessions import Registration
 from .untrusted import shown
 from .xauthority import MAX_XAUTHORITY_BYTES, display_number, require_cookie_for
 
-READ_TIMEOUT_S = 5.0
+# The reader is a Python interpreter started as the caller: seconds on a guest emulated
+# instruction by instruction, or while the session's login keeps the disk busy (seen in the
+# real-VM suite at 5 s).
+READ_TIMEOUT_S = 15.0
 # The reader runs as the caller, so the caller can replace or drive it (ptrace): read no more than
 # a file we would accept plus one byte, and a line or so of its reason for refusing.
 MAX_REASON_BYTES = 4096
@@ -94,8 +97,9 @@ async def read_as_caller(caller: Caller, path: str, timeout: float = READ_TIMEOU
     try:
         out, err = await asyncio.wait_for(collect(), timeout)
     except TimeoutError:
-        raise InvalidArgument(f"reading the Xauthority file {shown(path)} took longer than "
-                              f"{timeout:g} s") from None
+        # "Not now" rather than "no": a helper asks again later (a slow start, a busy disk).
+        raise AuthorityUnavailable(f"reading the Xauthority file {shown(path)} took longer "
+                                   f"than {timeout:g} s") from None
     finally:
         if proc.returncode is None:
             kill()
