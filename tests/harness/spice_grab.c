@@ -13,11 +13,21 @@
  *   CURSOR_SET <w> <h> <hot_x> <hot_y> [file=<path>]
  *   CURSOR_MOVE <x> <y>
  *   SAVED <path> <w> <h>
+ *   CHANNEL <type> <id>              a display or cursor channel the server offers
  *   ERROR <text>
  * exit: 0 saved (and cursor seen if asked), 1 connection failed, 2 timed out.
  *
  * Usage: spice_grab -h HOST -p PORT -o OUT.ppm [-t SECONDS] [-n FRAMES]
- *                   [--cursor-out RAW] [--wait-cursor]
+ *                   [--cursor-out RAW] [--wait-cursor] [--channel-id N] [--serve]
+ *
+ * --channel-id N picks the display (and cursor) channel to watch, default 0. A QEMU VM with a
+ * QXL card and a stream device offers two: QXL's is 0, the stream device's a later id.
+ *
+ * --serve keeps the client connected after the first picture is saved (a viewer, so the server
+ * keeps streaming) and reads commands on stdin, one per line:
+ *   save <path>     write the current picture:  SAVED <path> <w> <h> <invalidations so far>
+ *   quit            disconnect and exit 0 (so does end of input)
+ * -t then bounds the whole session. FRAME lines stop after the first save.
  */
 #include <spice-client.h>
 #include <stdio.h>
@@ -31,6 +41,9 @@ static gchar *cursor_path;
 static gint timeout_s = 20;
 static gint want_frames = 1;
 static gboolean wait_cursor;
+static gint channel_id = 0;
+static gboolean serve;
+static guint invalidations;
 
 static GMainLoop *loop;
 static int exit_code = 2;
@@ -55,7 +68,7 @@ static void maybe_finish(void)
 {
     if (saved && (!wait_cursor || cursor_seen)) {
         exit_code = 0;
-        g_main_loop_quit(loop);
+        if (!serve) g_main_loop_quit(loop);
     }
 }
 
@@ -107,6 +120,7 @@ static void on_primary_create(SpiceChannel *channel, gint format, gint width, gi
 static void on_invalidate(SpiceChannel *channel, gint x, gint y, gint w, gint h, gpointer data)
 {
     (void)data;
+    invalidations++;
     if (saved) return;
     SpiceDisplayPrimary p;
     if (!spice_display_channel_get_primary(channel, 0, &p) || p.format != SPICE_SURFACE_FMT_32_xRGB) {
@@ -171,24 +185,66 @@ static void on_channel_new(SpiceSession *session, SpiceChannel *channel, gpointe
     (void)data;
     int id;
     g_object_get(channel, "channel-id", &id, NULL);
+    if (SPICE_IS_DISPLAY_CHANNEL(channel)) {
+        emit("CHANNEL display %d", id);
+    } else if (SPICE_IS_CURSOR_CHANNEL(channel)) {
+        emit("CHANNEL cursor %d", id);
+    }
     if (SPICE_IS_MAIN_CHANNEL(channel)) {
         g_signal_connect(channel, "channel-event", G_CALLBACK(on_main_event), NULL);
-    } else if (SPICE_IS_DISPLAY_CHANNEL(channel) && id == 0) {
+    } else if (SPICE_IS_DISPLAY_CHANNEL(channel) && id == channel_id) {
         display = channel;
         g_signal_connect(channel, "display-primary-create", G_CALLBACK(on_primary_create), NULL);
         g_signal_connect(channel, "display-invalidate", G_CALLBACK(on_invalidate), NULL);
         spice_channel_connect(channel);
-    } else if (SPICE_IS_CURSOR_CHANNEL(channel) && id == 0) {
+    } else if (SPICE_IS_CURSOR_CHANNEL(channel) && id == channel_id) {
         g_signal_connect(channel, "cursor-set", G_CALLBACK(on_cursor_set), NULL);
         g_signal_connect(channel, "cursor-move", G_CALLBACK(on_cursor_move), NULL);
         spice_channel_connect(channel);
     }
 }
 
+static gboolean on_stdin(GIOChannel *source, GIOCondition cond, gpointer data)
+{
+    (void)cond;
+    (void)data;
+    gchar *line = NULL;
+    gsize len = 0;
+    GIOStatus st = g_io_channel_read_line(source, &line, &len, NULL, NULL);
+    if (st == G_IO_STATUS_AGAIN) return G_SOURCE_CONTINUE;
+    if (st != G_IO_STATUS_NORMAL || !line) {
+        exit_code = saved ? 0 : exit_code;
+        g_main_loop_quit(loop);
+        return G_SOURCE_REMOVE;
+    }
+    g_strstrip(line);
+    if (g_str_has_prefix(line, "save ")) {
+        SpiceDisplayPrimary p;
+        const gchar *path = line + 5;
+        if (!display || !spice_display_channel_get_primary(display, 0, &p)
+            || p.format != SPICE_SURFACE_FMT_32_xRGB) {
+            emit("ERROR no picture to save");
+        } else {
+            gchar *old = out_path;
+            out_path = (gchar *)path;
+            if (save_ppm(&p)) emit("SAVED %s %d %d %u", path, p.width, p.height, invalidations);
+            out_path = old;
+        }
+    } else if (g_strcmp0(line, "quit") == 0) {
+        exit_code = 0;
+        g_main_loop_quit(loop);
+    } else if (*line) {
+        emit("ERROR unknown command %s", line);
+    }
+    g_free(line);
+    return G_SOURCE_CONTINUE;
+}
+
 static gboolean on_timeout(gpointer data)
 {
     (void)data;
-    emit("ERROR timed out after %d s (frames=%d cursor=%d)", timeout_s, frames, cursor_seen);
+    emit("ERROR timed out after %d s (frames=%d cursor=%d channel=%d%s)", timeout_s, frames,
+         cursor_seen, channel_id, display ? "" : " not offered");
     exit_code = 2;
     g_main_loop_quit(loop);
     return G_SOURCE_REMOVE;
@@ -202,6 +258,9 @@ static GOptionEntry entries[] = {
     {"frames", 'n', 0, G_OPTION_ARG_INT, &want_frames, "save at the Nth non-black frame", "N"},
     {"cursor-out", 0, 0, G_OPTION_ARG_FILENAME, &cursor_path, "raw RGBA of the cursor", "PATH"},
     {"wait-cursor", 0, 0, G_OPTION_ARG_NONE, &wait_cursor, "also wait for a cursor", NULL},
+    {"channel-id", 0, 0, G_OPTION_ARG_INT, &channel_id, "display/cursor channel id (default 0)",
+     "N"},
+    {"serve", 0, 0, G_OPTION_ARG_NONE, &serve, "stay connected, take commands on stdin", NULL},
     {NULL, 0, 0, 0, NULL, NULL, NULL},
 };
 
@@ -211,7 +270,7 @@ int main(int argc, char **argv)
     GOptionContext *ctx = g_option_context_new("- save a streamed SPICE display");
     g_option_context_add_main_entries(ctx, entries, NULL);
     if (!g_option_context_parse(ctx, &argc, &argv, &error) || !port || !out_path) {
-        fprintf(stderr, "usage: spice_grab -h HOST -p PORT -o OUT.ppm [-t S] [-n N]\n");
+        fprintf(stderr, "usage: spice_grab -h HOST -p PORT -o OUT.ppm [-t S] [-n N] [--channel-id N]\n");
         return 64;
     }
     g_option_context_free(ctx);
@@ -226,6 +285,10 @@ int main(int argc, char **argv)
         return 1;
     }
     g_timeout_add_seconds(timeout_s, on_timeout, NULL);
+    if (serve) {
+        GIOChannel *in = g_io_channel_unix_new(0);
+        g_io_add_watch(in, G_IO_IN | G_IO_HUP | G_IO_ERR, on_stdin, NULL);
+    }
     g_main_loop_run(loop);
     spice_session_disconnect(session);
     return exit_code;

@@ -1,0 +1,988 @@
+"""The real-VM end-to-end suite (issue 7): `.ci/dev vm-test`, as root.
+
+    python -m tests.vm.run [--deb PATH | --no-build] [--only N,N...] [--logdir DIR]
+
+A Debian 12 guest (tests/vm/image.py, cached) boots in QEMU with QXL, QEMU's SPICE server and the
+SPICE stream port. The project goes in as an administrator installs it: `apt-get install` of the .deb
+(dist/spice-streamd_<version>_all.deb) in the running guest, GDM set to autologin alice into GNOME
+on Xorg, graphical.target, reboot. Then the scenarios run against the real systemd, logind, polkit,
+D-Bus, udev and GDM, asserting through the guest agent, the D-Bus interface (busctl) and a SPICE
+client on QEMU's port. Not collected by the unit suite (no test_*.py here).
+
+Prints a table (scenario, PASS/FAIL, seconds) and `N passed, M failed`; exits 1 if anything failed.
+Logs (serial console, guest commands, journals, pictures) stay in the log directory it prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageChops
+
+from tests.support.spicehost import build, is_black, psnr
+from tests.support.waiting import stop_process, wait_until
+from tests.vm.image import ensure_image
+from tests.vm.qemu import VM, GuestError
+
+ROOT = Path(__file__).resolve().parents[2]
+GUEST_DIR = Path(__file__).resolve().parent / "guest"
+LOG_ROOT = Path(os.environ.get("SPICE_STREAMD_VM_LOGS", "/var/tmp/spice-streamd-vm-logs"))
+
+BUS = "org.spice_space.StreamingAgent1"
+OBJ = "/org/spice_space/StreamingAgent1"
+ERR = "org.spice_space.StreamingAgent1.Error."
+UNIT = "spice-streamd.service"
+STREAM_DEVICE = "/dev/virtio-ports/org.spice-space.stream.0"
+ALICE, BOB = (1001, "alice"), (1002, "bob")
+ALICE_VT, BOB_VT = 2, 3
+BOB_DISPLAY = ":5"
+BOB_XAUTH = "/run/user/1002/Xauthority"
+STREAM_CHANNEL = 1  # QXL's display channel is 0; the stream device's is the next one
+PSNR_MIN = 30.0
+SWITCH_LIMIT_S = 2.0  # issue 7: the stream moves to the new VT's user within 2 s
+# The client's picture is timed on the host from the guest agent's answer to chvt: it adds the
+# agent's round trip, QEMU's SPICE server, the client's decode and the viewer's save request, none
+# of them the guest's. The 2 s bound is on the guest's own timing, from the kernel's VT switch to
+# the new worker's frames reaching the port (Streaming counts only the relayed worker's frames);
+# the picture gets a bound that catches a switch that never shows, not TCG's jitter (2.3 s once).
+PICTURE_LIMIT_S = 5.0
+SWITCH_WAIT_S = 45  # how long a switch is followed, so a slow one is reported with its real time
+GNOME_TIMEOUT = 420  # TCG: GNOME Shell is drawn at 90-100 s after boot (NOTES), slower on a busy host
+VMCTL = "/usr/bin/python3 /mnt/share/vmctl.py"
+
+GDM_AUTOLOGIN = """# GDM configuration (set by the spice-streamd VM suite, as an administrator would)
+[daemon]
+WaylandEnable=false
+AutomaticLoginEnable={autologin}
+AutomaticLogin=alice
+
+[security]
+
+[xdmcp]
+
+[chooser]
+
+[debug]
+"""
+
+
+class Failed(AssertionError):
+    """A scenario's assertion, with the evidence for the report."""
+
+
+def check(cond: object, message: str) -> None:
+    if not cond:
+        raise Failed(message)
+
+
+@dataclass
+class Row:
+    name: str
+    ok: bool
+    seconds: float
+    detail: str = ""
+
+
+@dataclass
+class Context:
+    vm: VM
+    logdir: Path
+    results: Path
+    grab_bin: Path
+    say: Callable[[str], None]
+    notes: dict = field(default_factory=dict)
+    shots: int = 0
+
+    # -- guest state ------------------------------------------------------------------------------
+
+    def props(self) -> dict:
+        r = self.vm.sh(f"{VMCTL} props", timeout=40, quiet=True)
+        with contextlib.suppress(ValueError):
+            return json.loads(r.out)
+        return {"error": (r.out + r.err).strip()}
+
+    def sessions(self) -> list[tuple[int, int, str]]:
+        return [tuple(s) for s in self.props().get("Sessions") or []]
+
+    def status(self, pid: int) -> dict | None:
+        return json.loads(self.vm.sh(f"{VMCTL} status {pid}", quiet=True).out or "null")
+
+    def procs(self) -> list[dict]:
+        return json.loads(self.vm.sh(f"{VMCTL} procs", quiet=True).check().out)
+
+    def unit(self, unit: str, *props: str) -> dict[str, str]:
+        out = self.vm.sh(f"systemctl show {unit} " + " ".join(f"-p {p}" for p in props),
+                         quiet=True).out
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def journal_json(self, args: str) -> list[dict]:
+        out = self.vm.sh(f"journalctl --no-pager -o json {args}", timeout=60, quiet=True).out
+        entries = []
+        for line in out.splitlines():
+            with contextlib.suppress(ValueError):
+                entries.append(json.loads(line))
+        return entries
+
+    def journal_text(self, args: str, tail: int = 40) -> str:
+        out = self.vm.sh(f"journalctl --no-pager -o short-monotonic {args} | tail -n {tail}",
+                         timeout=60, quiet=True).out
+        return out.rstrip()
+
+    def helper_lines(self) -> str:
+        lines = [f"[{int(e['__MONOTONIC_TIMESTAMP']) / 1e6:10.3f}] {e.get('SYSLOG_IDENTIFIER')}"
+                 f"[{e.get('_PID')}]: {e.get('MESSAGE')}"
+                 for e in self.journal_json("-b --grep '^spice-stream-helper:'")
+                 if str(e.get("MESSAGE", "")).startswith("spice-stream-helper:")]
+        return "\n".join(lines[-12:])
+
+    def monotonic_us(self) -> int:
+        """The guest's CLOCK_MONOTONIC in µs: the journal's __MONOTONIC_TIMESTAMP clock."""
+        r = self.vm.sh("/usr/bin/python3 -c 'import time; "
+                       "print(time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)'", quiet=True)
+        return int(r.check().out)
+
+    def activations(self, since_us: int = 0) -> list[dict]:
+        """dbus-daemon's 'Activating ...' lines for the service's name in this boot."""
+        return [e for e in self.journal_json("-b _SYSTEMD_UNIT=dbus.service")
+                if BUS in str(e.get("MESSAGE", "")) and "Activating" in str(e.get("MESSAGE", ""))
+                and int(e["__MONOTONIC_TIMESTAMP"]) > since_us]
+
+    def active_session(self) -> dict[str, str]:
+        """seat0's active logind session: Id, Name (user), VTNr, Type, Class, Remote, State."""
+        sid = self.vm.sh("loginctl show-seat seat0 -p ActiveSession --value", quiet=True).out.strip()
+        if not sid:
+            return {}
+        out = self.vm.sh(f"loginctl show-session {sid} -p Id -p Name -p VTNr -p Type -p Class "
+                         f"-p Remote -p State", quiet=True).out
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    # -- pictures ---------------------------------------------------------------------------------
+
+    def screenshot(self, uid: int, display: str, xauthority: str, tag: str) -> Image.Image:
+        """The X screen as the session user sees it (in the guest), saved to the results share."""
+        self.shots += 1
+        name = f"shot-{self.shots:02d}-{tag}.png"
+        user = self.vm.sh(f"getent passwd {uid} | cut -d: -f1", quiet=True).out.strip()
+        self.vm.sh(f"{VMCTL} shot {display} /mnt/results/{name}", user=user, timeout=60,
+                   env={"DISPLAY": display, "XAUTHORITY": xauthority}).check()
+        with Image.open(self.results / name) as im:
+            return im.convert("RGB")
+
+    def xauthority_of(self, display: str, vt: int) -> str:
+        """The Xauthority file the X server of that display (on that VT) was started with."""
+        return self.vm.sh(f"{VMCTL} xauth {display} {vt}", quiet=True).check().out.strip()
+
+
+class Viewer:
+    """spice_grab --serve on QEMU's SPICE port, watching the stream device's display channel."""
+
+    def __init__(self, ctx: Context, tag: str, timeout: float = 90.0) -> None:
+        self.ctx = ctx
+        self.lines: list[str] = []
+        self.cond = threading.Condition()
+        self.n = 0
+        self.tag = tag
+        first = ctx.results / f"viewer-{tag}-first.ppm"
+        self.proc = subprocess.Popen(
+            [str(ctx.grab_bin), "-h", "127.0.0.1", "-p", str(ctx.vm.spice_port), "-o", str(first),
+             "-t", "3600", "--serve", "--channel-id", str(STREAM_CHANNEL)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            bufsize=1)
+        threading.Thread(target=self._read, daemon=True).start()
+        try:
+            self.wait(lambda s: s.startswith("SAVED "), timeout, "a first non-black streamed frame")
+        except BaseException:
+            self.close()
+            raise
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self.cond:
+                self.lines.append(line.rstrip("\n"))
+                self.cond.notify_all()
+        with self.cond:
+            self.cond.notify_all()
+
+    def wait(self, pred: Callable[[str], bool], timeout: float, what: str, start: int = 0) -> str:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for line in self.lines[start:]:
+                    if pred(line):
+                        return line
+                if self.proc.poll() is not None and time.monotonic() > deadline - timeout + 1:
+                    raise Failed(f"spice client exited ({self.proc.returncode}) before {what}: "
+                                 f"{self.lines[-8:]}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Failed(f"spice client saw no {what} in {timeout:g} s on display channel "
+                                 f"{STREAM_CHANNEL}: {self.lines[-8:]}")
+                self.cond.wait(min(left, 0.2))
+
+    def channels(self) -> list[str]:
+        with self.cond:
+            return [s for s in self.lines if s.startswith("CHANNEL ")]
+
+    def save(self, timeout: float = 10.0, name: str | None = None) -> Image.Image:
+        self.n += 1
+        path = self.ctx.results / (name or f"viewer-{self.tag}-{self.n:03d}.ppm")
+        with self.cond:
+            start = len(self.lines)
+        self.proc.stdin.write(f"save {path}\n")
+        self.proc.stdin.flush()
+        line = self.wait(lambda s: s.startswith(("SAVED ", "ERROR ")), timeout, "saved picture",
+                         start)
+        if line.startswith("ERROR"):
+            raise Failed(f"spice client: {line}")
+        with Image.open(path) as im:
+            return im.convert("RGB")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(3)
+        stop_process(self.proc, timeout=3)
+
+    def __enter__(self) -> Viewer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def content_box(img: Image.Image) -> tuple[int, int, int, int] | None:
+    """Bounding box of what is not the picture's dominant (background) colour, or None."""
+    colors = img.getcolors(maxcolors=img.size[0] * img.size[1])
+    background = max(colors)[1]
+    diff = ImageChops.difference(img, Image.new("RGB", img.size, background)).convert("L")
+    return diff.point(lambda v: 255 if v > 16 else 0).getbbox()
+
+
+def settle(ctx: Context, uid: int, display: str, xauthority: str, tag: str,
+           timeout: float = 60.0) -> Image.Image:
+    """An X screenshot once the screen has stopped changing (two in a row alike): a login screen
+    or a desktop still fading in must not be compared with a frame from before."""
+    prev = ctx.screenshot(uid, display, xauthority, f"{tag}-settle")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        cur = ctx.screenshot(uid, display, xauthority, f"{tag}-settle")
+        if psnr(prev, cur) >= 50:
+            return cur
+        prev = cur
+    return prev
+
+
+def compare(ctx: Context, viewer: Viewer, uid: int, display: str, xauthority: str, tag: str,
+            tries: int = 3) -> list[str]:
+    """The streamed picture against an in-guest X screenshot taken right after it.
+
+    Two PSNRs, both must reach PSNR_MIN: over the whole screen, and over the box holding what is
+    not background (a panel, text: a mostly uniform screen scores 30 dB whole even when the
+    stream misses every word on it). The screen is let settle first; then up to `tries` pairs
+    (a clock may tick between the two). Returns "whole/content" per try, e.g. "54.1/41.0"; the
+    last one passed if any did."""
+    settle(ctx, uid, display, xauthority, tag)
+    values: list[str] = []
+    for i in range(tries):
+        streamed = viewer.save()
+        shot = ctx.screenshot(uid, display, xauthority, f"{tag}-{i}")
+        streamed.save(ctx.results / f"stream-{tag}-{i}.png")
+        check(streamed.size == shot.size,
+              f"the stream is {streamed.size[0]}x{streamed.size[1]} but the X screen is "
+              f"{shot.size[0]}x{shot.size[1]}")
+        check(not is_black(streamed), "the streamed picture is black")
+        whole = psnr(streamed, shot)
+        box = content_box(shot)
+        content = psnr(streamed.crop(box), shot.crop(box)) if box else whole
+        values.append(f"{whole:.1f}/{content:.1f}")
+        if min(whole, content) >= PSNR_MIN:
+            return values
+    raise Failed(f"{tag}: streamed picture vs X screenshot, PSNR whole/content {values} dB "
+                 f"(< {PSNR_MIN:g}); pictures in {ctx.results}/stream-{tag}-*.png and shot-*-{tag}-*.png")
+
+
+# -- the scenarios -----------------------------------------------------------------------------------
+
+def setup_install(ctx: Context, deb: Path) -> None:
+    vm = ctx.vm
+    vm.wait_agent(300)
+    vm.sh("systemctl is-system-running --wait", timeout=180)
+    vm.sh("mountpoint -q /mnt/share && mountpoint -q /mnt/results").check()
+    # What is on the disk before the project: scenario 10 checks that a purge leaves nothing more.
+    vm.sh("find / -xdev \\( -iname '*spice*stream*' -o -iname '*streamingagent*' "
+          "-o -iname '*streaming-agent*' \\) -print | sort > /root/before-install.txt").check()
+    ctx.notes["before_find"] = vm.sh("cat /root/before-install.txt", quiet=True).out.split()
+    t0 = time.monotonic()
+    r = vm.sh(f"apt-get install -y /mnt/share/{deb.name}", timeout=600,
+              env={"DEBIAN_FRONTEND": "noninteractive"})
+    check(r.rc == 0, f"apt-get install of {deb.name} failed ({r.rc}):\n{(r.out + r.err)[-3000:]}")
+    ctx.say(f"   installed {deb.name} in {time.monotonic() - t0:.0f} s")
+    ctx.notes["dpkg_L"] = vm.sh("dpkg -L spice-streamd", quiet=True).check().out.split("\n")
+    vm.sh(f"cat > /etc/gdm3/daemon.conf <<'EOF'\n{GDM_AUTOLOGIN.format(autologin='true')}EOF")
+    vm.sh("systemctl set-default graphical.target").check()
+    t0 = time.monotonic()
+    vm.reboot(timeout=300)
+    ctx.say(f"   rebooted into graphical.target: the agent answered after {time.monotonic() - t0:.0f} s")
+    ctx.notes["boot_monotonic"] = time.monotonic()
+
+
+def s1_udev_start(ctx: Context) -> str:
+    # Nothing here calls the service's bus name: only systemd, udev and the journal are asked.
+    u = wait_until(lambda: (lambda d: d if d.get("ActiveState") in ("active", "failed") else None)(
+        ctx.unit(UNIT, "ActiveState", "SubState", "InactiveExitTimestampMonotonic",
+                 "ActiveEnterTimestampMonotonic", "MainPID", "NRestarts")),
+        180, f"{UNIT} to become active at boot", interval=1.0)
+    check(u["ActiveState"] == "active", f"{UNIT} is {u['ActiveState']}/{u['SubState']} after boot:\n"
+          + ctx.journal_text(f"-b -u {UNIT}"))
+    # udev's SYSTEMD_WANTS lands on the port's sysfs device unit (the /dev/virtio-ports/ alias
+    # unit shows no Wants=): that unit must be among the service's WantedBy=.
+    sysfs = "/sys" + ctx.vm.sh(f"udevadm info -q path {STREAM_DEVICE}", quiet=True).check().out.strip()
+    props = ctx.vm.sh(f"udevadm info -q property {STREAM_DEVICE}", quiet=True).out
+    wanted_by = shlex.split(ctx.unit(UNIT, "WantedBy").get("WantedBy", ""))
+    devices = [d for d in wanted_by if d.endswith(".device")]
+    paths = [ctx.unit(shlex.quote(d), "SysFSPath").get("SysFSPath") for d in devices]
+    check(sysfs in paths and f"SYSTEMD_WANTS={UNIT}" in props,
+          f"the stream port ({sysfs}) does not pull {UNIT} in: WantedBy={wanted_by} "
+          f"(SysFSPath {paths}); udev properties: {props.split()}")
+    started = int(u["InactiveExitTimestampMonotonic"])
+    # dbus-daemon logs each activation request; the first one must come after systemd started us.
+    activations = ctx.activations()
+    early = [e for e in activations if int(e["__MONOTONIC_TIMESTAMP"]) < started]
+    check(not early, "the service was D-Bus activated before udev/systemd started it: "
+          + "; ".join(str(e.get("MESSAGE")) for e in early))
+    jobs = [e for e in ctx.journal_json(f"-b _PID=1 UNIT={UNIT}")
+            if str(e.get("MESSAGE", "")).startswith(("Starting", "Started"))]
+    check(jobs, f"no 'Starting/Started {UNIT}' from systemd in this boot's journal")
+    own = [e for e in ctx.journal_json(f"-b _SYSTEMD_UNIT={UNIT}") if "ready" in str(e.get("MESSAGE"))]
+    check(own, "the service's own journal has no 'ready' line in this boot")
+    gdm = ctx.unit("gdm.service", "InactiveExitTimestampMonotonic")
+    gdm_start = int(gdm.get("InactiveExitTimestampMonotonic") or 0)
+    return (f"started by systemd at {started / 1e6:.1f} s (device unit wants it), active at "
+            f"{int(u['ActiveEnterTimestampMonotonic']) / 1e6:.1f} s, gdm started at "
+            f"{gdm_start / 1e6:.1f} s; {len(activations)} later D-Bus activation request(s); "
+            f"first journal line: {own[0].get('MESSAGE')!r}")
+
+
+def _wait_registration(ctx: Context, uid: int, vt: int, timeout: float, who: str) -> tuple:
+    """Sessions holds (vt, uid, display); fails early, with the helper's own line, when refused."""
+    seen: dict = {}
+
+    def registered():
+        entry = next((s for s in ctx.sessions() if s[1] == uid and s[0] == vt), None)
+        if entry:
+            return entry
+        refused = ctx.vm.sh(f"journalctl -b --no-pager _UID={uid} | grep -E "
+                            "'spice-stream-helper.*(refused|cannot|error|Error)' | tail -n 3",
+                            quiet=True).out.strip()
+        if refused:
+            seen["refused"] = refused
+            return "refused"
+        return None
+
+    got = wait_until(registered, timeout, f"{who}'s helper to register (uid {uid}, VT {vt})",
+                     interval=3.0)
+    if got == "refused":
+        raise Failed(f"{who}'s helper was refused:\n{seen['refused']}\nservice journal:\n"
+                     + ctx.journal_text(f"-b -u {UNIT} -p info", tail=15))
+    return got
+
+
+def s2_autologin(ctx: Context) -> str:
+    def alice_session():
+        s = ctx.active_session()
+        return s if s.get("Name") == ALICE[1] else None
+
+    try:
+        sess = wait_until(alice_session, GNOME_TIMEOUT, "GDM's autologin session of alice",
+                          interval=3.0)
+    except AssertionError as exc:
+        raise Failed(f"{exc}; seat0's active session: {ctx.active_session()}") from None
+    check(sess.get("Type") == "x11" and sess.get("VTNr") == str(ALICE_VT) and sess.get("Remote") == "no",
+          f"alice's session is not a local x11 session on VT {ALICE_VT}: {sess}")
+    entry = _wait_registration(ctx, ALICE[0], ALICE_VT, GNOME_TIMEOUT, "alice's autostart")
+    # The helper that registered is the one GNOME started from /etc/xdg/autostart (nobody else ran
+    # one): under GNOME 43 it lives in user@1001.service/app.slice/app-gnome-<name>-<pid>.scope.
+    helpers = [q for q in ctx.procs() if "spice-stream-helper" in q["cmdline"]
+               and q["Uid"][0] == str(ALICE[0])]
+    check(helpers and all("app-gnome-" in q["cgroup"] for q in helpers),
+          f"alice's helper is not the GNOME autostart's: {helpers}")
+    display = entry[2]
+    xauth = ctx.xauthority_of(display, ALICE_VT)
+    ctx.notes["alice"] = (display, xauth)
+    p = wait_until(lambda: (lambda d: d if d.get("WorkerState") == "running" and d.get("WorkerPID")
+                            else None)(ctx.props()), 60, "the worker to run", interval=1.0)
+    st = ctx.status(p["WorkerPID"])
+    check(st, f"WorkerPID {p['WorkerPID']} is not a process")
+    groups = [int(g) for g in st["Groups"]]
+    check(set(st["Uid"]) == {str(ALICE[0])}, f"worker Uid line {st['Uid']}, expected alice's uid")
+    check(set(st["Gid"]) == {str(ALICE[0])}, f"worker Gid line {st['Gid']}, expected alice's gid")
+    check(0 not in groups, f"the worker has the root group: Groups {groups}")
+    with Viewer(ctx, "alice") as viewer:
+        streaming = wait_until(lambda: (lambda d: d if d.get("Streaming") and
+                                        d.get("StreamingVT") == ALICE_VT else None)(ctx.props()),
+                               30, "Streaming on alice's VT with a client connected", interval=1.0)
+        values = compare(ctx, viewer, ALICE[0], display, xauth, "alice")
+        size = viewer.save().size
+    ctx.notes["streamed_alice"] = True
+    return (f"session {sess.get('Id')} x11 VT {ALICE_VT}; registered {entry} by the autostart helper "
+            f"(pid {helpers[0]['pid']}, {helpers[0]['cgroup'].rsplit('/', 1)[-1]}); worker pid "
+            f"{p['WorkerPID']} Uid {st['Uid'][0]} Gid {st['Gid'][0]} Groups {groups}; "
+            f"StreamingVT {streaming['StreamingVT']}; {size[0]}x{size[1]} PSNR {values} dB")
+
+
+def s9_hardened(ctx: Context) -> str:
+    vm = ctx.vm
+    readme = (ROOT / "README.md").read_text()
+    m = re.search(r"scores it \*\*([0-9.]+)\*\*", readme)
+    check(m, "README states no systemd-analyze security score")
+    want = m.group(1)
+    out = vm.sh(f"systemd-analyze security --no-pager {UNIT}", timeout=120).out
+    (ctx.logdir / "systemd-analyze-security.txt").write_text(out)
+    got = re.search(r"Overall exposure level for \S+: ([0-9.]+)", out)
+    check(got, f"no overall exposure level in systemd-analyze's output: {out[-500:]}")
+    u = ctx.unit(UNIT, "DevicePolicy", "ProtectHome", "ProtectSystem", "PrivateTmp",
+                 "CapabilityBoundingSet", "DeviceAllow", "MainPID")
+    check(u.get("DevicePolicy") == "closed" and u.get("ProtectHome") == "read-only",
+          f"the running unit is not the hardened one: {u}")
+    # The worker streams from inside the unit's sandbox (same mount namespace as the service).
+    p = ctx.props()
+    check(p.get("WorkerState") == "running" and p.get("WorkerPID"),
+          f"no running worker: {p}")
+    ns = vm.sh(f"readlink /proc/{u['MainPID']}/ns/mnt /proc/{p['WorkerPID']}/ns/mnt /proc/1/ns/mnt",
+               quiet=True).out.split()
+    check(len(ns) == 3 and ns[0] == ns[1] != ns[2],
+          f"the worker is not in the service's private mount namespace: {ns}")
+    with Viewer(ctx, "hardened") as viewer:
+        img = viewer.save()
+        check(not is_black(img), "the streamed picture is black")
+        wait_until(lambda: ctx.props().get("Streaming"), 30, "Streaming", interval=1.0)
+    check(got.group(1) == want, f"systemd-analyze security scores {got.group(1)}, the README says "
+          f"{want}:\n" + "\n".join(out.splitlines()[-3:]))
+    return (f"score {got.group(1)} (README {want}); DevicePolicy=closed, ProtectHome=read-only; "
+            f"worker {p['WorkerPID']} streams from the unit's namespace")
+
+
+def _bob_session(ctx: Context) -> tuple:
+    vm = ctx.vm
+    existing = vm.sh("systemctl is-active vmtest-bob.service", quiet=True).out.strip()
+    if existing != "active":
+        vm.sh("systemctl reset-failed vmtest-bob.service 2>/dev/null; "
+              "systemd-run --unit=vmtest-bob --description='bob X11 session on VT3 (VM suite)' "
+              "-p PAMName=login -p User=bob -p TTYPath=/dev/tty3 -p StandardInput=tty "
+              "-p StandardOutput=journal -p StandardError=journal "
+              "-p Environment=XDG_SESSION_TYPE=x11 -p Environment=XDG_SEAT=seat0 "
+              f"-p Environment=XDG_VTNR={BOB_VT} /bin/sh /mnt/share/bob-session.sh").check()
+    # As at a console login: bob's session is on VT 3; X starts once it is the active one.
+    wait_until(lambda: "bob" in vm.sh("loginctl list-sessions --no-legend", quiet=True).out, 60,
+               "bob's logind session", interval=1.0)
+    vm.sh(f"chvt {BOB_VT}").check()
+    try:
+        return _wait_registration(ctx, BOB[0], BOB_VT, 120, "bob's")
+    except AssertionError as exc:
+        raise Failed(f"{exc}\nbob's unit:\n" + ctx.journal_text("-b -u vmtest-bob", tail=20)
+                     + f"\nsessions: {vm.sh('loginctl list-sessions --no-legend', quiet=True).out}"
+                     ) from None
+
+
+def _switch(ctx: Context, viewer: Viewer, vt: int, uid: int, reference: Image.Image) -> dict:
+    """chvt in the guest. A watcher started before it times, in the guest from the kernel's VT
+    switch, until the properties follow (ActiveVT, a running worker of `uid`, Streaming on `vt`);
+    the host times from the guest agent's answer to `chvt` until the client's picture matches
+    `reference` (an upper bound: the switch happens after that answer)."""
+    vm = ctx.vm
+    ready = "/run/vmtest-watch.ready"
+    vm.sh(f"rm -f {ready}", quiet=True)
+    pid = vm.qga.command("guest-exec", path="/bin/sh",
+                         arg=["-c", f"{VMCTL} watch {vt} {uid} {SWITCH_WAIT_S} {ready}"],
+                         env=["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], **{"capture-output": True})["pid"]
+    wait_until(lambda: vm.sh(f"test -e {ready}", quiet=True).rc == 0, 30, "the VT watcher",
+               interval=0.2)
+    vm.qga.command("guest-exec", path="/bin/chvt", arg=[str(vt)])
+    t0 = time.monotonic()
+    picture_s = None
+    best = 0.0
+    while time.monotonic() - t0 < SWITCH_WAIT_S:
+        value = psnr(viewer.save(name="viewer-switching.ppm"), reference)
+        best = max(best, value)
+        if value >= PSNR_MIN:
+            picture_s = round(time.monotonic() - t0, 2)
+            break
+    status = wait_until(lambda: (lambda s: s if s.get("exited") else None)(
+        vm.qga.command("guest-exec-status", pid=pid)), SWITCH_WAIT_S + 30, "the VT watcher's end",
+        interval=0.3)
+    out = base64.b64decode(status.get("out-data", "")).decode()
+    result = json.loads(out) if out.strip() else {"error": base64.b64decode(
+        status.get("err-data", "")).decode()}
+    result["picture_s"] = picture_s
+    result["picture_best_psnr"] = round(best, 1)
+    return result
+
+
+def s4_vt_switch(ctx: Context) -> str:
+    vm = ctx.vm
+    check("alice" in ctx.notes, "needs scenario 2 (alice's registration)")
+    entry = _bob_session(ctx)
+    bob_ref = ctx.screenshot(BOB[0], BOB_DISPLAY, BOB_XAUTH, "bob-ref")
+    display, xauth = ctx.notes["alice"]
+    report = []
+    with Viewer(ctx, "switch", timeout=120) as viewer:
+        # Start from alice's VT, streaming alice.
+        vm.sh(f"chvt {ALICE_VT}").check()
+        wait_until(lambda: (lambda d: d.get("StreamingVT") == ALICE_VT and d.get("Streaming"))(
+            ctx.props()), 30, "the stream back on alice's VT", interval=1.0)
+        alice_ref = ctx.screenshot(ALICE[0], display, xauth, "alice-before-switch")
+        problems = []
+        for vt, uid, ref, who in ((BOB_VT, BOB[0], bob_ref, "bob"),
+                                  (ALICE_VT, ALICE[0], alice_ref, "alice")):
+            # Both directions are measured and reported, whatever the first one gave.
+            r = _switch(ctx, viewer, vt, uid, ref)
+            seen = r.get("seen", {})
+            report.append(f"chvt {vt} ({who}): {seen}, picture {r['picture_s']} s")
+            late = [f"{key} {seen.get(key, f'never ({SWITCH_WAIT_S} s)')}"
+                    for key in ("active_vt", "worker_uid", "streaming")
+                    if key not in seen or seen[key] > SWITCH_LIMIT_S]
+            if r["picture_s"] is None or r["picture_s"] > PICTURE_LIMIT_S:
+                late.append(f"picture {r['picture_s'] or f'never ({SWITCH_WAIT_S} s)'} "
+                            f"(best PSNR {r['picture_best_psnr']} dB; limit {PICTURE_LIMIT_S:g} s)")
+            if late:
+                problems.append(f"chvt {vt} ({who}) took longer than {SWITCH_LIMIT_S:g} s, in "
+                                f"seconds: " + ", ".join(late)
+                                + ("" if seen.get("streaming") else f"; properties {r.get('props')}"))
+            if who == "alice" and seen.get("streaming"):
+                # The picture after switching back still matches a fresh screenshot of alice's.
+                try:
+                    values = compare(ctx, viewer, ALICE[0], display, xauth, "alice-after-switch")
+                    report.append(f"alice after switching back: PSNR {values}")
+                except Failed as exc:
+                    problems.append(str(exc))
+        check(not problems, "; ".join(problems))
+    ctx.notes["bob"] = entry
+    return f"bob registered {entry}; " + "; ".join(report)
+
+
+def s5_polkit(ctx: Context) -> str:
+    vm = ctx.vm
+    vm.sh(f"chvt {ALICE_VT}").check()
+    active = wait_until(lambda: (lambda s: s if s.get("Name") == "alice" else None)(
+        ctx.active_session()), 20, "alice's session to be the active one", interval=1.0)
+    r = vm.sh("dbus-send --system --print-reply --reply-timeout=30000 "
+              f"--dest={BUS} {OBJ} {BUS}.RegisterSession string:{BOB_DISPLAY} string:{BOB_XAUTH}",
+              user="bob", timeout=60)
+    text = (r.out + r.err).strip()
+    check(r.rc != 0 and f"{ERR}PermissionDenied" in text,
+          f"bob's RegisterSession (not in the active session) answered rc={r.rc}: {text[:400]}")
+    rules = vm.sh("ls /etc/polkit-1/rules.d/ /usr/share/polkit-1/rules.d/ 2>/dev/null",
+                  quiet=True).out.split()
+    return f"active session {active.get('Id')} (alice); bob got: {text[:200]}; polkit rules: {rules}"
+
+
+def s8_journal(ctx: Context) -> str:
+    full = ctx.journal_json(f"-b -u {UNIT}")
+    own = [e for e in full if e.get("_PID") != "1" and e.get("_TRANSPORT") == "stdout"]
+    check(own, "no journal lines from the service itself")
+    warn = ctx.journal_json(f"-b -u {UNIT} -p warning")
+    bad_prio = [e for e in warn if int(e.get("PRIORITY", 6)) > 4]
+    check(not bad_prio, f"-p warning shows entries above priority 4: {bad_prio[:3]}")
+    problems = []
+    info = [e for e in own if e.get("PRIORITY") == "6"]
+    if not info:
+        problems.append("no info (priority 6) lines from the service")
+    ready = [e for e in own if "ready on the" in str(e.get("MESSAGE"))]
+    if ready and any(e.get("PRIORITY") != "6" for e in ready):
+        problems.append(f"the 'ready' line has priority {ready[0].get('PRIORITY')}, not 6 (info)")
+    refusals = [e for e in own if "refused (PermissionDenied)" in str(e.get("MESSAGE"))]
+    if not refusals:
+        problems.append("scenario 5's refusal was not logged")
+    elif any(int(e.get("PRIORITY", 6)) > 4 for e in refusals):
+        problems.append("the refusal warning (scenario 5) is logged at priority "
+                        f"{refusals[0].get('PRIORITY')}, so `-p warning` does not show it: "
+                        f"{refusals[0].get('MESSAGE')!r}")
+    levels = [e for e in own if re.match(r"^(<\d>|(spice-streamd\[\d+\]: )?(INFO|WARNING|ERROR|DEBUG)\b)",
+                                          str(e.get("MESSAGE")))]
+    prefixed = [e for e in own if re.match(r"^spice-streamd(\[\d+\])?:", str(e.get("MESSAGE")))]
+    if prefixed:
+        problems.append(f"{len(prefixed)} MESSAGE fields repeat the journal's name[pid] prefix, e.g. "
+                        f"{prefixed[0].get('MESSAGE')!r}")
+    if levels:
+        problems.append(f"{len(levels)} MESSAGE fields carry a level or '<N>' in the text, e.g. "
+                        f"{levels[0].get('MESSAGE')!r}")
+    by_prio: dict[str, int] = {}
+    for e in own:
+        by_prio[e.get("PRIORITY", "?")] = by_prio.get(e.get("PRIORITY", "?"), 0) + 1
+    check(not problems, "; ".join(problems) + f" (service lines by priority: {by_prio})")
+    return (f"{len(own)} service lines by priority {by_prio}; -p warning shows {len(warn)} entries, "
+            f"all <= 4, including {refusals[0].get('MESSAGE')!r}")
+
+
+def s7_kill(ctx: Context) -> str:
+    vm = ctx.vm
+    before = ctx.props()
+    old_worker = before.get("WorkerPID")
+    u0 = ctx.unit(UNIT, "MainPID", "NRestarts")
+    active_vt = int(before.get("ActiveVT") or 0)
+    expected = sorted((s[0], s[1]) for s in before.get("Sessions") or [] if s[0] == active_vt)
+    check(expected, f"no registered session on the active VT before the kill: {before}")
+    vm.sh(f"systemctl kill -s KILL {UNIT}").check()
+    u1 = wait_until(lambda: (lambda d: d if d.get("ActiveState") == "active" and
+                             d.get("MainPID") not in ("0", u0["MainPID"]) else None)(
+        ctx.unit(UNIT, "ActiveState", "MainPID", "NRestarts")), 60,
+        "systemd to restart the service", interval=1.0)
+    check(int(u1["NRestarts"]) > int(u0["NRestarts"]),
+          f"NRestarts {u0['NRestarts']} -> {u1['NRestarts']}: not restarted by systemd")
+    # The active session's helper must register again (the issue's "Sessions non-empty again").
+    # Sessions on other VTs are reported: polkit's allow_active refuses them while inactive.
+    try:
+        wait_until(lambda: {(s[0], s[1]) for s in ctx.sessions()} >= set(expected), 60,
+                   f"the active session's helper to register again ({expected})", interval=1.0)
+    except AssertionError as exc:
+        raise Failed(f"{exc}: Sessions {ctx.sessions()}\n{ctx.helper_lines()}") from None
+    others = sorted((s[0], s[1]) for s in before.get("Sessions") or [] if s[0] != active_vt)
+    p = wait_until(lambda: (lambda d: d if d.get("WorkerState") == "running" and d.get("WorkerPID")
+                            else None)(ctx.props()), 60, "a new worker", interval=1.0)
+    with Viewer(ctx, "after-kill") as viewer:
+        wait_until(lambda: ctx.props().get("Streaming"), 30, "Streaming again", interval=1.0)
+        display, xauth = ctx.notes["alice"]
+        values = compare(ctx, viewer, ALICE[0], display, xauth, "after-kill")
+    workers = [q for q in ctx.procs() if "worker" in q["cmdline"]]
+    stale = [q for q in workers if q["pid"] != p["WorkerPID"]]
+    check(not stale, f"old workers left: {stale}")
+    check(not ctx.status(old_worker) or old_worker == p["WorkerPID"],
+          f"the old worker {old_worker} still exists")
+    after = sorted((s[0], s[1]) for s in ctx.sessions())
+    lost = [s for s in others if s not in after]
+    note = ""
+    if lost:
+        # Refused while in the background (polkit: allow_active only), such a helper must register
+        # again once its session is the active one.
+        refused = ctx.vm.sh("journalctl -b --no-pager -o cat | grep -v qemu-ga | "
+                            "grep 'spice-stream-helper: registration refused' | tail -n 1",
+                            quiet=True).out.strip()
+        back = []
+        for vt, uid in lost:
+            vm.sh(f"chvt {vt}").check()
+            try:
+                wait_until(lambda vt=vt, uid=uid: (vt, uid) in {(s[0], s[1]) for s in ctx.sessions()},
+                           60, f"uid {uid}'s helper to register once VT {vt} is active", interval=1.0)
+                back.append((vt, uid))
+            except AssertionError as exc:
+                vm.sh(f"chvt {active_vt}")
+                raise Failed(f"{exc}: after the restart it was refused ({refused!r}) and did not "
+                             f"register when its VT became active; Sessions {ctx.sessions()}\n"
+                             + ctx.helper_lines()) from None
+        vm.sh(f"chvt {active_vt}").check()
+        wait_until(lambda: (lambda d: d.get("StreamingVT") == active_vt or not d.get("Streaming"))(
+            ctx.props()), 30, f"the stream back on VT {active_vt}", interval=1.0)
+        note = (f"; inactive session(s) {lost} were refused after the restart ({refused[:60]}...) "
+                f"and registered when their VT became active: {back}")
+    return (f"MainPID {u0['MainPID']} -> {u1['MainPID']} (NRestarts {u1['NRestarts']}); active "
+            f"session {expected} registered again; worker {old_worker} -> {p['WorkerPID']}; PSNR "
+            f"{values}{note}")
+
+
+def s6_activation(ctx: Context) -> str:
+    vm = ctx.vm
+    vm.sh(f"systemctl stop {UNIT}").check()
+    u = ctx.unit(UNIT, "ActiveState")
+    check(u["ActiveState"] in ("inactive", "failed"), f"after stop: {u}")
+    since = ctx.monotonic_us()
+    r = vm.sh(f"busctl --json=short get-property {BUS} {OBJ} {BUS} ActiveVT", timeout=90)
+    check(r.rc == 0, f"busctl get-property after stop failed: {r.err.strip()}")
+    active = ctx.unit(UNIT, "ActiveState", "MainPID")
+    check(active["ActiveState"] == "active", f"after the call the unit is {active}")
+    lines = [str(e.get("MESSAGE")) for e in ctx.activations(since)]
+    via = [m for m in lines if "Activating via systemd" in m and f"unit='{UNIT}'" in m]
+    check(via, f"dbus-daemon logged no 'Activating via systemd ... {UNIT}' after the stop: {lines}")
+    return f"stopped; the call answered {r.out.strip()}; dbus-daemon: {via[0]!r}"
+
+
+def s3_greeter(ctx: Context) -> str:
+    vm = ctx.vm
+    gdm_uid = int(vm.sh("id -u Debian-gdm", quiet=True).check().out)
+    vm.sh(f"cat > /etc/gdm3/daemon.conf <<'EOF'\n{GDM_AUTOLOGIN.format(autologin='false')}EOF")
+    vm.sh("systemctl restart gdm.service", timeout=120).check()
+
+    def greeter():
+        s = ctx.active_session()
+        return s if s.get("Class") == "greeter" else None
+
+    try:
+        sess = wait_until(greeter, GNOME_TIMEOUT, "the GDM greeter session to be active",
+                          interval=3.0)
+    except AssertionError as exc:
+        raise Failed(f"{exc}; active: {ctx.active_session()}") from None
+    vt = int(sess.get("VTNr") or 0)
+    entry = _wait_registration(ctx, gdm_uid, vt, GNOME_TIMEOUT, "the greeter's")
+    display = entry[2]
+    xauth = ctx.xauthority_of(display, vt)
+    with Viewer(ctx, "greeter", timeout=120) as viewer:
+        wait_until(lambda: (lambda d: d.get("StreamingVT") == vt and d.get("Streaming"))(
+            ctx.props()), 30, "Streaming on the greeter's VT", interval=1.0)
+        values = compare(ctx, viewer, gdm_uid, display, xauth, "greeter")
+    return f"greeter session {sess.get('Id')} VT {vt} uid {gdm_uid} registered {entry}; PSNR {values}"
+
+
+def s10_purge(ctx: Context) -> str:
+    vm = ctx.vm
+    files = [f for f in ctx.notes.get("dpkg_L", []) if f and f != "/."]
+    check(files, "no dpkg -L list from the install")
+    since = ctx.monotonic_us()
+    r = vm.sh("apt-get purge -y spice-streamd", timeout=300, env={"DEBIAN_FRONTEND": "noninteractive"})
+    check(r.rc == 0, f"apt-get purge failed ({r.rc}): {(r.out + r.err)[-2000:]}")
+    problems = []
+    state = ctx.unit(UNIT, "LoadState", "ActiveState")
+    if state.get("ActiveState") not in ("inactive", ""):
+        during = [f"[{int(e['__MONOTONIC_TIMESTAMP']) / 1e6:.1f}] {e.get('SYSLOG_IDENTIFIER')}: "
+                  f"{e.get('MESSAGE')}" for e in ctx.journal_json(f"-b -u {UNIT}")
+                  if int(e["__MONOTONIC_TIMESTAMP"]) > since]
+        problems.append(f"after the purge the unit is {state}; its journal during the purge:\n   "
+                        + "\n   ".join(during[-14:]))
+    restarted = [f"[{int(e['__MONOTONIC_TIMESTAMP']) / 1e6:.1f}] {e.get('MESSAGE')}"
+                 for e in ctx.journal_json(f"-b -u {UNIT}")
+                 if int(e["__MONOTONIC_TIMESTAMP"]) > since
+                 and str(e.get("MESSAGE", "")).startswith("Starting ")]
+    # A helper still running in a session may ask the bus for the service between prerm's stop and
+    # the removal of the activation file; the package's postrm stops it and resets the unit. Only
+    # the end state is asserted; such a start is reported.
+    note = ""
+    if restarted:
+        activations = [str(e.get("MESSAGE")) for e in ctx.activations(since)]
+        note = (f"; NOTE: started again during the purge {restarted}, by {activations[:1]}, "
+                "stopped and reset by the package's postrm")
+    left_procs = [q for q in ctx.procs() if "helper" not in q["cmdline"]]
+    if left_procs:
+        problems.append(f"processes left: {[(q['pid'], q['cmdline']) for q in left_procs]}")
+    helpers = [q for q in ctx.procs() if "helper" in q["cmdline"]]
+    listing = "\n".join(files)
+    vm.sh(f"cat > /root/dpkg-L.txt <<'EOF'\n{listing}\nEOF").check()
+    left = vm.sh("while read -r f; do if [ -e \"$f\" ] || [ -L \"$f\" ]; then "
+                 "[ -d \"$f\" ] && ! [ -L \"$f\" ] && continue; echo \"$f\"; fi; done < /root/dpkg-L.txt",
+                 quiet=True).out.split()
+    if left:
+        problems.append(f"files of the package left: {left}")
+    dirs = vm.sh("while read -r f; do case \"$f\" in *spice*|*streamingagent*|*StreamingAgent*) "
+                 "[ -d \"$f\" ] && echo \"$f\";; esac; done < /root/dpkg-L.txt", quiet=True).out.split()
+    if dirs:
+        problems.append(f"directories of the package left: {dirs}")
+    after = vm.sh("find / -xdev \\( -iname '*spice*stream*' -o -iname '*streamingagent*' "
+                  "-o -iname '*streaming-agent*' \\) -print | sort", quiet=True).out.split()
+    new = sorted(set(after) - set(ctx.notes.get("before_find", [])))
+    if new:
+        problems.append(f"files not there before the install: {new}")
+    activatable = vm.sh("busctl --no-legend --activatable list | grep -c StreamingAgent1",
+                        quiet=True).out.strip()
+    if activatable not in ("", "0"):
+        problems.append("the bus name is still activatable (dbus not reloaded)")
+    dpkg = vm.sh("dpkg-query -W -f='${Status}' spice-streamd", quiet=True)
+    if dpkg.rc == 0 and "not-installed" not in dpkg.out:
+        problems.append(f"dpkg still knows the package: {dpkg.out}")
+    check(not problems, "; ".join(problems))
+    if helpers:
+        note += f"; helpers still running in sessions: {[q['pid'] for q in helpers]}"
+    return f"{len(files)} paths of dpkg -L gone, unit {state}, no service/worker process{note}"
+
+
+SCENARIOS: list[tuple[str, str, Callable[[Context], str]]] = [
+    ("1", "udev starts spice-streamd at boot", s1_udev_start),
+    ("2", "GDM autologin: helper registers, worker as alice, stream = screen", s2_autologin),
+    ("9", "hardened unit streams; systemd-analyze score = README", s9_hardened),
+    ("4", "VT switch to bob and back within 2 s", s4_vt_switch),
+    ("5", "polkit: bob outside the active session -> PermissionDenied", s5_polkit),
+    ("8", "journald priorities, no duplicated prefix", s8_journal),
+    ("7", "SIGKILL: restarted, re-registered, streaming, no stale worker", s7_kill),
+    ("6", "D-Bus activation under systemd after stop", s6_activation),
+    ("3", "GDM greeter (autologin off): greeter registers and streams", s3_greeter),
+    ("10", "apt-get purge stops it and leaves no file", s10_purge),
+]
+
+
+# What a scenario needs from an earlier one in the same boot: --only adds it.
+NEEDS = {"9": ["2"], "4": ["2"], "8": ["5"], "7": ["2"]}
+
+# -- running ----------------------------------------------------------------------------------------
+
+def find_deb(explicit: str | None, build_it: bool, say: Callable[[str], None]) -> Path:
+    """The .deb to install: --deb, else packaging/build-deb's from this tree (dist/), else the
+    newest dist/spice-streamd_*_all.deb."""
+    if explicit:
+        path = Path(explicit).resolve()
+        if not path.is_file():
+            raise SystemExit(f"vm-test: no such .deb: {path}")
+        return path
+    script = ROOT / "packaging" / "build-deb"
+    if build_it and script.exists():
+        res = subprocess.run(["/usr/bin/python3", str(script)],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            raise SystemExit(f"vm-test: packaging/build-deb failed:\n{res.stdout}{res.stderr}")
+        path = Path(res.stdout.strip().splitlines()[-1])
+        say(f"   built {path}")
+        return path
+    debs = sorted((ROOT / "dist").glob("spice-streamd_*_all.deb"), key=lambda p: p.stat().st_mtime)
+    if not debs:
+        raise SystemExit(f"vm-test: no {ROOT}/dist/spice-streamd_*_all.deb: build it with `.ci/dev deb` "
+                         "(or pass --deb)")
+    return debs[-1]
+
+
+def collect_evidence(ctx: Context, tag: str) -> str:
+    """Properties and the last journal lines, for the failure report; the full journal to a file."""
+    parts = []
+    with contextlib.suppress(Exception):
+        # What QXL shows (the console or the X screen), from the host side.
+        ctx.vm.qmp.command("screendump", filename=str(ctx.logdir / f"screendump-{tag}.png"),
+                           format="png")
+    with contextlib.suppress(Exception):
+        parts.append(f"properties: {ctx.props()}")
+    with contextlib.suppress(Exception):
+        parts.append("service journal (last lines):\n" + ctx.journal_text(f"-b -u {UNIT}", tail=15))
+    with contextlib.suppress(Exception):
+        parts.append("helper lines:\n" + ctx.helper_lines())
+    with contextlib.suppress(Exception):
+        full = ctx.vm.sh("journalctl -b --no-pager -o short-monotonic", timeout=120, quiet=True).out
+        (ctx.logdir / f"journal-{tag}.txt").write_text(full)
+    return "\n".join(parts)
+
+
+def print_table(rows: list[Row], out) -> None:
+    width = max(len(r.name) for r in rows)
+    print("", file=out)
+    print(f"{'scenario':<{width}}  result  seconds", file=out)
+    print(f"{'-' * width}  ------  -------", file=out)
+    for r in rows:
+        print(f"{r.name:<{width}}  {'PASS' if r.ok else 'FAIL':<6}  {r.seconds:7.1f}", file=out)
+    passed = sum(r.ok for r in rows)
+    print("", file=out)
+    print(f"{passed} passed, {len(rows) - passed} failed", file=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="spice-streamd real-VM end-to-end suite")
+    parser.add_argument("--deb", help="the .deb to install (default: build it from this tree with "
+                        "packaging/build-deb, into dist/)")
+    parser.add_argument("--no-build", action="store_true",
+                        help="do not run packaging/build-deb: use the newest dist/*.deb")
+    parser.add_argument("--only", help="comma-separated scenario numbers to run (setup always runs; "
+                        "a scenario's prerequisites are added)")
+    parser.add_argument("--logdir", help=f"log directory (default: a new one under {LOG_ROOT})")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("vm-test: run as root (debootstrap, QEMU, 9p shares)", file=sys.stderr)
+        return 2
+
+    logdir = Path(args.logdir) if args.logdir else LOG_ROOT / time.strftime("%Y%m%d-%H%M%S")
+    logdir.mkdir(parents=True, exist_ok=True)
+    share, results = logdir / "share", logdir / "results"
+    share.mkdir(exist_ok=True)
+    results.mkdir(exist_ok=True)
+    results.chmod(0o1777)
+    runlog = open(logdir / "run.log", "a", buffering=1)
+
+    def say(text: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        print(f"[{stamp}] {text}", flush=True)
+        runlog.write(f"[{stamp}] {text}\n")
+
+    # SIGTERM (CI timeout) must also reach the finally below, which kills QEMU.
+    def on_term(*_):
+        raise KeyboardInterrupt()
+
+    signal.signal(signal.SIGTERM, on_term)
+    say(f"logs: {logdir}")
+    rows: list[Row] = []
+    only = set(args.only.split(",")) if args.only else None
+    while only and not only >= {n for o in only for n in NEEDS.get(o, [])}:
+        only |= {n for o in only for n in NEEDS.get(o, [])}
+    suite_t0 = time.monotonic()
+
+    def row(name: str, ok: bool, t0: float, detail: str = "") -> Row:
+        r = Row(name, ok, time.monotonic() - t0, detail)
+        rows.append(r)
+        say(f"{'PASS' if ok else 'FAIL'} {name} ({r.seconds:.1f} s)" + (f"\n{detail}" if detail else ""))
+        return r
+
+    vm = None
+    try:
+        t0 = time.monotonic()
+        try:
+            deb = find_deb(args.deb, not args.no_build, say)
+            shutil.copy(deb, share / deb.name)
+            for f in GUEST_DIR.iterdir():
+                if f.is_file():
+                    shutil.copy(f, share / f.name)
+            image = ensure_image(log=lambda s: say(f"   {s}"))
+            grab_bin = build("spice_grab")
+        except (SystemExit, Exception) as exc:
+            row("setup: image, .deb, client", False, t0, str(exc))
+            raise _Abort() from None
+        row("setup: image, .deb, client", True, t0, f"image {image.key}, {deb.name}")
+
+        t0 = time.monotonic()
+        vm = VM(image, logdir, share, results, log=lambda s: say(f"   {s}"))
+        ctx = Context(vm=vm, logdir=logdir, results=results, grab_bin=grab_bin, say=say)
+        try:
+            vm.start()
+            setup_install(ctx, deb)
+        except (Failed, AssertionError, GuestError) as exc:
+            row("setup: boot, install .deb, GDM autologin, reboot", False, t0,
+                f"{exc}\n{collect_evidence(ctx, 'setup')}")
+            raise _Abort() from None
+        row("setup: boot, install .deb, GDM autologin, reboot", True, t0)
+
+        for number, title, fn in SCENARIOS:
+            if only and number not in only:
+                continue
+            name = f"{number:>2} {title}"
+            t0 = time.monotonic()
+            say(f"-- {name}")
+            try:
+                detail = fn(ctx)
+                row(name, True, t0, f"   {detail}")
+            except (Failed, AssertionError, GuestError) as exc:
+                evidence = collect_evidence(ctx, f"s{number}")
+                row(name, False, t0, f"   {exc}\n   evidence:\n      "
+                    + evidence.replace("\n", "\n      "))
+            except Exception as exc:
+                row(name, False, t0, "   " + "".join(traceback.format_exception(exc))[-3000:])
+    except _Abort:
+        pass
+    except KeyboardInterrupt:
+        say("interrupted")
+        rows.append(Row("interrupted", False, 0.0))
+    finally:
+        if vm is not None:
+            with contextlib.suppress(Exception):
+                if vm.proc and vm.proc.poll() is None:
+                    (logdir / "journal-final.txt").write_text(
+                        vm.sh("journalctl -b --no-pager -o short-monotonic", timeout=60, quiet=True).out)
+            vm.stop()
+    say(f"suite finished in {time.monotonic() - suite_t0:.0f} s; logs: {logdir}")
+    for out in (sys.stdout, runlog):
+        print_table(rows, out)
+    runlog.close()
+    return 0 if rows and all(r.ok for r in rows) else 1
+
+
+class _Abort(Exception):
+    pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
