@@ -217,6 +217,19 @@ def test_no_server_is_display_unavailable(monkeypatch, tmp_path):
     assert ":987" in str(info.value)
 
 
+def test_a_local_display_never_falls_back_to_tcp(monkeypatch, tmp_path):
+    """python-xlib tries TCP when ":N"'s socket fails; in the service's sandbox (no AF_INET) that
+    turned "no X server" into a misleading "address family not supported"."""
+    from Xlib.support import unix_connect
+
+    tried = []
+    monkeypatch.setattr(unix_connect, "_get_tcp_socket", lambda *a: tried.append(a) or 1 / 0)
+    monkeypatch.setenv("XAUTHORITY", str(tmp_path / "none"))
+    with pytest.raises(DisplayUnavailable):
+        Screen(":987")
+    assert tried == []
+
+
 def test_server_death_is_display_lost(xenv):
     screen = Screen()
     try:

@@ -122,12 +122,12 @@ class Screen:
         self._errors = _RateLimit()
         xauth.install()
         try:
-            self._disp = xdisplay.Display(display_name)
+            self._disp = xdisplay.Display(xauth.local_only(self.name))
         except Exception as exc:  # python-xlib raises several unrelated types for this
             raise DisplayUnavailable(
                 f"cannot open X display {self.name!r}: {_one_line(exc)}"
             ) from None
-        self.name = self._disp.get_display_name()
+        self.name = self._disp.get_display_name().removeprefix("unix/")
         try:
             self._setup(use_shm)
         except DisplayUnavailable:

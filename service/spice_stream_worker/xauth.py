@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 
 from Xlib.support import unix_connect
@@ -37,6 +38,16 @@ def _get_auth(sock, dname, protocol, host, dno):  # python-xlib's signature
     if protocol in (None, "unix") and not host:
         return local_cookie(xauthority_path(), int(dno), socket.gethostname().encode())
     return _xlib_get_auth(sock, dname, protocol, host, dno)
+
+
+_LOCAL = re.compile(r":[0-9]+(\.[0-9]+)?")
+
+
+def local_only(display: str) -> str:
+    """A local display ":N" as python-xlib's "unix/:N": for ":N" it falls back to TCP when the
+    socket fails, which the service's sandbox forbids (EAFNOSUPPORT, a misleading reason) and a
+    local display never needs."""
+    return "unix/" + display if _LOCAL.fullmatch(display) else display
 
 
 def install() -> None:
