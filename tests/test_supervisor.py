@@ -177,6 +177,12 @@ def alive(pid: int) -> bool:
         return False
 
 
+async def first_worker(sup: WorkerSupervisor, rec: str, target: WorkerTarget = NOBODY) -> dict:
+    """Point the supervisor at `target` and return its worker's start record."""
+    sup.set_target(target)
+    return (await wait_async(lambda: records(rec), what="worker"))[0]
+
+
 def make(script, rec, device, mode, **kw) -> tuple[WorkerSupervisor, list[dict]]:
     changes: list[dict] = []
     sup: WorkerSupervisor
@@ -311,8 +317,7 @@ def test_stubborn_worker_is_killed_and_the_port_stays_open(workdir, pty_device):
     async def run():
         sup, _ = make(script, rec, pty_device[0], "stubborn", grace_s=0.3)
         try:
-            sup.set_target(NOBODY)
-            first = (await wait_async(lambda: records(rec), what="worker"))[0]
+            first = await first_worker(sup, rec)
             assert sup.device_opens == 1
             t0 = time.monotonic()
             sup.set_target(OTHER)
@@ -340,8 +345,7 @@ def test_relay_writes_checked_messages_and_keeps_the_host_state(workdir, pty_dev
     async def run():
         sup, changes = make(script, rec, pty_device[0], "hostile")
         try:
-            sup.set_target(NOBODY)
-            first = (await wait_async(lambda: records(rec), what="worker"))[0]
+            first = await first_worker(sup, rec)
             await wait_async(lambda: sup.status["state"] == "running", what="running")
             host.send(p.capabilities(b"\x01") + p.start_stop([1]))
             await wait_async(lambda: len(host.frames()) >= 3, timeout=15, what="frames on the port")
@@ -386,8 +390,7 @@ def test_a_worker_switched_away_mid_message_never_tears_the_port(workdir, pty_de
     async def run():
         sup, _ = make(script, rec, pty_device[0], "tear")
         try:
-            sup.set_target(NOBODY)
-            first = (await wait_async(lambda: records(rec), what="worker"))[0]
+            first = await first_worker(sup, rec)
             host.send(p.start_stop([1]))
             await wait_async(lambda: of_pid(rec, "torn", first["pid"]), what="half a frame sent")
             await wait_async(lambda: p.MsgType.FORMAT in host.types(), what="FORMAT")
@@ -413,8 +416,7 @@ def test_host_error_reopens_the_port_and_the_worker_starts_over(workdir, pty_dev
     async def run():
         sup, _ = make(script, rec, pty_device[0], "chatty")
         try:
-            sup.set_target(NOBODY)
-            first = (await wait_async(lambda: records(rec), what="worker"))[0]
+            first = await first_worker(sup, rec)
             host.send(p.start_stop([1]))
             await wait_async(lambda: host.frames(), timeout=10, what="frames")
             host.send(p.notify_error(1, "invalid message"))
@@ -445,8 +447,7 @@ def test_blocked_port_pauses_the_worker_and_keeps_only_the_newest_frame(workdir,
     async def run():
         sup, _ = make(script, rec, pty_device[0], "flood", pause_after_s=0.2)
         try:
-            sup.set_target(NOBODY)
-            first = (await wait_async(lambda: records(rec), what="worker"))[0]
+            first = await first_worker(sup, rec)
             host.send(p.start_stop([1]))
             await wait_async(lambda: len(host.frames()) >= 3, timeout=10, what="frames")
             # The host stops reading: the pty fills, the relay pauses the worker.
@@ -486,8 +487,7 @@ def test_worker_that_sends_no_frames_is_restarted(workdir, pty_device):
     async def run():
         sup, _ = make(script, rec, pty_device[0], "silent", watchdog_s=1.0)
         try:
-            sup.set_target(NOBODY)
-            first = (await wait_async(lambda: records(rec), what="worker"))[0]
+            first = await first_worker(sup, rec)
             host.send(p.start_stop([1]))
             await wait_async(lambda: len(records(rec)) == 2, timeout=15, what="a restart")
             assert not alive(first["pid"])
@@ -558,8 +558,7 @@ def test_close_kills_a_stubborn_worker(workdir, pty_device):
 
     async def run():
         sup, _ = make(script, rec, pty_device[0], "stubborn", grace_s=0.2)
-        sup.set_target(NOBODY)
-        first = (await wait_async(lambda: records(rec), what="worker"))[0]
+        first = await first_worker(sup, rec)
         await sup.close()
         assert not alive(first["pid"])
 
@@ -575,8 +574,7 @@ def test_device_path_change_moves_the_port_not_the_worker(workdir, pty_device):
     async def run():
         sup, _ = make(script, rec, pty_device[0], "chatty")
         try:
-            sup.set_target(NOBODY)
-            first = (await wait_async(lambda: records(rec), what="worker"))[0]
+            first = await first_worker(sup, rec)
             Host(pty_device[1]).send(p.start_stop([1]))
             await wait_async(lambda: sup.status["streaming"], timeout=10, what="streaming")
             sup.set_device_present(True, path=path2)
@@ -728,8 +726,7 @@ def test_worker_that_never_says_a_word_gets_several_periods_then_a_restart(workd
     async def run():
         sup, _ = make(script, rec, pty_device[0], "sleep", watchdog_s=0.5)
         try:
-            sup.set_target(NOBODY)
-            first = (await wait_async(lambda: records(rec), what="worker"))[0]
+            first = await first_worker(sup, rec)
             host.send(p.start_stop([1]))
             started = time.monotonic()
             await wait_async(lambda: len(records(rec)) == 2, timeout=15, what="a restart")
@@ -750,8 +747,7 @@ def test_streaming_is_this_workers_frames_not_the_last_ones(workdir, pty_device)
     async def run():
         sup, _ = make(script, rec, pty_device[0], "chatty/silent", watchdog_s=30)
         try:
-            sup.set_target(NOBODY)
-            first = (await wait_async(lambda: records(rec), what="worker"))[0]
+            first = await first_worker(sup, rec)
             host.send(p.start_stop([1]))
             await wait_async(lambda: sup.status["streaming"], timeout=10, what="streaming")
             sup.set_target(OTHER)
