@@ -9,7 +9,7 @@ import sys
 PROGRAM = """
 import logging, sys
 from spice_streamd import logsetup
-print(logsetup.setup("spice-streamd", "INFO", own_stream=sys.argv[1] == "own"), flush=True)
+print(logsetup.setup("spice-streamd", "INFO"), flush=True)
 log = logging.getLogger("spice_streamd.x")
 log.debug("hidden")
 log.info("session registered: uid 1000 VT 2")
@@ -21,7 +21,7 @@ except ZeroDivisionError:
 """
 
 
-def run(journal: bool, own: bool = True) -> tuple[str, list[str]]:
+def run(journal: bool) -> tuple[str, list[str]]:
     """Run PROGRAM with stderr on a file; JOURNAL_STREAM names that file when journal=True."""
     r, w = os.pipe()
     st = os.fstat(w)
@@ -31,7 +31,7 @@ def run(journal: bool, own: bool = True) -> tuple[str, list[str]]:
         env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
     else:
         env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino + 1}"  # another stream: not ours
-    proc = subprocess.Popen([sys.executable, "-c", PROGRAM, "own" if own else "worker"], env=env,
+    proc = subprocess.Popen([sys.executable, "-c", PROGRAM], env=env,
                             stdout=subprocess.PIPE, stderr=w, text=True)
     os.close(w)
     with os.fdopen(r) as f:
@@ -50,11 +50,6 @@ def test_journal_stream_gets_priorities_and_no_name_prefix():
     # Every traceback line keeps the error's priority: none falls back to journald's default.
     assert len(lines) > 4 and all(line.startswith("<3>") for line in lines[2:])
     assert not any("spice-streamd[" in line or "hidden" in line for line in lines)
-
-
-def test_worker_lines_in_the_services_journal_stream_say_whose_they_are():
-    _, lines = run(journal=True, own=False)
-    assert lines[1].startswith("<4>spice-streamd[") and lines[1].endswith("]: refused uid 1001")
 
 
 def test_other_stderr_gets_name_pid_and_level():

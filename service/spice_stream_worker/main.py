@@ -231,7 +231,7 @@ def _drain(fd: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logsetup.setup("spice-stream-worker", args.log_level.upper(), own_stream=False)
+    logsetup.setup("spice-stream-worker", args.log_level.upper())
     try:
         if args.device_fd is not None:
             follow_parent()

@@ -31,23 +31,21 @@ def stderr_is_journal(env: dict[str, str] | os._Environ[str] = os.environ) -> bo
 class JournalFormatter(logging.Formatter):
     """Each line (a traceback's too) gets the record's priority; journald adds name and pid."""
 
-    def __init__(self, tag: str = "") -> None:
-        super().__init__(f"{tag}%(message)s")
+    def __init__(self) -> None:
+        super().__init__("%(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
         prefix = f"<{priority(record.levelno)}>"
         return "\n".join(prefix + line for line in super().format(record).splitlines() or [""])
 
 
-def setup(name: str, level: int | str, *, own_stream: bool = True, with_logger: bool = False) -> bool:
+def setup(name: str, level: int | str, *, with_logger: bool = False) -> bool:
     """Configure the root logger for program `name`; returns True when writing to the journal.
-
-    own_stream=False: the program writes into another program's journal stream (the worker, in
-    the service's), so its lines keep `name[pid]:` to say whose they are."""
+    (The worker's stderr is a pipe the service reads, never the journal: see workerlog.)"""
     journal = stderr_is_journal()
     handler = logging.StreamHandler(sys.stderr)
     if journal:
-        handler.setFormatter(JournalFormatter("" if own_stream else f"{name}[{os.getpid()}]: "))
+        handler.setFormatter(JournalFormatter())
     else:
         logger = "%(name)s: " if with_logger else ""
         handler.setFormatter(logging.Formatter(
