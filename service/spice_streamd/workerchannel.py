@@ -51,8 +51,6 @@ class WorkerChannel:
         self._out = bytearray()
         self._writing = False
         self.closed = False
-        self.messages = 0
-        self.refused = 0
         self.last_frame_at: float | None = None
         self._log = LogLimiter(log, LOG_INTERVAL_S)
         asyncio.get_running_loop().add_reader(self._fd, self._on_readable)
@@ -106,11 +104,9 @@ class WorkerChannel:
                     continue
                 reason = self._check(item)
                 if reason is not None:
-                    self.refused += 1
                     self._log.log(logging.WARNING, "refused", "%s: message refused: %s",
                                   self.label, reason)
                     continue
-                self.messages += 1
                 if item.type == p.MsgType.DATA:
                     self.last_frame_at = time.monotonic()
                 self._deliver(item)
