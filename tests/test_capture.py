@@ -103,9 +103,45 @@ def test_grab_returns_drawn_pixels(xenv, painter, use_shm):
         painter.fill(100, 200, 3, 3, (9, 8, 7))
         painter.fill(100, 5, 3, 3, (1, 2, 3))  # drawn, but not asked for below
         frame = screen.grab([Rect(100, 200, 3, 3)])
-        assert frame.changed == [Rect(0, 200, 320, 3)]
+        # Captured as the 16x16 MCU around it; that is all that changed.
+        assert frame.changed == [Rect(96, 192, 16, 16)]
         assert pixel(frame, 101, 201) == (9, 8, 7)
-        assert pixel(frame, 101, 6) == (0, 0, 0)  # rows outside the request keep old pixels
+        assert pixel(frame, 101, 6) == (0, 0, 0)  # outside the request: old pixels kept
+    finally:
+        screen.close()
+
+
+@pytest.mark.parametrize("use_shm", [True, False])
+def test_damage_without_new_pixels_is_no_change(xenv, painter, use_shm):
+    screen = open_screen(use_shm=use_shm)
+    try:
+        painter.fill(0, 0, 320, 240, (0, 0, 0))
+        painter.fill(30, 40, 50, 20, (5, 6, 7))
+        screen.grab()
+        drain(screen)
+        painter.fill(30, 40, 50, 20, (5, 6, 7))  # the same pixels drawn again
+        changes = drain(screen)
+        assert changes.damage  # X reports it...
+        assert screen.grab(changes.damage).changed == []  # ...but nothing changed
+    finally:
+        screen.close()
+
+
+@pytest.mark.parametrize("use_shm", [True, False])
+def test_changed_parts_of_a_large_damage_are_found(xenv, painter, use_shm):
+    screen = open_screen(use_shm=use_shm)
+    try:
+        painter.fill(0, 0, 320, 240, (0, 0, 0))
+        painter.fill(0, 0, 200, 100, (9, 9, 9))
+        screen.grab()
+        drain(screen)
+        painter.fill(0, 0, 200, 100, (9, 9, 9))  # all of it drawn again, the same...
+        painter.fill(150, 70, 2, 2, (200, 0, 0))  # ...but for one small spot
+        frame = screen.grab(drain(screen).damage)
+        # The band of 16 rows around the spot, to 64 columns: the chunk holding x 150..151.
+        assert frame.changed == [Rect(128, 64, 64, 16)]
+        assert pixel(frame, 150, 70) == (200, 0, 0)
+        assert pixel(frame, 149, 70) == (9, 9, 9)
     finally:
         screen.close()
 

@@ -1,4 +1,4 @@
-"""JpegEncoder: spliced band JPEGs decode like a direct encode, for any sequence of changes."""
+"""JpegEncoder: spliced tile JPEGs are byte for byte a direct encode, for any sequence of changes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,13 @@ import pytest
 from PIL import Image, ImageChops, ImageDraw, ImageStat
 
 from spice_stream_worker.capture import Frame, Rect
-from spice_stream_worker.encoder import BAND_ROWS, JpegEncoder, dirty_bands
+from spice_stream_worker.encoder import (
+    MAX_ENCODES,
+    JpegEncoder,
+    TileGrid,
+    tile_mcus,
+)
+from spice_stream_worker.geometry import areas
 
 
 def picture(width: int, height: int, seed: int) -> Image.Image:
@@ -75,7 +81,7 @@ def check_valid(data: bytes, width: int, height: int) -> Image.Image:
     assert 0xC0 in segs, "baseline SOF0 expected"
     sof = segs[0xC0]
     assert struct.unpack(">HH", sof[1:5]) == (height, width)
-    assert struct.unpack(">H", segs[0xDD])[0] == (width + 15) // 16
+    assert struct.unpack(">H", segs[0xDD])[0] == tile_mcus(width)
     img = decode(data)
     assert img.size == (width, height)
     assert img.mode == "RGB"
@@ -94,8 +100,9 @@ def test_full_encode_is_valid_and_faithful():
     assert psnr(img, src) > 25
 
 
-@pytest.mark.parametrize("size", [(320, 240), (333, 197), (17, 15), (1, 1), (250, 16), (64, 33)])
-def test_random_band_changes_match_direct_encode(size):
+@pytest.mark.parametrize("size", [(320, 240), (333, 197), (17, 15), (1, 1), (250, 16), (64, 33),
+                                  (1366, 40), (2032, 20)])
+def test_random_changes_splice_to_the_direct_encode_bytes(size):
     w, h = size
     rng = random.Random(w * 1000 + h)
     buf = bgrx(picture(w, h, 0))
@@ -109,9 +116,9 @@ def test_random_band_changes_match_direct_encode(size):
             rect = Rect(x, y, rng.randrange(1, w - x + 1), rng.randrange(1, h - y + 1))
             paste(buf, w, other, rect)
             rects.append(rect)
-        spliced = check_valid(enc.encode(frame_of(buf, w, h), rects), w, h)
-        reference = direct(buf, w, h)
-        assert psnr(spliced, reference) > 35, f"step {step} rects {rects}"
+        spliced = enc.encode(frame_of(buf, w, h), rects)
+        check_valid(spliced, w, h)
+        assert spliced == JpegEncoder().encode(frame_of(buf, w, h)), f"step {step} rects {rects}"
 
 
 def test_spliced_output_equals_direct_bytes():
@@ -177,14 +184,6 @@ def test_frame_with_padded_stride():
     assert psnr(img, direct(tight, w, h)) > 35
 
 
-def test_dirty_bands():
-    assert dirty_bands([Rect(0, 0, 1, 1)], 100) == [0]
-    assert dirty_bands([Rect(0, 15, 1, 2)], 100) == [0, 1]
-    assert dirty_bands([Rect(0, 90, 5, 50)], 100) == [5, 6]
-    assert dirty_bands([Rect(0, 200, 5, 5), Rect(0, 0, 0, 5)], 100) == []
-    assert BAND_ROWS == 16
-
-
 def test_without_restart_markers_every_changed_frame_is_encoded_whole():
     """Pillow older than 11.1 (Debian 12's 9.4) writes no restart markers: no splicing, whole
     encodes of every changed frame, the cached bytes for an unchanged one."""
@@ -208,3 +207,57 @@ def test_the_pillow_pyproject_asks_for_splices():
 
     assert restart_markers_supported() is True
     assert b"\xff\xdd" in JpegEncoder().encode(frame_of(bgrx(picture(32, 32, 1)), 32, 32))
+
+
+def test_tile_width_divides_the_mcus_of_a_row():
+    assert tile_mcus(1920) == 8  # 120 MCUs: 15 tiles of 128 px
+    assert tile_mcus(1024) == 8
+    assert tile_mcus(1366) == 2  # 86 = 2 x 43
+    assert tile_mcus(2032) == 1  # 127 MCUs, a prime: tiles of one MCU
+    assert tile_mcus(17) == 2 and tile_mcus(1) == 1
+    grid = TileGrid(1920, 1080)
+    assert (grid.columns, grid.rows, grid.cell_width) == (15, 68, 128)
+
+
+def test_areas_cover_exactly_the_dirty_tiles():
+    rng = random.Random(7)
+    for _ in range(200):
+        dirty: dict[int, list[int]] = {}
+        for band in rng.sample(range(12), rng.randrange(0, 12)):
+            dirty[band] = sorted(rng.sample(range(10), rng.randrange(1, 10)))
+        cells = [(b, t) for b0, b1, t0, t1 in areas(dirty)
+                 for b in range(b0, b1) for t in range(t0, t1)]
+        assert sorted(cells) == sorted((b, t) for b, ts in dirty.items() for t in ts)
+    # The same run of tiles in consecutive bands is one rectangle: one encode call.
+    assert areas({3: [1, 2], 4: [1, 2], 5: [1, 2], 7: [1, 2]}) == [(3, 6, 1, 3), (7, 8, 1, 3)]
+
+
+def test_only_touched_tiles_are_encoded():
+    w, h = 1920, 1080
+    buf = bgrx(Image.new("RGB", (w, h), (0, 0, 255)))
+    enc = JpegEncoder()
+    enc.encode(frame_of(buf, w, h))
+    before = enc.tiles_encoded
+    paste(buf, w, bgrx(Image.new("RGB", (w, h), (255, 0, 0))), Rect(0, 0, w, h))
+    # 64x64 at (360, 100): x crosses the tile edge at 384, y spans bands 6..10.
+    img = decode(enc.encode(frame_of(buf, w, h), [Rect(360, 100, 64, 64)]))
+    assert enc.tiles_encoded - before == 2 * 5
+    assert img.getpixel((330, 130))[0] > 200  # in a re-encoded tile: red
+    assert img.getpixel((600, 130))[2] > 200  # same band, another tile: still the cached blue
+    assert img.getpixel((330, 400))[2] > 200
+
+
+def test_scattered_changes_stay_few_encodes_and_exact():
+    w, h = 1024, 512
+    rng = random.Random(3)
+    buf = bgrx(picture(w, h, 1))
+    enc = JpegEncoder()
+    enc.encode(frame_of(buf, w, h))
+    other = bgrx(picture(w, h, 2))
+    # Every other tile of every other band: far more rectangles than MAX_ENCODES.
+    rects = [Rect(t * 128 + 5, b * 16 + 3, 4, 4) for b in range(0, 32, 2) for t in range(0, 8, 2)]
+    assert len(areas(TileGrid(w, h).cells(rects))) > MAX_ENCODES
+    for r in rects:
+        paste(buf, w, other, r)
+    rng.shuffle(rects)
+    assert enc.encode(frame_of(buf, w, h), rects) == JpegEncoder().encode(frame_of(buf, w, h))

@@ -1,13 +1,19 @@
-"""The streamer's memory stays bounded whatever the screen does while the host is away or slow."""
+"""The streamer: bounded memory while the host is away or slow; no frame for what changed nothing."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 
+import pytest
+from Xlib.ext import xtest
+
 from spice_stream_worker import protocol as p
-from spice_stream_worker.capture import Changes, Rect
+from spice_stream_worker.capture import Changes, Rect, Screen
+from spice_stream_worker.encoder import JpegEncoder
 from spice_stream_worker.outbox import Outbox
 from spice_stream_worker.streamer import MAX_DAMAGE_RECTS, HostState, Streamer
+from tests.support.xserver import Painter, start_xvfb
 
 
 class StillScreen:
@@ -45,3 +51,86 @@ def test_damage_is_bounded_while_the_host_does_not_read():
     assert s._need_full  # overflow turns into one whole frame
     os.close(r)
     os.close(w)
+
+
+# --- with a real X server: what reaches the device for drawing that changes nothing ---------------
+
+def sent_types(read_fd: int) -> list[int]:
+    """Message types written so far (the pipe holds them whole: a few small ones and frames)."""
+    parser = p.Parser(p.GUEST_TO_HOST_LIMITS)
+    data = b""
+    while True:
+        try:
+            chunk = os.read(read_fd, 1 << 20)
+        except BlockingIOError:
+            break
+        data += chunk
+    return [m.type for m in parser.feed(data) if isinstance(m, p.Message)]
+
+
+@pytest.fixture
+def live(monkeypatch):
+    server = start_xvfb(320, 240)
+    monkeypatch.setenv("DISPLAY", server.display)
+    monkeypatch.setenv("XAUTHORITY", server.xauthority)
+    painter = Painter(server)
+    screen = Screen()
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ: room for a few frames
+    outbox = Outbox(w)
+    streamer = Streamer(screen, JpegEncoder(), outbox, fps=1000,
+                        host=HostState(codecs=(p.CODEC_MJPEG,)))
+    try:
+        yield streamer, screen, painter, outbox, r
+    finally:
+        screen.close()
+        painter.close()
+        server.stop()
+        os.close(r)
+        os.close(w)
+
+
+def step(streamer: Streamer, screen: Screen, painter: Painter, outbox: Outbox) -> None:
+    """Deliver what X reported (a round trip orders it first), then let the streamer act."""
+    painter.sync()
+    screen.pointer_position()
+    streamer.on_screen_changes(screen.poll())
+    streamer._next_frame_at = 0.0  # no pacing wait: each step may send a frame
+    streamer.tick()
+    assert outbox.flush()
+
+
+def test_drawing_the_same_pixels_sends_no_frame(live):
+    streamer, screen, painter, outbox, r = live
+    painter.fill(0, 0, 320, 240, (0, 0, 0))
+    painter.fill(20, 20, 100, 50, (7, 7, 7))
+    streamer.start()
+    step(streamer, screen, painter, outbox)
+    assert p.MsgType.DATA in sent_types(r)  # the first, whole frame
+    for _ in range(5):
+        painter.fill(20, 20, 100, 50, (7, 7, 7))
+        step(streamer, screen, painter, outbox)
+    assert p.MsgType.DATA not in sent_types(r)
+    assert streamer.counters.false_damage >= 1
+    painter.fill(20, 20, 10, 10, (200, 7, 7))  # a real change still goes out
+    step(streamer, screen, painter, outbox)
+    assert sent_types(r).count(p.MsgType.DATA) == 1
+
+
+def test_pointer_motion_alone_sends_no_frame(live):
+    streamer, screen, painter, outbox, r = live
+    painter.fill(0, 0, 320, 240, (30, 60, 90))
+    streamer.start()
+    step(streamer, screen, painter, outbox)
+    assert p.MsgType.DATA in sent_types(r)
+    frames = streamer.counters.frames
+    moves = 0
+    for i in range(20):
+        xtest.fake_input(painter.display, 6, x=10 + 7 * i, y=20 + 5 * i)  # 6 = MotionNotify
+        step(streamer, screen, painter, outbox)
+        streamer._last_pointer_at = -1e9  # no CURSOR_MOVE pacing between steps
+        moves += sent_types(r).count(p.MsgType.CURSOR_MOVE)
+    assert moves >= 1
+    assert streamer.counters.frames == frames

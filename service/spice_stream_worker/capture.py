@@ -14,17 +14,20 @@ from Xlib.ext import damage as xdamage
 from Xlib.ext import randr as xrandr
 from Xlib.ext import xfixes, xinput
 
-from . import xauth, xshm
+from . import damage, xauth, xshm
 from .cursor import CursorImage, read_cursor
 from .errors import DisplayLost, DisplayUnavailable
+from .geometry import Rect, bounding, row_spans
+
+__all__ = ["NO_SHM_ENV", "Changes", "Frame", "Rect", "Screen", "row_spans"]
 
 log = logging.getLogger(__name__)
 
 # Set to 1 to capture with plain GetImage even where MIT-SHM works (tests, debugging).
 NO_SHM_ENV = "SPICE_STREAM_WORKER_NO_SHM"
 
-# Past this many damage rectangles in one poll, report their bounding box instead: the encoder
-# works in full-width bands anyway, and an unbounded list would be an unbounded cost.
+# Past this many damage rectangles in one poll, report their bounding box instead: an unbounded
+# list would be an unbounded cost.
 MAX_RECTS = 64
 # At most this many events are handled per poll() so a flood cannot starve the caller.
 MAX_EVENTS_PER_POLL = 20000
@@ -32,21 +35,6 @@ MAX_EVENTS_PER_POLL = 20000
 _GENERIC_EVENT = 35
 _XI_RAW_MOTION = 17
 _XI_RAW_MOTION_MASK = 1 << _XI_RAW_MOTION
-
-
-@dataclass(frozen=True)
-class Rect:
-    x: int
-    y: int
-    width: int
-    height: int
-
-    def clip(self, width: int, height: int) -> Rect | None:
-        x0, y0 = max(self.x, 0), max(self.y, 0)
-        x1, y1 = min(self.x + self.width, width), min(self.y + self.height, height)
-        if x1 <= x0 or y1 <= y0:
-            return None
-        return Rect(x0, y0, x1 - x0, y1 - y0)
 
 
 @dataclass
@@ -67,7 +55,8 @@ class Frame:
     """The screen's framebuffer: BGRX, 4 bytes per pixel, rows `stride` bytes apart.
 
     `pixels` may be a view of shared memory: it is valid until the next grab() or close().
-    `changed` lists the full-width strips the last grab() refreshed (None: the whole frame).
+    `changed` lists what the last grab() found changed (None: the whole frame, unchecked;
+    empty: the damage held no new pixels).
     """
 
     width: int
@@ -75,21 +64,6 @@ class Frame:
     stride: int
     pixels: memoryview
     changed: list[Rect] | None = None
-
-
-def row_spans(rects: list[Rect], height: int) -> list[tuple[int, int]]:
-    """Merge the rows covered by rects into sorted, non-overlapping [y0, y1) spans."""
-    spans = sorted((max(r.y, 0), min(r.y + r.height, height)) for r in rects)
-    merged: list[tuple[int, int]] = []
-    for y0, y1 in spans:
-        if y1 <= y0:
-            continue
-        if merged and y0 <= merged[-1][1]:
-            if y1 > merged[-1][1]:
-                merged[-1] = (merged[-1][0], y1)
-        else:
-            merged.append((y0, y1))
-    return merged
 
 
 class _RateLimit:
@@ -223,7 +197,9 @@ class Screen:
         self._fb = None
         if self._want_shm:
             try:
-                self._seg = xshm.ShmSegment(self._disp, nbytes)
+                # The framebuffer, then room for damaged rectangles, captured apart to be compared
+                # with it (pages are only used as far as captures reach).
+                self._seg = xshm.ShmSegment(self._disp, 2 * nbytes)
             except xshm.ShmError as exc:
                 log.warning(
                     "display %s: MIT-SHM unusable (%s), falling back to GetImage",
@@ -278,7 +254,7 @@ class Screen:
         width, height = self.size
         clipped = [c for r in rects if (c := r.clip(width, height)) is not None]
         if len(clipped) > MAX_RECTS:
-            clipped = [_bounding(clipped)]
+            clipped = [bounding(clipped)]
         changes.damage = list(dict.fromkeys(clipped))
         return changes
 
@@ -312,14 +288,26 @@ class Screen:
     # -- capture ------------------------------------------------------------------------------
 
     def grab(self, rects: list[Rect] | None = None) -> Frame:
-        """Copy the rows touched by rects (None: the whole screen) into the framebuffer."""
+        """Bring the framebuffer up to date: the whole screen (None), or the damaged rects,
+        captured apart and compared with it, so Frame.changed lists only what really changed."""
         self._check_open()
         for attempt in (0, 1):
             width, height = self.size
-            spans = [(0, height)] if rects is None else row_spans(rects, height)
+            todo = None if rects is None else damage.plan(rects, width, height)
             try:
-                for y0, y1 in spans:
-                    self._grab_rows(y0, y1)
+                if todo is None:
+                    spans = [(0, height)] if rects is None else row_spans(rects, height)
+                    for y0, y1 in spans:
+                        self._grab_rows(y0, y1)
+                    # Unchecked: what X reported is what changed (whole rows were refreshed).
+                    changed = None if rects is None else [
+                        c for r in rects if (c := r.clip(width, height)) is not None]
+                else:
+                    changed = []
+                    fb = self._pixels()
+                    for rect in todo:
+                        changed += damage.refresh(fb, width * 4, rect, self._grab_rect(rect),
+                                                  rect.width * 4)
                 break
             except xerror.XError as exc:
                 # The server's size changed before we saw its RandR event; re-read it once.
@@ -333,9 +321,13 @@ class Screen:
                     f"X display {self.name!r} connection lost: {_one_line(exc)}"
                 ) from None
         width, height = self.size
-        changed = None if rects is None else [Rect(0, y0, width, y1 - y0) for y0, y1 in spans]
-        pixels = self._seg.memoryview() if self._seg is not None else memoryview(self._fb)
-        return Frame(width, height, width * 4, pixels, changed)
+        return Frame(width, height, width * 4, self._pixels(), changed)
+
+    def _pixels(self) -> memoryview:
+        width, height = self.size
+        if self._seg is not None:
+            return self._seg.memoryview()[: width * height * 4]
+        return memoryview(self._fb)
 
     def _grab_rows(self, y0: int, y1: int) -> None:
         width = self.size[0]
@@ -346,6 +338,15 @@ class Screen:
         else:
             image = self._root.get_image(0, y0, width, y1 - y0, X.ZPixmap, 0xFFFFFFFF)
             self._fb[y0 * stride : y1 * stride] = image.data
+
+    def _grab_rect(self, r: Rect) -> memoryview | bytes:
+        """The pixels of r, rows r.width * 4 bytes apart, outside the framebuffer."""
+        if self._seg is not None:
+            offset = self.size[0] * self.size[1] * 4
+            self._disp.shm_get_image(self._root, r.x, r.y, r.width, r.height, self._seg.xid,
+                                     offset)
+            return self._seg.memoryview()[offset : offset + r.width * r.height * 4]
+        return self._root.get_image(r.x, r.y, r.width, r.height, X.ZPixmap, 0xFFFFFFFF).data
 
     def _refresh_size(self) -> bool:
         geom = self._root.get_geometry()
@@ -406,14 +407,6 @@ class Screen:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _bounding(rects: list[Rect]) -> Rect:
-    x0 = min(r.x for r in rects)
-    y0 = min(r.y for r in rects)
-    x1 = max(r.x + r.width for r in rects)
-    y1 = max(r.y + r.height for r in rects)
-    return Rect(x0, y0, x1 - x0, y1 - y0)
 
 
 def _one_line(exc: object) -> str:

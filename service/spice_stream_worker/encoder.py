@@ -1,4 +1,4 @@
-"""Baseline JPEG of the framebuffer, re-encoding only the 16-row bands that changed and splicing them."""
+"""Baseline JPEG of the framebuffer, re-encoding only the tiles that changed and splicing them."""
 
 from __future__ import annotations
 
@@ -7,23 +7,30 @@ import io
 import logging
 import re
 import struct
-from collections.abc import Iterable
 
 import PIL
 from PIL import Image
 
-from .capture import Frame, Rect
+from .capture import Frame
+from .geometry import Grid, Rect, areas, spans
 
-BAND_ROWS = 16  # one MCU row at 4:2:0: the smallest unit a restart interval can cover per row
+MCU = 16  # pixels per MCU side at 4:2:0
+BAND_ROWS = MCU  # a tile is one MCU row high
+# Tiles are at most this many MCUs wide: a few glyphs cost a tile or two, and the restart markers
+# between tiles (about 4 bytes each) stay near 1% of a 1080p frame.
+MAX_TILE_MCUS = 8
 _RST = re.compile(rb"\xff[\xd0-\xd7]")
+_RST_MARKERS = tuple(bytes((0xFF, 0xD0 + n)) for n in range(8))
 _EOI = b"\xff\xd9"
 _SOF0 = 0xC0
 _SOS = 0xDA
 _DRI = 0xDD
-# Above this share of dirty bands one whole-frame encode is cheaper than several partial ones.
+# Above this share of dirty tiles one whole-frame encode is cheaper than several partial ones.
 FULL_ENCODE_SHARE = 0.7
-MAX_CACHED_IMAGES = 8
-
+# Past this many rectangles to encode, each band's dirty tiles become one span: every encode call
+# has a fixed cost, and scattered changes must not multiply it without bound.
+MAX_ENCODES = 24
+MAX_CACHED_IMAGES = 16
 
 log = logging.getLogger(__name__)
 
@@ -34,41 +41,34 @@ class EncoderError(Exception):
 
 @functools.cache
 def restart_markers_supported() -> bool:
-    """Whether this Pillow writes JPEG restart markers (restart_marker_rows, Pillow 11).
+    """Whether this Pillow writes a restart marker every N blocks (restart_marker_blocks).
 
-    Older ones (Debian 12 has 9.4) ignore the option: without markers no band can be spliced,
+    Older ones (Debian 12 has 9.4) ignore the option: without markers no tile can be spliced,
     so every changed frame is encoded whole, which works everywhere, only slower."""
     out = io.BytesIO()
-    Image.new("RGB", (32, 32)).save(out, "JPEG", restart_marker_rows=1)
+    Image.new("RGB", (32, 32)).save(out, "JPEG", restart_marker_blocks=1)
     found = b"\xff\xdd" in out.getvalue()
     if not found:
         log.info("Pillow %s writes no JPEG restart markers: each changed frame is encoded "
-                 "whole (with Pillow 11 or later only the changed bands are)",
+                 "whole (with Pillow 11 or later only the changed tiles are)",
                  PIL.__version__)
     return found
 
 
-def dirty_bands(changed: Iterable[Rect], height: int) -> list[int]:
-    """Indices of the bands that any rect touches, sorted."""
-    nbands = (height + BAND_ROWS - 1) // BAND_ROWS
-    bands: set[int] = set()
-    for r in changed:
-        y0, y1 = max(r.y, 0), min(r.y + r.height, height)
-        if y1 <= y0 or r.width <= 0:
-            continue
-        bands.update(range(y0 // BAND_ROWS, min((y1 - 1) // BAND_ROWS + 1, nbands)))
-    return sorted(bands)
+def tile_mcus(width: int) -> int:
+    """MCUs per tile: the largest divisor of the MCUs per row up to MAX_TILE_MCUS, so the tiles
+    split every band exactly and one restart interval covers one tile."""
+    mcus = max(1, (width + MCU - 1) // MCU)
+    return next(k for k in range(min(MAX_TILE_MCUS, mcus), 0, -1) if mcus % k == 0)
 
 
-def _runs(indices: list[int]) -> list[tuple[int, int]]:
-    """Consecutive indices as [start, end) runs."""
-    runs: list[tuple[int, int]] = []
-    for i in indices:
-        if runs and runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
-    return runs
+class TileGrid(Grid):
+    """A frame's tiles: bands of 16 rows (the grid's rows), each cut into tiles of
+    tile_mcus(width) MCUs (its columns)."""
+
+    def __init__(self, width: int, height: int) -> None:
+        self.mcus = tile_mcus(width)
+        super().__init__(width, height, self.mcus * MCU, BAND_ROWS)
 
 
 def _split_jpeg(data: bytes) -> tuple[bytes, list[bytes]]:
@@ -113,18 +113,25 @@ def _patch_header(header: bytes, width: int, height: int, restart: int) -> bytes
 
 
 class JpegEncoder:
-    """Encodes Frames to complete baseline JPEGs, caching each band's entropy-coded segment."""
+    """Encodes Frames to complete baseline JPEGs, caching each tile's entropy-coded segment.
+
+    With a restart marker after every tile, each tile's segment depends on its own pixels only
+    (4:2:0 downsampling stays inside an MCU, and the DC predictor restarts), so a tile encoded
+    on its own is byte for byte the one a whole-frame encode would write.
+    """
 
     def __init__(self, quality: int = 80, splice: bool | None = None) -> None:
         self._quality = quality
         # splice=False: whole-frame encodes only (what an old Pillow allows); None: probe Pillow.
         self._splice = restart_markers_supported() if splice is None else splice
-        self._size: tuple[int, int] | None = None
+        self._grid: TileGrid | None = None
         self._header = b""
-        self._bands: list[bytes] = []
+        self._tiles: list[list[bytes]] | None = None  # None: not split out of _last yet
+        self._bands: list[bytes] = []  # each band's tiles joined with the markers after them
         self._last: bytes | None = None
         # Reused pixel stores by size: a fresh Image costs an 8 MB allocation and memset at 1080p.
         self._images: dict[tuple[int, int], Image.Image] = {}
+        self.tiles_encoded = 0  # since creation: what the cache did not supply
 
     @property
     def quality(self) -> int:
@@ -139,44 +146,54 @@ class JpegEncoder:
 
     def reset(self) -> None:
         """Forget the cache: the next encode re-encodes the whole frame."""
-        self._size = None
+        self._grid = None
+        self._tiles = None
         self._bands = []
         self._header = b""
         self._last = None
         self._images.clear()
 
     def encode(self, frame: Frame, changed: list[Rect] | None = None) -> bytes:
-        """A complete JPEG of the whole frame; only bands touched by `changed` are re-encoded.
+        """A complete JPEG of the whole frame; only tiles touched by `changed` are re-encoded.
 
         changed=None re-encodes everything; so does any change of frame size or quality.
         """
-        size = (frame.width, frame.height)
-        if not self._splice:
-            if changed is not None and size == self._size and self._last is not None \
-                    and not dirty_bands(changed, frame.height):
-                return self._last
-            self._size, self._last = size, self._encode_rows(frame, 0, frame.height)
-            return self._last
-        nbands = (frame.height + BAND_ROWS - 1) // BAND_ROWS
-        if changed is None or size != self._size or len(self._bands) != nbands:
+        grid = self._grid
+        if changed is None or grid is None or (grid.width, grid.height) != (
+                frame.width, frame.height) or self._last is None:
             return self._encode_full(frame)
-        bands = dirty_bands(changed, frame.height)
-        if not bands and self._last is not None:
+        dirty = grid.cells(changed)
+        if not dirty:
             return self._last
-        if len(bands) >= FULL_ENCODE_SHARE * nbands:
+        ndirty = sum(len(t) for t in dirty.values())
+        if not self._splice or ndirty >= FULL_ENCODE_SHARE * grid.count:
             return self._encode_full(frame)
-        for start, end in _runs(bands):
-            y0, y1 = start * BAND_ROWS, min(end * BAND_ROWS, frame.height)
-            _, pieces = _split_jpeg(self._encode_rows(frame, y0, y1))
-            if len(pieces) != end - start:
-                raise EncoderError(f"{len(pieces)} restart pieces for {end - start} bands")
-            self._bands[start:end] = pieces
-        self._last = self._assemble()
+        todo = areas(dirty)
+        if len(todo) > MAX_ENCODES:
+            todo = areas(spans(dirty))
+        tiles = self._split_last(grid)
+        touched: set[int] = set()
+        for area in todo:
+            b0, b1, t0, t1 = area
+            r = grid.rect(area)
+            _, pieces = _split_jpeg(self._encode_area(frame, r.x, r.y, r.x + r.width,
+                                                      r.y + r.height, grid.mcus))
+            if len(pieces) != (b1 - b0) * (t1 - t0):
+                raise EncoderError(f"{len(pieces)} restart pieces for area {area}")
+            for i, band in enumerate(range(b0, b1)):
+                tiles[band][t0:t1] = pieces[i * (t1 - t0):(i + 1) * (t1 - t0)]
+                touched.add(band)
+            self.tiles_encoded += len(pieces)
+        for band in touched:
+            self._bands[band] = self._join_band(grid, tiles, band)
+        self._last = b"".join((self._header, *self._bands, _EOI))
         return self._last
 
-    def _encode_rows(self, frame: Frame, y0: int, y1: int) -> bytes:
-        view = frame.pixels[y0 * frame.stride : y1 * frame.stride]
-        size = (frame.width, y1 - y0)
+    def _encode_area(self, frame: Frame, x0: int, y0: int, x1: int, y1: int,
+                     restart_blocks: int) -> bytes:
+        # From the first pixel to the last one's end: the rows between are read at `stride`.
+        view = frame.pixels[y0 * frame.stride + x0 * 4 : (y1 - 1) * frame.stride + x1 * 4]
+        size = (x1 - x0, y1 - y0)
         image = self._images.get(size)
         if image is None:
             if len(self._images) >= MAX_CACHED_IMAGES:
@@ -197,32 +214,42 @@ class JpegEncoder:
             subsampling=2,
             optimize=False,
             progressive=False,
-            **({"restart_marker_rows": 1} if self._splice else {}),
+            **({"restart_marker_blocks": restart_blocks} if self._splice else {}),
         )
         return out.getvalue()
 
     def _encode_full(self, frame: Frame) -> bytes:
-        data = self._encode_rows(frame, 0, frame.height)
-        header, pieces = _split_jpeg(data)
-        nbands = (frame.height + BAND_ROWS - 1) // BAND_ROWS
-        if len(pieces) != nbands:
-            raise EncoderError(f"{len(pieces)} restart pieces for {nbands} bands")
-        restart = (frame.width + BAND_ROWS - 1) // BAND_ROWS
-        self._header = _patch_header(header, frame.width, frame.height, restart)
-        self._bands = pieces
-        self._size = (frame.width, frame.height)
+        grid = TileGrid(frame.width, frame.height)
+        data = self._encode_area(frame, 0, 0, frame.width, frame.height, grid.mcus)
+        self.tiles_encoded += grid.count
+        self._grid = grid
         self._last = data
+        # Split into tiles only when a partial change needs them: a screen that changes whole
+        # every frame never pays for it.
+        self._tiles = None
         return data
 
-    def _assemble(self) -> bytes:
-        parts = [self._header]
-        last = len(self._bands) - 1
-        for i, piece in enumerate(self._bands):
+    def _split_last(self, grid: TileGrid) -> list[list[bytes]]:
+        if self._tiles is not None:
+            return self._tiles
+        assert self._last is not None
+        header, pieces = _split_jpeg(self._last)
+        if len(pieces) != grid.count:
+            raise EncoderError(f"{len(pieces)} restart pieces for {grid.count} tiles")
+        self._header = _patch_header(header, grid.width, grid.height, grid.mcus)
+        n = grid.columns
+        self._tiles = [pieces[b * n:(b + 1) * n] for b in range(grid.rows)]
+        self._bands = [self._join_band(grid, self._tiles, b) for b in range(grid.rows)]
+        return self._tiles
+
+    @staticmethod
+    def _join_band(grid: TileGrid, tiles: list[list[bytes]], band: int) -> bytes:
+        # Restart markers count 0..7 over the whole scan; none after the frame's last tile.
+        parts: list[bytes] = []
+        first = band * grid.columns
+        last = grid.count - 1
+        for t, piece in enumerate(tiles[band]):
             parts.append(piece)
-            if i != last:
-                parts.append(_RST_MARKERS[i & 7])
-        parts.append(_EOI)
+            if first + t != last:
+                parts.append(_RST_MARKERS[(first + t) & 7])
         return b"".join(parts)
-
-
-_RST_MARKERS = tuple(bytes((0xFF, 0xD0 + n)) for n in range(8))

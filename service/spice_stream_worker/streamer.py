@@ -33,6 +33,7 @@ class HostState:
 @dataclass
 class Counters:
     frames: int = 0
+    false_damage: int = 0  # damage whose pixels had not changed: no frame
     started: float = field(default_factory=time.monotonic)
     recent: list[float] = field(default_factory=list)
 
@@ -210,7 +211,11 @@ class Streamer:
         else:
             damage, self._damage = self._damage, []
             frame = self.screen.grab(damage)
-            jpeg = self.encoder.encode(frame, damage)
+            if frame.changed == [] and self._format_sent == (frame.width, frame.height):
+                # Drawn but not changed (the same pixels again): nothing to encode or send.
+                self.counters.false_damage += 1
+                return
+            jpeg = self.encoder.encode(frame, frame.changed)
         # The size comes from the frame itself: a resize can land between poll() and grab() (the encoder
         # then encodes the new size whole).
         if self._format_sent != (frame.width, frame.height):
