@@ -111,39 +111,35 @@ def test_grab_returns_drawn_pixels(xenv, painter, use_shm):
         screen.close()
 
 
-@pytest.mark.parametrize("use_shm", [True, False])
-def test_damage_without_new_pixels_is_no_change(xenv, painter, use_shm):
-    screen = open_screen(use_shm=use_shm)
-    try:
-        painter.fill(0, 0, 320, 240, (0, 0, 0))
-        painter.fill(30, 40, 50, 20, (5, 6, 7))
-        screen.grab()
-        drain(screen)
-        painter.fill(30, 40, 50, 20, (5, 6, 7))  # the same pixels drawn again
-        changes = drain(screen)
-        assert changes.damage  # X reports it...
-        assert screen.grab(changes.damage).changed == []  # ...but nothing changed
-    finally:
-        screen.close()
-
-
-@pytest.mark.parametrize("use_shm", [True, False])
-def test_changed_parts_of_a_large_damage_are_found(xenv, painter, use_shm):
-    screen = open_screen(use_shm=use_shm)
+@pytest.fixture(params=[True, False], ids=["shm", "getimage"])
+def grey_screen(xenv, painter, request):
+    """A Screen whose framebuffer holds black with a grey 200x100 box, and no damage pending."""
+    screen = open_screen(use_shm=request.param)
     try:
         painter.fill(0, 0, 320, 240, (0, 0, 0))
         painter.fill(0, 0, 200, 100, (9, 9, 9))
         screen.grab()
         drain(screen)
-        painter.fill(0, 0, 200, 100, (9, 9, 9))  # all of it drawn again, the same...
-        painter.fill(150, 70, 2, 2, (200, 0, 0))  # ...but for one small spot
-        frame = screen.grab(drain(screen).damage)
-        # The band of 16 rows around the spot, to 64 columns: the chunk holding x 150..151.
-        assert frame.changed == [Rect(128, 64, 64, 16)]
-        assert pixel(frame, 150, 70) == (200, 0, 0)
-        assert pixel(frame, 149, 70) == (9, 9, 9)
+        yield screen
     finally:
         screen.close()
+
+
+def test_damage_without_new_pixels_is_no_change(grey_screen, painter):
+    painter.fill(30, 40, 50, 20, (9, 9, 9))  # the same pixels drawn again
+    changes = drain(grey_screen)
+    assert changes.damage  # X reports it...
+    assert grey_screen.grab(changes.damage).changed == []  # ...but nothing changed
+
+
+def test_changed_parts_of_a_large_damage_are_found(grey_screen, painter):
+    painter.fill(0, 0, 200, 100, (9, 9, 9))  # all of it drawn again, the same...
+    painter.fill(150, 70, 2, 2, (200, 0, 0))  # ...but for one small spot
+    frame = grey_screen.grab(drain(grey_screen).damage)
+    # The band of 16 rows around the spot, to 64 columns: the chunk holding x 150..151.
+    assert frame.changed == [Rect(128, 64, 64, 16)]
+    assert pixel(frame, 150, 70) == (200, 0, 0)
+    assert pixel(frame, 149, 70) == (9, 9, 9)
 
 
 def test_env_switch_forces_getimage(xenv, monkeypatch):

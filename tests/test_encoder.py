@@ -219,19 +219,6 @@ def test_tile_width_divides_the_mcus_of_a_row():
     assert (grid.columns, grid.rows, grid.cell_width) == (15, 68, 128)
 
 
-def test_areas_cover_exactly_the_dirty_tiles():
-    rng = random.Random(7)
-    for _ in range(200):
-        dirty: dict[int, list[int]] = {}
-        for band in rng.sample(range(12), rng.randrange(0, 12)):
-            dirty[band] = sorted(rng.sample(range(10), rng.randrange(1, 10)))
-        cells = [(b, t) for b0, b1, t0, t1 in areas(dirty)
-                 for b in range(b0, b1) for t in range(t0, t1)]
-        assert sorted(cells) == sorted((b, t) for b, ts in dirty.items() for t in ts)
-    # The same run of tiles in consecutive bands is one rectangle: one encode call.
-    assert areas({3: [1, 2], 4: [1, 2], 5: [1, 2], 7: [1, 2]}) == [(3, 6, 1, 3), (7, 8, 1, 3)]
-
-
 def test_only_touched_tiles_are_encoded():
     w, h = 1920, 1080
     buf = bgrx(Image.new("RGB", (w, h), (0, 0, 255)))
