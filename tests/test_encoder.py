@@ -15,6 +15,7 @@ from spice_stream_worker.encoder import (
     MAX_ENCODES,
     JpegEncoder,
     TileGrid,
+    plan_encodes,
     tile_mcus,
 )
 from spice_stream_worker.geometry import areas
@@ -248,3 +249,17 @@ def test_scattered_changes_stay_few_encodes_and_exact():
         paste(buf, w, other, r)
     rng.shuffle(rects)
     assert enc.encode(frame_of(buf, w, h), rects) == JpegEncoder().encode(frame_of(buf, w, h))
+
+
+def test_encode_plan_prefers_fewer_calls_over_a_few_clean_tiles():
+    # A region whose edges move by a tile from band to band: one box, not one call per band.
+    ragged = {b: list(range(3 + b % 2, 8 + b % 3)) for b in range(10, 27)}
+    assert plan_encodes(ragged) == [(10, 27, 3, 10)]
+    # Two windows far apart in the same bands: two calls, not the 60 tiles between them.
+    apart = {b: [0, 1, 120, 121] for b in range(5, 9)}
+    assert sorted(plan_encodes(apart)) == [(5, 9, 0, 2), (5, 9, 120, 122)]
+    # Exact cells when the box would waste more than the calls cost.
+    stair = {0: [0], 1: [20], 2: [40]}
+    assert sorted(plan_encodes(stair)) == [(0, 1, 0, 1), (1, 2, 20, 21), (2, 3, 40, 41)]
+    # Every other band of a tall frame: never more than MAX_ENCODES calls.
+    assert len(plan_encodes({b: [b % 7] for b in range(0, 120, 2)})) <= MAX_ENCODES
