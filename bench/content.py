@@ -63,3 +63,62 @@ class FixedRate:
             time.sleep(delay)
         else:
             self.next_at = time.monotonic()
+
+
+# --- markers: a solid square whose colour says which step of the painter drew it -----------------
+# 3 bits per channel, levels 32 apart: JPEG at quality 80 keeps a flat 64x64 square within a few
+# levels, so a 1/8-scale decode (DC coefficients only) reads the value back exactly.
+
+MARKER_SIZE = 64  # a multiple of 16: whole 4:2:0 MCUs, so the square's centre is pure DC
+MARKER_VALUES = 512
+MARKER_AT = {"marker": (1024, 512), "fullmarker": (64, 64)}  # top-left corners, multiples of 16
+_LEVEL_STEP = 32
+_LEVEL_BASE = 16
+_LEVEL_SLACK = 10  # a channel further than this from every level is not a marker
+
+
+def marker_rgb(seq: int) -> tuple[int, int, int]:
+    v = seq % MARKER_VALUES
+    r, g, b = (_LEVEL_BASE + _LEVEL_STEP * ((v >> shift) & 7) for shift in (6, 3, 0))
+    return r, g, b
+
+
+def marker_pixel(seq: int) -> int:
+    """The marker's colour as an X pixel value (24-bit TrueColor, 0xRRGGBB)."""
+    r, g, b = marker_rgb(seq)
+    return (r << 16) | (g << 8) | b
+
+
+def marker_value(rgb: tuple[int, int, int]) -> int | None:
+    """seq % MARKER_VALUES from a decoded pixel, or None if the colour is not a marker's."""
+    value = 0
+    for channel in rgb:
+        level = round((channel - _LEVEL_BASE) / _LEVEL_STEP)
+        if not 0 <= level <= 7 or abs(channel - _LEVEL_BASE - _LEVEL_STEP * level) > _LEVEL_SLACK:
+            return None
+        value = (value << 3) | level
+    return value
+
+
+# --- typing: pre-rendered glyph cells ------------------------------------------------------------
+
+GLYPH_W, GLYPH_H = 9, 18
+
+
+def text_cells(text: str, fg=(20, 20, 20), bg=(250, 250, 250)) -> list[bytes]:
+    """Each character of text as one GLYPH_W x GLYPH_H cell of BGRX bytes (what a terminal draws)."""
+    cells: dict[str, bytes] = {}
+    out = []
+    for ch in text:
+        if ch not in cells:
+            img = Image.new("RGB", (GLYPH_W, GLYPH_H), bg)
+            ImageDraw.Draw(img).text((1, 3), ch, fill=fg)
+            cells[ch] = to_bgrx(img)
+        out.append(cells[ch])
+    return out
+
+
+def join_cells(cells: list[bytes]) -> bytes:
+    """Cells side by side as one BGRX image len(cells)*GLYPH_W wide."""
+    row = GLYPH_W * 4
+    return b"".join(cell[y * row:(y + 1) * row] for y in range(GLYPH_H) for cell in cells)
