@@ -205,15 +205,15 @@ def start_engine(engine: str, server, device: str, fps: int, quality: int) -> su
     return subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL)
 
 
-def relay_writes(proc: subprocess.Popen) -> tuple[float, int]:
-    """(CPU seconds in port writes, write calls) so far, from relayed.py's SIGUSR1 report."""
+def relay_stats(proc: subprocess.Popen) -> dict[str, float]:
+    """relayed.py's figures so far (SIGUSR1): CPU in port writes and their count, and the CPU of its
+    main thread (worker socket, parse, check) and of the port writer thread."""
     before = os.stat(RELAY_STATS).st_mtime_ns if os.path.exists(RELAY_STATS) else 0
     proc.send_signal(signal.SIGUSR1)
     wait_until(lambda: os.path.exists(RELAY_STATS) and os.stat(RELAY_STATS).st_mtime_ns != before,
-             5, "relayed.py's port-write report")
+               5, "relayed.py's report")
     with open(RELAY_STATS) as f:
-        data = json.load(f)
-    return data["write_cpu_s"], data["writes"]
+        return json.load(f)
 
 
 @dataclass

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,6 +35,16 @@ class WriteMeter:
             self.calls += 1
 
 
+PORT_WRITER_THREAD = "stream port writer"  # portwriter.PortWriter's thread
+
+
+def thread_cpu_s(thread: threading.Thread) -> float:
+    """user + system CPU of one of this process's threads (a new port writer starts at 0)."""
+    with open(f"/proc/self/task/{thread.native_id}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def run(args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -42,7 +53,10 @@ async def run(args: argparse.Namespace) -> None:
 
     def report() -> None:  # SIGUSR1: the bench reads these at the ends of its window
         with open(args.stats + ".tmp", "w") as f:
-            json.dump({"write_cpu_s": meter.cpu_s, "writes": meter.calls}, f)
+            json.dump({"write_cpu_s": meter.cpu_s, "writes": meter.calls,
+                       "main_cpu_s": thread_cpu_s(threading.main_thread()),
+                       "writer_cpu_s": sum(thread_cpu_s(t) for t in threading.enumerate()
+                                           if t.name == PORT_WRITER_THREAD)}, f)
         os.replace(args.stats + ".tmp", args.stats)
 
     loop.add_signal_handler(signal.SIGUSR1, report)

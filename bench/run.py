@@ -26,7 +26,7 @@ from common import (  # noqa: E402
     RELAY_STATS,
     cpu_seconds,
     peak_rss_mb,
-    relay_writes,
+    relay_stats,
     session,
     start_painter,
     stop,
@@ -70,6 +70,8 @@ class Result:
     service_ms_per_frame: float  # relayed only: the service's supervisor and relay
     port_write_ms_per_frame: float  # relayed only: of the service's, its write() calls to the port
     port_writes_per_frame: float
+    relay_main_ms_per_frame: float  # relayed only: its main thread (worker socket, parse, check)
+    relay_writer_ms_per_frame: float  # relayed only: the port writer thread (writes, waits)
     x_ms_per_frame: float
     kb_per_frame: float
     cpu_pct: float  # engine + X, percent of one core
@@ -78,12 +80,15 @@ class Result:
     peak_rss_mb: float  # the worker's VmHWM (baseline: its process)
 
 
+NO_RELAY = {"write_cpu_s": 0.0, "writes": 0, "main_cpu_s": 0.0, "writer_cpu_s": 0.0}
+
+
 def measure(engine: str, workload: str, server, args) -> Result:
     _, mode, rate = WORKLOADS[workload]
     with session(engine, mode, server, args, rate=rate) as s:
         time.sleep(args.warmup)  # let the first full frame and the painter's pace settle
         s.check_alive()
-        w0 = relay_writes(s.proc) if engine == "relayed" else (0.0, 0)
+        w0 = relay_stats(s.proc) if engine == "relayed" else NO_RELAY
         f0, b0, n0 = s.drain.snapshot()
         m0 = s.drain.cursor_moves
         c0, x0, t0 = [cpu_seconds(p) for p in s.pids], cpu_seconds(server.pid), time.monotonic()
@@ -93,7 +98,7 @@ def measure(engine: str, workload: str, server, args) -> Result:
         m1 = s.drain.cursor_moves
         c1, x1, t1 = [cpu_seconds(p) for p in s.pids], cpu_seconds(server.pid), time.monotonic()
         o1 = cpu_seconds(s.painter.pid) + cpu_seconds(os.getpid())
-        w1 = relay_writes(s.proc) if engine == "relayed" else (0.0, 0)
+        w1 = relay_stats(s.proc) if engine == "relayed" else NO_RELAY
         s.check_alive()
         rss = peak_rss_mb(s.worker_pid)
     elapsed = t1 - t0
@@ -112,8 +117,10 @@ def measure(engine: str, workload: str, server, args) -> Result:
         engine_ms_per_frame=1000 * engine_s / per,
         worker_ms_per_frame=1000 * used[-1] / per,
         service_ms_per_frame=1000 * used[0] / per if len(used) > 1 else 0.0,
-        port_write_ms_per_frame=1000 * (w1[0] - w0[0]) / per,
-        port_writes_per_frame=(w1[1] - w0[1]) / per,
+        port_write_ms_per_frame=1000 * (w1["write_cpu_s"] - w0["write_cpu_s"]) / per,
+        port_writes_per_frame=(w1["writes"] - w0["writes"]) / per,
+        relay_main_ms_per_frame=1000 * (w1["main_cpu_s"] - w0["main_cpu_s"]) / per,
+        relay_writer_ms_per_frame=1000 * (w1["writer_cpu_s"] - w0["writer_cpu_s"]) / per,
         x_ms_per_frame=1000 * (x1 - x0) / per,
         kb_per_frame=(b1 - b0) / per / 1024,
         cpu_pct=100 * (engine_s + (x1 - x0)) / elapsed,
@@ -154,19 +161,26 @@ def print_table(results: dict[tuple[str, str], Result], painter_x: dict[str, flo
               f"{r.others_pct:9.1f} {r.peak_rss_mb:12.1f}")
 
 
+WORKLOAD_NAMES = {"full": "whole screen", "region": "region 480x270"}
+
+
 def cpu_checks(results: dict[tuple[str, str], Result]) -> list[tuple[str, bool]]:
-    w_full, b_full = results[("worker", "full")], results[("baseline", "full")]
+    # Ratios are the whole pipeline as installed (relayed: service + worker + X) against the
+    # baseline's same workload; the worker writing the pty itself is shown next to them.
+    b_full = results[("baseline", "full")]
+    r_full, w_full = results[("relayed", "full")], results[("worker", "full")]
     checks = []
-    fps_ratio = w_full.fps / max(b_full.fps, 1e-9)
-    cpu_ratio = w_full.cpu_ms_per_frame / max(b_full.cpu_ms_per_frame, 1e-9)
-    fps_ok = w_full.fps >= TARGET_FULL_FPS * 0.97 or fps_ratio >= TARGET_FULL_FPS_RATIO
-    checks.append((f"full: fps {w_full.fps:.1f} (the cap {TARGET_FULL_FPS}, less 3% for timer slack) or "
-                   f"x{fps_ratio:.2f} baseline (>= x{TARGET_FULL_FPS_RATIO})", fps_ok))
-    checks.append((f"full: CPU/frame x{cpu_ratio:.2f} baseline (<= x{TARGET_FULL_CPU_RATIO})",
-                   cpu_ratio <= TARGET_FULL_CPU_RATIO))
-    reg_ratio = results[("worker", "region")].cpu_ms_per_frame / max(b_full.cpu_ms_per_frame, 1e-9)
-    checks.append((f"region 480x270: CPU/frame x{reg_ratio:.2f} baseline "
-                   f"(<= x{TARGET_REGION_CPU_RATIO})", reg_ratio <= TARGET_REGION_CPU_RATIO))
+    fps_ratio = r_full.fps / max(b_full.fps, 1e-9)
+    fps_ok = r_full.fps >= TARGET_FULL_FPS * 0.97 or fps_ratio >= TARGET_FULL_FPS_RATIO
+    checks.append((f"full: fps {r_full.fps:.1f} relayed (the cap {TARGET_FULL_FPS}, less 3% for "
+                   f"timer slack) or x{fps_ratio:.2f} baseline (>= x{TARGET_FULL_FPS_RATIO})", fps_ok))
+    for workload, target in (("full", TARGET_FULL_CPU_RATIO), ("region", TARGET_REGION_CPU_RATIO)):
+        base = results[("baseline", workload)].cpu_ms_per_frame
+        ratio = results[("relayed", workload)].cpu_ms_per_frame / max(base, 1e-9)
+        direct = results[("worker", workload)].cpu_ms_per_frame / max(base, 1e-9)
+        checks.append((f"{WORKLOAD_NAMES.get(workload, workload)}: CPU/frame x{ratio:.2f} baseline "
+                       f"relayed (<= x{target}; the worker writing the pty itself x{direct:.2f})",
+                       ratio <= target))
     r_typ, w_typ = results[("relayed", "typing")], results[("worker", "typing")]
     checks.append((f"typing: worker {r_typ.worker_ms_per_frame:.2f} ms CPU per frame relayed "
                    f"(<= {TARGET_TYPING_WORKER_MS} ms; {w_typ.worker_ms_per_frame:.2f} ms writing the "
@@ -183,14 +197,15 @@ def cpu_checks(results: dict[tuple[str, str], Result]) -> list[tuple[str, bool]]
     w_idle = results[("worker", "idle")]
     checks.append((f"idle: {w_idle.cpu_pct:.2f}% of a core (< {TARGET_IDLE_CPU_PCT}%)",
                    w_idle.cpu_pct < TARGET_IDLE_CPU_PCT))
-    r_full = results[("relayed", "full")]
     relay_ratio = r_full.cpu_ms_per_frame / max(b_full.cpu_ms_per_frame, 1e-9)
-    relay_own = r_full.service_ms_per_frame - r_full.port_write_ms_per_frame
+    cpu_ratio = w_full.cpu_ms_per_frame / max(b_full.cpu_ms_per_frame, 1e-9)
     checks.append((f"relay: service {r_full.service_ms_per_frame:.2f} ms per 1080p frame "
-                   f"(<= {TARGET_RELAY_MS_PER_FRAME} ms), of which "
+                   f"(<= {TARGET_RELAY_MS_PER_FRAME} ms): main thread (worker socket, parse, check) "
+                   f"{r_full.relay_main_ms_per_frame:.2f} ms, port writer thread "
+                   f"{r_full.relay_writer_ms_per_frame:.2f} ms of which "
                    f"{r_full.port_write_ms_per_frame:.2f} ms in {r_full.port_writes_per_frame:.0f} "
-                   f"write()s to the pty (paid by the worker when it writes directly) and "
-                   f"{relay_own:.2f} ms the relay's own work; whole pipeline (service + worker + X) "
+                   f"write()s to the pty (a real virtio port took 9 per frame and never made the "
+                   f"writer wait: bench/vm_relay.py); whole pipeline (service + worker + X) "
                    f"x{relay_ratio:.2f} baseline, direct write x{cpu_ratio:.2f}",
                    r_full.service_ms_per_frame <= TARGET_RELAY_MS_PER_FRAME))
     rss = max(r.peak_rss_mb for (e, _), r in results.items() if e != "baseline")
