@@ -15,6 +15,10 @@ from .ratelimit import LogLimiter
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 256 * 1024
+# The worker's send buffer: a 1080p frame is about 300 KB, a 4K one about 1.2 MB. The kernel
+# doubles the figure for its bookkeeping.
+WORKER_SNDBUF = 1024 * 1024
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)  # Linux: root may pass net.core.wmem_max
 READS_PER_WAKE = 8  # bounded per loop turn, so a flooding worker cannot starve the loop
 # Host messages are a few bytes (CAPABILITIES, START_STOP): a worker that lets this much pile up
 # is not reading, and what it misses is only the host's latest word, sent again on the next change.
@@ -26,6 +30,12 @@ def socket_pair() -> tuple[socket.socket, socket.socket]:
     """(service end, worker end): the worker speaks the stream-device protocol on its end."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     ours.setblocking(False)
+    # Room for a whole frame in flight (the default, about 200 KiB, is less than a 1080p JPEG):
+    # the worker hands it over in one write, and the service takes it in one wake-up.
+    try:
+        theirs.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, WORKER_SNDBUF)
+    except PermissionError:  # not root (tests, the bench as a user): as much as the limit allows
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WORKER_SNDBUF)
     return ours, theirs
 
 
