@@ -14,6 +14,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "service"))
 
+from spice_streamd import heap  # noqa: E402
 from spice_streamd.supervisor import WorkerSupervisor, WorkerTarget  # noqa: E402
 
 
@@ -50,6 +51,7 @@ async def run(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     meter = WriteMeter()
+    heap.keep_frame_buffers()  # as the service's main() does
 
     def report() -> None:  # SIGUSR1: the bench reads these at the ends of its window
         with open(args.stats + ".tmp", "w") as f:

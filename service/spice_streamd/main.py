@@ -13,7 +13,7 @@ from dbus_next.aio import MessageBus
 from dbus_next.constants import NameFlag, RequestNameReply
 from dbus_next.errors import DBusError
 
-from . import constants, logsetup
+from . import constants, heap, logsetup
 from .config import KEYS, Config, load
 from .coordinator import Coordinator
 from .dbus_service import RegistrationEndpoint, StreamingAgentInterface
@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spice-streamd: {e}", file=sys.stderr)
         return 2
     logsetup.setup("spice-streamd", config.log_level.upper(), with_logger=True)
+    heap.keep_frame_buffers()
     try:
         return asyncio.run(Service(config, args.bus, args.polkit_timeout).run())
     except KeyboardInterrupt:

@@ -108,6 +108,11 @@ class PortWriter:
                 if n:
                     offset += n
                     waiting_since = None
+                    if offset < len(view):
+                        # A short write: the port's buffer is full, and writing again at once
+                        # would mostly meet EAGAIN (a pty takes a frame 6 KB at a time: half the
+                        # writes were that). poll() returns at once where there is room again.
+                        poller.poll(POLL_MS)
                     continue
                 now = time.monotonic()
                 if waiting_since is None:
