@@ -16,6 +16,7 @@ from spice_stream_worker.encoder import (
     JpegEncoder,
     TileGrid,
     plan_encodes,
+    restart_markers_supported,
     tile_mcus,
 )
 from spice_stream_worker.geometry import areas
@@ -132,6 +133,19 @@ def test_spliced_output_equals_direct_bytes():
     assert enc.encode(frame_of(buf, w, h), [Rect(10, 40, 50, 10)]) == JpegEncoder().encode(
         frame_of(buf, w, h)
     )
+
+
+@pytest.mark.skipif(not restart_markers_supported(), reason="Pillow without restart markers")
+def test_a_spliced_frame_comes_in_pieces_that_make_the_whole_frame():
+    # The worker writes the pieces with one writev: they must be the exact JPEG, in order.
+    w, h = 200, 100
+    buf = bgrx(picture(w, h, 3))
+    enc = JpegEncoder()
+    assert enc.encode_parts(frame_of(buf, w, h)) == (JpegEncoder().encode(frame_of(buf, w, h)),)
+    paste(buf, w, bgrx(picture(w, h, 4)), Rect(10, 40, 50, 10))
+    parts = enc.encode_parts(frame_of(buf, w, h), [Rect(10, 40, 50, 10)])
+    assert len(parts) > 2  # header, bands, EOI: not joined
+    assert b"".join(parts) == JpegEncoder().encode(frame_of(buf, w, h))
 
 
 def test_unchanged_area_outside_rects_is_not_reencoded():

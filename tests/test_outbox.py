@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 
@@ -42,6 +43,37 @@ def test_large_messages_survive_partial_writes_on_a_pty():
     assert partial_seen, "the pty never forced a partial write: the test did not exercise it"
     assert [m.payload for m in msgs[:3]] == frames
     assert msgs[3] == p.Message(p.MsgType.CURSOR_MOVE, p.CURSOR_MOVE.pack(5, 6))
+
+
+def test_a_message_given_in_pieces_arrives_whole_through_partial_writes():
+    # The worker hands a frame over as the encoder's pieces (header, bands, EOI), never joined:
+    # partial writes end anywhere in a piece, and a frame can have more pieces than one writev takes.
+    pty = RawPty()
+    os.set_blocking(pty.slave, False)
+    out = Outbox(pty.slave)
+    rng = random.Random(7)
+    frames = []
+    for n in (3, 1500):  # a few pieces; more than IOV_MAX
+        pieces = [rng.randbytes(rng.choice((0, 1, 7, 300, 4000))) for _ in range(n)]
+        payload = b"".join(pieces)
+        frames.append(payload)
+        out.send(p.data_header(len(payload)), *pieces, frame=True)
+    out.send(p.cursor_move(5, 6))
+    parser = p.Parser(p.GUEST_TO_HOST_LIMITS)
+    msgs = []
+    partial_seen = False
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and len(msgs) < 3:
+        out.flush()
+        partial_seen |= out.in_message
+        try:
+            msgs += parser.feed(os.read(pty.master, 4096))
+        except BlockingIOError:
+            pass
+    pty.close()
+    assert partial_seen
+    assert [m.payload for m in msgs[:2]] == frames
+    assert msgs[2] == p.Message(p.MsgType.CURSOR_MOVE, p.CURSOR_MOVE.pack(5, 6))
 
 
 def test_finish_current_completes_the_message_in_progress_and_drops_the_rest():

@@ -147,7 +147,7 @@ class JpegEncoder:
         self._header = b""
         self._tiles: list[list[bytes]] | None = None  # None: not split out of _last yet
         self._bands: list[bytes] = []  # each band's tiles joined with the markers after them
-        self._last: bytes | None = None
+        self._last: tuple[bytes, ...] | None = None  # the last JPEG, as encode_parts() gave it
         # Reused pixel stores by size: a fresh Image costs an 8 MB allocation and memset at 1080p.
         self._images: dict[tuple[int, int], Image.Image] = {}
         self.tiles_encoded = 0  # since creation: what the cache did not supply
@@ -177,16 +177,22 @@ class JpegEncoder:
 
         changed=None re-encodes everything; so does any change of frame size or quality.
         """
+        parts = self.encode_parts(frame, changed)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def encode_parts(self, frame: Frame, changed: list[Rect] | None = None) -> tuple[bytes, ...]:
+        """encode()'s JPEG as the pieces it is spliced from (header, bands, EOI), not joined:
+        whoever writes it hands them to one writev instead of copying the frame once more."""
         grid = self._grid
         if changed is None or grid is None or (grid.width, grid.height) != (
                 frame.width, frame.height) or self._last is None:
-            return self._encode_full(frame)
+            return (self._encode_full(frame),)
         dirty = grid.cells(changed)
         if not dirty:
             return self._last
         ndirty = sum(len(t) for t in dirty.values())
         if not self._splice or ndirty >= FULL_ENCODE_SHARE * grid.count:
-            return self._encode_full(frame)
+            return (self._encode_full(frame),)
         todo = plan_encodes(dirty)
         tiles = self._split_last(grid)
         touched: set[int] = set()
@@ -203,7 +209,7 @@ class JpegEncoder:
             self.tiles_encoded += len(pieces)
         for band in touched:
             self._bands[band] = self._join_band(grid, tiles, band)
-        self._last = b"".join((self._header, *self._bands, _EOI))
+        self._last = (self._header, *self._bands, _EOI)
         return self._last
 
     def _encode_area(self, frame: Frame, x0: int, y0: int, x1: int, y1: int,
@@ -240,7 +246,7 @@ class JpegEncoder:
         data = self._encode_area(frame, 0, 0, frame.width, frame.height, grid.mcus)
         self.tiles_encoded += grid.count
         self._grid = grid
-        self._last = data
+        self._last = (data,)
         # Split into tiles only when a partial change needs them: a screen that changes whole
         # every frame never pays for it.
         self._tiles = None
@@ -249,8 +255,8 @@ class JpegEncoder:
     def _split_last(self, grid: TileGrid) -> list[list[bytes]]:
         if self._tiles is not None:
             return self._tiles
-        assert self._last is not None
-        header, pieces = _split_jpeg(self._last)
+        assert self._last is not None and len(self._last) == 1
+        header, pieces = _split_jpeg(self._last[0])
         if len(pieces) != grid.count:
             raise EncoderError(f"{len(pieces)} restart pieces for {grid.count} tiles")
         self._header = _patch_header(header, grid.width, grid.height, grid.mcus)

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 # Cursor and control messages queue behind a frame; frames themselves are never queued (see Streamer), so
 # this bound is only reached by a host that stopped reading altogether.
 MAX_QUEUED = 64
+IOV_MAX = 1024  # Linux's limit on the pieces of one writev
 DROP_LOG_INTERVAL_S = 10.0
 
 
@@ -24,7 +25,9 @@ class Outbox:
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
-        self._queue: deque[tuple[memoryview, bool]] = deque()
+        # Each message as the pieces it was handed in (header, JPEG segments): written with one
+        # writev, never joined, so a frame is copied once, by the kernel.
+        self._queue: deque[tuple[list[memoryview], int, bool]] = deque()
         self._offset = 0  # bytes of the head message already written
         self.bytes_written = 0
         self.dropped = 0
@@ -41,9 +44,10 @@ class Outbox:
 
     @property
     def frames_queued(self) -> int:
-        return sum(1 for _, is_frame in self._queue if is_frame)
+        return sum(1 for _, _, is_frame in self._queue if is_frame)
 
-    def send(self, message: bytes, *, frame: bool = False) -> None:
+    def send(self, *parts: bytes, frame: bool = False) -> None:
+        """Queue one message, given whole or as the pieces it is made of, in order."""
         if len(self._queue) >= MAX_QUEUED:
             # Drop the newest: the head may be in progress and must finish whole.
             self.dropped += 1
@@ -52,14 +56,15 @@ class Outbox:
                 log.warning("the host is not reading the device: %d messages dropped so far", self.dropped)
                 self._drop_logged_at = now
             return
-        self._queue.append((memoryview(message), frame))
+        views = [memoryview(part) for part in parts if len(part)]
+        self._queue.append((views, sum(len(v) for v in views), frame))
 
     def flush(self) -> bool:
         """Write as much as the device takes now; True when everything queued is out."""
         while self._queue:
-            data, _ = self._queue[0]
+            views, size, _ = self._queue[0]
             try:
-                n = os.write(self._fd, data[self._offset :])
+                n = os.writev(self._fd, _unwritten(views, self._offset))
             except InterruptedError:
                 continue
             except BlockingIOError:
@@ -70,7 +75,7 @@ class Outbox:
                 raise
             self._offset += n
             self.bytes_written += n
-            if self._offset == len(data):
+            if self._offset == size:
                 self._queue.popleft()
                 self._offset = 0
         return True
@@ -90,7 +95,19 @@ class Outbox:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 log.error("device did not take the last %d bytes of a message in time",
-                          len(head[0]) - self._offset)
+                          head[1] - self._offset)
                 return False
             select.select([], [self._fd], [], remaining)
         return True
+
+
+def _unwritten(views: list[memoryview], offset: int) -> list[memoryview]:
+    """What is left of a message's pieces after `offset` bytes, at most IOV_MAX of them."""
+    for i, view in enumerate(views):
+        if offset < len(view):
+            rest = views[i : i + IOV_MAX]
+            if offset:
+                rest[0] = view[offset:]
+            return rest
+        offset -= len(view)
+    return []

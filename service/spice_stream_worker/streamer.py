@@ -77,7 +77,7 @@ class Streamer:
         self._need_full = True
         self._last_frame_at = -1e9
         self._next_frame_at = -1e9  # frame slots on a fixed grid, so loop latency does not eat the cap
-        self._last_jpeg: bytes | None = None
+        self._last_jpeg: tuple[bytes, ...] | None = None  # as the encoder's pieces
         self._cursor_dirty = True
         self._pointer_dirty = False
         self._last_pointer: tuple[int, int] | None = None
@@ -201,13 +201,13 @@ class Streamer:
             self._send_frame(now)
         elif self._last_jpeg is not None and now - self._last_frame_at >= IDLE_REFRESH_S:
             # Same picture, same bytes: no capture and no encode for the idle refresh.
-            self.outbox.send(p.data_header(len(self._last_jpeg)) + self._last_jpeg, frame=True)
+            self._send_jpeg(self._last_jpeg)
             self._last_frame_at = now
 
     def _send_frame(self, now: float) -> None:
         if self._need_full:
             frame = self.screen.grab(None)
-            jpeg = self.encoder.encode(frame, None)
+            jpeg = self.encoder.encode_parts(frame, None)
         else:
             damage, self._damage = self._damage, []
             frame = self.screen.grab(damage)
@@ -215,7 +215,7 @@ class Streamer:
                 # Drawn but not changed (the same pixels again): nothing to encode or send.
                 self.counters.false_damage += 1
                 return
-            jpeg = self.encoder.encode(frame, frame.changed)
+            jpeg = self.encoder.encode_parts(frame, frame.changed)
         # The size comes from the frame itself: a resize can land between poll() and grab() (the encoder
         # then encodes the new size whole).
         if self._format_sent != (frame.width, frame.height):
@@ -224,12 +224,15 @@ class Streamer:
         self._damage.clear()
         self._need_full = False
         self._last_jpeg = jpeg
-        self.outbox.send(p.data_header(len(jpeg)) + jpeg, frame=True)
+        self._send_jpeg(jpeg)
         self._last_frame_at = now
         # Keep to the grid when on time; after a pause start a new one (no burst to catch up).
         slot = self._next_frame_at if now - self._next_frame_at < self.interval else now
         self._next_frame_at = slot + self.interval
         self.counters.add_frame(now)
+
+    def _send_jpeg(self, parts: tuple[bytes, ...]) -> None:
+        self.outbox.send(p.data_header(sum(map(len, parts))), *parts, frame=True)
 
     def _send_cursor(self) -> None:
         self._cursor_dirty = False
