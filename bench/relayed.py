@@ -19,18 +19,18 @@ from spice_streamd.supervisor import WorkerSupervisor, WorkerTarget  # noqa: E40
 
 
 class WriteMeter:
-    """CPU spent in os.write, which in this process only the relay calls (its port writes)."""
+    """CPU spent in os.writev, which in this process only the relay calls (its port writes)."""
 
     def __init__(self) -> None:
         self.cpu_s = 0.0
         self.calls = 0
-        self._write = os.write
-        os.write = self.write  # type: ignore[assignment]
+        self._writev = os.writev
+        os.writev = self.writev  # type: ignore[assignment]
 
-    def write(self, fd: int, data) -> int:
+    def writev(self, fd: int, pieces) -> int:
         t0 = time.thread_time()
         try:
-            return self._write(fd, data)
+            return self._writev(fd, pieces)
         finally:
             self.cpu_s += time.thread_time() - t0
             self.calls += 1

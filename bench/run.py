@@ -68,7 +68,7 @@ class Result:
     engine_ms_per_frame: float  # every process of the engine (relayed: service + worker)
     worker_ms_per_frame: float  # the worker process alone (baseline: its one process)
     service_ms_per_frame: float  # relayed only: the service's supervisor and relay
-    port_write_ms_per_frame: float  # relayed only: of the service's, its write() calls to the port
+    port_write_ms_per_frame: float  # relayed only: of the service's, its writev() calls to the port
     port_writes_per_frame: float
     relay_main_ms_per_frame: float  # relayed only: its main thread (worker socket, parse, check)
     relay_writer_ms_per_frame: float  # relayed only: the port writer thread (writes, waits)
@@ -204,7 +204,7 @@ def cpu_checks(results: dict[tuple[str, str], Result]) -> list[tuple[str, bool]]
                    f"{r_full.relay_main_ms_per_frame:.2f} ms, port writer thread "
                    f"{r_full.relay_writer_ms_per_frame:.2f} ms of which "
                    f"{r_full.port_write_ms_per_frame:.2f} ms in {r_full.port_writes_per_frame:.0f} "
-                   f"write()s to the pty (a real virtio port took 9 per frame and never made the "
+                   f"writev()s to the pty (a real virtio port took 9 per frame and never made the "
                    f"writer wait: bench/vm_relay.py); whole pipeline (service + worker + X) "
                    f"x{relay_ratio:.2f} baseline, direct write x{cpu_ratio:.2f}",
                    r_full.service_ms_per_frame <= TARGET_RELAY_MS_PER_FRAME))

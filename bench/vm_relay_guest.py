@@ -5,7 +5,7 @@
                       [--modes counted,bare] [--rounds N]
 
 For each port (the real virtio stream port, then a pty whose master a separate process drains as fast
-as it can) and each mode ("counted": os.write wrapped to count calls, EAGAINs, bytes per write and the
+as it can) and each mode ("counted": os.writev wrapped to count calls, EAGAINs, bytes per write and the
 wall time per frame; "bare": no wrapper, the writer thread's write() syscalls from /proc's syscw), the
 service's real PortRelay + WorkerChannel run on an asyncio loop, wired as the supervisor wires them,
 and a forked fake worker sends FORMAT then ~290 KB DATA messages at `fps` for `seconds`.
@@ -125,13 +125,14 @@ def port_holders(path: str) -> list[str]:
     return found
 
 
-# -- os.write, counted (only the writer thread's calls) ----------------------------------------------
+# -- os.writev, counted (only the writer thread's calls) ----------------------------------------------
 
 class WriteCounter:
-    """Wraps os.write for the writer thread: calls, EAGAINs, bytes per write, wall time per message.
+    """Wraps os.writev for the writer thread: calls, EAGAINs, bytes per write, wall time per message.
 
-    PortWriter writes view[offset:] of the message it is on, so a call whose length is what is left
-    of the previous one continues it; when nothing is left, the next call starts a new message."""
+    PortWriter writes what is left of the message it is on (its pieces from the offset), so a call
+    whose length is what is left of the previous one continues it; when nothing is left, the next
+    call starts a new message."""
 
     def __init__(self, tid: int) -> None:
         self.tid = tid
@@ -144,34 +145,35 @@ class WriteCounter:
         self.msg_start = 0.0
         self.msg_len = 0
         self.data_walls: list[float] = []
-        self._real = os.write
+        self._real = os.writev
 
     def install(self) -> None:
-        os.write = self.write  # type: ignore[assignment]
+        os.writev = self.writev  # type: ignore[assignment]
 
     def uninstall(self) -> None:
-        os.write = self._real  # type: ignore[assignment]
+        os.writev = self._real  # type: ignore[assignment]
 
-    def write(self, fd: int, data) -> int:
+    def writev(self, fd: int, pieces) -> int:
         if threading.get_native_id() != self.tid:
-            return self._real(fd, data)
+            return self._real(fd, pieces)
+        length = sum(len(piece) for piece in pieces)
         if self.left == 0:
             self.msg_start = time.monotonic()
-            self.msg_len = len(data)
+            self.msg_len = length
         self.calls += 1
         try:
-            n = self._real(fd, data)
+            n = self._real(fd, pieces)
         except BlockingIOError:
             self.eagain += 1
-            self.left = len(data)
+            self.left = length
             raise
         except InterruptedError:
-            self.left = len(data)
+            self.left = length
             raise
         self.ok += 1
         self.bytes += n
         self.sizes[n] += 1
-        self.left = len(data) - n
+        self.left = length - n
         if self.left == 0 and self.msg_len > p.HEADER_SIZE + 1024:  # a DATA message, not FORMAT
             self.data_walls.append(time.monotonic() - self.msg_start)
         return n

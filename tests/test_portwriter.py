@@ -13,16 +13,16 @@ from spice_streamd.portwriter import PortWriter
 
 
 class CountingWrite:
-    """os.write as the writer thread sees it, counting the calls a full port refused."""
+    """os.writev as the writer thread sees it, counting the calls a full port refused."""
 
     def __init__(self) -> None:
-        self._write = os.write
+        self._writev = os.writev
         self.calls = self.refused = 0
 
-    def __call__(self, fd: int, data) -> int:
+    def __call__(self, fd: int, pieces) -> int:
         self.calls += 1
         try:
-            return self._write(fd, data)
+            return self._writev(fd, pieces)
         except BlockingIOError:
             self.refused += 1
             raise
@@ -34,9 +34,11 @@ def test_a_frame_larger_than_the_port_goes_whole_and_a_full_port_is_polled(monke
     tty.setraw(master)
     fd = os.open(os.ttyname(slave), os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
     counting = CountingWrite()
-    monkeypatch.setattr(portwriter.os, "write", counting)
-    frames = [p.encode(p.MsgType.DATA, b"\xff\xd8" + bytes([i]) * 300_000) for i in range(3)]
-    expected = b"".join(frames)
+    monkeypatch.setattr(portwriter.os, "writev", counting)
+    # As the relay hands them over: (header, payload), never joined.
+    payloads = [b"\xff\xd8" + bytes([i]) * 300_000 for i in range(3)]
+    frames = [(p.header(p.MsgType.DATA, len(data)), data) for data in payloads]
+    expected = b"".join(p.encode(p.MsgType.DATA, data) for data in payloads)
     got = bytearray()
 
     def drain() -> None:  # the host: reads as fast as the pty gives (4 KB at a time)
@@ -48,7 +50,7 @@ def test_a_frame_larger_than_the_port_goes_whole_and_a_full_port_is_polled(monke
         written: list[int] = []
         all_written = asyncio.Event()
 
-        def on_written(msg_type: int, message: bytes, tag: int) -> None:
+        def on_written(msg_type: int, message: tuple[bytes, ...], tag: int) -> None:
             written.append(tag)
             if len(written) == len(frames):
                 all_written.set()

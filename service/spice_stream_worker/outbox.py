@@ -64,7 +64,7 @@ class Outbox:
         while self._queue:
             views, size, _ = self._queue[0]
             try:
-                n = os.writev(self._fd, _unwritten(views, self._offset))
+                n = os.writev(self._fd, unwritten(views, self._offset))
             except InterruptedError:
                 continue
             except BlockingIOError:
@@ -101,7 +101,7 @@ class Outbox:
         return True
 
 
-def _unwritten(views: list[memoryview], offset: int) -> list[memoryview]:
+def unwritten(views: list[memoryview], offset: int) -> list[memoryview]:
     """What is left of a message's pieces after `offset` bytes, at most IOV_MAX of them."""
     for i, view in enumerate(views):
         if offset < len(view):

@@ -348,7 +348,8 @@ class Parser:
                 self._reason = problem
             return False
         self._flush_violation(out)
-        out.append(Message(msg_type, bytes(self._buf[HEADER_SIZE : HEADER_SIZE + size])))
+        with memoryview(self._buf) as buf:  # one copy, not a bytearray slice and then bytes
+            out.append(Message(msg_type, bytes(buf[HEADER_SIZE : HEADER_SIZE + size])))
         del self._buf[: HEADER_SIZE + size]
         return True
 

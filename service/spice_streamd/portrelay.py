@@ -275,27 +275,29 @@ class PortRelay:
             return
         if msg.type == p.MsgType.FORMAT:
             self.format_sent = True
-        self._writer.submit(msg.type, p.encode(msg.type, msg.payload), self._generation)
+        self._writer.submit(msg.type, (p.header(msg.type, len(msg.payload)), msg.payload),
+                            self._generation)
 
     @property
     def dropped_frames(self) -> int:
         """Frames replaced by a newer one before the host took them."""
         return self._dropped_before + (self._writer.dropped_frames if self._writer else 0)
 
-    def _written(self, msg_type: int, message: bytes, generation: int) -> None:
+    def _written(self, msg_type: int, message: tuple[bytes, ...], generation: int) -> None:
         if msg_type == p.MsgType.DATA:
             now = time.monotonic()
             first = not self._frame_times or now - self._frame_times[-1] > FPS_WINDOW_S
             self.frames += 1
-            self.bytes += len(message)
+            size = sum(map(len, message))
+            self.bytes += size
             if generation == self._generation:
                 self.attached_frames += 1
-                self.attached_bytes += len(message)
+                self.attached_bytes += size
             self._frame_times.append(now)
             if first:
                 self._changed()
         elif msg_type == p.MsgType.CAPABILITIES:
-            self._caps_written = message[p.HEADER_SIZE:]
+            self._caps_written = message[1]  # (header, payload)
 
     def _stalled(self, waited_s: float) -> None:
         if not self.paused and self._sink is not None:

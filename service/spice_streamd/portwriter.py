@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 
 from spice_stream_worker import protocol as p
+from spice_stream_worker.outbox import unwritten
 
 # Latest state wins, written in this order: what describes a frame goes before the frame. At most
 # the message being written and one message of each type wait, so a host that stops reading costs
@@ -29,7 +30,7 @@ class PortWriter:
     """
 
     def __init__(self, fd: int, *, loop: asyncio.AbstractEventLoop, stall_s: float,
-                 on_written: Callable[[int, bytes, int], None],
+                 on_written: Callable[[int, tuple[bytes, ...], int], None],
                  on_stalled: Callable[[float], None],
                  on_drained: Callable[[], None],
                  on_failed: Callable[[str], None]) -> None:
@@ -41,15 +42,16 @@ class PortWriter:
         self._on_drained = on_drained
         self._on_failed = on_failed
         self._cond = threading.Condition()
-        self._pending: dict[int, tuple[bytes, int]] = {}
+        self._pending: dict[int, tuple[tuple[bytes, ...], int]] = {}
         self._stop = False
         self._stalled = False  # the writer thread's own: told the loop, not yet drained
         self.dropped_frames = 0
         self._thread = threading.Thread(target=self._run, name="stream port writer", daemon=True)
         self._thread.start()
 
-    def submit(self, msg_type: int, message: bytes, tag: int = 0) -> None:
-        """Queue a whole message; it replaces a waiting one of its type (a FORMAT also drops the
+    def submit(self, msg_type: int, message: tuple[bytes, ...], tag: int = 0) -> None:
+        """Queue a whole message, as its pieces (header, payload: written with one writev, not
+        joined by a copy); it replaces a waiting one of its type (a FORMAT also drops the
         waiting frame: it has the old size, and the worker sends one of the new). `tag` comes back
         with on_written (whose message it was)."""
         with self._cond:
@@ -74,7 +76,7 @@ class PortWriter:
             self._cond.notify()
         self._thread.join()
 
-    def _next(self) -> tuple[int, tuple[bytes, int]] | None:
+    def _next(self) -> tuple[int, tuple[tuple[bytes, ...], int]] | None:
         with self._cond:
             while not self._stop:
                 nxt = next((t for t in ORDER if t in self._pending), None)
@@ -91,14 +93,15 @@ class PortWriter:
         poller.register(self._fd, select.POLLOUT)
         while (item := self._next()) is not None:
             msg_type, (message, tag) = item
-            view = memoryview(message)
+            views = [memoryview(piece) for piece in message]
+            size = sum(len(v) for v in views)
             offset = 0
             waiting_since: float | None = None
-            while offset < len(view):
+            while offset < size:
                 if self._stop:
                     return
                 try:
-                    n = os.write(self._fd, view[offset:])
+                    n = os.writev(self._fd, unwritten(views, offset))
                 except (BlockingIOError, InterruptedError):
                     n = 0
                 except OSError as e:
@@ -108,7 +111,7 @@ class PortWriter:
                 if n:
                     offset += n
                     waiting_since = None
-                    if offset < len(view):
+                    if offset < size:
                         # A short write: the port's buffer is full, and writing again at once
                         # would mostly meet EAGAIN (a pty takes a frame 6 KB at a time: half the
                         # writes were that). poll() returns at once where there is room again.
