@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 
 import pytest
 from Xlib.ext import xtest
 
+from spice_stream_worker import frameparts
 from spice_stream_worker import protocol as p
 from spice_stream_worker.capture import Changes, Rect, Screen
 from spice_stream_worker.encoder import JpegEncoder
@@ -134,3 +136,56 @@ def test_pointer_motion_alone_sends_no_frame(live):
         moves += sent_types(r).count(p.MsgType.CURSOR_MOVE)
     assert moves >= 1
     assert streamer.counters.frames == frames
+
+
+def test_on_the_service_socket_a_small_change_sends_only_its_parts(monkeypatch):
+    # The worker as the service runs it: a socket, FRAME_PARTS. What the service assembles is the
+    # very JPEG of the screen, and a change of a few pixels costs a few KB, not the whole frame.
+    server = start_xvfb(640, 480)
+    monkeypatch.setenv("DISPLAY", server.display)
+    monkeypatch.setenv("XAUTHORITY", server.xauthority)
+    painter = Painter(server)
+    screen = Screen()
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    outbox = Outbox(theirs.fileno())
+    streamer = Streamer(screen, JpegEncoder(), outbox, fps=1000,
+                        host=HostState(codecs=(p.CODEC_MJPEG,)), frame_parts=frameparts.Sender())
+    parser = p.Parser(frameparts.WORKER_CHANNEL_LIMITS)
+    assembler = frameparts.Assembler()
+
+    def sent() -> list[tuple[int, bytes]]:
+        """(message size, assembled frame) of each frame the streamer sent since the last call."""
+        data = b""
+        while True:
+            try:
+                data += ours.recv(1 << 20)
+            except BlockingIOError:
+                break
+        return [(len(m.payload), assembler.apply(m.payload)) for m in parser.feed(data)
+                if isinstance(m, p.Message) and m.type == frameparts.FRAME_PARTS]
+
+    try:
+        for x in range(0, 640, 40):
+            painter.fill(x, 0, 40, 480, ((x * 3) % 256, 90, 200 - x % 200))
+        streamer.start()
+        step(streamer, screen, painter, outbox)
+        [(first_size, first)] = sent()
+        # The first spliced frame after a whole encode carries every part once (a new layout);
+        # from then on a change carries its own.
+        for n, (x, colour) in enumerate([(300, (250, 250, 0)), (100, (0, 250, 250))]):
+            painter.fill(x, 200, 20, 12, colour)
+            step(streamer, screen, painter, outbox)
+            [(size, frame)] = sent()
+            whole = JpegEncoder().encode(screen.grab(None))
+            assert frame == whole != first
+            if n:
+                assert size < len(whole) / 4, (size, len(whole))
+        assert first_size > len(first)  # the first frame carries every part
+    finally:
+        ours.close()
+        theirs.close()
+        screen.close()
+        painter.close()
+        server.stop()

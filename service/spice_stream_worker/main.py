@@ -17,6 +17,7 @@ import tty
 from spice_streamd import logsetup
 from spice_streamd.constants import VERSION
 
+from . import frameparts
 from . import protocol as p
 from .errors import DeviceLost, DeviceUnavailable, ExitCode, WorkerError
 from .outbox import Outbox
@@ -136,11 +137,13 @@ class Worker:
                      os.environ.get("DISPLAY"), *screen.size,
                      "MIT-SHM" if screen.uses_shm else "GetImage", self.fd)
             outbox = Outbox(self.fd)
+            to_service = stat.S_ISSOCK(os.fstat(self.fd).st_mode)  # else the port itself
             streamer = Streamer(
                 screen, JpegEncoder(self.args.quality), outbox,
                 fps=self.args.fps, host=self.args.host,
                 display_address=find_display_device(),
                 read_cursor=screen.cursor_image,
+                frame_parts=frameparts.Sender() if to_service else None,
             )
             status = StatusReporter(self.args.status_fd)
             return self._loop(screen, streamer, outbox, status)

@@ -46,8 +46,9 @@ class Outbox:
     def frames_queued(self) -> int:
         return sum(1 for _, _, is_frame in self._queue if is_frame)
 
-    def send(self, *parts: bytes, frame: bool = False) -> None:
-        """Queue one message, given whole or as the pieces it is made of, in order."""
+    def send(self, *parts: bytes, frame: bool = False) -> bool:
+        """Queue one message, given whole or as the pieces it is made of, in order; False when it
+        was dropped (the queue is full)."""
         if len(self._queue) >= MAX_QUEUED:
             # Drop the newest: the head may be in progress and must finish whole.
             self.dropped += 1
@@ -55,9 +56,10 @@ class Outbox:
             if now - self._drop_logged_at >= DROP_LOG_INTERVAL_S:
                 log.warning("the host is not reading the device: %d messages dropped so far", self.dropped)
                 self._drop_logged_at = now
-            return
+            return False
         views = [memoryview(part) for part in parts if len(part)]
         self._queue.append((views, sum(len(v) for v in views), frame))
+        return True
 
     def flush(self) -> bool:
         """Write as much as the device takes now; True when everything queued is out."""

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import frameparts
 from . import protocol as p
 from .outbox import Outbox
 
@@ -61,6 +62,7 @@ class Streamer:
         host: HostState,
         display_address: str | None = None,
         read_cursor: Callable[[], Any] | None = None,
+        frame_parts: frameparts.Sender | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.screen = screen
@@ -70,6 +72,8 @@ class Streamer:
         self.host = host
         self.display_address = display_address
         self.read_cursor = read_cursor
+        # On the service's socket frames go as the parts that changed; on a device, as DATA.
+        self.frame_parts = frame_parts
         self.clock = clock
         self.counters = Counters()
         self.streaming = False
@@ -232,7 +236,12 @@ class Streamer:
         self.counters.add_frame(now)
 
     def _send_jpeg(self, parts: tuple[bytes, ...]) -> None:
-        self.outbox.send(p.data_header(sum(map(len, parts))), *parts, frame=True)
+        if self.frame_parts is None:
+            self.outbox.send(p.data_header(sum(map(len, parts))), *parts, frame=True)
+        elif self.outbox.send(*self.frame_parts.message(parts), frame=True):
+            self.frame_parts.sent()
+        else:
+            self.frame_parts.forget()
 
     def _send_cursor(self) -> None:
         self._cursor_dirty = False

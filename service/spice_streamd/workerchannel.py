@@ -8,6 +8,7 @@ import socket
 import time
 from collections.abc import Callable
 
+from spice_stream_worker import frameparts
 from spice_stream_worker import protocol as p
 
 from .ratelimit import LogLimiter
@@ -40,7 +41,8 @@ def socket_pair() -> tuple[socket.socket, socket.socket]:
 
 
 class WorkerChannel:
-    """Reads the worker's messages through the bounded parser and hands on those `check` allows.
+    """Reads the worker's messages through the bounded parser and hands on those `check` allows
+    (a frame sent as its changed parts is handed on whole, as DATA).
 
     The worker runs as the session's user, who controls it: a garbled or refused message is
     dropped and logged (rate-limited), never written to the port; closing the channel drops
@@ -57,7 +59,8 @@ class WorkerChannel:
         self._check = check
         self._deliver = deliver
         self._on_closed = on_closed
-        self._parser = p.Parser(p.GUEST_TO_HOST_LIMITS)
+        self._parser = p.Parser(frameparts.WORKER_CHANNEL_LIMITS)
+        self._frame = frameparts.Assembler()
         self._out = bytearray()
         self._writing = False
         self.closed = False
@@ -112,6 +115,13 @@ class WorkerChannel:
                                   "%s sent invalid data: %s; %d bytes discarded",
                                   self.label, item.reason, item.discarded)
                     continue
+                if item.type == frameparts.FRAME_PARTS:
+                    try:
+                        item = p.Message(p.MsgType.DATA, self._frame.apply(item.payload))
+                    except p.MessageError as e:
+                        self._log.log(logging.WARNING, "refused", "%s: message refused: %s",
+                                      self.label, e)
+                        continue
                 reason = self._check(item)
                 if reason is not None:
                     self._log.log(logging.WARNING, "refused", "%s: message refused: %s",

@@ -1,0 +1,133 @@
+"""Frames to the service as their changed parts: exact frames, small messages, untrusted input refused."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from spice_stream_worker import frameparts as fp
+from spice_stream_worker import protocol as p
+from spice_streamd.workerchannel import WorkerChannel, socket_pair
+
+
+def payload_of(pieces: list[bytes]) -> bytes:
+    """The message's payload, as the service's parser hands it on."""
+    whole = b"".join(pieces)
+    version, _, msg_type, size = p.HEADER.unpack_from(whole)
+    assert (version, msg_type, size) == (p.PROTOCOL_VERSION, fp.FRAME_PARTS, len(whole) - p.HEADER_SIZE)
+    return whole[p.HEADER_SIZE:]
+
+
+def frames(seed: int, count: int, n_parts: int = 70):
+    """Frames as an encoder gives them: the same objects for unchanged parts, new ones for changed."""
+    rng = random.Random(seed)
+    parts = tuple([b"\xff\xd8header"] + [rng.randbytes(rng.randint(0, 5000)) for _ in range(n_parts - 2)]
+                  + [b"\xff\xd9"])
+    for _ in range(count):
+        yield parts
+        changed = rng.sample(range(1, n_parts - 1), rng.choice((0, 1, 3, 20)))
+        parts = tuple(rng.randbytes(rng.randint(1, 5000)) if i in changed else part
+                      for i, part in enumerate(parts))
+
+
+def test_the_service_assembles_every_frame_exactly_from_small_messages():
+    sender, assembler = fp.Sender(), fp.Assembler()
+    sizes = []
+    for parts in frames(1, 60):
+        pieces = sender.message(parts)
+        sender.sent()
+        assert assembler.apply(payload_of(pieces)) == b"".join(parts)
+        sizes.append(sum(map(len, pieces)))
+    whole = sum(map(len, parts))
+    assert sizes[0] > whole  # the first carries everything
+    assert min(sizes[1:]) < 200  # an unchanged frame (the idle refresh) is a few bytes
+    assert sorted(sizes[1:])[len(sizes) // 2] < whole / 3
+
+
+def test_a_message_that_was_not_sent_makes_the_next_one_whole():
+    sender, assembler = fp.Sender(), fp.Assembler()
+    stream = frames(2, 4)
+    first = next(stream)
+    sender.message(first)
+    sender.sent()
+    assembler.apply(payload_of(fp.message(first, range(len(first)))))
+    dropped = next(stream)
+    sender.message(dropped)
+    sender.forget()  # the outbox dropped it: the service never saw it
+    third = next(stream)
+    assert assembler.apply(payload_of(sender.message(third))) == b"".join(third)
+
+
+def test_a_new_layout_must_come_whole():
+    assembler = fp.Assembler()
+    parts = [b"\xff\xd8a", b"b", b"c"]
+    assembler.apply(payload_of(fp.message(parts, [0, 1, 2])))
+    with pytest.raises(p.MessageError, match="new layout"):
+        assembler.apply(payload_of(fp.message([b"\xff\xd8x", b"y"], [1])))
+
+
+def entries(count: int, *items: tuple[int, int, bytes]) -> bytes:
+    return fp.COUNT.pack(count) + b"".join(fp.ENTRY.pack(i, n) + data for i, n, data in items)
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (b"\x01\x00", "shorter than its count"),
+    (entries(0), "outside 1.."),
+    (entries(fp.MAX_PARTS + 1, (0, 1, b"x")), "outside 1.."),
+    (entries(2, (1, 1, b"x"), (0, 1, b"y")), "out of order"),
+    (entries(2, (0, 1, b"x"), (0, 1, b"y")), "out of order"),
+    (entries(2, (0, 1, b"x"), (2, 1, b"y")), "past 2"),
+    (entries(2, (0, 1, b"x"), (1, 9, b"y")), "cut short"),
+    (entries(2, (0, 1, b"x")) + b"\x01\x00\x00", "entry cut short"),
+    (entries(2, (0, 0, b""), (1, 0, b"")), "frame of 0 bytes"),
+])
+def test_what_does_not_apply_is_refused_and_changes_nothing(payload, reason):
+    assembler = fp.Assembler()
+    good = [b"\xff\xd8", b"abc"]
+    assert assembler.apply(payload_of(fp.message(good, [0, 1]))) == b"".join(good)
+    with pytest.raises(p.MessageError, match=reason):
+        assembler.apply(payload)
+    # The frame the worker's next delta builds on is still the last good one.
+    assert assembler.apply(payload_of(fp.message([b"\xff\xd8", b"xyz"], [1]))) == b"\xff\xd8xyz"
+
+
+def test_no_frame_exceeds_the_data_limit(monkeypatch):
+    monkeypatch.setattr(p, "DATA_MAX_BYTES", 1000)
+    assembler = fp.Assembler()
+    assembler.apply(entries(2, (0, 600, b"\xff" * 600), (1, 300, b"a" * 300)))
+    with pytest.raises(p.MessageError, match="outside 1..1000"):
+        assembler.apply(entries(2, (1, 500, b"b" * 500)))
+
+
+def test_the_service_channel_hands_on_whole_frames_and_drops_what_does_not_apply(caplog):
+    async def run() -> list[p.Message]:
+        ours, theirs = socket_pair()
+        got: list[p.Message] = []
+        WorkerChannel(ours, label="worker uid=1000", check=lambda m: None, deliver=got.append)
+        first = [b"\xff\xd8" + bytes(300), b"band" * 100, b"\xff\xd9"]
+        theirs.sendall(b"".join(fp.message(first, [0, 1, 2])))
+        # A part past the frame's count: refused, and the next delta still applies.
+        bad = p.header(fp.FRAME_PARTS, 4 + 8 + 1) + entries(3, (7, 1, b"x"))
+        theirs.sendall(bad)
+        theirs.sendall(b"".join(fp.message([first[0], b"new", first[2]], [1])))
+        theirs.sendall(p.cursor_move(1, 2))  # the channel goes on after a refusal
+        for _ in range(200):
+            if len(got) == 3:
+                break
+            await asyncio.sleep(0.01)
+        theirs.close()
+        return got
+
+    got = asyncio.run(run())
+    assert [m.type for m in got] == [p.MsgType.DATA, p.MsgType.DATA, p.MsgType.CURSOR_MOVE]
+    assert got[0].payload == b"\xff\xd8" + bytes(300) + b"band" * 100 + b"\xff\xd9"
+    assert got[1].payload == b"\xff\xd8" + bytes(300) + b"new\xff\xd9"
+    assert "worker uid=1000: message refused: FRAME_PARTS part 7" in caplog.text
+
+
+def test_the_port_never_sees_frame_parts():
+    # Only the worker channel's parser knows the type: the host's and the port's do not.
+    assert fp.FRAME_PARTS not in p.GUEST_TO_HOST_LIMITS
+    assert fp.FRAME_PARTS not in p.HOST_TO_GUEST_LIMITS
