@@ -71,12 +71,24 @@ def sent_types(read_fd: int) -> list[int]:
 
 
 @pytest.fixture
-def live(monkeypatch):
+def xscreen(monkeypatch):
+    """A real X server, a client drawing on it, and the worker's Screen of it."""
     server = start_xvfb(320, 240)
     monkeypatch.setenv("DISPLAY", server.display)
     monkeypatch.setenv("XAUTHORITY", server.xauthority)
     painter = Painter(server)
     screen = Screen()
+    try:
+        yield screen, painter
+    finally:
+        screen.close()
+        painter.close()
+        server.stop()
+
+
+@pytest.fixture
+def live(xscreen):
+    screen, painter = xscreen
     r, w = os.pipe()
     os.set_blocking(r, False)
     os.set_blocking(w, False)
@@ -87,9 +99,6 @@ def live(monkeypatch):
     try:
         yield streamer, screen, painter, outbox, r
     finally:
-        screen.close()
-        painter.close()
-        server.stop()
         os.close(r)
         os.close(w)
 
@@ -138,14 +147,10 @@ def test_pointer_motion_alone_sends_no_frame(live):
     assert streamer.counters.frames == frames
 
 
-def test_on_the_service_socket_a_small_change_sends_only_its_parts(monkeypatch):
+def test_on_the_service_socket_a_small_change_sends_only_its_parts(xscreen):
     # The worker as the service runs it: a socket, FRAME_PARTS. What the service assembles is the
-    # very JPEG of the screen, and a change of a few pixels costs a few KB, not the whole frame.
-    server = start_xvfb(640, 480)
-    monkeypatch.setenv("DISPLAY", server.display)
-    monkeypatch.setenv("XAUTHORITY", server.xauthority)
-    painter = Painter(server)
-    screen = Screen()
+    # very JPEG of the screen, and a change of a few pixels costs a fraction of the frame.
+    screen, painter = xscreen
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     theirs.setblocking(False)
@@ -167,15 +172,15 @@ def test_on_the_service_socket_a_small_change_sends_only_its_parts(monkeypatch):
                 if isinstance(m, p.Message) and m.type == frameparts.FRAME_PARTS]
 
     try:
-        for x in range(0, 640, 40):
-            painter.fill(x, 0, 40, 480, ((x * 3) % 256, 90, 200 - x % 200))
+        for x in range(0, 320, 20):
+            painter.fill(x, 0, 20, 240, ((x * 7) % 256, 90, 200 - x % 200))
         streamer.start()
         step(streamer, screen, painter, outbox)
         [(first_size, first)] = sent()
         # The first spliced frame after a whole encode carries every part once (a new layout);
         # from then on a change carries its own.
-        for n, (x, colour) in enumerate([(300, (250, 250, 0)), (100, (0, 250, 250))]):
-            painter.fill(x, 200, 20, 12, colour)
+        for n, (x, colour) in enumerate([(150, (250, 250, 0)), (60, (0, 250, 250))]):
+            painter.fill(x, 100, 20, 12, colour)
             step(streamer, screen, painter, outbox)
             [(size, frame)] = sent()
             whole = JpegEncoder().encode(screen.grab(None))
@@ -186,6 +191,3 @@ def test_on_the_service_socket_a_small_change_sends_only_its_parts(monkeypatch):
     finally:
         ours.close()
         theirs.close()
-        screen.close()
-        painter.close()
-        server.stop()
