@@ -9,6 +9,7 @@ import pytest
 
 from spice_stream_worker import frameparts as fp
 from spice_stream_worker import protocol as p
+from spice_streamd import guestmessages
 from spice_streamd.workerchannel import WorkerChannel, socket_pair
 
 
@@ -38,7 +39,7 @@ def test_the_service_assembles_every_frame_exactly_from_small_messages():
     for parts in frames(1, 60):
         pieces = sender.message(parts)
         sender.sent()
-        assert assembler.apply(payload_of(pieces)) == b"".join(parts)
+        assert assembler.apply(payload_of(pieces)) == parts
         sizes.append(sum(map(len, pieces)))
     whole = sum(map(len, parts))
     assert sizes[0] > whole  # the first carries everything
@@ -57,7 +58,7 @@ def test_a_message_that_was_not_sent_makes_the_next_one_whole():
     sender.message(dropped)
     sender.forget()  # the outbox dropped it: the service never saw it
     third = next(stream)
-    assert assembler.apply(payload_of(sender.message(third))) == b"".join(third)
+    assert assembler.apply(payload_of(sender.message(third))) == third
 
 
 def test_a_new_layout_must_come_whole():
@@ -86,11 +87,11 @@ def entries(count: int, *items: tuple[int, int, bytes]) -> bytes:
 def test_what_does_not_apply_is_refused_and_changes_nothing(payload, reason):
     assembler = fp.Assembler()
     good = [b"\xff\xd8", b"abc"]
-    assert assembler.apply(payload_of(fp.message(good, [0, 1]))) == b"".join(good)
+    assert assembler.apply(payload_of(fp.message(good, [0, 1]))) == tuple(good)
     with pytest.raises(p.MessageError, match=reason):
         assembler.apply(payload)
     # The frame the worker's next delta builds on is still the last good one.
-    assert assembler.apply(payload_of(fp.message([b"\xff\xd8", b"xyz"], [1]))) == b"\xff\xd8xyz"
+    assert assembler.apply(payload_of(fp.message([b"\xff\xd8", b"xyz"], [1]))) == (b"\xff\xd8", b"xyz")
 
 
 def test_no_frame_exceeds_the_data_limit(monkeypatch):
@@ -122,8 +123,8 @@ def test_the_service_channel_hands_on_whole_frames_and_drops_what_does_not_apply
 
     got = asyncio.run(run())
     assert [m.type for m in got] == [p.MsgType.DATA, p.MsgType.DATA, p.MsgType.CURSOR_MOVE]
-    assert got[0].payload == b"\xff\xd8" + bytes(300) + b"band" * 100 + b"\xff\xd9"
-    assert got[1].payload == b"\xff\xd8" + bytes(300) + b"new\xff\xd9"
+    assert b"".join(got[0].body()) == b"\xff\xd8" + bytes(300) + b"band" * 100 + b"\xff\xd9"
+    assert b"".join(got[1].body()) == b"\xff\xd8" + bytes(300) + b"new\xff\xd9"
     assert "worker uid=1000: message refused: FRAME_PARTS part 7" in caplog.text
 
 
@@ -131,3 +132,24 @@ def test_the_port_never_sees_frame_parts():
     # Only the worker channel's parser knows the type: the host's and the port's do not.
     assert fp.FRAME_PARTS not in p.GUEST_TO_HOST_LIMITS
     assert fp.FRAME_PARTS not in p.HOST_TO_GUEST_LIMITS
+
+
+def test_a_frame_of_parts_is_checked_as_the_frame_it_makes():
+    # The service checks a frame's start (a JPEG's SOI) across its parts, without joining them.
+    def data(*pieces: bytes) -> p.Message:
+        return p.Message(p.MsgType.DATA, b"", pieces)
+
+    assert guestmessages.refusal(data(b"\xff", b"\xd8rest"), None, True) is None
+    assert guestmessages.refusal(data(b"", b"\xff\xd8", b"x"), None, True) is None
+    assert guestmessages.refusal(data(b"", b"ab"), None, True) == "DATA that is not a JPEG"
+    assert guestmessages.refusal(data(b"\xff"), None, True) == "DATA that is not a JPEG"
+
+
+def test_unchanged_parts_are_handed_on_as_they_are():
+    # No copy of what did not change: the frame's cost follows the message, not the frame.
+    assembler = fp.Assembler()
+    big = bytes(100_000)
+    first = assembler.apply(payload_of(fp.message([b"\xff\xd8", big, b"\xff\xd9"], [0, 1, 2])))
+    second = assembler.apply(payload_of(fp.message([b"\xff\xd8", big, b"!"], [2])))
+    assert second[1] is first[1]
+    assert second[2] == b"!"

@@ -18,9 +18,11 @@ class CountingWrite:
     def __init__(self) -> None:
         self._writev = os.writev
         self.calls = self.refused = self.short = 0
+        self.most_pieces = 0
 
     def __call__(self, fd: int, pieces) -> int:
         self.calls += 1
+        self.most_pieces = max(self.most_pieces, len(pieces))
         try:
             n = self._writev(fd, pieces)
         except BlockingIOError:
@@ -37,9 +39,12 @@ def test_a_frame_larger_than_the_port_goes_whole_and_a_full_port_is_polled(monke
     fd = os.open(os.ttyname(slave), os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
     counting = CountingWrite()
     monkeypatch.setattr(portwriter.os, "writev", counting)
-    # As the relay hands them over: (header, payload), never joined.
+    # As the relay hands them over: (header, payload), and a frame a worker sent as its parts as
+    # (header, *parts), which goes to the port joined (a virtio port would write each piece apart).
     payloads = [b"\xff\xd8" + bytes([i]) * 300_000 for i in range(3)]
-    frames = [(p.header(p.MsgType.DATA, len(data)), data) for data in payloads]
+    frames = [(p.header(p.MsgType.DATA, len(data)), data) for data in payloads[:2]]
+    parts = [payloads[2][i:i + 4000] for i in range(0, len(payloads[2]), 4000)]
+    frames.append((p.header(p.MsgType.DATA, len(payloads[2])), *parts))
     expected = b"".join(p.encode(p.MsgType.DATA, data) for data in payloads)
     got = bytearray()
 
@@ -77,6 +82,7 @@ def test_a_frame_larger_than_the_port_goes_whole_and_a_full_port_is_polled(monke
         # EAGAIN about every other call; the writer polls instead.
         assert counting.short >= 9  # a pty takes at most 64 KB a write: each frame took several
         assert counting.refused <= counting.calls // 10, (counting.refused, counting.calls)
+        assert counting.most_pieces <= 2  # the 76 parts of the third went as one piece
     finally:
         os.close(fd)
         os.close(master)

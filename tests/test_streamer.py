@@ -168,7 +168,7 @@ def test_on_the_service_socket_a_small_change_sends_only_its_parts(xscreen):
                 data += ours.recv(1 << 20)
             except BlockingIOError:
                 break
-        return [(len(m.payload), assembler.apply(m.payload)) for m in parser.feed(data)
+        return [(len(m.payload), b"".join(assembler.apply(m.payload))) for m in parser.feed(data)
                 if isinstance(m, p.Message) and m.type == frameparts.FRAME_PARTS]
 
     try:

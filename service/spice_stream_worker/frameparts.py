@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from . import protocol as p
 
 FRAME_PARTS = 0xFF01  # far above the stream-device protocol's types
-MAX_PARTS = 4096  # a 16384-row frame has 1024 bands of 16 rows, plus header and EOI
+MAX_PARTS = 1088  # a 16384-row frame has 1024 bands of 16 rows, plus header and EOI
 COUNT = struct.Struct("<I")  # the frame's number of parts
 ENTRY = struct.Struct("<II")  # a changed part: its index, then its length and bytes
 MAX_PAYLOAD = COUNT.size + MAX_PARTS * ENTRY.size + p.DATA_MAX_BYTES
@@ -66,13 +66,18 @@ class Assembler:
     """The service's side, one per worker: the parts of its last frame.
 
     The worker runs as the session's user, who controls it: every count, index and length is
-    checked, a message that does not apply changes nothing, and no frame exceeds DATA_MAX_BYTES."""
+    checked, a message that does not apply changes nothing, and no frame exceeds DATA_MAX_BYTES.
+    A message costs in proportion to its own size and the count of parts, never the frame's size:
+    the frame is handed on as its parts, not joined, so a flood of one-byte changes to a large
+    frame is no more work than any other flood of small messages."""
 
     def __init__(self) -> None:
         self._parts: list[bytes] = []
+        self._size = 0
 
-    def apply(self, payload: bytes) -> bytes:
-        """The whole frame after this FRAME_PARTS message; raises p.MessageError if it does not apply."""
+    def apply(self, payload: bytes) -> tuple[bytes, ...]:
+        """The frame's parts after this FRAME_PARTS message; raises p.MessageError if it does not
+        apply."""
         if len(payload) < COUNT.size:
             raise p.MessageError("FRAME_PARTS shorter than its count")
         (count,) = COUNT.unpack_from(payload)
@@ -80,6 +85,7 @@ class Assembler:
             raise p.MessageError(f"FRAME_PARTS of {count} parts, outside 1..{MAX_PARTS}")
         whole = len(self._parts) != count  # a new layout: every part must come
         parts = [b""] * count if whole else list(self._parts)
+        size = 0 if whole else self._size
         pos, last, given = COUNT.size, -1, 0
         view = memoryview(payload)
         while pos < len(payload):
@@ -91,14 +97,23 @@ class Assembler:
                 raise p.MessageError(f"FRAME_PARTS part {index} out of order or past {count}")
             if length > len(payload) - pos:
                 raise p.MessageError(f"FRAME_PARTS part {index} of {length} bytes cut short")
+            size += length - len(parts[index])
             parts[index] = bytes(view[pos : pos + length])
             pos += length
             last, given = index, given + 1
         if whole and given != count:
             raise p.MessageError(f"FRAME_PARTS with {given} of a new layout's {count} parts")
-        frame = b"".join(parts)
-        if not 0 < len(frame) <= p.DATA_MAX_BYTES:
-            raise p.MessageError(f"FRAME_PARTS frame of {len(frame)} bytes, outside "
-                                 f"1..{p.DATA_MAX_BYTES}")
-        self._parts = parts
-        return frame
+        if not 0 < size <= p.DATA_MAX_BYTES:
+            raise p.MessageError(f"FRAME_PARTS frame of {size} bytes, outside 1..{p.DATA_MAX_BYTES}")
+        self._parts, self._size = parts, size
+        return tuple(parts)
+
+
+def starts_with(pieces: tuple[bytes, ...], prefix: bytes) -> bool:
+    """Whether the pieces, joined, would start with `prefix` (without joining them)."""
+    head = b""
+    for piece in pieces:
+        head += piece[: len(prefix) - len(head)]
+        if len(head) == len(prefix):
+            break
+    return head == prefix

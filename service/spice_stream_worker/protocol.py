@@ -184,6 +184,13 @@ def notify_error(code: int, text: str) -> bytes:
 class Message:
     type: int
     payload: bytes
+    # A frame the service assembled from a worker's parts: its payload is these, in order, never
+    # joined (payload is then empty); whoever writes the message writes them.
+    pieces: tuple[bytes, ...] | None = None
+
+    def body(self) -> tuple[bytes, ...]:
+        """The payload as the pieces to write."""
+        return (self.payload,) if self.pieces is None else self.pieces
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from spice_stream_worker import frameparts
 from spice_stream_worker import protocol as p
 
 # The parser already bounds each type's size (GUEST_TO_HOST_LIMITS) and refuses host-only types.
@@ -24,7 +25,7 @@ def refusal(msg: p.Message, host_caps: bytes | None, format_sent: bool) -> str |
         elif msg.type == p.MsgType.DATA:
             if not format_sent:
                 return "DATA before any FORMAT"
-            if not msg.payload.startswith(JPEG_SOI):
+            if not frameparts.starts_with(msg.body(), JPEG_SOI):
                 return "DATA that is not a JPEG"
         elif msg.type == p.MsgType.CURSOR_SET:
             p.decode_cursor_set(msg.payload)

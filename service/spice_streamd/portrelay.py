@@ -275,7 +275,8 @@ class PortRelay:
             return
         if msg.type == p.MsgType.FORMAT:
             self.format_sent = True
-        self._writer.submit(msg.type, (p.header(msg.type, len(msg.payload)), msg.payload),
+        body = msg.body()
+        self._writer.submit(msg.type, (p.header(msg.type, sum(map(len, body))), *body),
                             self._generation)
 
     @property
@@ -297,7 +298,7 @@ class PortRelay:
             if first:
                 self._changed()
         elif msg_type == p.MsgType.CAPABILITIES:
-            self._caps_written = message[1]  # (header, payload)
+            self._caps_written = b"".join(message)[p.HEADER_SIZE:]
 
     def _stalled(self, waited_s: float) -> None:
         if not self.paused and self._sink is not None:

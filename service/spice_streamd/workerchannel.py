@@ -117,7 +117,7 @@ class WorkerChannel:
                     continue
                 if item.type == frameparts.FRAME_PARTS:
                     try:
-                        item = p.Message(p.MsgType.DATA, self._frame.apply(item.payload))
+                        item = p.Message(p.MsgType.DATA, b"", self._frame.apply(item.payload))
                     except p.MessageError as e:
                         self._log.log(logging.WARNING, "refused", "%s: message refused: %s",
                                       self.label, e)
