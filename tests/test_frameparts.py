@@ -38,7 +38,7 @@ def test_the_service_assembles_every_frame_exactly_from_small_messages():
     sizes = []
     for parts in frames(1, 60):
         pieces = sender.message(parts)
-        sender.sent()
+        sender.sent(parts)
         assert assembler.apply(payload_of(pieces)) == parts
         sizes.append(sum(map(len, pieces)))
     whole = sum(map(len, parts))
@@ -52,7 +52,7 @@ def test_a_message_that_was_not_sent_makes_the_next_one_whole():
     stream = frames(2, 4)
     first = next(stream)
     sender.message(first)
-    sender.sent()
+    sender.sent(first)
     assembler.apply(payload_of(fp.message(first, range(len(first)))))
     dropped = next(stream)
     sender.message(dropped)

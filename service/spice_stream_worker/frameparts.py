@@ -1,11 +1,10 @@
 """Frames from the worker to the service as the parts that changed: the worker's half and the service's.
 
 Over the service's socket a frame would be a whole JPEG every time, though a few glyphs change one
-band of it: handing 200-300 KB to a socket costs the worker about 1 us per KB, and the service as
-much again to take it in. The worker sends FRAME_PARTS instead: how many parts the frame has (the
-encoder's pieces: header, bands, EOI) and the new bytes of those that changed. The service keeps
-each worker's last parts, applies the message and writes the whole frame to the port as DATA.
-Nothing of this reaches the port: the type is the worker channel's own.
+band of it. The worker sends FRAME_PARTS instead: how many parts the frame has (the encoder's pieces:
+header, bands, EOI) and the new bytes of those that changed (typing: 7 KB a frame instead of 216).
+The service keeps each worker's last parts, applies the message and writes the whole frame to the
+port as DATA. Nothing of this reaches the port: the type is the worker channel's own.
 """
 
 from __future__ import annotations
@@ -42,8 +41,8 @@ class Sender:
         self._held: tuple[bytes, ...] | None = None
 
     def message(self, parts: tuple[bytes, ...]) -> list[bytes]:
-        """The message that turns what the service holds into `parts`; call sent() once it is
-        queued whole, forget() if it was not."""
+        """The message that turns what the service holds into `parts`; tell sent(parts) once it
+        is queued whole, forget() if it was not."""
         held = self._held
         if held is None or len(held) != len(parts):
             changed: Sequence[int] = range(len(parts))
@@ -51,11 +50,10 @@ class Sender:
             # The encoder hands unchanged parts back as the same objects.
             changed = [i for i, (old, new) in enumerate(zip(held, parts, strict=True))
                        if old is not new]
-        self._pending = parts
         return message(parts, changed)
 
-    def sent(self) -> None:
-        self._held = self._pending
+    def sent(self, parts: tuple[bytes, ...]) -> None:
+        self._held = parts
 
     def forget(self) -> None:
         """The last message was not sent: the next one carries every part."""

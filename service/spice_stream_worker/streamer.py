@@ -239,7 +239,7 @@ class Streamer:
         if self.frame_parts is None:
             self.outbox.send(p.data_header(sum(map(len, parts))), *parts, frame=True)
         elif self.outbox.send(*self.frame_parts.message(parts), frame=True):
-            self.frame_parts.sent()
+            self.frame_parts.sent(parts)
         else:
             self.frame_parts.forget()
 

@@ -50,10 +50,11 @@ class PortWriter:
         self._thread.start()
 
     def submit(self, msg_type: int, message: tuple[bytes, ...], tag: int = 0) -> None:
-        """Queue a whole message, as its pieces (header, payload: written with one writev, not
-        joined by a copy); it replaces a waiting one of its type (a FORMAT also drops the
-        waiting frame: it has the old size, and the worker sends one of the new). `tag` comes back
-        with on_written (whose message it was)."""
+        """Queue a whole message, as its pieces (header and payload, written with one writev; a
+        frame the channel assembled from a worker's parts is joined when its turn comes); it
+        replaces a waiting one of its type (a FORMAT also drops the waiting frame: it has the old
+        size, and the worker sends one of the new). `tag` comes back with on_written (whose
+        message it was)."""
         with self._cond:
             if msg_type == p.MsgType.FORMAT:
                 if self._pending.pop(p.MsgType.DATA, None) is not None:
