@@ -42,15 +42,13 @@ def plan(rects: list[Rect], width: int, height: int) -> list[Rect] | None:
 
 def _aligned(r: Rect, width: int, height: int) -> Rect | None:
     """r grown to whole MCUs and clipped to the screen."""
-    x0, y0 = max(r.x, 0) // ALIGN * ALIGN, max(r.y, 0) // ALIGN * ALIGN
-    x1 = min(-(-(r.x + r.width) // ALIGN) * ALIGN, width)
-    y1 = min(-(-(r.y + r.height) // ALIGN) * ALIGN, height)
-    return Rect(x0, y0, x1 - x0, y1 - y0) if x1 > x0 and y1 > y0 else None
+    x0, y0 = r.x // ALIGN * ALIGN, r.y // ALIGN * ALIGN
+    x1, y1 = -(-(r.x + r.width) // ALIGN) * ALIGN, -(-(r.y + r.height) // ALIGN) * ALIGN
+    return Rect(x0, y0, x1 - x0, y1 - y0).clip(width, height)
 
 
 def _any_overlap(rects: list[Rect]) -> bool:
-    return any(a.x < b.x + b.width and b.x < a.x + a.width and a.y < b.y + b.height
-               and b.y < a.y + a.height for i, a in enumerate(rects) for b in rects[i + 1:])
+    return any(a.overlaps(b) for i, a in enumerate(rects) for b in rects[i + 1:])
 
 
 def refresh(fb: memoryview, stride: int, rect: Rect, new: bytes | memoryview,

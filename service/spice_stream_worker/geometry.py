@@ -22,6 +22,10 @@ class Rect:
             return None
         return Rect(x0, y0, x1 - x0, y1 - y0)
 
+    def overlaps(self, other: Rect) -> bool:
+        return (self.x < other.x + other.width and other.x < self.x + self.width
+                and self.y < other.y + other.height and other.y < self.y + self.height)
+
 
 def bounding(rects: Iterable[Rect]) -> Rect:
     rects = list(rects)
