@@ -277,3 +277,8 @@ def test_encode_plan_prefers_fewer_calls_over_a_few_clean_tiles():
     assert sorted(plan_encodes(stair)) == [(0, 1, 0, 1), (1, 2, 20, 21), (2, 3, 40, 41)]
     # Every other band of a tall frame: never more than MAX_ENCODES calls.
     assert len(plan_encodes({b: [b % 7] for b in range(0, 120, 2)})) <= MAX_ENCODES
+    # One rectangle of tiles is that rectangle; one with a gap in a band or between bands is not.
+    assert plan_encodes({b: [4, 5, 6] for b in range(13, 31)}) == [(13, 31, 4, 7)]
+    assert sorted(plan_encodes({b: [4, 40] for b in range(13, 15)})) == [(13, 15, 4, 5),
+                                                                          (13, 15, 40, 41)]
+    assert sorted(plan_encodes({3: [4], 40: [4]})) == [(3, 4, 4, 5), (40, 41, 4, 5)]

@@ -64,3 +64,25 @@ def test_refresh_reports_changed_bands_and_updates_the_framebuffer():
     assert changed == [Rect(0, 0, w, 16), Rect(0, 32, w, 16)]
     assert fb.tobytes() == bytes(new)
     assert damage.refresh(fb, w * 4, rect, bytes(new), w * 4) == []
+
+
+def test_refresh_copies_every_changed_row_of_an_inner_rect_and_nothing_outside():
+    # Rows after a band's first changed row are copied without being compared: each must still
+    # land, at the framebuffer's stride, and no pixel outside the rect may move.
+    w, h = 96, 40
+    fb = memoryview(bytearray(range(256)) * (w * h * 4 // 256))
+    before = fb.tobytes()
+    rect = Rect(32, 8, 48, 24)  # bands at y 8..23 and 24..31
+    new = bytearray(rect.width * rect.height * 4)
+    for y in range(rect.height):
+        start = ((rect.y + y) * w + rect.x) * 4
+        new[y * rect.width * 4:(y + 1) * rect.width * 4] = before[start:start + rect.width * 4]
+    for y in (2, 9, 15):  # band 0: its 3rd, 10th and 16th rows
+        new[y * rect.width * 4 + 5] ^= 0xFF
+    changed = damage.refresh(fb, w * 4, rect, bytes(new), rect.width * 4)
+    assert changed == [Rect(32, 8, 48, 16)]
+    expected = bytearray(before)
+    for y in range(rect.height):
+        start = ((rect.y + y) * w + rect.x) * 4
+        expected[start:start + rect.width * 4] = new[y * rect.width * 4:(y + 1) * rect.width * 4]
+    assert fb.tobytes() == bytes(expected)

@@ -77,6 +77,13 @@ def plan_encodes(dirty: dict[int, list[int]]) -> list[Area]:
     """The areas to encode for these dirty tiles (band -> tiles), at most MAX_ENCODES: of the exact
     cover, each band's span, each run of bands' box and one box round all, the cheapest by
     ENCODE_COST."""
+    rows = list(dirty)
+    first = dirty[rows[0]]
+    if (rows[-1] - rows[0] + 1 == len(rows) and first[-1] - first[0] + 1 == len(first)
+            and all(dirty[b] == first for b in rows)):
+        # One rectangle of tiles (one window, one spot): one call encoding exactly those is
+        # the cheapest plan there is.
+        return [(rows[0], rows[-1] + 1, first[0], first[-1] + 1)]
     boxes = [(b0, b1, min(dirty[b][0] for b in range(b0, b1)),
               max(dirty[b][-1] for b in range(b0, b1)) + 1) for b0, b1 in runs(list(dirty))]
     whole = [(boxes[0][0], boxes[-1][1], min(b[2] for b in boxes), max(b[3] for b in boxes))]
@@ -145,8 +152,11 @@ class JpegEncoder:
         self._splice = restart_markers_supported() if splice is None else splice
         self._grid: TileGrid | None = None
         self._header = b""
-        self._tiles: list[list[bytes]] | None = None  # None: not split out of _last yet
-        self._bands: list[bytes] = []  # each band's tiles joined with the markers after them
+        # Each band's tiles with the restart marker after each (none after the frame's last):
+        # tile t of a band sits at index 2t, so a band is one join and a tile one item to
+        # replace. None: not split out of _last yet.
+        self._tiles: list[list[bytes]] | None = None
+        self._bands: list[bytes] = []  # each band's list above, joined
         self._last: tuple[bytes, ...] | None = None  # the last JPEG, as encode_parts() gave it
         # Reused pixel stores by size: a fresh Image costs an 8 MB allocation and memset at 1080p.
         self._images: dict[tuple[int, int], Image.Image] = {}
@@ -203,12 +213,13 @@ class JpegEncoder:
                                                       r.y + r.height, grid.mcus))
             if len(pieces) != (b1 - b0) * (t1 - t0):
                 raise EncoderError(f"{len(pieces)} restart pieces for area {area}")
+            width = t1 - t0
             for i, band in enumerate(range(b0, b1)):
-                tiles[band][t0:t1] = pieces[i * (t1 - t0):(i + 1) * (t1 - t0)]
+                tiles[band][2 * t0:2 * t1:2] = pieces[i * width:(i + 1) * width]
                 touched.add(band)
             self.tiles_encoded += len(pieces)
         for band in touched:
-            self._bands[band] = self._join_band(grid, tiles, band)
+            self._bands[band] = b"".join(tiles[band])
         self._last = (self._header, *self._bands, _EOI)
         return self._last
 
@@ -261,18 +272,9 @@ class JpegEncoder:
             raise EncoderError(f"{len(pieces)} restart pieces for {grid.count} tiles")
         self._header = _patch_header(header, grid.width, grid.height, grid.mcus)
         n = grid.columns
-        self._tiles = [pieces[b * n:(b + 1) * n] for b in range(grid.rows)]
-        self._bands = [self._join_band(grid, self._tiles, b) for b in range(grid.rows)]
+        # Restart markers count 0..7 over the whole scan; the last tile's b"" stands for none.
+        markers = [_RST_MARKERS[t & 7] for t in range(grid.count - 1)] + [b""]
+        self._tiles = [[piece for t in range(b * n, (b + 1) * n) for piece in (pieces[t], markers[t])]
+                       for b in range(grid.rows)]
+        self._bands = [b"".join(band) for band in self._tiles]
         return self._tiles
-
-    @staticmethod
-    def _join_band(grid: TileGrid, tiles: list[list[bytes]], band: int) -> bytes:
-        # Restart markers count 0..7 over the whole scan; none after the frame's last tile.
-        parts: list[bytes] = []
-        first = band * grid.columns
-        last = grid.count - 1
-        for t, piece in enumerate(tiles[band]):
-            parts.append(piece)
-            if first + t != last:
-                parts.append(_RST_MARKERS[(first + t) & 7])
-        return b"".join(parts)
