@@ -75,6 +75,7 @@ def test_damage_reports_only_what_changed(xenv, painter, use_shm):
         first = drain(screen)
         assert first.damage == [Rect(0, 0, 320, 240)]  # creation damages everything once
         assert not drain(screen).damage  # nothing drawn: nothing reported
+        screen.grab()  # a capture: what is drawn from now on is reported
         target = Rect(40, 50, 30, 20)
         painter.fill(target.x, target.y, target.width, target.height, (10, 200, 30))
         changes = drain(screen)
@@ -83,6 +84,20 @@ def test_damage_reports_only_what_changed(xenv, painter, use_shm):
             assert target.x <= r.x and r.x + r.width <= target.x + target.width
             assert target.y <= r.y and r.y + r.height <= target.y + target.height
         assert not drain(screen).damage
+        # Drawn there again before a capture: already known, not reported again; drawn
+        # elsewhere: reported.
+        painter.fill(target.x, target.y, target.width, target.height, (200, 10, 30))
+        other = Rect(200, 150, 10, 10)
+        painter.fill(other.x, other.y, other.width, other.height, (1, 2, 3))
+        changes = drain(screen)
+        assert changes.damage and covers(changes.damage, other)
+        assert not any(r.overlaps(target) for r in changes.damage)
+        # The capture reads the second fill's pixels and re-arms the whole region.
+        frame = screen.grab(changes.damage + [target])
+        assert pixel(frame, target.x, target.y) == (200, 10, 30)
+        painter.fill(target.x, target.y, target.width, target.height, (10, 200, 30))
+        changes = drain(screen)
+        assert changes.damage and covers(changes.damage, target)
     finally:
         screen.close()
 
