@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 import time
+import tty
 from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -24,14 +25,18 @@ import floor  # noqa: E402
 import latency  # noqa: E402
 from common import (  # noqa: E402
     RELAY_STATS,
+    Drain,
+    children,
     cpu_seconds,
     peak_rss_mb,
     relay_stats,
     session,
+    start_engine,
     start_painter,
     stop,
 )
 
+from tests.support.waiting import wait_until  # noqa: E402
 from tests.support.xserver import start_xvfb  # noqa: E402
 
 # The targets, as ratios against the baseline measured in the same run where they are ratios.
@@ -130,6 +135,43 @@ def measure(engine: str, workload: str, server, args) -> Result:
     )
 
 
+@dataclass
+class Unwatched:
+    pipeline_pct: float  # service + worker, percent of one core
+    x_pct: float  # the X server, percent of one core (the painter's own share included)
+    frames: int  # DATA messages on the port meanwhile
+
+
+def unwatched(server, args) -> Unwatched:
+    """The installed pipeline while the whole screen animates and no host has asked for a stream
+    (no client connected yet): what a session costs before anyone watches it."""
+    _, mode, rate = WORKLOADS["full"]
+    painter = start_painter(server, mode, rate)
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    tty.setraw(master)
+    drain = Drain(master)
+    proc = None
+    try:
+        proc = start_engine("relayed", server, os.ttyname(slave), args.fps, args.quality)
+        relay = proc
+        pids = [proc.pid, *wait_until(lambda: children(relay.pid), 10, "the relay's worker")]
+        time.sleep(args.warmup)  # the worker connects and reads the screen's first damage
+        c0, x0, t0 = sum(map(cpu_seconds, pids)), cpu_seconds(server.pid), time.monotonic()
+        time.sleep(args.seconds)
+        c1, x1, t1 = sum(map(cpu_seconds, pids)), cpu_seconds(server.pid), time.monotonic()
+        if proc.poll() is not None:
+            raise RuntimeError(f"relayed exited with {proc.returncode}")
+        frames = drain.snapshot()[0]
+    finally:
+        stop(proc)
+        stop(painter)
+        drain.stop()
+        os.close(slave)
+        os.close(master)
+    return Unwatched(100 * (c1 - c0) / (t1 - t0), 100 * (x1 - x0) / (t1 - t0), frames)
+
+
 def painter_only(workload: str, server, seconds: float) -> float:
     """X server CPU% caused by the painter alone (no capture), to read the others against."""
     _, mode, rate = WORKLOADS[workload]
@@ -174,6 +216,13 @@ def round_ratios(runs: dict[tuple[str, str], list[Result]], workload: str) -> st
     """Relayed against baseline round by round (each pair measured back to back)."""
     pairs = zip(runs[("relayed", workload)], runs[("baseline", workload)], strict=True)
     return " ".join(f"x{r.cpu_ms_per_frame / max(b.cpu_ms_per_frame, 1e-9):.2f}" for r, b in pairs)
+
+
+def unwatched_check(u: Unwatched, painter_x_pct: float) -> tuple[str, bool]:
+    return (f"unwatched (no host has asked for a stream), whole screen animating: service + worker "
+            f"{u.pipeline_pct:.2f}% of a core, X {u.x_pct - painter_x_pct:+.1f}% beside the painter's "
+            f"own {painter_x_pct:.1f}%, {u.frames} frames on the port (< {TARGET_IDLE_CPU_PCT}%, "
+            f"no frame)", u.pipeline_pct < TARGET_IDLE_CPU_PCT and u.frames == 0)
 
 
 def cpu_checks(results: dict[tuple[str, str], Result],
@@ -252,7 +301,7 @@ def main() -> int:
     results: dict[tuple[str, str], Result] = {}
     runs: dict[tuple[str, str], list[Result]] = {}
     painter_x: dict[str, float] = {}
-    prof = lat = port = None
+    prof = lat = port = quiet = None
     try:
         if "cpu" in parts:
             for workload, (engines, _, _) in WORKLOADS.items():
@@ -266,6 +315,8 @@ def main() -> int:
                         print(f"  measured {engine:8s} {workload:7s}: {r.fps:5.1f} fps, "
                               f"{r.cpu_ms_per_frame:5.1f} ms/frame", flush=True)
             results = {key: median_run(rs) for key, rs in runs.items()}
+            quiet = unwatched(server, args)
+            print("  measured the pipeline unwatched", flush=True)
         if "profile" in parts:
             prof = floor.profile(server, args)
             print("  measured the 1080p frame profile and the floor", flush=True)
@@ -283,6 +334,8 @@ def main() -> int:
         print()
         print_table(results, painter_x, args, width, height)
         checks += cpu_checks(results, runs)
+        if quiet is not None:
+            checks.append(unwatched_check(quiet, painter_x["full"]))
     if prof is not None:
         print()
         floor.print_profile(prof, results.get(("worker", "full")))
