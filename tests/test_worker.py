@@ -133,6 +133,25 @@ def test_damage_sends_the_change_and_idle_sends_almost_nothing(xserver, run):
     assert frames[-1].payload == frames[settled - 1].payload
 
 
+def test_drawing_faster_than_frames_ends_on_the_screen_s_picture(xserver, run):
+    # Drawn again and again into the same places between captures: X reports such an area once
+    # per capture (the capture empties its damage region), and the last picture must still come.
+    xserver.painter.fill(0, 0, WIDTH, HEIGHT, BLUE)
+    w = run(["--start-codecs", "1"])
+    w.peer.wait_count(p.MsgType.DATA, 1)
+    for i in range(300):
+        xserver.painter.fill(40 + (i * 37) % 400, 100, 64, 64, RED if i % 2 else GREEN)
+        xserver.painter.fill(0, 300, WIDTH, 40, (i % 251, 90, 90))
+    expected = expected_picture(xserver.painter)
+
+    def shows_it() -> bool:
+        frames = w.peer.of_type(p.MsgType.DATA)
+        return mean_abs_diff(jpeg(frames[-1]), expected) < 3
+
+    w.peer.wait_for(shows_it, what="a frame showing the last drawing")
+    assert not w.peer.violations
+
+
 def test_codecs_without_mjpeg_and_stop(xserver, run):
     w = run()
     w.peer.wait_count(p.MsgType.CAPABILITIES, 1)
