@@ -237,8 +237,9 @@ class Session:
 
 @contextmanager
 def session(engine: str, mode: str, server, args, *, rate: float | None = None, keep: bool = False,
-            read_rate: float | None = None) -> Iterator[Session]:
-    """Painter, pty, drain and engine, up to the first frame on the pty; all stopped on exit."""
+            read_rate: float | None = None, watched: bool = True) -> Iterator[Session]:
+    """Painter, pty, drain and engine, up to the first frame on the pty; all stopped on exit.
+    watched=False (relayed only): the host never asks for a stream, and no frame is waited for."""
     painter = start_painter(server, mode, rate)
     master, slave = os.openpty()
     tty.setraw(slave)
@@ -250,8 +251,9 @@ def session(engine: str, mode: str, server, args, *, rate: float | None = None, 
         s = Session(engine, painter, proc, drain, [proc.pid])
         if engine == "relayed":
             s.pids += wait_until(lambda: children(proc.pid), 10, "the relay's worker")
-            os.write(master, START_STOP_MJPEG)  # the host asks, through the relay
-        if not drain.wait_frames(1, FIRST_FRAME_TIMEOUT_S):
+            if watched:
+                os.write(master, START_STOP_MJPEG)  # the host asks, through the relay
+        if watched and not drain.wait_frames(1, FIRST_FRAME_TIMEOUT_S):
             s.check_alive()
             raise RuntimeError(f"{engine}: no frame within {FIRST_FRAME_TIMEOUT_S:g} s")
         yield s

@@ -13,7 +13,6 @@ import argparse
 import os
 import sys
 import time
-import tty
 from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -25,18 +24,14 @@ import floor  # noqa: E402
 import latency  # noqa: E402
 from common import (  # noqa: E402
     RELAY_STATS,
-    Drain,
-    children,
     cpu_seconds,
     peak_rss_mb,
     relay_stats,
     session,
-    start_engine,
     start_painter,
     stop,
 )
 
-from tests.support.waiting import wait_until  # noqa: E402
 from tests.support.xserver import start_xvfb  # noqa: E402
 
 # The targets, as ratios against the baseline measured in the same run where they are ratios.
@@ -146,29 +141,13 @@ def unwatched(server, args) -> Unwatched:
     """The installed pipeline while the whole screen animates and no host has asked for a stream
     (no client connected yet): what a session costs before anyone watches it."""
     _, mode, rate = WORKLOADS["full"]
-    painter = start_painter(server, mode, rate)
-    master, slave = os.openpty()
-    tty.setraw(slave)
-    tty.setraw(master)
-    drain = Drain(master)
-    proc = None
-    try:
-        proc = start_engine("relayed", server, os.ttyname(slave), args.fps, args.quality)
-        relay = proc
-        pids = [proc.pid, *wait_until(lambda: children(relay.pid), 10, "the relay's worker")]
+    with session("relayed", mode, server, args, rate=rate, watched=False) as s:
         time.sleep(args.warmup)  # the worker connects and reads the screen's first damage
-        c0, x0, t0 = sum(map(cpu_seconds, pids)), cpu_seconds(server.pid), time.monotonic()
+        c0, x0, t0 = sum(map(cpu_seconds, s.pids)), cpu_seconds(server.pid), time.monotonic()
         time.sleep(args.seconds)
-        c1, x1, t1 = sum(map(cpu_seconds, pids)), cpu_seconds(server.pid), time.monotonic()
-        if proc.poll() is not None:
-            raise RuntimeError(f"relayed exited with {proc.returncode}")
-        frames = drain.snapshot()[0]
-    finally:
-        stop(proc)
-        stop(painter)
-        drain.stop()
-        os.close(slave)
-        os.close(master)
+        c1, x1, t1 = sum(map(cpu_seconds, s.pids)), cpu_seconds(server.pid), time.monotonic()
+        s.check_alive()
+        frames = s.drain.snapshot()[0]
     return Unwatched(100 * (c1 - c0) / (t1 - t0), 100 * (x1 - x0) / (t1 - t0), frames)
 
 
