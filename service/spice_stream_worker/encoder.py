@@ -85,7 +85,7 @@ def plan_encodes(dirty: dict[int, list[int]]) -> list[Area]:
         # the cheapest plan there is.
         return [(rows[0], rows[-1] + 1, first[0], first[-1] + 1)]
     boxes = [(b0, b1, min(dirty[b][0] for b in range(b0, b1)),
-              max(dirty[b][-1] for b in range(b0, b1)) + 1) for b0, b1 in runs(list(dirty))]
+              max(dirty[b][-1] for b in range(b0, b1)) + 1) for b0, b1 in runs(rows)]
     whole = [(boxes[0][0], boxes[-1][1], min(b[2] for b in boxes), max(b[3] for b in boxes))]
     options = [areas(dirty), areas(spans(dirty)), boxes, whole]
 
