@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import select
+import shutil
 import signal
 import struct
 import subprocess
+import tempfile
 import threading
 import time
 import tty
@@ -27,7 +30,11 @@ MSG_DATA = 3
 MSG_CURSOR_MOVE = 7
 START_STOP_MJPEG = bytes.fromhex("01000400020000000101")  # v1, START_STOP, 1 codec: MJPEG
 TICK = os.sysconf("SC_CLK_TCK")
-RELAY_STATS = f"/tmp/spice-bench-relay-{os.getpid()}.json"
+# In a directory of this run's own (mkdtemp: a new name, mode 0700): the bench runs as root and a
+# guessable name in /tmp is one another user could plant first (a symlink root would write through).
+_STATS_DIR = tempfile.mkdtemp(prefix="spice-bench-")
+atexit.register(shutil.rmtree, _STATS_DIR, ignore_errors=True)
+RELAY_STATS = os.path.join(_STATS_DIR, "relay.json")
 FIRST_FRAME_TIMEOUT_S = 15.0
 READ_CHUNK = 1 << 20
 

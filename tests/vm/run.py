@@ -35,6 +35,7 @@ from pathlib import Path
 
 from PIL import Image, ImageChops
 
+from tests.support import safedir
 from tests.support.spicehost import build, is_black, psnr
 from tests.support.waiting import stop_process, wait_until
 from tests.vm.image import ensure_image
@@ -42,7 +43,8 @@ from tests.vm.qemu import VM, GuestError
 
 ROOT = Path(__file__).resolve().parents[2]
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
-LOG_ROOT = Path(os.environ.get("SPICE_STREAMD_VM_LOGS", "/var/tmp/spice-streamd-vm-logs"))
+# Root writes here: a place only root can create (/var/tmp would let a user plant it), checked.
+LOG_ROOT = Path(os.environ.get("SPICE_STREAMD_VM_LOGS", "/var/log/spice-streamd-vm"))
 
 BUS = "org.spice_space.StreamingAgent1"
 OBJ = "/org/spice_space/StreamingAgent1"
@@ -887,12 +889,26 @@ def main(argv: list[str] | None = None) -> int:
         print("vm-test: run as root (debootstrap, QEMU, 9p shares)", file=sys.stderr)
         return 2
 
-    logdir = Path(args.logdir) if args.logdir else LOG_ROOT / time.strftime("%Y%m%d-%H%M%S")
-    logdir.mkdir(parents=True, exist_ok=True)
-    share, results = logdir / "share", logdir / "results"
-    share.mkdir(exist_ok=True)
-    results.mkdir(exist_ok=True)
-    results.chmod(0o1777)
+    # Only directories root made itself or checked (root's, nobody else can write, no symlink:
+    # tests/support/safedir.py, on descriptors); results/ is 1777 for the guest's 9p share, made
+    # inside the checked log directory.
+    try:
+        if args.logdir:
+            logdir = Path(os.path.abspath(args.logdir))
+            os.close(safedir.ensure_dir(logdir))
+        else:
+            os.close(safedir.ensure_dir(LOG_ROOT))
+            logdir = Path(safedir.fresh_dir(LOG_ROOT, time.strftime("%Y%m%d-%H%M%S")))
+        share, results = logdir / "share", logdir / "results"
+        fd = safedir.open_checked(logdir)
+        try:
+            for sub, mode in ((share, 0o755), (results, 0o1777)):
+                os.close(safedir.make_dir(fd, sub.name, mode, fresh=not args.logdir, shown=str(sub)))
+        finally:
+            os.close(fd)
+    except (safedir.UnsafeDir, OSError) as e:
+        print(f"vm-test: refusing the log directory {args.logdir or LOG_ROOT}: {e}", file=sys.stderr)
+        return 2
     runlog = open(logdir / "run.log", "a", buffering=1)
 
     def say(text: str) -> None:
