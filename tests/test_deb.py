@@ -350,45 +350,75 @@ def test_packaged_tree_imports_with_debian_python(tree: Path, tmp_path: Path) ->
 
 
 # --- maintainer scripts, run: stand-ins for every command with a side effect, in a private mount
-# namespace whose /run says whether systemd, udevd and the system bus are running.
+# and PID namespace (so systemd-detect-virt and ischroot can see PID 1's root, as on a real system)
+# whose /run says whether systemd, udevd and the system bus are running. In a chroot run the scripts
+# run chrooted into a minimal root (this machine's /usr, read-only) with /proc, /sys, /dev and that
+# /run bind-mounted, as image builders do: its udev and bus sockets are the "host's".
 
 STUBS = ("systemctl", "udevadm", "dbus-send", "py3compile", "py3clean")
+STREAM_PORT_TRIGGER = ("udevadm trigger --action=add --subsystem-match=virtio-ports "
+                       "--attr-match=name=org.spice-space.stream.0")
 
 
 def run_script(control_dir: Path, tmp_path: Path, script: str, arg: str, *, running: bool,
-               dpkg_root: Path | None = None) -> tuple[int, list[str], str]:
-    stubs = tmp_path / "stubs"
-    log = tmp_path / "calls.log"
+               dpkg_root: Path | None = None, chroot: bool = False,
+               proc: bool = True) -> tuple[int, list[str], str]:
+    top = tmp_path / "chroot" if chroot else Path("/")
+    if chroot and not top.exists():
+        for d in ("usr", "proc", "sys", "dev", "run", "tmp", "stubs", "scripts"):
+            (top / d).mkdir(parents=True)
+        for link in ("bin", "sbin", "lib", "lib64"):
+            if os.path.islink("/" + link):
+                (top / link).symlink_to(os.readlink("/" + link))
+    stubs = top / "stubs" if chroot else tmp_path / "stubs"
+    log = top / "calls.log" if chroot else tmp_path / "calls.log"
+    seen_log = "/calls.log" if chroot else str(log)  # the path the stubs write, where they run
     stubs.mkdir(exist_ok=True)
     for name in STUBS:
-        (stubs / name).write_text(f'#!/bin/sh\necho "{name} $*" >> "{log}"\n')
+        (stubs / name).write_text(f'#!/bin/sh\necho "{name} $*" >> "{seen_log}"\n')
         (stubs / name).chmod(0o755)
     log.write_text("")
+    script_path = control_dir / script
+    if chroot:
+        shutil.copy(control_dir / script, top / "scripts" / script)
+        script_path = Path("/scripts") / script
     make_sockets = (f"{shlex.quote(sys.executable)} -c 'import socket\n"
                     "for p in (\"/run/udev/control\", \"/run/dbus/system_bus_socket\"):\n"
                     "    socket.socket(socket.AF_UNIX).bind(p)'")
-    setup = [
-        "mount -t tmpfs tmpfs /run",
-        # Our package's directories on this machine are out of reach too.
-        f"{{ [ ! -d /{PYDIR} ] || mount -t tmpfs tmpfs /{PYDIR}; }}",
-    ]
+    setup = ["mount -t tmpfs tmpfs /run"]
     if running:
         setup += ["mkdir -p /run/systemd/system /run/udev /run/dbus", make_sockets]
-    setup.append(f"exec sh {shlex.quote(str(control_dir / script))} {shlex.quote(arg)}")
-    env = {"PATH": f"{stubs}:/usr/sbin:/usr/bin:/sbin:/bin"}
+    # Our package's directories on this machine are out of reach too.
+    pydir = f"{top}/{PYDIR}".replace("//", "/")
+    setup.append(f"{{ [ ! -d /{PYDIR} ] || mount -t tmpfs tmpfs {shlex.quote(pydir)}; }}"
+                 if not chroot else "true")
+    if chroot:
+        r = shlex.quote(str(top))
+        setup += [f"mount --bind -o ro /usr {r}/usr",
+                  f"{{ [ ! -d /{PYDIR} ] || mount -t tmpfs tmpfs {r}/{PYDIR}; }}",
+                  f"mount --rbind /sys {r}/sys", f"mount --rbind /dev {r}/dev",
+                  f"mount --bind /run {r}/run"]
+        if proc:
+            setup.append(f"mount --bind /proc {r}/proc")
+        # Not exec: PID 1 of the namespace stays outside the chroot, as init does on a real host.
+        setup.append(f"{{ chroot {r} /bin/sh {script_path} {shlex.quote(arg)}; rc=$?; }}; exit $rc")
+    else:
+        setup.append(f"exec sh {shlex.quote(str(script_path))} {shlex.quote(arg)}")
+    env = {"PATH": f"{'/stubs' if chroot else stubs}:/usr/sbin:/usr/bin:/sbin:/bin"}
     if dpkg_root is not None:
         env["DPKG_ROOT"] = str(dpkg_root)
-    p = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                        " && ".join(setup)], capture_output=True, text=True, env=env, timeout=60,
-                       check=False)
+    p = subprocess.run(["unshare", "--mount", "--propagation", "private", "--pid", "--fork",
+                        "--mount-proc", "sh", "-c", " && ".join(setup)],
+                       capture_output=True, text=True, env=env, timeout=60, check=False)
     return p.returncode, log.read_text().splitlines(), p.stderr
 
 
 @pytest.fixture
 def can_unshare() -> None:
     if os.geteuid() != 0 or shutil.which("unshare") is None or subprocess.run(
-            ["unshare", "--mount", "true"], capture_output=True, check=False).returncode != 0:
-        pytest.skip("needs root and unshare(1) for a private mount namespace")
+            ["unshare", "--mount", "--pid", "--fork", "--mount-proc", "true"],
+            capture_output=True, check=False).returncode != 0:
+        pytest.skip("needs root and unshare(1) for private mount and PID namespaces")
 
 
 def test_maintainer_scripts_on_a_running_system(control_dir: Path, tmp_path: Path,
@@ -397,9 +427,9 @@ def test_maintainer_scripts_on_a_running_system(control_dir: Path, tmp_path: Pat
                   "org.freedesktop.DBus.ReloadConfig")
     rc, calls, err = run_script(control_dir, tmp_path, "postinst", "configure", running=True)
     assert rc == 0, err
+    # The only device re-announced is the stream port: qemu-ga's and vdagent's ports are not ours.
     assert calls == ["py3compile -p spice-streamd", "systemctl --system daemon-reload",
-                     "udevadm control --reload",
-                     "udevadm trigger --subsystem-match=virtio-ports --action=add", reload_bus]
+                     "udevadm control --reload", STREAM_PORT_TRIGGER, reload_bus]
     for arg in ("remove", "upgrade", "deconfigure"):
         rc, calls, err = run_script(control_dir, tmp_path, "prerm", arg, running=True)
         assert rc == 0, err
@@ -413,10 +443,43 @@ def test_maintainer_scripts_on_a_running_system(control_dir: Path, tmp_path: Pat
                      "systemctl reset-failed spice-streamd.service"]
 
 
-def test_maintainer_scripts_in_a_chroot_do_nothing_to_services(control_dir: Path, tmp_path: Path,
-                                                               can_unshare) -> None:
-    """No systemd, udevd or bus running (a chroot, an image being built): success, no calls
-    but the byte-compilation; and an unknown action is an error."""
+def test_trigger_matches_what_the_udev_rule_matches() -> None:
+    """The trigger names the port by the attribute the rule starts the service on."""
+    rule = parse_udev_rules((REPO / "dbus" / "70-spice-streamd.rules").read_text())
+    (pairs,) = rule
+    matches = {(key, attr): value for key, attr, op, value in pairs if op == "=="}
+    assert matches[("SUBSYSTEM", None)] == "virtio-ports"
+    assert STREAM_PORT_TRIGGER.endswith(f"--attr-match=name={matches[('ATTR', 'name')]}")
+
+
+@pytest.mark.parametrize("proc", [True, False], ids=["with /proc", "without /proc"])
+def test_maintainer_scripts_in_a_chroot_leave_the_host_alone(control_dir: Path, tmp_path: Path,
+                                                             can_unshare, proc: bool) -> None:
+    """An image builder's chroot with the host's /run and /sys bind-mounted: systemd, udevd and the
+    bus look running, and they are the host's. Only files are installed (byte code compiled and
+    cleaned); nothing is reloaded, triggered or stopped. Without /proc a chroot cannot be ruled out:
+    the same."""
+    rc, calls, err = run_script(control_dir, tmp_path, "postinst", "configure", running=True,
+                                chroot=True, proc=proc)
+    assert rc == 0, err
+    assert calls == ["py3compile -p spice-streamd"]
+    for arg in ("remove", "upgrade", "deconfigure"):
+        rc, calls, err = run_script(control_dir, tmp_path, "prerm", arg, running=True,
+                                    chroot=True, proc=proc)
+        assert rc == 0, err
+        assert calls == ["py3clean -p spice-streamd"], arg
+    for arg in ("remove", "purge"):
+        rc, calls, err = run_script(control_dir, tmp_path, "postrm", arg, running=True,
+                                    chroot=True, proc=proc)
+        assert rc == 0, err
+        assert calls == [], arg
+
+
+def test_maintainer_scripts_with_nothing_running_call_no_service(control_dir: Path,
+                                                                 tmp_path: Path,
+                                                                 can_unshare) -> None:
+    """No systemd, udevd or bus running (a container without them): success, no calls but the
+    byte-compilation; and an unknown action is an error."""
     rc, calls, err = run_script(control_dir, tmp_path, "postinst", "configure", running=False)
     assert rc == 0, err
     assert calls == ["py3compile -p spice-streamd"]
