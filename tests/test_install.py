@@ -391,9 +391,17 @@ def test_wheel_contains_the_system_files(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out),
                         str(src)], capture_output=True, text=True, timeout=300, check=False)
     assert p.returncode == 0, p.stdout + p.stderr
+    # setuptools >= 77 deprecates the {text = ...} table, in 20 lines on every build (issue 15).
+    assert "project.license" not in p.stdout + p.stderr, p.stdout + p.stderr
+    assert "deprecat" not in (p.stdout + p.stderr).lower(), p.stdout + p.stderr
     (wheel,) = out.glob("spice_streamd-*.whl")
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
+        metadata = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+        assert "License-Expression: MIT\n" in metadata
+        assert "License-File: LICENSE\n" in metadata
+        license_file = next(n for n in names if n.endswith(".dist-info/licenses/LICENSE"))
+        assert z.read(license_file) == (REPO / "LICENSE").read_bytes()
         expected = {
             "spice_streamd/data/spice-streamd.conf": "service/spice_streamd/data/spice-streamd.conf",
             "spice_streamd/data/system/helper/spice-stream-helper.desktop":
