@@ -159,6 +159,7 @@ def test_safedir_checks_every_component(tmp_path: Path) -> None:
     code = f"""
 import os, sys
 sys.path.insert(0, {str(REPO)!r})
+from tests.support import safedir
 def refused(f, *a, **k):
     try:
         r = f(*a, **k)
