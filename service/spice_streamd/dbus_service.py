@@ -5,6 +5,7 @@ caller's bus identity, bounded per caller, with every error mapped to a named D-
 
 import asyncio
 import logging
+import traceback
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -240,8 +241,8 @@ class RegistrationEndpoint:
         except asyncio.CancelledError:
             self._bus.send(Message.new_error(msg, errors.GENERIC_ERROR, "the service is stopping"))
             raise
-        except Exception:
-            self._log_unexpected(subject)
+        except Exception as e:
+            self._log_unexpected(subject, e)
             self._bus.send(Message.new_error(
                 msg, errors.GENERIC_ERROR, "the service failed unexpectedly; see its log"))
         finally:
@@ -255,10 +256,13 @@ class RegistrationEndpoint:
                 if self._by_uid[uid] <= 0:
                     del self._by_uid[uid]
 
-    def _log_unexpected(self, subject: str) -> None:
+    def _log_unexpected(self, subject: str, exc: Exception) -> None:
         if self._logs.log(logging.ERROR, "unexpected",
                           "RegisterSession from %s failed unexpectedly", subject):
-            log.exception("the unexpected error, once")
+            # As text: a record holding the exception holds its frames, the call's arguments
+            # with them, for as long as any log handler keeps the record.
+            log.error("the unexpected error, once:\n%s",
+                      "".join(traceback.format_exception(exc)).rstrip())
 
     async def _has_owner(self, name: str) -> bool:
         reply = await self._bus.call(Message(
