@@ -53,3 +53,36 @@ def test_unexpected_exception_becomes_the_generic_error(bus, caplog):
         assert "see its log" in reply.body[0]
     # Logged with its traceback once, not once per call.
     assert caplog.text.count("Traceback") == 1 and caplog.text.count("failed unexpectedly") == 1
+
+
+def test_callers_signatures_do_not_grow_the_service(bus):
+    """dbus-next caches every signature it parses, forever, and callers choose them (a call's own
+    and each variant's): 2000 calls with as many signatures must not leave 2000 cached."""
+    from dbus_next.signature import SignatureTree
+
+    from spice_streamd import dbusnext_compat
+
+    dbusnext_compat.install()
+
+    async def run():
+        service_bus = await connect(bus.address)
+        caller_bus = await connect(bus.address)
+        endpoint = RegistrationEndpoint(service_bus, BrokenVerifier(), SessionRegistry())
+        await endpoint.start()
+        try:
+            for n in range(1, 2001):
+                sig = "s" + "".join("ub"[int(c)] for c in format(n, "b"))
+                body = [":0"] + [1 if c == "u" else True for c in sig[1:]]
+                reply = await caller_bus.call(Message(
+                    destination=service_bus.unique_name, path=constants.OBJECT_PATH,
+                    interface=constants.INTERFACE, member="RegisterSession", signature=sig,
+                    body=body))
+                assert reply.error_name == errors.InvalidArgument.dbus_name
+        finally:
+            await endpoint.close()
+            service_bus.disconnect()
+            caller_bus.disconnect()
+
+    asyncio.run(run())
+    cached = set(SignatureTree._cache) | set(getattr(dbusnext_compat, "_signature_cache", ()))
+    assert len(cached) <= 512, f"{len(cached)} signatures cached"

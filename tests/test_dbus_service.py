@@ -563,3 +563,79 @@ def test_a_refused_call_is_freed_by_its_reply_without_the_garbage_collector(stac
         assert leaks == {}, "refused calls still in memory after their reply"
 
     asyncio.run(run())
+
+
+# Run as uid 65534: `n` connections, each sending `per` RegisterSession calls one after the other,
+# each with two strings of `size` characters; prints the error names once all are answered.
+LARGE_FLOOD_SCRIPT = r'''
+import asyncio, json, sys
+from dbus_next import Message, MessageType
+from dbus_next.aio import MessageBus
+from spice_streamd import dbusnext_compat
+
+
+async def main():
+    dbusnext_compat.install()
+    address, n, per, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    body = [":" + "4" * (size - 1), "/" + "x" * (size - 1)]
+
+    async def flood(bus):
+        names = []
+        for _ in range(per):
+            reply = await bus.call(Message(
+                destination="org.spice_space.StreamingAgent1",
+                path="/org/spice_space/StreamingAgent1",
+                interface="org.spice_space.StreamingAgent1", member="RegisterSession",
+                signature="ss", body=body))
+            names.append(reply.error_name if reply.message_type == MessageType.ERROR else "ok")
+        return names
+
+    buses = [await MessageBus(bus_address=address).connect() for _ in range(n)]
+    results = await asyncio.gather(*[flood(b) for b in buses])
+    print(json.dumps([name for names in results for name in names]), flush=True)
+
+asyncio.run(main())
+'''
+
+
+def vm_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(field + r":\s+(\d+)", f.read()).group(1))
+
+
+def test_a_flood_of_large_refused_calls_keeps_the_service_small(stack):
+    """Any local user (uid 65534, no session, no polkit rule) sends RegisterSession calls whose
+    two strings make 24 MiB (the bus admits up to its 32 MiB message size), all refused. The real
+    service, its garbage collector left alone, must stay within what one such message can cost
+    while it is read (raw bytes, the decoded strings, the read's chunk: about 3 x 24 MiB) above
+    its resting size: it frees each call with its reply, and refuses an argument longer than any
+    display or path before any work."""
+    import subprocess
+    import sys
+
+    svc = stack.service()
+    pid = svc.proc.pid
+    rest = vm_kib(pid, "VmRSS")
+    size = 12 * 1024 * 1024
+    flood = subprocess.Popen(
+        [sys.executable, "-c", LARGE_FLOOD_SCRIPT, stack.bus.address, "4", "8", str(size)],
+        user=65534, group=65534, extra_groups=[], cwd="/", stdout=subprocess.PIPE, text=True,
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+    try:
+        out, _ = flood.communicate(timeout=120)
+    finally:
+        if flood.poll() is None:
+            flood.kill()
+            flood.wait()
+    names = json.loads(out)
+    peak = vm_kib(pid, "VmHWM")
+    after = vm_kib(pid, "VmRSS")
+    print(f"service RSS at rest {rest // 1024} MiB, peak {peak // 1024} MiB, "
+          f"after {after // 1024} MiB; {len(names)} calls of 24 MiB")
+    assert len(names) == 32 and set(names) <= {ERR + "InvalidArgument", ERR + "LimitReached",
+                                                ERR + "PermissionDenied", ERR + "NotInSession"}
+    assert peak - rest < 3 * 24 * 1024 + 16 * 1024, f"peak {peak} KiB from {rest} KiB at rest"
+    # glibc may keep about one message's worth once freed (its mmap threshold follows the largest
+    # block freed, up to 32 MiB); the refused calls themselves must be gone.
+    assert after - rest < 32 * 1024, f"{after} KiB after the flood, {rest} KiB at rest"
+    assert svc.proc.poll() is None

@@ -39,6 +39,12 @@ PROPERTY_SIGNATURES = {
 UNSIGNALLED = {"WorkerStats"}
 STATS_SIGNATURES = {"frames": "t", "bytes": "t", "fps": "d", "restarts": "u"}
 
+# A call's arguments are refused by size before anything else: a display is ":N" or ":N.S" (a
+# handful of characters) and a path is at most PATH_MAX; the bus admits strings of up to its
+# message size (32 MiB), which a task waiting on polkit and logind would otherwise hold.
+MAX_DISPLAY_CHARS = 64
+MAX_PATH_CHARS = 4095  # PATH_MAX (4096) less the terminating NUL
+
 
 class StreamingAgentInterface(ServiceInterface):
     """Declares the method and properties (introspection, Get/GetAll, PropertiesChanged)."""
@@ -99,6 +105,19 @@ class StreamingAgentInterface(ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def WorkerStats(self) -> 'a{sv}':  # noqa: F821, F722, N802
         return {k: Variant(STATS_SIGNATURES[k], v) for k, v in self._get("WorkerStats").items()}
+
+
+def _oversized(display: str, xauthority: str) -> errors.InvalidArgument | None:
+    """The refusal of an argument longer than any real one (its length only: never a copy)."""
+    if len(display) > MAX_DISPLAY_CHARS:
+        return errors.InvalidArgument(
+            f"display of {len(display)} characters is not a local X display: expected ':N' or "
+            "':N.S' (e.g. ':0')")
+    if len(xauthority) > MAX_PATH_CHARS:
+        return errors.InvalidArgument(
+            f"xauthority path of {len(xauthority)} characters is longer than any path "
+            f"({MAX_PATH_CHARS})")
+    return None
 
 
 class RegistrationEndpoint:
@@ -181,6 +200,10 @@ class RegistrationEndpoint:
         if msg.signature != "ss":
             self._refuse(msg, errors.InvalidArgument(
                 "RegisterSession takes two strings: display and xauthority path"), f"sender {sender}")
+            return
+        oversized = _oversized(msg.body[0], msg.body[1])
+        if oversized is not None:
+            self._refuse(msg, oversized, f"sender {sender}", key=("oversized", sender))
             return
         # Bounds before any work: a flood costs one counter check per message. The uid is not
         # known yet (asking the bus daemon is the first await), so only the connection's own
