@@ -815,3 +815,30 @@ def test_worker_details_are_shown_only_to_the_workers_user(stack):
         assert any("WorkerPID" in s["invalidated"] for s in listener.signals)
 
     asyncio.run(run())
+
+
+def test_the_real_workers_pid_is_shown_to_its_user_only(stack):
+    """The service with a real worker of A (a pty as the port, an Xvfb of A's): root and A read
+    its pid, B and nobody read 0; A's WorkerStats are A's to read."""
+    from tests.support.hostpeer import RawPty
+    from tests.support.xserver import start_xvfb
+
+    a = stack.uid("spice-test-a")
+    port = RawPty()
+    xa = start_xvfb(320, 240, owner_uid=a, server_uid=a)
+    try:
+        stack.service(device=port.path)
+        stack.helper("spice-test-a", "a", display=xa.display, xauthority=xa.xauthority)
+        pid = wait_until(lambda: stack.prop("WorkerPID"), timeout=20, what="A's worker")
+        with open(f"/proc/{pid}/status") as f:
+            assert re.search(rf"\nUid:\s+{a}\s", f.read())
+        assert read_one(stack, "spice-test-a", "WorkerPID") == pid
+        assert read_one(stack, "spice-test-b", "WorkerPID") == 0
+        assert read_one(stack, "nobody", "WorkerPID") == 0
+        assert read_all(stack, "spice-test-b")["WorkerStats"] == {
+            "frames": 0, "bytes": 0, "fps": 0.0, "restarts": 0}
+        assert read_all(stack, None)["WorkerPID"] == pid
+    finally:
+        stack.end_test()
+        xa.stop()
+        port.close()
