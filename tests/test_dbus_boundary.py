@@ -93,7 +93,7 @@ def test_property_reads_wait_for_the_callers_uid_within_bounds(bus):
     """While the bus daemon has not said who a connection is, its reads wait, at most 8 of them:
     the 9th is refused with LimitReached. Once known, its uid is kept while it is connected (one
     question per connection) and dropped when it leaves. Another interface's Get is answered with
-    the standard errors, the caller's text bounded."""
+    the standard errors, the caller's text bounded, and so is a property no one has, at once."""
     from dbus_next import Variant
 
     from spice_streamd.dbus_service import PropertyReader, StreamingAgentInterface
@@ -134,6 +134,17 @@ def test_property_reads_wait_for_the_callers_uid_within_bounds(bus):
             assert reply.error_name == "org.freedesktop.DBus.Error.UnknownInterface"
             assert len(reply.body[0]) < 200
             assert asked == [caller_bus.unique_name]
+            # A name no property has is answered without waiting for anyone's uid.
+            other = await connect(bus.address)
+            answer.clear()
+            reply = await asyncio.wait_for(other.call(Message(
+                destination=service_bus.unique_name, path=constants.OBJECT_PATH,
+                interface="org.freedesktop.DBus.Properties", member="Get", signature="ss",
+                body=[constants.INTERFACE, "y" * 100_000])), 5)
+            other.disconnect()
+            assert reply.error_name == "org.freedesktop.DBus.Error.UnknownProperty"
+            assert len(reply.body[0]) < 200 and asked == [caller_bus.unique_name]
+            answer.set()
             gone = caller_bus.unique_name
             caller_bus.disconnect()
             await wait_async(lambda: gone not in reader._uids, what="the uid dropped")

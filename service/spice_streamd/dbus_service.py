@@ -232,6 +232,8 @@ class PropertyReader:
                 or msg.interface != PROPERTIES_INTERFACE
                 or (msg.member, msg.signature) not in (("Get", "ss"), ("GetAll", "s"))):
             return False  # dbus-next answers (Set is refused by the bus policy)
+        if self._answer_without_uid(msg):
+            return True
         sender = msg.sender or ""
         uid = self._uids.get(sender)
         if uid is not None:
@@ -284,20 +286,31 @@ class PropertyReader:
                 for msg in waiting:
                     self._refuse(msg, refusal or errors.ServiceError("no answer"), sender)
 
-    def _answer(self, msg: Message, uid: int) -> None:
+    def _answer_without_uid(self, msg: Message) -> bool:
+        """Answers a read whose answer is the same for everyone (another interface, a property
+        that does not exist) at once, so that only well-formed reads wait for the caller's uid;
+        False for those."""
         asked = msg.body[0]
-        if asked not in (constants.INTERFACE, ""):
-            if asked in _STANDARD_INTERFACES and msg.member == "GetAll":
-                self._send(Message.new_method_return(msg, "a{sv}", [{}]))
-            elif asked in _STANDARD_INTERFACES:
+        if asked in (constants.INTERFACE, ""):
+            if msg.member == "Get" and msg.body[1] not in PROPERTY_SIGNATURES:
                 self._send(Message.new_error(
                     msg, "org.freedesktop.DBus.Error.UnknownProperty",
-                    f"interface {shown(asked, 60)} has no property {shown(msg.body[1], 60)}"))
-            else:
-                self._send(Message.new_error(
-                    msg, "org.freedesktop.DBus.Error.UnknownInterface",
-                    f"no interface {shown(asked, 60)} at {constants.OBJECT_PATH}"))
-            return
+                    f"{constants.INTERFACE} has no property {shown(msg.body[1], 60)}"))
+                return True
+            return False
+        if asked in _STANDARD_INTERFACES and msg.member == "GetAll":
+            self._send(Message.new_method_return(msg, "a{sv}", [{}]))
+        elif asked in _STANDARD_INTERFACES:
+            self._send(Message.new_error(
+                msg, "org.freedesktop.DBus.Error.UnknownProperty",
+                f"interface {shown(asked, 60)} has no property {shown(msg.body[1], 60)}"))
+        else:
+            self._send(Message.new_error(
+                msg, "org.freedesktop.DBus.Error.UnknownInterface",
+                f"no interface {shown(asked, 60)} at {constants.OBJECT_PATH}"))
+        return True
+
+    def _answer(self, msg: Message, uid: int) -> None:
         try:
             values = self._interface.view(uid)
         except Exception as e:
