@@ -64,3 +64,20 @@ def test_bus_name_is_the_same_in_every_system_file():
 
     unit = (REPO / "dbus" / constants.SYSTEMD_UNIT).read_text()
     assert f"BusName={constants.BUS_NAME}\n" in unit and "Type=dbus\n" in unit
+
+
+def test_per_user_properties_are_only_invalidated_and_introspection_says_so():
+    """Sessions, WorkerPID and LastError depend on who reads them: a broadcast signal names them
+    (EmitsChangedSignal "invalidates") and never carries their values. The XML and what the
+    service introspects agree on every property's annotation."""
+    from spice_streamd.dbus_service import EMITS_CHANGED, PER_USER
+
+    name = "org.freedesktop.DBus.Property.EmitsChangedSignal"
+    in_xml = {p.get("name"): p.find(f"annotation[@name='{name}']").get("value")
+              for p in interface_xml().findall("property")}
+    assert {p: in_xml[p] for p in PER_USER} == dict.fromkeys(PER_USER, "invalidates")
+    assert in_xml["WorkerStats"] == "false"
+    assert in_xml == EMITS_CHANGED
+    live = StreamingAgentInterface(lambda: {}).introspect().to_xml()
+    assert {p.get("name"): p.find(f"annotation[@name='{name}']").get("value")
+            for p in live.findall("property")} == in_xml

@@ -434,6 +434,8 @@ def test_registered_session_keeps_service_alive(stack):
 
 
 def test_active_vt_and_sessions_changes_are_signalled(stack):
+    """ActiveVT's value is signalled; Sessions is named as invalidated (its value depends on who
+    reads it) and root reads the new value with Get."""
     import asyncio
 
     from dbus_next import Message
@@ -446,32 +448,397 @@ def test_active_vt_and_sessions_changes_are_signalled(stack):
     async def run():
         bus = await connect(stack.bus.address)
         changes: list[dict] = []
+        invalidated: list[list[str]] = []
 
         def on_message(msg):
             if (msg.member == "PropertiesChanged" and msg.path == PATH
                     and msg.body[0] == "org.spice_space.StreamingAgent1"):
                 changes.append({k: v.value for k, v in msg.body[1].items()})
+                invalidated.append(list(msg.body[2]))
 
         bus.add_message_handler(on_message)
         await bus.call(Message(
             destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
             interface="org.freedesktop.DBus", member="AddMatch", signature="s",
             body=[f"type='signal',path='{PATH}',interface='org.freedesktop.DBus.Properties'"]))
+        loop = asyncio.get_running_loop()
         try:
             stack.logind.activate("a4")
             await wait_async(lambda: any(c.get("ActiveVT") == 4 for c in changes), what="ActiveVT 4")
+            seen = len(invalidated)
             h = stack.helper("spice-test-a", "a4", ":44")
             uid = stack.uid("spice-test-a")
-            await wait_async(lambda: any(c.get("Sessions") == [[4, uid, ":44"]] for c in changes),
-                             what="Sessions signalled")
-            seen = len(changes)
+            await wait_async(lambda: any("Sessions" in i for i in invalidated[seen:]),
+                             what="Sessions invalidated")
+            assert await loop.run_in_executor(None, stack.prop, "Sessions") == [(4, uid, ":44")]
+            seen = len(invalidated)
             h.stop()
-            await wait_async(lambda: any(c.get("Sessions") == [] for c in changes[seen:]),
-                             what="session gone, signalled")
+            await wait_async(lambda: any("Sessions" in i for i in invalidated[seen:]),
+                             what="session gone, invalidated")
+            assert await loop.run_in_executor(None, stack.prop, "Sessions") == []
         finally:
             stack.logind.activate("a")
             bus.disconnect()
-        # Counters are read on demand, never signalled.
-        assert not any("WorkerStats" in c for c in changes)
+        # Counters are read on demand, never signalled; per-user values never travel in a signal.
+        assert not any("WorkerStats" in c or "WorkerStats" in i
+                       for c, i in zip(changes, invalidated, strict=True))
+        assert not any(k in c for c in changes for k in ("Sessions", "WorkerPID", "LastError"))
 
     asyncio.run(run())
+
+
+def test_a_refused_call_is_freed_by_its_reply_without_the_garbage_collector(stack):
+    """With the collector off, each refused RegisterSession's message is gone once its reply is
+    out: nothing in the refusal path (dbus-next's reader, the endpoint, the verifier, polkit,
+    logind, the exception's traceback) keeps it in a reference cycle. One kind per call:
+    bad signature, oversized argument, a display the verifier refuses, polkit no, no session,
+    the per-connection limit and an unexpected exception (Failed). Callers are real processes
+    under the test users; the service's parts are the real ones, in this process."""
+    import asyncio
+    import gc
+    import weakref
+
+    from spice_streamd import dbusnext_compat
+    from spice_streamd.dbus_service import RegistrationEndpoint
+    from spice_streamd.polkit import PolkitAuthority
+    from spice_streamd.sessioninfo import open_session_source
+    from spice_streamd.sessions import SessionRegistry
+    from spice_streamd.verifier import RegistrationVerifier
+    from tests.support.waiting import wait_async
+
+    dbusnext_compat.install()
+    xa = stack.files.xauthority("spice-test-a", ":42")
+    xa_b = stack.files.xauthority("spice-test-b", ":43")
+    # (user, logind session, calls on one connection, the error names expected)
+    kinds = {
+        "bad signature": ("spice-test-a", "a", "s", ["InvalidArgument"]),
+        "oversized": ("spice-test-a", "a", [[":" + "4" * 100_000, xa]], ["InvalidArgument"]),
+        "bad display": ("spice-test-a", "a", [["host:42", xa]], ["InvalidArgument"]),
+        "polkit no": ("spice-test-b", "b", [[":43", xa_b]], ["PermissionDenied"]),
+        "no session": ("spice-test-a", None, [[":42", xa]], ["NotInSession"]),
+        "per-connection limit": ("spice-test-b", "b", [[":43", xa_b]] * 3,
+                                 ["PermissionDenied", "PermissionDenied", "LimitReached"]),
+        "unexpected": ("spice-test-a", "a", [[":66", xa]], ["Failed"]),
+    }
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        from tests.conftest import connect
+        bus = await connect(stack.bus.address)
+        calls: list[weakref.ref] = []
+
+        def keep_a_weak_reference(msg):
+            if msg.member == "RegisterSession":
+                calls.append(weakref.ref(msg))
+            return False
+
+        class Verifier(RegistrationVerifier):
+            async def verify(self, caller, display, xauthority):
+                if display == ":66":
+                    raise RuntimeError("a bug")
+                return await super().verify(caller, display, xauthority)
+
+        bus.add_message_handler(keep_a_weak_reference)
+        sessions = await open_session_source(bus)
+        endpoint = RegistrationEndpoint(
+            bus, Verifier(authorize=PolkitAuthority(bus).check, sessions=sessions),
+            SessionRegistry(), uid_burst=100.0)
+        await endpoint.start()
+        await bus.request_name(BUS_NAME)
+        leaks: dict[str, int] = {}  # kind -> its refused calls still in memory
+        gc.collect()
+        gc.disable()
+        try:
+            for kind, (user, session, body, expected) in kinds.items():
+                client = stack.client(user, session)
+                before = len(calls)
+                request = {"op": "register", "calls": body} if body != "s" else {
+                    "op": "call", "call": [BUS_NAME, PATH, BUS_NAME, "RegisterSession", "s", [":42"]]}
+                results = await loop.run_in_executor(None, client.send, request)
+                client.stop()
+                assert sorted(r[1] for r in results) == sorted(ERR + e for e in expected), \
+                    (kind, results)
+                assert len(calls) == before + len(results)
+                # Its reply is out (the client has it): only the task's last lines may be left.
+                await wait_async(lambda: endpoint.in_flight == 0, what=f"{kind}: calls ended")
+                await asyncio.sleep(0.05)
+                alive = sum(r() is not None for r in calls[before:])
+                if alive:
+                    leaks[kind] = alive
+        finally:
+            gc.enable()
+            await endpoint.close()
+            await sessions.close()
+            bus.disconnect()
+        assert leaks == {}, "refused calls still in memory after their reply"
+
+    asyncio.run(run())
+
+
+# Run as uid 65534: `n` connections, each sending `per` RegisterSession calls one after the other,
+# each with two strings of `size` characters; prints the error names once all are answered.
+LARGE_FLOOD_SCRIPT = r'''
+import asyncio, json, sys
+from dbus_next import Message, MessageType
+from dbus_next.aio import MessageBus
+from spice_streamd import dbusnext_compat
+
+
+async def main():
+    dbusnext_compat.install()
+    address, n, per, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    body = [":" + "4" * (size - 1), "/" + "x" * (size - 1)]
+
+    async def flood(bus):
+        names = []
+        for _ in range(per):
+            reply = await bus.call(Message(
+                destination="org.spice_space.StreamingAgent1",
+                path="/org/spice_space/StreamingAgent1",
+                interface="org.spice_space.StreamingAgent1", member="RegisterSession",
+                signature="ss", body=body))
+            names.append(reply.error_name if reply.message_type == MessageType.ERROR else "ok")
+        return names
+
+    buses = [await MessageBus(bus_address=address).connect() for _ in range(n)]
+    results = await asyncio.gather(*[flood(b) for b in buses])
+    print(json.dumps([name for names in results for name in names]), flush=True)
+
+asyncio.run(main())
+'''
+
+
+def vm_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(field + r":\s+(\d+)", f.read()).group(1))
+
+
+def test_a_flood_of_large_refused_calls_keeps_the_service_small(stack):
+    """Any local user (uid 65534, no session, no polkit rule) sends RegisterSession calls whose
+    two strings make 24 MiB (the bus admits up to its 32 MiB message size), all refused. The real
+    service, its garbage collector left alone, must stay within what one such message can cost
+    while it is read (raw bytes, the decoded strings, the read's chunk: about 3 x 24 MiB) above
+    its resting size: it frees each call with its reply, and refuses an argument longer than any
+    display or path before any work."""
+    import subprocess
+    import sys
+
+    svc = stack.service()
+    pid = svc.proc.pid
+    rest = vm_kib(pid, "VmRSS")
+    size = 12 * 1024 * 1024
+    flood = subprocess.Popen(
+        [sys.executable, "-c", LARGE_FLOOD_SCRIPT, stack.bus.address, "4", "8", str(size)],
+        user=65534, group=65534, extra_groups=[], cwd="/", stdout=subprocess.PIPE, text=True,
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+    try:
+        out, _ = flood.communicate(timeout=120)
+    finally:
+        if flood.poll() is None:
+            flood.kill()
+            flood.wait()
+    names = json.loads(out)
+    peak = vm_kib(pid, "VmHWM")
+    after = vm_kib(pid, "VmRSS")
+    print(f"service RSS at rest {rest // 1024} MiB, peak {peak // 1024} MiB, "
+          f"after {after // 1024} MiB; {len(names)} calls of 24 MiB")
+    assert len(names) == 32 and set(names) <= {ERR + "InvalidArgument", ERR + "LimitReached",
+                                                ERR + "PermissionDenied", ERR + "NotInSession"}
+    assert peak - rest < 3 * 24 * 1024 + 16 * 1024, f"peak {peak} KiB from {rest} KiB at rest"
+    # glibc may keep about one message's worth once freed (its mmap threshold follows the largest
+    # block freed, up to 32 MiB); the refused calls themselves must be gone.
+    assert after - rest < 32 * 1024, f"{after} KiB after the flood, {rest} KiB at rest"
+    assert svc.proc.poll() is None
+
+
+# Run as a test user: prints "ready" once subscribed, then one JSON line per PropertiesChanged of
+# our interface: {"changed": {name: value}, "invalidated": [names]}.
+LISTEN_SCRIPT = r'''
+import asyncio, json, sys
+from dbus_next import Message
+from dbus_next.aio import MessageBus
+
+
+async def main():
+    bus = await MessageBus(bus_address=sys.argv[1]).connect()
+
+    def on_message(msg):
+        if msg.member == "PropertiesChanged" and msg.path == "/org/spice_space/StreamingAgent1":
+            print(json.dumps({"changed": {k: v.value for k, v in msg.body[1].items()},
+                              "invalidated": msg.body[2]}, default=repr), flush=True)
+
+    bus.add_message_handler(on_message)
+    await bus.call(Message(
+        destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+        interface="org.freedesktop.DBus", member="AddMatch", signature="s",
+        body=["type='signal',path='/org/spice_space/StreamingAgent1',"
+              "interface='org.freedesktop.DBus.Properties',member='PropertiesChanged'"]))
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+'''
+
+
+class Listener:
+    """LISTEN_SCRIPT as `user`: what a local user receives of our PropertiesChanged signals."""
+
+    def __init__(self, address: str, user: str) -> None:
+        import pwd
+        import subprocess
+        import sys
+        import threading
+
+        pw = pwd.getpwnam(user)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", LISTEN_SCRIPT, address], user=pw.pw_uid, group=pw.pw_gid,
+            extra_groups=[], cwd="/", stdout=subprocess.PIPE, text=True,
+            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
+        wait_until(lambda: "ready\n" in self.lines, what=f"{user}'s listener subscribed")
+
+    @property
+    def signals(self) -> list[dict]:
+        return [json.loads(line) for line in list(self.lines) if line != "ready\n"]
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def read_all(stack, user: str | None) -> dict:
+    """GetAll through the bus as `user` (None: root), with busctl: the values as JSON."""
+    out = stack.bus.busctl("--json=short", "call", BUS_NAME, PATH,
+                           "org.freedesktop.DBus.Properties", "GetAll", "s", BUS_NAME, user=user)
+    assert out.returncode == 0, out.stderr
+    values = {k: v["data"] for k, v in json.loads(out.stdout)["data"][0].items()}
+    values["WorkerStats"] = {k: v["data"] for k, v in values["WorkerStats"].items()}
+    return values
+
+
+def read_one(stack, user: str | None, name: str):
+    out = stack.bus.busctl("--json=short", "get-property", BUS_NAME, PATH, BUS_NAME, name,
+                           user=user)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)["data"]
+
+
+def test_a_registration_is_visible_to_root_and_its_user_not_to_others(stack):
+    """User A registers. Root and A read A's entry in Sessions; B and nobody (uid 65534) read an
+    empty list, with Get and with GetAll; B's PropertiesChanged signal names Sessions as
+    invalidated and carries no value of it."""
+    stack.service()
+    a = stack.uid("spice-test-a")
+    listener = Listener(stack.bus.address, "spice-test-b")
+    try:
+        stack.helper("spice-test-a", "a", ":42")
+        wait_until(lambda: stack.prop("Sessions") == [(2, a, ":42")], what="A registered")
+        assert read_one(stack, None, "Sessions") == [[2, a, ":42"]]
+        assert read_one(stack, "spice-test-a", "Sessions") == [[2, a, ":42"]]
+        assert read_one(stack, "spice-test-b", "Sessions") == []
+        assert read_one(stack, "nobody", "Sessions") == []
+        assert read_all(stack, "spice-test-b")["Sessions"] == []
+        assert read_all(stack, "spice-test-a")["Sessions"] == [[2, a, ":42"]]
+        # The public ones stay public.
+        assert read_all(stack, "nobody")["ActiveVT"] == 2
+        wait_until(lambda: any("Sessions" in s["invalidated"] for s in listener.signals),
+                   what="B told that Sessions changed")
+    finally:
+        listener.stop()
+    for signal_seen in listener.signals:
+        assert not {"Sessions", "WorkerPID", "LastError"} & set(signal_seen["changed"]), signal_seen
+
+
+def test_worker_details_are_shown_only_to_the_workers_user(stack):
+    """WorkerPID, WorkerStats and LastError of A's worker: root and A read them, B reads 0, zeros
+    and "". During a switch to B (the old worker still relayed, the target already B's), A still
+    reads the worker's pid and B reads the LastError of its own start. Signals caught by B carry
+    none of them. The real PropertyReader on the policy bus, callers under their own uids."""
+    import asyncio
+
+    from spice_streamd.dbus_service import Owners, PropertyReader, StreamingAgentInterface
+    from tests.conftest import connect
+
+    a, b = stack.uid("spice-test-a"), stack.uid("spice-test-b")
+    values = {"ActiveVT": 2, "Sessions": [[2, a, ":42"], [3, b, ":43"]], "DevicePresent": True,
+              "WorkerState": "running", "WorkerPID": 4242, "Streaming": True, "StreamingVT": 2,
+              "LastError": "", "WorkerStats": {"frames": 10, "bytes": 1000, "fps": 30.0,
+                                               "restarts": 1}}
+    owners = [Owners(worker=a, target=a)]
+    zeros = {"frames": 0, "bytes": 0, "fps": 0.0, "restarts": 0}
+
+    async def run():
+        loop = asyncio.get_running_loop()
+
+        def read(user):
+            return loop.run_in_executor(None, read_all, stack, user)
+
+        bus = await connect(stack.bus.address)
+        iface = StreamingAgentInterface(lambda: values, owners=lambda: owners[0])
+        bus.export(PATH, iface)
+        reader = PropertyReader(bus, iface)
+        await reader.start()
+        await bus.request_name(BUS_NAME)
+        iface.refresh()
+        listener = await loop.run_in_executor(None, Listener, stack.bus.address, "spice-test-b")
+        try:
+            values.update(WorkerPID=4343, LastError="the worker's last words")
+            iface.refresh()
+            seen_root, seen_a, seen_b = await read(None), await read("spice-test-a"), \
+                await read("spice-test-b")
+            assert seen_root == values
+            assert (seen_a["WorkerPID"], seen_a["LastError"], seen_a["WorkerStats"],
+                    seen_a["Sessions"]) == (4343, "the worker's last words",
+                                            values["WorkerStats"], [[2, a, ":42"]])
+            assert (seen_b["WorkerPID"], seen_b["LastError"], seen_b["WorkerStats"],
+                    seen_b["Sessions"]) == (0, "", zeros, [[3, b, ":43"]])
+            assert (seen_b["WorkerState"], seen_b["Streaming"], seen_b["StreamingVT"]) == \
+                ("running", True, 2)
+            owners[0] = Owners(worker=a, target=b)
+            values.update(LastError="B's worker cannot start")
+            iface.refresh()
+            seen_a, seen_b = await read("spice-test-a"), await read("spice-test-b")
+            assert (seen_a["WorkerPID"], seen_a["LastError"]) == (4343, "")
+            assert (seen_b["WorkerPID"], seen_b["LastError"], seen_b["WorkerStats"]) == \
+                (0, "B's worker cannot start", zeros)
+            await loop.run_in_executor(None, lambda: wait_until(
+                lambda: sum("LastError" in s["invalidated"] for s in listener.signals) == 2,
+                what="B told twice that LastError changed"))
+        finally:
+            listener.stop()
+            await reader.close()
+            bus.disconnect()
+        for signal_seen in listener.signals:
+            assert not {"Sessions", "WorkerPID", "LastError", "WorkerStats"} & \
+                set(signal_seen["changed"]), signal_seen
+        assert any("WorkerPID" in s["invalidated"] for s in listener.signals)
+
+    asyncio.run(run())
+
+
+def test_the_real_workers_pid_is_shown_to_its_user_only(stack):
+    """The service with a real worker of A (a pty as the port, an Xvfb of A's): root and A read
+    its pid, B and nobody read 0; A's WorkerStats are A's to read."""
+    from tests.support.hostpeer import RawPty
+    from tests.support.xserver import start_xvfb
+
+    a = stack.uid("spice-test-a")
+    port = RawPty()
+    xa = start_xvfb(320, 240, owner_uid=a, server_uid=a)
+    try:
+        stack.service(device=port.path)
+        stack.helper("spice-test-a", "a", display=xa.display, xauthority=xa.xauthority)
+        pid = wait_until(lambda: stack.prop("WorkerPID"), timeout=20, what="A's worker")
+        with open(f"/proc/{pid}/status") as f:
+            assert re.search(rf"\nUid:\s+{a}\s", f.read())
+        assert read_one(stack, "spice-test-a", "WorkerPID") == pid
+        assert read_one(stack, "spice-test-b", "WorkerPID") == 0
+        assert read_one(stack, "nobody", "WorkerPID") == 0
+        assert read_all(stack, "spice-test-b")["WorkerStats"] == {
+            "frames": 0, "bytes": 0, "fps": 0.0, "restarts": 0}
+        assert read_all(stack, None)["WorkerPID"] == pid
+    finally:
+        stack.end_test()
+        xa.stop()
+        port.close()

@@ -37,9 +37,7 @@ def primary_gid(uid: int) -> int:
     return NOGROUP if gid == 0 and uid != 0 else gid
 
 
-async def credentials_of(bus: MessageBus, sender: str,
-                         timeout: float = CREDENTIALS_TIMEOUT_S) -> Caller:
-    """GetConnectionCredentials of a unique bus name; the bus daemon, not the caller, vouches."""
+async def _credentials(bus: MessageBus, sender: str, timeout: float) -> dict:
     msg = Message(destination=constants.DBUS_NAME, path=constants.DBUS_PATH,
                   interface=constants.DBUS_NAME, member="GetConnectionCredentials",
                   signature="s", body=[sender])
@@ -48,9 +46,23 @@ async def credentials_of(bus: MessageBus, sender: str,
     except TimeoutError:
         raise AuthorityUnavailable("the bus daemon did not report the caller's credentials") from None
     if reply is None or reply.message_type == MessageType.ERROR:
-        # The caller left before we asked: nothing to register.
+        # The caller left before we asked: nobody to answer.
         raise PermissionDenied("the caller's credentials are unknown (has it disconnected?)")
-    creds = reply.body[0]
+    return reply.body[0]
+
+
+async def uid_of(bus: MessageBus, sender: str, timeout: float = CREDENTIALS_TIMEOUT_S) -> int:
+    """The uid of a unique bus name, as the bus daemon reports it."""
+    creds = await _credentials(bus, sender, timeout)
+    if "UnixUserID" not in creds:
+        raise PermissionDenied("the bus daemon did not report the caller's uid")
+    return int(creds["UnixUserID"].value)
+
+
+async def credentials_of(bus: MessageBus, sender: str,
+                         timeout: float = CREDENTIALS_TIMEOUT_S) -> Caller:
+    """GetConnectionCredentials of a unique bus name; the bus daemon, not the caller, vouches."""
+    creds = await _credentials(bus, sender, timeout)
     if "UnixUserID" not in creds or "ProcessID" not in creds:
         raise PermissionDenied("the bus daemon did not report the caller's uid and pid")
     uid = int(creds["UnixUserID"].value)

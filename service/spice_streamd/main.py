@@ -16,7 +16,7 @@ from dbus_next.errors import DBusError
 from . import constants, heap, logsetup
 from .config import KEYS, Config, load
 from .coordinator import Coordinator
-from .dbus_service import RegistrationEndpoint, StreamingAgentInterface
+from .dbus_service import PropertyReader, RegistrationEndpoint, StreamingAgentInterface, owners_of
 from .dbusnext_compat import bus_for, describe_bus, disconnected
 from .errors import ConfigError
 from .polkit import PolkitAuthority
@@ -120,7 +120,8 @@ class Service:
 
             session_source.on_session_removed(session_removed)
             coordinator = Coordinator(registry, vt_source, device, supervisor)
-            self._interface = StreamingAgentInterface(coordinator.properties)
+            self._interface = StreamingAgentInterface(coordinator.properties,
+                                                      owners=lambda: owners_of(supervisor))
             coordinator.on_change(self._interface.refresh)
             verifier = RegistrationVerifier(
                 authorize=PolkitAuthority(bus, self.polkit_timeout).check, sessions=session_source)
@@ -128,6 +129,9 @@ class Service:
             bus.export(constants.OBJECT_PATH, self._interface)
             await endpoint.start()
             closers.append(("registrations", endpoint.close))
+            reader = PropertyReader(bus, self._interface)
+            await reader.start()
+            closers.append(("property reads", reader.close))
             coordinator.update()
 
             if not await self._own_name(bus):

@@ -130,6 +130,11 @@ class WorkerSupervisor:
         return self.relay.opens
 
     @property
+    def worker_uid(self) -> int:
+        """The uid the relayed worker runs for (-1: none); during a switch, still the old one's."""
+        return self._worker.target.uid if self._worker is not None else -1
+
+    @property
     def status(self) -> dict[str, Any]:
         """state, vt (0: none), uid (-1: none), pid (0: none), what reached the host from this
         worker (frames, bytes, fps, streaming), restarts, last_error."""
