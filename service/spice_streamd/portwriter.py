@@ -42,16 +42,17 @@ class PortWriter:
         self._on_drained = on_drained
         self._on_failed = on_failed
         self._cond = threading.Condition()
-        self._pending: dict[int, tuple[tuple[bytes, ...], int]] = {}
+        self._pending: dict[int, tuple[tuple[bytes | p.Frame, ...], int]] = {}
         self._stop = False
         self._stalled = False  # the writer thread's own: told the loop, not yet drained
         self.dropped_frames = 0
         self._thread = threading.Thread(target=self._run, name="stream port writer", daemon=True)
         self._thread.start()
 
-    def submit(self, msg_type: int, message: tuple[bytes, ...], tag: int = 0) -> None:
+    def submit(self, msg_type: int, message: tuple[bytes | p.Frame, ...], tag: int = 0) -> None:
         """Queue a whole message, as its pieces (header and payload, written with one writev; a
-        frame the channel assembled from a worker's parts is joined when its turn comes); it
+        frame the channel holds as a worker's parts, a p.Frame after the header, is taken and
+        joined when its turn comes); it
         replaces a waiting one of its type (a FORMAT also drops the waiting frame: it has the old
         size, and the worker sends one of the new). `tag` comes back with on_written (whose
         message it was)."""
@@ -77,7 +78,7 @@ class PortWriter:
             self._cond.notify()
         self._thread.join()
 
-    def _next(self) -> tuple[int, tuple[tuple[bytes, ...], int]] | None:
+    def _next(self) -> tuple[int, tuple[tuple[bytes | p.Frame, ...], int]] | None:
         with self._cond:
             while not self._stop:
                 nxt = next((t for t in ORDER if t in self._pending), None)
@@ -94,10 +95,20 @@ class PortWriter:
         poller.register(self._fd, select.POLLOUT)
         while (item := self._next()) is not None:
             msg_type, (message, tag) = item
+            if len(message) == 2 and not isinstance(message[1], bytes | bytearray | memoryview):
+                # A frame a worker's channel holds in parts: taken now, when the port takes it
+                # (never per message received), unless the worker has changed it since; then a
+                # newer one is on its way, or none passed the channel's check.
+                parts = message[1].take()
+                if parts is None:
+                    with self._cond:
+                        self.dropped_frames += 1
+                    continue
+                message = (message[0], *parts)
             if len(message) > 2:
-                # A frame from a worker's parts, joined here, once per frame the port takes (never
-                # per message received): a virtio port has no writev of its own, the kernel writes
-                # each piece apart, and 70 parts would be 70 buffers for the host instead of 9.
+                # A frame from a worker's parts, joined here, once per frame the port takes: a
+                # virtio port has no writev of its own, the kernel writes each piece apart, and
+                # 70 parts would be 70 buffers for the host instead of 9.
                 message = (b"".join(message),)
             views = [memoryview(piece) for piece in message]
             size = sum(len(v) for v in views)
