@@ -94,52 +94,61 @@ class PortWriter:
         poller = select.poll()
         poller.register(self._fd, select.POLLOUT)
         while (item := self._next()) is not None:
-            msg_type, (message, tag) = item
-            if len(message) == 2 and not isinstance(message[1], bytes | bytearray | memoryview):
-                # A frame a worker's channel holds in parts: taken now, when the port takes it
-                # (never per message received), unless the worker has changed it since; then a
-                # newer one is on its way, or none passed the channel's check.
-                parts = message[1].take()
-                if parts is None:
-                    with self._cond:
-                        self.dropped_frames += 1
-                    continue
-                message = (message[0], *parts)
-            if len(message) > 2:
-                # A frame from a worker's parts, joined here, once per frame the port takes: a
-                # virtio port has no writev of its own, the kernel writes each piece apart, and
-                # 70 parts would be 70 buffers for the host instead of 9.
-                message = (b"".join(message),)
-            views = [memoryview(piece) for piece in message]
-            size = sum(len(v) for v in views)
-            offset = 0
-            waiting_since: float | None = None
-            while offset < size:
-                if self._stop:
-                    return
-                try:
-                    n = os.writev(self._fd, unwritten(views, offset))
-                except (BlockingIOError, InterruptedError):
-                    n = 0
-                except OSError as e:
-                    self._loop.call_soon_threadsafe(self._on_failed,
-                                                    f"write failed: {e.strerror}")
-                    return
-                if n:
-                    offset += n
-                    waiting_since = None
-                    if offset < size:
-                        # A short write: the port's buffer is full, and writing again at once
-                        # would mostly meet EAGAIN (a pty takes a frame 6 KB at a time: half the
-                        # writes were that). poll() returns at once where there is room again.
-                        poller.poll(POLL_MS)
-                    continue
-                now = time.monotonic()
-                if waiting_since is None:
-                    waiting_since = now
-                elif not self._stalled and now - waiting_since >= self._stall_s:
-                    # Nothing taken for this long: the host has stopped reading.
-                    self._stalled = True
-                    self._loop.call_soon_threadsafe(self._on_stalled, now - waiting_since)
-                poller.poll(POLL_MS)
-            self._loop.call_soon_threadsafe(self._on_written, msg_type, message, tag)
+            if not self._write(poller, *item):
+                return
+            del item  # the message written is not kept while the next is awaited
+
+    def _write(self, poller: select.poll, msg_type: int,
+               queued: tuple[tuple[bytes | p.Frame, ...], int]) -> bool:
+        """Write one message whole; False if the writer must stop. A method of its own so that
+        nothing of a frame outlives its writing (the thread then waits with no frame held)."""
+        message, tag = queued
+        if len(message) == 2 and not isinstance(message[1], bytes | bytearray | memoryview):
+            # A frame a worker's channel holds in parts: taken now, when the port takes it
+            # (never per message received), unless the worker has changed it since; then a
+            # newer one is on its way, or none passed the channel's check.
+            parts = message[1].take()
+            if parts is None:
+                with self._cond:
+                    self.dropped_frames += 1
+                return True
+            message = (message[0], *parts)
+        if len(message) > 2:
+            # A frame from a worker's parts, joined here, once per frame the port takes: a
+            # virtio port has no writev of its own, the kernel writes each piece apart, and
+            # 70 parts would be 70 buffers for the host instead of 9.
+            message = (b"".join(message),)
+        views = [memoryview(piece) for piece in message]
+        size = sum(len(v) for v in views)
+        offset = 0
+        waiting_since: float | None = None
+        while offset < size:
+            if self._stop:
+                return False
+            try:
+                n = os.writev(self._fd, unwritten(views, offset))
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as e:
+                self._loop.call_soon_threadsafe(self._on_failed,
+                                                f"write failed: {e.strerror}")
+                return False
+            if n:
+                offset += n
+                waiting_since = None
+                if offset < size:
+                    # A short write: the port's buffer is full, and writing again at once
+                    # would mostly meet EAGAIN (a pty takes a frame 6 KB at a time: half the
+                    # writes were that). poll() returns at once where there is room again.
+                    poller.poll(POLL_MS)
+                continue
+            now = time.monotonic()
+            if waiting_since is None:
+                waiting_since = now
+            elif not self._stalled and now - waiting_since >= self._stall_s:
+                # Nothing taken for this long: the host has stopped reading.
+                self._stalled = True
+                self._loop.call_soon_threadsafe(self._on_stalled, now - waiting_since)
+            poller.poll(POLL_MS)
+        self._loop.call_soon_threadsafe(self._on_written, msg_type, message, tag)
+        return True

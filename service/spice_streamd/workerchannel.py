@@ -11,7 +11,7 @@ from collections.abc import Callable
 from spice_stream_worker import frameparts
 from spice_stream_worker import protocol as p
 
-from . import guestmessages
+from . import guestmessages, heap
 from .ratelimit import LogLimiter
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,8 @@ WAKE_BUDGET_S = 0.004
 # A standby worker is read only for its CAPABILITIES (sent first, at most 1 KiB): past this many
 # bytes without them, it is not read again until it is relayed.
 STANDBY_READ_MAX = 4 * (p.HEADER_SIZE + p.CAPABILITIES_MAX_BYTES)
+# Dropping more than this gives the heap's free pages back to the system.
+GIVE_BACK_BYTES = 4 * 1024 * 1024
 # Host messages are a few bytes (CAPABILITIES, START_STOP): a worker that lets this much pile up
 # is not reading, and what it misses is only the host's latest word, sent again on the next change.
 MAX_OUT_BYTES = 64 * 1024
@@ -98,8 +100,11 @@ class WorkerChannel:
             return
         self.relayed = relayed
         if not relayed:
+            held = self.held_bytes
             self._parser.drop()
             self._frame.clear()
+            if held >= GIVE_BACK_BYTES:
+                heap.give_back()
             self._standby_left = STANDBY_READ_MAX
             for msg_type in frameparts.WORKER_CHANNEL_LIMITS:
                 if msg_type != p.MsgType.CAPABILITIES:
@@ -235,7 +240,10 @@ class WorkerChannel:
             self._loop.remove_writer(self._fd)
             self._writing = False
         self._sock.close()
+        held = self.held_bytes
         self._parser = p.Parser(frameparts.WORKER_CHANNEL_LIMITS, skip_oversized=True)
         self._frame.clear()
+        if held >= GIVE_BACK_BYTES:
+            heap.give_back()
         if self._on_closed is not None:
             self._on_closed()
