@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import random
 
 import pytest
@@ -163,3 +164,23 @@ def test_unchanged_parts_are_handed_on_as_they_are():
     second = assembler.apply(payload_of(fp.message([b"\xff\xd8", big, b"!"], [2]))).take()
     assert second[1] is first[1]
     assert second[2] == b"!"
+
+
+@pytest.mark.parametrize("width, height", [(1, 1), (17, 9), (64, 48), (333, 77), (1920, 1080)])
+def test_the_format_bound_holds_the_largest_jpeg_of_that_size(width, height):
+    # Noise at quality 100 without chroma subsampling is the largest a baseline JPEG gets; with a
+    # restart marker after every MCU where Pillow writes them (what the worker's splicing uses).
+    from PIL import Image
+
+    from spice_stream_worker import encoder
+
+    rng = random.Random(width * height)
+    image = Image.frombytes("RGB", (width, height), rng.randbytes(width * height * 3))
+    extra = {"restart_marker_blocks": 1} if encoder.restart_markers_supported() else {}
+    for subsampling in (0, 2):  # 4:4:4, 4:2:0 (the worker's)
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=100, subsampling=subsampling, **extra)
+        assert len(out.getvalue()) <= guestmessages.frame_limit(width, height)
+    # And the bound is no more than a few times the picture's raw size, and never past DATA's.
+    assert guestmessages.frame_limit(width, height) < 6 * 16 * 16 * width * height + 70_000
+    assert guestmessages.frame_limit(16384, 16384) == p.DATA_MAX_BYTES
