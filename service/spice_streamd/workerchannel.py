@@ -96,7 +96,7 @@ class WorkerChannel:
     def relay(self, relayed: bool) -> None:
         """Relayed: read everything. Standby: drop what is held (staying in step with the
         stream), hold no frame and read only until the worker's CAPABILITIES."""
-        if self.closed:
+        if self.closed or (relayed and self.relayed):
             return
         self.relayed = relayed
         if not relayed:
@@ -169,7 +169,7 @@ class WorkerChannel:
             if item is None:
                 if reads == READS_PER_WAKE:
                     break
-                if not self._read(reads):
+                if not self._read():
                     break
                 reads += 1
                 continue
@@ -182,7 +182,7 @@ class WorkerChannel:
             self._again = self._loop.call_soon(self._on_readable)
         self._update_reader()
 
-    def _read(self, reads: int) -> bool:
+    def _read(self) -> bool:
         """Take one read from the socket into the parser; False when there is nothing to read."""
         size = READ_CHUNK
         if not self.relayed:
