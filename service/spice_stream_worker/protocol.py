@@ -226,6 +226,9 @@ class Frame(Protocol):
     def take(self) -> tuple[bytes, ...] | None:
         """Its parts, or None if the holder has moved on to another frame since (thread-safe)."""
 
+    def joined(self, prefix: bytes = b"") -> bytes | None:
+        """`prefix` and its parts in one piece, or None as take() (thread-safe)."""
+
 
 @dataclass(frozen=True)
 class Violation:

@@ -107,12 +107,16 @@ class PortWriter:
             # A frame a worker's channel holds in parts: taken now, when the port takes it
             # (never per message received), unless the worker has changed it since; then a
             # newer one is on its way, or none passed the channel's check.
-            parts = message[1].take()
-            if parts is None:
+            # Joined at once with its header (a virtio port writes each piece of a writev
+            # apart), and nothing else of it kept: the worker's next frame may replace its
+            # parts while this one is written.
+            joined = message[1].joined(message[0])
+            if joined is None:
                 with self._cond:
                     self.dropped_frames += 1
                 return True
-            message = (message[0], *parts)
+            message = (joined,)
+            del joined
         if len(message) > 2:
             # A frame from a worker's parts, joined here, once per frame the port takes: a
             # virtio port has no writev of its own, the kernel writes each piece apart, and
