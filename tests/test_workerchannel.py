@@ -159,7 +159,7 @@ def test_a_flood_does_not_hold_the_event_loop():
             relayed.close()
 
     lateness = asyncio.run(run())
-    assert lateness < 0.1, f"a timer fired {lateness * 1000:.0f} ms late during a flood"
+    assert lateness < 0.25, f"a timer fired {lateness * 1000:.0f} ms late during a flood"
 
 
 def test_a_standby_channel_reads_only_the_capabilities():
