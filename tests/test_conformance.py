@@ -16,6 +16,7 @@ from PIL import Image
 from Xlib import X
 
 from spice_stream_worker import protocol as proto
+from spice_streamd import guestmessages
 from tests.support.spicehost import FakeGuest, SpiceHost, psnr, quadrants
 from tests.support.xserver import Painter, XServer, start_xvfb
 
@@ -136,6 +137,49 @@ def test_oversized_cursor_is_a_protocol_error(host: SpiceHost, guest: FakeGuest)
     guest.raw_write(proto.encode(proto.MsgType.CURSOR_SET, payload))
     host.wait_line(lambda s: s.startswith("PROTOCOL_ERROR"), 5)
     guest.wait_message(proto.MsgType.NOTIFY_ERROR, 5)
+
+
+# Bits per pixel as libspice-server 0.15.1 counts them (get_cursor_type_bits in
+# server/red-stream-device.cpp): the mask bit of COLOR24/COLOR32 included. Other types: none.
+HOST_CURSOR_BITS = {0: 32, 5: 25, 6: 33}
+
+
+def test_the_service_accepts_exactly_the_cursor_forms_the_host_accepts(
+    host: SpiceHost, guest: FakeGuest
+) -> None:
+    """Every cursor type, sizes around the host's limits, data at, just below and just above what
+    the host needs: the service's check refuses what the host refuses (a refusal there costs a
+    NOTIFY_ERROR and a reopen of the port), and takes what it takes, except a side of 0."""
+    guest.wait_message(proto.MsgType.CAPABILITIES, 5)
+    # A message the host refuses whatever its state: once the cursor before it is taken, the
+    # host's next error is about this probe; after a refused cursor the host reads nothing more.
+    probe = proto.encode(proto.MsgType.QUALITY_INDICATOR, b"probe\0")
+    forms = []
+    for ctype in range(8):
+        for w, h in ((1, 1), (3, 5), (7, 3), (1024, 2), (1025, 1), (2, 1025), (0, 4)):
+            need = (w * h * HOST_CURSOR_BITS.get(ctype, 32) + 7) // 8
+            forms += [(ctype, w, h, n) for n in (need - 1, need, need + 1) if n >= 0]
+    # The largest cursor there is, and one byte past the host's largest message.
+    need = (1024 * 1024 * 33 + 7) // 8
+    forms += [(6, 1024, 1024, n) for n in (need - 1, need, need + 1)]
+    differ, host_took = [], {}
+    for ctype, w, h, n in forms:
+        payload = proto.CURSOR_SET_HEADER.pack(w, h, 0, 0, ctype) + bytes([0x80]) * n
+        service_ok = guestmessages.refusal(
+            proto.Message(proto.MsgType.CURSOR_SET, payload), None, True) is None
+        start = host.mark()
+        guest.raw_write(proto.encode(proto.MsgType.CURSOR_SET, payload) + probe)
+        error = host.wait_line(lambda s: s.startswith("PROTOCOL_ERROR"), 10, start)
+        host_ok = host_took[ctype, w, h, n] = "Invalid message type" in error
+        host.reopen()
+        if service_ok != host_ok:
+            differ.append(((ctype, w, h, n), service_ok, host_ok))
+    # The one difference, on purpose: a cursor of no pixels, which the host takes and no client
+    # can draw, is refused by the service too.
+    assert differ and all(not svc and hst and 0 in form[1:3] for form, svc, hst in differ), differ
+    # The finding: a 1 x 1 COLOR32 cursor of 4 bytes (the host needs 5, its mask bit).
+    assert not host_took[6, 1, 1, 4] and host_took[6, 1, 1, 5]
+    assert sum(host_took.values()) == 31  # 3 types x 5 shapes x (need, need + 1), the largest
 
 
 def test_host_exits_cleanly_on_sigterm() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import random
 
 import pytest
@@ -39,7 +40,7 @@ def test_the_service_assembles_every_frame_exactly_from_small_messages():
     for parts in frames(1, 60):
         pieces = sender.message(parts)
         sender.sent(parts)
-        assert assembler.apply(payload_of(pieces)) == parts
+        assert assembler.apply(payload_of(pieces)).take() == parts
         sizes.append(sum(map(len, pieces)))
     whole = sum(map(len, parts))
     assert sizes[0] > whole  # the first carries everything
@@ -58,7 +59,7 @@ def test_a_message_that_was_not_sent_makes_the_next_one_whole():
     sender.message(dropped)
     sender.forget()  # the outbox dropped it: the service never saw it
     third = next(stream)
-    assert assembler.apply(payload_of(sender.message(third))) == third
+    assert assembler.apply(payload_of(sender.message(third))).take() == third
 
 
 def test_a_new_layout_must_come_whole():
@@ -87,26 +88,28 @@ def entries(count: int, *items: tuple[int, int, bytes]) -> bytes:
 def test_what_does_not_apply_is_refused_and_changes_nothing(payload, reason):
     assembler = fp.Assembler()
     good = [b"\xff\xd8", b"abc"]
-    assert assembler.apply(payload_of(fp.message(good, [0, 1]))) == tuple(good)
+    assert assembler.apply(payload_of(fp.message(good, [0, 1]))).take() == tuple(good)
     with pytest.raises(p.MessageError, match=reason):
         assembler.apply(payload)
     # The frame the worker's next delta builds on is still the last good one.
-    assert assembler.apply(payload_of(fp.message([b"\xff\xd8", b"xyz"], [1]))) == (b"\xff\xd8", b"xyz")
+    assert assembler.apply(payload_of(fp.message([b"\xff\xd8", b"xyz"], [1]))).take() == \
+        (b"\xff\xd8", b"xyz")
 
 
-def test_no_frame_exceeds_the_data_limit(monkeypatch):
-    monkeypatch.setattr(p, "DATA_MAX_BYTES", 1000)
-    assembler = fp.Assembler()
+def test_no_frame_exceeds_its_bound():
+    assembler = fp.Assembler(max_size=1000)
     assembler.apply(entries(2, (0, 600, b"\xff" * 600), (1, 300, b"a" * 300)))
     with pytest.raises(p.MessageError, match="outside 1..1000"):
         assembler.apply(entries(2, (1, 500, b"b" * 500)))
 
 
 def test_the_service_channel_hands_on_whole_frames_and_drops_what_does_not_apply(caplog):
-    async def run() -> list[p.Message]:
+    async def run() -> tuple[list[p.Message], list[bytes | None]]:
         ours, theirs = socket_pair()
         got: list[p.Message] = []
-        WorkerChannel(ours, label="worker uid=1000", check=lambda m: None, deliver=got.append)
+        WorkerChannel(ours, label="worker uid=1000", check=lambda m: None, deliver=got.append,
+                      relayed=True)
+        theirs.sendall(p.format_msg(640, 480))  # no frame before its FORMAT
         first = [b"\xff\xd8" + bytes(300), b"band" * 100, b"\xff\xd9"]
         theirs.sendall(b"".join(fp.message(first, [0, 1, 2])))
         # A part past the frame's count: refused, and the next delta still applies.
@@ -115,16 +118,20 @@ def test_the_service_channel_hands_on_whole_frames_and_drops_what_does_not_apply
         theirs.sendall(b"".join(fp.message([first[0], b"new", first[2]], [1])))
         theirs.sendall(p.cursor_move(1, 2))  # the channel goes on after a refusal
         for _ in range(200):
-            if len(got) == 3:
+            if len(got) == 4:
                 break
             await asyncio.sleep(0.01)
+        # What the port writer would take of each frame now (the worker has not closed yet).
+        taken = [m.frame.take() if m.frame else None for m in got[1:]]
         theirs.close()
-        return got
+        return got[1:], [b"".join(t) if t else None for t in taken]
 
-    got = asyncio.run(run())
+    got, taken = asyncio.run(run())
     assert [m.type for m in got] == [p.MsgType.DATA, p.MsgType.DATA, p.MsgType.CURSOR_MOVE]
-    assert b"".join(got[0].body()) == b"\xff\xd8" + bytes(300) + b"band" * 100 + b"\xff\xd9"
-    assert b"".join(got[1].body()) == b"\xff\xd8" + bytes(300) + b"new\xff\xd9"
+    # The first frame was changed by the second message since: it is not handed out any more.
+    assert taken[0] is None
+    assert taken[1] == b"\xff\xd8" + bytes(300) + b"new\xff\xd9"
+    assert got[1].size == len(taken[1])
     assert "worker uid=1000: message refused: FRAME_PARTS part 7" in caplog.text
 
 
@@ -134,22 +141,46 @@ def test_the_port_never_sees_frame_parts():
     assert fp.FRAME_PARTS not in p.HOST_TO_GUEST_LIMITS
 
 
-def test_a_frame_of_parts_is_checked_as_the_frame_it_makes():
-    # The service checks a frame's start (a JPEG's SOI) across its parts, without joining them.
-    def data(*pieces: bytes) -> p.Message:
-        return p.Message(p.MsgType.DATA, b"", pieces)
+def test_a_frame_of_parts_is_checked_by_its_first_part():
+    # The service checks a frame's start (a JPEG's SOI) in its first part (the encoder's header,
+    # or the whole JPEG), whatever the count of parts: a check that costs the same for any frame.
+    def data(*parts: bytes) -> p.Message:
+        assembler = fp.Assembler()
+        return p.Message(p.MsgType.DATA, b"", assembler.apply(entries(
+            len(parts), *((i, len(part), part) for i, part in enumerate(parts)))))
 
-    assert guestmessages.refusal(data(b"\xff", b"\xd8rest"), None, True) is None
-    assert guestmessages.refusal(data(b"", b"\xff\xd8", b"x"), None, True) is None
-    assert guestmessages.refusal(data(b"", b"ab"), None, True) == "DATA that is not a JPEG"
-    assert guestmessages.refusal(data(b"\xff"), None, True) == "DATA that is not a JPEG"
+    assert guestmessages.refusal(data(b"\xff\xd8rest"), None, True) is None
+    assert guestmessages.refusal(data(b"\xff\xd8", b"x"), None, True) is None
+    assert guestmessages.refusal(data(b"\xff", b"\xd8rest"), None, True) == "DATA that is not a JPEG"
+    assert guestmessages.refusal(data(b"", b"\xff\xd8", b"x"), None, True) == "DATA that is not a JPEG"
+    assert guestmessages.refusal(data(b"ab"), None, True) == "DATA that is not a JPEG"
 
 
 def test_unchanged_parts_are_handed_on_as_they_are():
     # No copy of what did not change: the frame's cost follows the message, not the frame.
     assembler = fp.Assembler()
     big = bytes(100_000)
-    first = assembler.apply(payload_of(fp.message([b"\xff\xd8", big, b"\xff\xd9"], [0, 1, 2])))
-    second = assembler.apply(payload_of(fp.message([b"\xff\xd8", big, b"!"], [2])))
+    first = assembler.apply(payload_of(fp.message([b"\xff\xd8", big, b"\xff\xd9"], [0, 1, 2]))).take()
+    second = assembler.apply(payload_of(fp.message([b"\xff\xd8", big, b"!"], [2]))).take()
     assert second[1] is first[1]
     assert second[2] == b"!"
+
+
+@pytest.mark.parametrize("width, height", [(1, 1), (17, 9), (64, 48), (333, 77), (1920, 1080)])
+def test_the_format_bound_holds_the_largest_jpeg_of_that_size(width, height):
+    # Noise at quality 100 without chroma subsampling is the largest a baseline JPEG gets; with a
+    # restart marker after every MCU where Pillow writes them (what the worker's splicing uses).
+    from PIL import Image
+
+    from spice_stream_worker import encoder
+
+    rng = random.Random(width * height)
+    image = Image.frombytes("RGB", (width, height), rng.randbytes(width * height * 3))
+    extra = {"restart_marker_blocks": 1} if encoder.restart_markers_supported() else {}
+    for subsampling in (0, 2):  # 4:4:4, 4:2:0 (the worker's)
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=100, subsampling=subsampling, **extra)
+        assert len(out.getvalue()) <= guestmessages.frame_limit(width, height)
+    # And the bound is no more than a few times the picture's raw size, and never past DATA's.
+    assert guestmessages.frame_limit(width, height) < 6 * 16 * 16 * width * height + 70_000
+    assert guestmessages.frame_limit(16384, 16384) == p.DATA_MAX_BYTES

@@ -25,13 +25,16 @@ RELAY_FRAMES = textwrap.dedent("""
         done = asyncio.Event()
 
         def deliver(msg):
+            if msg.type != p.MsgType.DATA:
+                return
             got.append(len(p.encode(msg.type, msg.payload)))
             if len(got) in (WARM, WARM + FRAMES):
                 faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
             if len(got) == WARM + FRAMES:
                 done.set()
 
-        WorkerChannel(ours, label="worker", check=lambda m: None, deliver=deliver)
+        WorkerChannel(ours, label="worker", check=lambda m: None, deliver=deliver, relayed=True)
+        theirs.sendall(p.format_msg(1920, 1080))  # a frame is bounded by its FORMAT
         sender = threading.Thread(target=lambda: [theirs.sendall(frame) for _ in range(WARM + FRAMES)])
         sender.start()
         await asyncio.wait_for(done.wait(), 30)

@@ -174,3 +174,51 @@ def test_a_mebibyte_of_noise_costs_a_search_not_a_step_per_byte():
         if found:
             break
     assert found == [p.Message(p.MsgType.START_STOP, b"\x01\x01")]
+
+
+def test_cursor_set_counts_the_mask_as_the_host_does():
+    # libspice-server 0.15.1: 32 bits a pixel for ALPHA, 24 + 1 for COLOR24, 32 + 1 for COLOR32.
+    assert p.cursor_data_size(1, 1, p.CursorType.COLOR32) == 5
+    assert p.cursor_data_size(3, 3, p.CursorType.COLOR24) == 29
+    assert p.cursor_data_size(2, 2, p.CursorType.ALPHA) == 16
+    msg = p.cursor_set(1, 1, 0, 0, bytes(5), p.CursorType.COLOR32)
+    assert p.decode_cursor_set(msg[p.HEADER_SIZE:]).data == bytes(5)
+    with pytest.raises(p.MessageError, match="the host needs 5"):
+        p.decode_cursor_set(p.CURSOR_SET_HEADER.pack(1, 1, 0, 0, p.CursorType.COLOR32) + bytes(4))
+    with pytest.raises(p.MessageError):
+        p.cursor_set(1, 1, 0, 0, bytes(4), p.CursorType.COLOR32)
+
+
+def test_a_well_formed_oversized_message_is_skipped_whole_when_asked():
+    # The worker's channel: a frame larger than its FORMAT allows is dropped as it comes, never
+    # buffered, and the message after it is parsed as it is (no resynchronising through its bytes).
+    parser = p.Parser(p.GUEST_TO_HOST_LIMITS, skip_oversized=True)
+    parser.set_limit(p.MsgType.DATA, 1000)
+    frame = p.encode(p.MsgType.DATA, b"\x01\x00\x07\x00" * 10_000)  # looks like headers inside
+    stream = frame + p.cursor_move(3, 4)
+    got = []
+    for i in range(0, len(stream), 4096):
+        got += parser.feed(stream[i : i + 4096])
+        assert parser.buffered <= 4096
+    assert got == [p.Violation("message type 3 of 40000 bytes exceeds 1000", len(frame)),
+                   p.Message(p.MsgType.CURSOR_MOVE, p.CURSOR_MOVE.pack(3, 4))]
+
+
+def test_a_limit_set_between_two_messages_of_one_read_judges_the_second():
+    parser = p.Parser(p.GUEST_TO_HOST_LIMITS, skip_oversized=True)
+    parser.push(p.format_msg(8, 8) + p.encode(p.MsgType.DATA, bytes(100)))
+    assert parser.next().type == p.MsgType.FORMAT
+    parser.set_limit(p.MsgType.DATA, 50)
+    assert isinstance(parser.next(), p.Violation)
+    assert parser.next() is None
+
+
+def test_drop_forgets_a_half_message_and_stays_in_step():
+    parser = p.Parser(p.GUEST_TO_HOST_LIMITS)
+    frame = p.encode(p.MsgType.DATA, b"\x01\x00\x07\x00" * 50_000)
+    parser.feed(p.cursor_move(1, 1) + frame[:150_000])
+    assert parser.buffered >= 100_000
+    parser.drop()
+    assert parser.buffered == 0
+    assert parser.feed(frame[150_000:] + p.cursor_move(5, 6)) == [
+        p.Message(p.MsgType.CURSOR_MOVE, p.CURSOR_MOVE.pack(5, 6))]

@@ -12,6 +12,7 @@ import os
 import select
 import shutil
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -20,7 +21,7 @@ import tty
 import pytest
 
 from spice_stream_worker import protocol as p
-from spice_streamd import errors
+from spice_streamd import errors, guestmessages
 from spice_streamd.supervisor import WorkerSupervisor, WorkerTarget
 from tests.support.waiting import wait_async
 
@@ -757,6 +758,186 @@ def test_streaming_is_this_workers_frames_not_the_last_ones(workdir, pty_device)
             host.read()
             assert sup.relay.frame_age() < 5  # the first worker's frames are recent...
             assert not sup.status["streaming"]  # ...but not this worker's
+        finally:
+            await sup.close()
+
+    asyncio.run(run())
+
+
+# --- what a hostile worker costs the service: CPU in standby, memory per frame ------------------
+
+# A worker run as its target's uid: "flood" sends its CAPABILITIES, then small messages as fast as
+# its socket takes them, and records how many bytes it got rid of; "frame" sends FORMAT W x H, a
+# whole frame of SIZE bytes (as FRAME_PARTS), then all but one byte of another ("frames": all of
+# it), and records when the service has read everything (nothing left in its socket's send
+# queue); "idle" only says who it is. Each then stays, reading nothing.
+HOSTILE_WORKER = r'''
+import fcntl, json, os, socket, struct, sys, termios, time
+mode, rec = sys.argv[1], sys.argv[2]
+if "/" in mode:  # "A/B": mode A as nobody, B as any other uid
+    mode = mode.split("/")[0 if os.getuid() == 65534 else 1]
+sys.path.insert(0, sys.argv[3])
+from spice_stream_worker import frameparts as fp
+from spice_stream_worker import protocol as p
+width, height, size = (int(v) for v in sys.argv[4:7])
+opt = dict(zip(sys.argv[7::2], sys.argv[8::2]))
+sock = socket.socket(fileno=int(opt["--device-fd"]))
+def record(name, data):
+    path = os.path.join(rec, "%s-%d.json" % (name, os.getpid()))
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f)
+    os.rename(path + ".tmp", path)
+record("start", {"pid": os.getpid(), "uid": os.getuid()})
+sock.sendall(p.capabilities(b""))
+if mode == "flood":
+    sock.setblocking(False)
+    flood = (p.header(fp.FRAME_PARTS, 4) + fp.COUNT.pack(1088) + p.cursor_move(1, 2)) * 4096
+    sent, last = 0, 0.0
+    while True:
+        try:
+            sent += sock.send(flood)
+        except BlockingIOError:
+            time.sleep(0.001)
+        if time.monotonic() - last > 0.05:
+            record("sent", sent)
+            last = time.monotonic()
+elif mode in ("frame", "frames"):
+    half = size // 2
+    frame = [b"\xff\xd8" + bytes(half - 2), bytes(size - half)]
+    whole = b"".join(fp.message(frame, range(2)))
+    sock.sendall(p.format_msg(width, height) + whole + (whole if mode == "frames" else whole[:-1]))
+    while struct.unpack("i", fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0" * 4))[0]:
+        time.sleep(0.01)
+    record("drained", True)
+while True:
+    time.sleep(1)
+'''
+
+# The service in a process of its own, so that its memory is measured alone: the real supervisor
+# and port relay (on a pty nobody reads in "peak", so the port writer holds its copy of the frame
+# too; drained in "standby"), heap tuned as main() does. It prints the growth of its resident
+# memory over what it had before the worker started: at its peak, or (standby) once the worker
+# that sent the frames has been switched away from.
+MEMORY_SERVICE = r'''
+import asyncio, json, os, sys, threading, tty
+sys.path.insert(0, sys.argv[1])
+from spice_streamd import heap
+from spice_streamd.supervisor import WorkerSupervisor, WorkerTarget
+from tests.support.waiting import wait_async
+mode, script, rec, size, width, height, worker = sys.argv[2:9]
+NOBODY = WorkerTarget(uid=65534, gid=65534, groups=(), display=":91", xauthority="/tmp/xa-n", vt=2)
+OTHER = WorkerTarget(uid=12345, gid=12346, groups=(), display=":92", xauthority="/tmp/xa-o", vt=3)
+
+def rss(field="VmRSS"):  # VmHWM: the peak, of this program only (ru_maxrss counts the parent's)
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith(field + ":")) * 1024
+
+def drain(fd):  # the host, reading what the port gets
+    while True:
+        os.read(fd, 1 << 20)
+
+def found(kind):
+    return any(n.startswith(kind + "-") and n.endswith(".json") for n in os.listdir(rec))
+
+async def main():
+    heap.keep_frame_buffers()
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    if mode == "standby":
+        threading.Thread(target=drain, args=(master,), daemon=True).start()
+    argv = [sys.executable, script, worker + "/idle", rec, os.path.dirname(sys.argv[1]) + "/service",
+            width, height, size]
+    sup = WorkerSupervisor(device_path=os.ttyname(slave), fps=30, quality=80, worker_argv=argv,
+                           device_present=True)
+    base = rss()
+    try:
+        sup.set_target(NOBODY)
+        await wait_async(lambda: found("drained"), timeout=60, what="the frames read")
+        if mode == "standby":
+            sup.set_standby([NOBODY, OTHER])
+            sup.set_target(OTHER)
+            await wait_async(lambda: sup.status["uid"] == 12345 and sup.relay.frames >= 1,
+                             timeout=30, what="the switch, the frame written")
+            grown = rss() - base
+        else:
+            grown = rss("VmHWM") - base
+        print(json.dumps({"grown": grown}))
+    finally:
+        await sup.close()
+
+asyncio.run(main())
+'''
+
+MIB = 1024 * 1024
+
+
+def service_memory(workdir, mode: str, size: int, width: int, height: int,
+                   worker: str = "frame") -> int:
+    """Bytes the service's resident memory grew by under a worker sending frames of `size`."""
+    d, _, rec = workdir
+    script = os.path.join(d, "hostile_worker.py")
+    with open(script, "w") as f:
+        f.write(HOSTILE_WORKER)
+    os.chmod(script, 0o644)
+    root = os.path.dirname(SERVICE_DIR)
+    out = subprocess.run([sys.executable, "-c", MEMORY_SERVICE, SERVICE_DIR, mode, script, rec,
+                          str(size), str(width), str(height), worker],
+                         capture_output=True, text=True, timeout=120, cwd=root,
+                         env={**os.environ, "PYTHONPATH": root})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.splitlines()[-1])["grown"]
+
+
+@pytest.mark.parametrize("worker, width, height", [
+    ("frame", 16384, 16384), ("frames", 16384, 16384), ("frame", 1920, 1080), ("frame", 64, 48)])
+def test_a_worker_costs_the_service_at_most_three_frames_of_its_format(workdir, worker, width,
+                                                                       height):
+    # The worst a worker can do: the largest frame the protocol allows (32 MiB), then all but one
+    # byte of another, or all of it, to a port that takes nothing. What its FORMAT allows
+    # (guestmessages.frame_limit: 32 MiB at 16384 x 16384, 12 MiB at 1920 x 1080, 0.1 MiB at
+    # 64 x 48) is held at most three times: the frame, the message being read, the port writer's
+    # copy of the frame it is writing (before, the second whole frame cost 141 MiB: its payload
+    # copied out of the parser's buffer, the frame's parts copied whole). A larger frame is
+    # skipped as it is read, never buffered or assembled (before, 64 x 48 cost 109 MiB).
+    limit = guestmessages.frame_limit(width, height)
+    grown = service_memory(workdir, "peak", p.DATA_MAX_BYTES, width, height, worker)
+    assert grown < 3 * limit + 16 * MIB, f"the service grew by {grown / MIB:.0f} MiB"
+
+
+def test_a_worker_switched_to_standby_holds_no_frame(workdir):
+    # Its frame and its half-read message are dropped when its session goes to the background.
+    grown = service_memory(workdir, "standby", p.DATA_MAX_BYTES, 16384, 16384)
+    assert grown < 12 * MIB, f"the service still holds {grown / MIB:.0f} MiB"
+
+
+def test_a_standby_workers_flood_is_not_read(workdir, pty_device):
+    # A background session's worker floods its socket: the service takes its CAPABILITIES and
+    # nothing more, so the flood costs the service no CPU and stops at the socket's buffer.
+    d, _, rec = workdir
+    script = os.path.join(d, "hostile_worker.py")
+    with open(script, "w") as f:
+        f.write(HOSTILE_WORKER)
+    os.chmod(script, 0o644)
+
+    async def run():
+        sup = WorkerSupervisor(device_path=pty_device[0], fps=30, quality=80,
+                               worker_argv=[sys.executable, script, "flood", rec, SERVICE_DIR,
+                                            "0", "0", "0"])
+        try:
+            sup.set_target(NOBODY)
+            sup.set_standby([NOBODY, OTHER])
+            await wait_async(lambda: len(recorded(rec, "sent")) == 2, timeout=20,
+                             what="both workers flooding")
+            standby = next(s for s in recorded(rec, "start") if s["uid"] == 12345)
+            active = next(s for s in recorded(rec, "start") if s["uid"] == 65534)
+            # While the same flood from the active worker is read...
+            await wait_async(lambda: of_pid(rec, "sent", active["pid"]) > 16 * MIB, timeout=30,
+                             what="the active worker's flood read")
+            # ...the standby's stops at what the kernel buffers for a socket (the worker's send
+            # buffer is 1 MiB, which the kernel doubles, and the service's receive buffer).
+            standby_sent = of_pid(rec, "sent", standby["pid"])
+            assert standby_sent < 4 * MIB, f"the standby worker got {standby_sent} bytes read"
+            assert sup._standby[OTHER].channel.caps_seen  # what a standby is read for
         finally:
             await sup.close()
 

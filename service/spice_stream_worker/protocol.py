@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
+from typing import Protocol
 
 PROTOCOL_VERSION = 1
 
@@ -49,6 +50,8 @@ class Capability(enum.IntEnum):
 CAPABILITIES_MAX_BYTES = 1024
 DATA_MAX_BYTES = 32 * 1024 * 1024
 CURSOR_MAX_SIDE = 1024
+# A payload at least this big is handed on as the parser's own buffer, not copied out of it.
+HANDOVER_BYTES = 64 * 1024
 NOTIFY_ERROR_MAX_BYTES = 64 * 1024
 DEVICE_ADDRESS_MAX_BYTES = 255
 QUALITY_MAX_BYTES = 256
@@ -56,6 +59,15 @@ QUALITY_MAX_BYTES = 256
 FORMAT = struct.Struct("<IIB3x")
 CURSOR_SET_HEADER = struct.Struct("<HHHHB3x")
 CURSOR_MOVE = struct.Struct("<ii")
+# What libspice-server 0.15 (server/red-stream-device.cpp, StreamDevice::handle_msg_cursor_set and
+# stream_msg_cursor_set_to_cursor_cmd, unchanged from 0.14.90 to 0.15.1) accepts in a CURSOR_SET:
+# a payload of at least the header and at most the header plus (1024 * 4 + 128) * 1024 bytes (its
+# largest cursor at 33 bits a pixel), width and height at most 1024, one of these types with
+# get_cursor_type_bits()'s bits per pixel (COLOR24 and COLOR32 carry a 1-bit mask after the
+# pixels), and at least ceil(width * height * bits / 8) bytes after the header (more are ignored).
+CURSOR_BITS = {CursorType.ALPHA: 32, CursorType.COLOR24: 24 + 1, CursorType.COLOR32: 32 + 1}
+CURSOR_SET_MAX_BYTES = CURSOR_SET_HEADER.size + (CURSOR_MAX_SIDE * 4 + (CURSOR_MAX_SIDE + 7) // 8) \
+    * CURSOR_MAX_SIDE
 DEVICE_DISPLAY_INFO = struct.Struct("<III")
 NOTIFY_ERROR = struct.Struct("<I")
 
@@ -69,7 +81,7 @@ GUEST_TO_HOST_LIMITS: dict[int, int] = {
     MsgType.CAPABILITIES: CAPABILITIES_MAX_BYTES,
     MsgType.FORMAT: FORMAT.size,
     MsgType.DATA: DATA_MAX_BYTES,
-    MsgType.CURSOR_SET: CURSOR_SET_HEADER.size + CURSOR_MAX_SIDE * CURSOR_MAX_SIDE * 4,
+    MsgType.CURSOR_SET: CURSOR_SET_MAX_BYTES,
     MsgType.CURSOR_MOVE: CURSOR_MOVE.size,
     MsgType.DEVICE_DISPLAY_INFO: DEVICE_DISPLAY_INFO.size + DEVICE_ADDRESS_MAX_BYTES + 1,
     MsgType.QUALITY_INDICATOR: QUALITY_MAX_BYTES,
@@ -133,16 +145,23 @@ def cursor_set(
 ) -> bytes:
     if not (0 < width <= CURSOR_MAX_SIDE and 0 < height <= CURSOR_MAX_SIDE):
         raise MessageError(f"cursor {width}x{height} exceeds {CURSOR_MAX_SIDE}x{CURSOR_MAX_SIDE}")
-    if cursor_type not in (CursorType.ALPHA, CursorType.COLOR32, CursorType.COLOR24):
+    if cursor_type not in CURSOR_BITS:
         raise MessageError(f"cursor type {cursor_type} is not one the stream device accepts")
-    bpp = 3 if cursor_type == CursorType.COLOR24 else 4
-    if len(pixels) != width * height * bpp:
-        raise MessageError(f"cursor data is {len(pixels)} bytes, expected {width * height * bpp}")
+    expected = cursor_data_size(width, height, cursor_type)
+    if len(pixels) != expected:
+        raise MessageError(f"cursor data is {len(pixels)} bytes, expected {expected}")
     hot_x = min(max(hot_x, 0), width - 1)
     hot_y = min(max(hot_y, 0), height - 1)
     return encode(
         MsgType.CURSOR_SET, CURSOR_SET_HEADER.pack(width, height, hot_x, hot_y, cursor_type) + pixels
     )
+
+
+def cursor_data_size(width: int, height: int, cursor_type: int) -> int:
+    """Bytes the host needs after a CURSOR_SET's header: its pixels and, for COLOR24/COLOR32,
+    their mask, counted as libspice-server does (bits per pixel times pixels, rounded up to a
+    byte)."""
+    return (width * height * CURSOR_BITS[CursorType(cursor_type)] + 7) // 8
 
 
 def cursor_move(x: int, y: int) -> bytes:
@@ -183,14 +202,32 @@ def notify_error(code: int, text: str) -> bytes:
 @dataclass(frozen=True)
 class Message:
     type: int
-    payload: bytes
-    # A frame the service assembled from a worker's parts: its payload is these, in order, never
-    # joined (payload is then empty); whoever writes the message writes them.
-    pieces: tuple[bytes, ...] | None = None
+    # bytes, or for a large message the parser's own buffer (a bytearray) handed on uncopied.
+    payload: bytes | bytearray
+    # A frame the service assembled from a worker's parts (payload is then empty): it knows its
+    # size and its start, and gives its parts only when the port writer takes it.
+    frame: Frame | None = None
 
-    def body(self) -> tuple[bytes, ...]:
-        """The payload as the pieces to write."""
-        return (self.payload,) if self.pieces is None else self.pieces
+    @property
+    def size(self) -> int:
+        return len(self.payload) if self.frame is None else self.frame.size
+
+    def head(self, n: int) -> bytes:
+        """The payload's first n bytes (fewer if it is shorter)."""
+        return bytes(self.payload[:n]) if self.frame is None else self.frame.head[:n]
+
+
+class Frame(Protocol):
+    """A frame held in parts elsewhere (frameparts.Assembler), handed on without a copy."""
+
+    size: int
+    head: bytes  # its first bytes (at least two, the JPEG's SOI, when it has them)
+
+    def take(self) -> tuple[bytes, ...] | None:
+        """Its parts, or None if the holder has moved on to another frame since (thread-safe)."""
+
+    def joined(self, prefix: bytes = b"") -> bytes | None:
+        """`prefix` and its parts in one piece, or None as take() (thread-safe)."""
 
 
 @dataclass(frozen=True)
@@ -250,18 +287,22 @@ def decode_format(payload: bytes) -> Format:
 
 
 def decode_cursor_set(payload: bytes) -> CursorSet:
-    if len(payload) < CURSOR_SET_HEADER.size:
-        raise MessageError("CURSOR_SET shorter than its header")
+    """A CURSOR_SET in the forms the host accepts (see CURSOR_BITS), except that a side of 0,
+    which the host takes and no client can draw, is refused too; `data` is what the host uses."""
+    if not CURSOR_SET_HEADER.size <= len(payload) <= CURSOR_SET_MAX_BYTES:
+        raise MessageError(f"CURSOR_SET of {len(payload)} bytes outside "
+                           f"{CURSOR_SET_HEADER.size}..{CURSOR_SET_MAX_BYTES}")
     w, h, hx, hy, ctype = CURSOR_SET_HEADER.unpack_from(payload)
-    data = payload[CURSOR_SET_HEADER.size :]
     if not (0 < w <= CURSOR_MAX_SIDE and 0 < h <= CURSOR_MAX_SIDE):
         raise MessageError(f"cursor {w}x{h} outside 1..{CURSOR_MAX_SIDE}")
-    if ctype not in (CursorType.ALPHA, CursorType.COLOR24, CursorType.COLOR32):
+    if ctype not in CURSOR_BITS:
         raise MessageError(f"cursor type {ctype} not allowed")
-    bpp = 3 if ctype == CursorType.COLOR24 else 4
-    if len(data) != w * h * bpp:
-        raise MessageError(f"cursor data {len(data)} bytes, expected {w * h * bpp}")
-    return CursorSet(w, h, hx, hy, ctype, data)
+    need = cursor_data_size(w, h, ctype)
+    if len(payload) - CURSOR_SET_HEADER.size < need:
+        raise MessageError(f"cursor data {len(payload) - CURSOR_SET_HEADER.size} bytes, "
+                           f"the host needs {need}")
+    start = CURSOR_SET_HEADER.size
+    return CursorSet(w, h, hx, hy, ctype, bytes(payload[start : start + need]))
 
 
 class Parser:
@@ -270,22 +311,49 @@ class Parser:
     Garbage (bad version, padding, unknown type, oversized message) yields one Violation per run of bad
     bytes; the parser then looks for the next plausible header with bytes.find on the version byte
     (checking each candidate whole), so one corrupted message does not cost the rest of the stream and
-    a stream of noise costs a search, not a Python step per byte.
+    a stream of noise costs a search, not a Python step per byte. With `skip_oversized` a well-formed
+    header of a known type whose size is past its limit is skipped whole instead (one Violation; its
+    bytes are dropped as they come, never buffered): a peer that frames its messages correctly, as the
+    worker does, stays in step.
+
+    A read is handed over with push() and taken a message at a time with next(), so that whoever
+    reads can stop between two messages (a budget per wake-up) and change a limit (set_limit) before
+    the next header is judged; feed() does both for a whole read.
     """
 
-    def __init__(self, limits: dict[int, int] | None = None) -> None:
-        self._limits = HOST_TO_GUEST_LIMITS if limits is None else limits
+    def __init__(self, limits: dict[int, int] | None = None, *, skip_oversized: bool = False) -> None:
+        self._limits = dict(HOST_TO_GUEST_LIMITS if limits is None else limits)
+        self._skip_oversized = skip_oversized
         self._buf = bytearray()
+        self._in: bytes | bytearray = b""  # the read being parsed, from _pos
+        self._pos = 0
+        self._skip = 0  # bytes of a skipped message still to come
         self._discarding = 0  # bytes dropped in the current garbage run
         self._reason = ""
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        """Bytes held: the message begun, and the part of the last read not parsed yet."""
+        return len(self._buf) + len(self._in) - self._pos
+
+    @property
+    def pending(self) -> bool:
+        """Whether the last read is not wholly parsed yet (next() has more to say)."""
+        return self._pos < len(self._in)
+
+    @property
+    def needed(self) -> int:
+        """Bytes that complete what is in hand (a header, a message, a skip): reading no more than
+        this never takes in the start of the next message."""
+        return self._skip or self._need() or HEADER_SIZE
 
     @property
     def max_buffer(self) -> int:
         return HEADER_SIZE + max(self._limits.values())
+
+    def set_limit(self, msg_type: int, size: int) -> None:
+        """From the next header on, a message of this type may carry at most `size` bytes."""
+        self._limits[msg_type] = size
 
     def _header_problem(self, version: int, padding: int, msg_type: int, size: int) -> str | None:
         if version != PROTOCOL_VERSION:
@@ -299,27 +367,69 @@ class Parser:
             return f"message type {msg_type} of {size} bytes exceeds {limit}"
         return None
 
+    def push(self, data: bytes | bytearray) -> None:
+        """Hand over a read; next() parses it. The previous one must have been wholly parsed."""
+        if self.pending:
+            raise RuntimeError("push() before the previous read was parsed")
+        self._in = data if isinstance(data, bytes | bytearray) else bytes(data)
+        self._pos = 0
+
     def feed(self, data: bytes) -> list[Message | Violation]:
+        self.push(data)
         out: list[Message | Violation] = []
-        if not isinstance(data, bytes | bytearray):
-            data = bytes(data)
-        view = memoryview(data)
-        pos = 0
-        end = len(data)
+        while (item := self.next()) is not None:
+            out.append(item)
+        return out
+
+    def next(self) -> Message | Violation | None:
+        """The next message (or Violation) of the reads pushed so far; None when more input is
+        needed. A garbage run is reported when a read runs out, so a peer that goes quiet cannot
+        hide it."""
+        data, end = self._in, len(self._in)
         while True:
+            if self._skip:
+                n = min(self._skip, end - self._pos)
+                self._skip -= n
+                self._pos += n
+                if self._skip:
+                    break
+            if not self._buf and end - self._pos >= HEADER_SIZE:
+                # A whole message in the read is taken straight from it: one copy, no buffer.
+                version, padding, msg_type, size = HEADER.unpack_from(data, self._pos)
+                start = self._pos + HEADER_SIZE
+                if end - start >= size and \
+                        self._header_problem(version, padding, msg_type, size) is None:
+                    if self._discarding:
+                        return self._violation()
+                    self._pos = start + size
+                    return Message(msg_type, bytes(data[start : start + size]))
             # Only take in what can complete the message in hand, so the buffer stays bounded.
             need = self._need()
             if need > 0:
-                if pos >= end:
+                if self._pos >= end:
                     break
-                take = min(need, end - pos)
-                self._buf += view[pos : pos + take]
-                pos += take
+                take = min(need, end - self._pos)
+                with memoryview(data) as view:
+                    self._buf += view[self._pos : self._pos + take]
+                self._pos += take
                 continue
-            if self._step(out):
-                continue
+            version, padding, msg_type, size = HEADER.unpack_from(self._buf)
+            problem = self._header_problem(version, padding, msg_type, size)
+            if problem is None:
+                if self._discarding:
+                    return self._violation()
+                return self._take(msg_type, size)
+            if (self._skip_oversized and version == PROTOCOL_VERSION and padding == 0
+                    and msg_type in self._limits):
+                if self._discarding:
+                    return self._violation()
+                self._buf.clear()
+                self._skip = size
+                return Violation(problem, HEADER_SIZE + size)
             # A bad header: drop its first byte and go to the next version byte, first among the
             # (at most 7) bytes still buffered, then in the input itself.
+            if not self._discarding:
+                self._reason = problem
             nxt = self._buf.find(_VERSION_BYTE, 1)
             if nxt > 0:
                 self._discarding += nxt
@@ -327,16 +437,23 @@ class Parser:
                 continue
             self._discarding += len(self._buf)
             self._buf.clear()
-            nxt = data.find(_VERSION_BYTE, pos)
+            nxt = data.find(_VERSION_BYTE, self._pos)
             if nxt < 0:
-                self._discarding += end - pos
-                pos = end
+                self._discarding += end - self._pos
+                self._pos = end
                 break
-            self._discarding += nxt - pos
-            pos = nxt
-        # A garbage run is reported at the end of each read, so a host that goes quiet cannot hide it.
-        self._flush_violation(out)
-        return out
+            self._discarding += nxt - self._pos
+            self._pos = nxt
+        return self._violation() if self._discarding else None
+
+    def drop(self) -> None:
+        """Forget what is held and stay in step: the rest of the read is parsed and thrown away,
+        and the rest of a message begun is skipped as it comes instead of being buffered."""
+        while self.next() is not None:
+            pass
+        if len(self._buf) >= HEADER_SIZE:
+            self._skip = self._need()
+            self._buf = bytearray()
 
     def _need(self) -> int:
         if len(self._buf) < HEADER_SIZE:
@@ -346,21 +463,21 @@ class Parser:
             return 0
         return HEADER_SIZE + size - len(self._buf)
 
-    def _step(self, out: list[Message | Violation]) -> bool:
-        """Emits the whole message in the buffer; False (nothing taken) if its header is bad."""
-        version, padding, msg_type, size = HEADER.unpack_from(self._buf)
-        problem = self._header_problem(version, padding, msg_type, size)
-        if problem is not None:
-            if not self._discarding:
-                self._reason = problem
-            return False
-        self._flush_violation(out)
-        with memoryview(self._buf) as buf:  # one copy, not a bytearray slice and then bytes
-            out.append(Message(msg_type, bytes(buf[HEADER_SIZE : HEADER_SIZE + size])))
-        del self._buf[: HEADER_SIZE + size]
-        return True
+    def _take(self, msg_type: int, size: int) -> Message:
+        """The whole message in the buffer, which then starts empty."""
+        buf = self._buf
+        if size >= HANDOVER_BYTES:
+            # A frame is not copied again: the buffer itself becomes the payload (dropping the
+            # header from a bytearray's front only moves its start).
+            self._buf = bytearray()
+            del buf[:HEADER_SIZE]
+            return Message(msg_type, buf)
+        with memoryview(buf) as view:
+            payload = bytes(view[HEADER_SIZE : HEADER_SIZE + size])
+        buf.clear()
+        return Message(msg_type, payload)
 
-    def _flush_violation(self, out: list[Message | Violation]) -> None:
-        if self._discarding:
-            out.append(Violation(self._reason, self._discarding))
-            self._discarding = 0
+    def _violation(self) -> Violation:
+        violation = Violation(self._reason, self._discarding)
+        self._discarding = 0
+        return violation

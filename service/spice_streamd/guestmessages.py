@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
-from spice_stream_worker import frameparts
 from spice_stream_worker import protocol as p
 
 # The parser already bounds each type's size (GUEST_TO_HOST_LIMITS) and refuses host-only types.
 MAX_SIDE = 16384  # libspice-server's own limit on a stream's width and height
 JPEG_SOI = b"\xff\xd8"
+# A frame's bound from its FORMAT, after libjpeg-turbo's tj3JPEGBufSize() (src/turbojpeg.c, 3.x;
+# tjBufSize() in 2.1): PAD(w, mcuw) * PAD(h, mcuh) * (2 + chromasf) + 2048 bytes for a baseline
+# JPEG of w x h, where chromasf is 4 at 4:4:4 (8x8 MCUs) and less for every other subsampling.
+# Padding both sides to 16 with the 4:4:4 factor covers them all (the worker encodes 4:2:0).
+# Added: a restart marker after every MCU (2 bytes, and a byte of padding before it), counted at
+# 8x8 MCUs, and headers beyond libjpeg's own (one marker segment's largest size).
+BOUND_PAD = 16
+BOUND_BYTES_PER_PIXEL = 6
+BOUND_FIXED = 2048
+BOUND_PER_MCU = 3
+BOUND_HEADERS = 65_537
+
+
+def frame_limit(width: int, height: int) -> int:
+    """The most bytes a JPEG frame of this FORMAT can take, at most the protocol's DATA limit."""
+    w = -(-width // BOUND_PAD) * BOUND_PAD
+    h = -(-height // BOUND_PAD) * BOUND_PAD
+    bound = (w * h * BOUND_BYTES_PER_PIXEL + BOUND_FIXED + (w // 8) * (h // 8) * BOUND_PER_MCU
+             + BOUND_HEADERS)
+    return min(bound, p.DATA_MAX_BYTES)
 
 
 def refusal(msg: p.Message, host_caps: bytes | None, format_sent: bool) -> str | None:
@@ -25,7 +44,7 @@ def refusal(msg: p.Message, host_caps: bytes | None, format_sent: bool) -> str |
         elif msg.type == p.MsgType.DATA:
             if not format_sent:
                 return "DATA before any FORMAT"
-            if not frameparts.starts_with(msg.body(), JPEG_SOI):
+            if msg.head(len(JPEG_SOI)) != JPEG_SOI:
                 return "DATA that is not a JPEG"
         elif msg.type == p.MsgType.CURSOR_SET:
             p.decode_cursor_set(msg.payload)

@@ -34,3 +34,16 @@ def keep_frame_buffers() -> bool:
     if not ok:
         log.debug("mallopt refused the frame buffer thresholds")
     return ok
+
+
+def give_back() -> None:
+    """Return the heap's free pages to the system (glibc's malloc_trim): after a worker's frames
+    are dropped, their memory is free in the heap but still counted as the service's, since the
+    heap keeps what lies below other allocations; nothing where there is no malloc_trim."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim.argtypes = (ctypes.c_size_t,)
+    trim.restype = ctypes.c_int
+    trim(0)

@@ -275,9 +275,9 @@ class PortRelay:
             return
         if msg.type == p.MsgType.FORMAT:
             self.format_sent = True
-        body = msg.body()
-        self._writer.submit(msg.type, (p.header(msg.type, sum(map(len, body))), *body),
-                            self._generation)
+        # A frame held in parts goes as its handle: its parts are taken when the port takes it.
+        body = msg.payload if msg.frame is None else msg.frame
+        self._writer.submit(msg.type, (p.header(msg.type, msg.size), body), self._generation)
 
     @property
     def dropped_frames(self) -> int:

@@ -42,16 +42,17 @@ class PortWriter:
         self._on_drained = on_drained
         self._on_failed = on_failed
         self._cond = threading.Condition()
-        self._pending: dict[int, tuple[tuple[bytes, ...], int]] = {}
+        self._pending: dict[int, tuple[tuple[bytes | p.Frame, ...], int]] = {}
         self._stop = False
         self._stalled = False  # the writer thread's own: told the loop, not yet drained
         self.dropped_frames = 0
         self._thread = threading.Thread(target=self._run, name="stream port writer", daemon=True)
         self._thread.start()
 
-    def submit(self, msg_type: int, message: tuple[bytes, ...], tag: int = 0) -> None:
+    def submit(self, msg_type: int, message: tuple[bytes | p.Frame, ...], tag: int = 0) -> None:
         """Queue a whole message, as its pieces (header and payload, written with one writev; a
-        frame the channel assembled from a worker's parts is joined when its turn comes); it
+        frame the channel holds as a worker's parts, a p.Frame after the header, is taken and
+        joined when its turn comes); it
         replaces a waiting one of its type (a FORMAT also drops the waiting frame: it has the old
         size, and the worker sends one of the new). `tag` comes back with on_written (whose
         message it was)."""
@@ -77,7 +78,7 @@ class PortWriter:
             self._cond.notify()
         self._thread.join()
 
-    def _next(self) -> tuple[int, tuple[tuple[bytes, ...], int]] | None:
+    def _next(self) -> tuple[int, tuple[tuple[bytes | p.Frame, ...], int]] | None:
         with self._cond:
             while not self._stop:
                 nxt = next((t for t in ORDER if t in self._pending), None)
@@ -93,42 +94,65 @@ class PortWriter:
         poller = select.poll()
         poller.register(self._fd, select.POLLOUT)
         while (item := self._next()) is not None:
-            msg_type, (message, tag) = item
-            if len(message) > 2:
-                # A frame from a worker's parts, joined here, once per frame the port takes (never
-                # per message received): a virtio port has no writev of its own, the kernel writes
-                # each piece apart, and 70 parts would be 70 buffers for the host instead of 9.
-                message = (b"".join(message),)
-            views = [memoryview(piece) for piece in message]
-            size = sum(len(v) for v in views)
-            offset = 0
-            waiting_since: float | None = None
-            while offset < size:
-                if self._stop:
-                    return
-                try:
-                    n = os.writev(self._fd, unwritten(views, offset))
-                except (BlockingIOError, InterruptedError):
-                    n = 0
-                except OSError as e:
-                    self._loop.call_soon_threadsafe(self._on_failed,
-                                                    f"write failed: {e.strerror}")
-                    return
-                if n:
-                    offset += n
-                    waiting_since = None
-                    if offset < size:
-                        # A short write: the port's buffer is full, and writing again at once
-                        # would mostly meet EAGAIN (a pty takes a frame 6 KB at a time: half the
-                        # writes were that). poll() returns at once where there is room again.
-                        poller.poll(POLL_MS)
-                    continue
-                now = time.monotonic()
-                if waiting_since is None:
-                    waiting_since = now
-                elif not self._stalled and now - waiting_since >= self._stall_s:
-                    # Nothing taken for this long: the host has stopped reading.
-                    self._stalled = True
-                    self._loop.call_soon_threadsafe(self._on_stalled, now - waiting_since)
-                poller.poll(POLL_MS)
-            self._loop.call_soon_threadsafe(self._on_written, msg_type, message, tag)
+            if not self._write(poller, *item):
+                return
+            del item  # the message written is not kept while the next is awaited
+
+    def _write(self, poller: select.poll, msg_type: int,
+               queued: tuple[tuple[bytes | p.Frame, ...], int]) -> bool:
+        """Write one message whole; False if the writer must stop. A method of its own so that
+        nothing of a frame outlives its writing (the thread then waits with no frame held)."""
+        message, tag = queued
+        if len(message) == 2 and not isinstance(message[1], bytes | bytearray | memoryview):
+            # A frame a worker's channel holds in parts: taken now, when the port takes it
+            # (never per message received), unless the worker has changed it since; then a
+            # newer one is on its way, or none passed the channel's check.
+            # Joined at once with its header (a virtio port writes each piece of a writev
+            # apart), and nothing else of it kept: the worker's next frame may replace its
+            # parts while this one is written.
+            joined = message[1].joined(message[0])
+            if joined is None:
+                with self._cond:
+                    self.dropped_frames += 1
+                return True
+            message = (joined,)
+            del joined
+        if len(message) > 2:
+            # A frame from a worker's parts, joined here, once per frame the port takes: a
+            # virtio port has no writev of its own, the kernel writes each piece apart, and
+            # 70 parts would be 70 buffers for the host instead of 9.
+            message = (b"".join(message),)
+        views = [memoryview(piece) for piece in message]
+        size = sum(len(v) for v in views)
+        offset = 0
+        waiting_since: float | None = None
+        while offset < size:
+            if self._stop:
+                return False
+            try:
+                n = os.writev(self._fd, unwritten(views, offset))
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as e:
+                self._loop.call_soon_threadsafe(self._on_failed,
+                                                f"write failed: {e.strerror}")
+                return False
+            if n:
+                offset += n
+                waiting_since = None
+                if offset < size:
+                    # A short write: the port's buffer is full, and writing again at once
+                    # would mostly meet EAGAIN (a pty takes a frame 6 KB at a time: half the
+                    # writes were that). poll() returns at once where there is room again.
+                    poller.poll(POLL_MS)
+                continue
+            now = time.monotonic()
+            if waiting_since is None:
+                waiting_since = now
+            elif not self._stalled and now - waiting_since >= self._stall_s:
+                # Nothing taken for this long: the host has stopped reading.
+                self._stalled = True
+                self._loop.call_soon_threadsafe(self._on_stalled, now - waiting_since)
+            poller.poll(POLL_MS)
+        self._loop.call_soon_threadsafe(self._on_written, msg_type, message, tag)
+        return True

@@ -335,6 +335,7 @@ class WorkerSupervisor:
         w.detached = False
         self._worker = w
         self._frames_expected_since = None
+        w.channel.relay(True)  # read in full again (a standby's is read only for its CAPABILITIES)
         self.relay.start()
         self.relay.attach(w.channel.send)
         if w.caps is not None:
@@ -349,6 +350,8 @@ class WorkerSupervisor:
         self.relay.detach()
         self._worker = None
         w.channel.send(p.start_stop(()))
+        # Not read again until relayed, and holding no frame: a background session costs nothing.
+        w.channel.relay(False)
         self._standby[w.target] = w
         log.info("worker %s in standby (its VT is no longer active)", w)
         self._notify()
