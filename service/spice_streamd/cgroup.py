@@ -25,8 +25,9 @@ CONTROLLERS = ("pids", "memory")
 # controllers for its children.
 SERVICE_LEAF = "service"
 
+
 class CgroupError(OSError):
-    """A child cgroup could not be made, joined, emptied or removed."""
+    """A child cgroup could not be made or given its limits."""
 
 
 @dataclass(frozen=True)
@@ -35,9 +36,10 @@ class Limits:
     memory: int  # bytes, swap not counted (memory.swap.max is 0)
 
 
-# Measured (tests/test_workerprocess.py has the figures' source): a worker is one task, 45-51 MB
-# RSS streaming 1920x1080 and 94-124 MB at 3840x2160 (Pillow 11 and Debian 12's 9.4). Room for
-# twice the 4K peak; a worker does not fork. 16 of them fit the unit's MemoryMax=/TasksMax=.
+# Measured: the real worker streaming Xvfb with the whole screen changing, fps 30, is one task
+# with a peak RSS of 45-51 MB at 1920x1080 and 94-124 MB at 3840x2160 (Pillow 11 / Debian 12's
+# 9.4). Room for twice the 4K peak; a worker does not fork. 16 of them and 32 readers fit the
+# unit's MemoryMax=/TasksMax= (tests/test_workerprocess.py checks the sums).
 WORKER_LIMITS = Limits(pids=16, memory=256 << 20)
 # A Python interpreter reading at most 64 KiB: about 10 MB. 32 verifications may run at once.
 READER_LIMITS = Limits(pids=4, memory=32 << 20)
