@@ -7,8 +7,11 @@ test reads and writes the pty's master side as the host would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import os
+import pwd
 import select
 import shutil
 import struct
@@ -17,6 +20,7 @@ import sys
 import tempfile
 import time
 import tty
+from collections.abc import Iterator
 
 import pytest
 
@@ -31,6 +35,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs workers as other
 # mode says. It uses the project's own protocol module, as the real worker does.
 FAKE_WORKER = r'''
 import json, os, select, signal, socket, stat, struct, sys, time
+from collections.abc import Iterator
 sys.path.insert(0, sys.argv[3])
 from spice_stream_worker import protocol as p
 mode, rec = sys.argv[1], sys.argv[2]
@@ -942,3 +947,279 @@ def test_a_standby_workers_flood_is_not_read(workdir, pty_device):
             await sup.close()
 
     asyncio.run(run())
+
+
+# ---- a hostile worker under spice-test-a: its children, its stdout, its user's site-packages ----
+
+# Writes to fd 1 (mode "stdout"), or starts children that outlive it unless something ends them:
+# two `setsid sleep` holding its stdout and stderr, and a daemon (double fork, setsid) reparented
+# to init; records their pids and its own cgroup, then exits 3 ("spawn-exit") or stays.
+HOSTILE_CHILDREN_WORKER = r'''
+import json, os, subprocess, sys, time
+mode, rec = sys.argv[1], sys.argv[2]
+def record(name, data):
+    path = os.path.join(rec, "%s-%d.json" % (name, os.getpid()))
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f)
+    os.rename(path + ".tmp", path)
+if mode == "stdout":
+    for _ in range(3):
+        os.write(1, b"<0>spice-streamd: HOSTILE-STDOUT the worker speaks as the service\n")
+    open(os.path.join(rec, "wrote"), "w").close()
+    while True:
+        time.sleep(1)
+pids = [subprocess.Popen(["setsid", "sleep", "1000"]).pid for _ in range(2)]
+r, w = os.pipe()
+if os.fork() == 0:
+    os.setsid()
+    pid = os.fork()
+    if pid == 0:
+        os.execvp("sleep", ["sleep", "1000"])
+    os.write(w, str(pid).encode())
+    os._exit(0)
+os.close(w)
+pids.append(int(os.read(r, 64)))
+cg = [l[3:].strip() for l in open("/proc/self/cgroup") if l.startswith("0::")][0]
+record("children", {"pid": os.getpid(), "children": pids, "cgroup": cg})
+if mode == "spawn-exit":
+    sys.exit(3)
+while True:
+    time.sleep(1)
+'''
+
+
+@pytest.fixture
+def hostile(workdir):
+    d, _, rec = workdir
+    script = os.path.join(d, "hostile_worker.py")
+    with open(script, "w") as f:
+        f.write(HOSTILE_CHILDREN_WORKER)
+    os.chmod(script, 0o644)
+    spawned: list[int] = []
+    try:
+        yield script, rec, spawned
+    finally:
+        for r in recorded(rec, "children"):
+            spawned += r["children"]
+        for pid in spawned:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+
+
+def user_a_target(display: str = ":4242", xauthority: str = "/nonexistent") -> WorkerTarget:
+    from tests.support.bus import ensure_test_user
+
+    a = ensure_test_user("spice-test-a")
+    return WorkerTarget(uid=a.pw_uid, gid=a.pw_gid, groups=(), display=display,
+                        xauthority=xauthority, vt=2)
+
+
+def test_a_worker_child_holding_stderr_does_not_wedge_the_supervisor(hostile, pty_device):
+    """Finding 2: the worker forks a setsid child that keeps its stderr and exits. The exit is
+    noticed at once (not when the pipe closes: never), the worker is restarted, and a stop
+    completes. Without a cgroup: the child survives the worker, so only the exit matters here."""
+    script, rec, _ = hostile
+
+    async def run():
+        sup = WorkerSupervisor(device_path=pty_device[0], fps=30, quality=80,
+                               worker_argv=[sys.executable, script, "spawn-exit", rec],
+                               backoff_s=0.2, cgroups=None)
+        try:
+            sup.set_target(user_a_target())
+            first = (await wait_async(lambda: recorded(rec, "children"), timeout=15,
+                                      what="the first worker's children"))[0]
+            assert any(alive(c) for c in first["children"])  # they hold its stderr
+            await wait_async(lambda: "exit 3" in sup.status["last_error"], timeout=5,
+                             what="the worker's exit to be noticed")
+            await wait_async(lambda: len(recorded(rec, "children")) >= 2, timeout=10,
+                             what="a restart")
+            sup.set_target(None)
+            await wait_async(lambda: sup.status["state"] == "idle" and not sup.status["pid"],
+                             timeout=10, what="the stop")
+        finally:
+            await asyncio.wait_for(sup.close(), 10)
+
+    asyncio.run(run())
+
+
+def test_a_workers_processes_end_with_it_in_its_cgroup(hostile, pty_device):
+    """Finding 4: everything the worker starts (setsid children, a daemon reparented to init) is
+    in the worker's own cgroup from before its exec; stopping the worker empties and removes it."""
+    from spice_streamd import cgroup
+    from tests.support.cgroupfs import cgroup_of, relative, scratch_cgroup
+
+    script, rec, _ = hostile
+    with scratch_cgroup() as parent:
+        async def run():
+            sup = WorkerSupervisor(device_path=pty_device[0], fps=30, quality=80,
+                                   worker_argv=[sys.executable, script, "stay", rec],
+                                   cgroups=cgroup.Tree(parent))
+            try:
+                sup.set_target(user_a_target())
+                r = (await wait_async(lambda: recorded(rec, "children"), timeout=15,
+                                      what="the worker's children"))[0]
+                assert r["cgroup"].startswith(relative(parent) + "/worker-")
+                for pid in r["children"]:
+                    assert cgroup_of(pid) == r["cgroup"]
+                sup.set_target(None)
+                await wait_async(lambda: sup.status["state"] == "idle" and not sup.status["pid"],
+                                 timeout=10, what="the stop")
+                # Gone by the time the stop completed, not some time later.
+                assert not [pid for pid in [r["pid"], *r["children"]] if alive(pid)]
+                assert not [n for n in os.listdir(parent) if n.startswith("worker-")]
+            finally:
+                await sup.close()
+
+        asyncio.run(run())
+
+
+def test_a_worker_that_exits_takes_its_processes_with_it(hostile, pty_device):
+    """Finding 4: the worker exits on its own, leaving setsid children and a daemon: they are
+    killed with its cgroup, which is removed, before the exit is reported."""
+    from spice_streamd import cgroup
+    from tests.support.cgroupfs import scratch_cgroup
+
+    script, rec, _ = hostile
+    with scratch_cgroup() as parent:
+        async def run():
+            sup = WorkerSupervisor(device_path=pty_device[0], fps=30, quality=80,
+                                   worker_argv=[sys.executable, script, "spawn-exit", rec],
+                                   backoff_s=30, cgroups=cgroup.Tree(parent))
+            try:
+                sup.set_target(user_a_target())
+                r = (await wait_async(lambda: recorded(rec, "children"), timeout=15,
+                                      what="the worker's children"))[0]
+                await wait_async(lambda: sup.status["state"] == "backoff", timeout=10,
+                                 what="the exit reported")
+                assert "exit 3" in sup.status["last_error"]
+                assert not [pid for pid in [r["pid"], *r["children"]] if alive(pid)]
+                assert not [n for n in os.listdir(parent) if n.startswith("worker-")]
+            finally:
+                await sup.close()
+
+        asyncio.run(run())
+
+
+# The service in a process of its own (its stdout is the test's to read), with the supervisor's
+# defaults: the worker's command line is the one the installed service uses.
+SERVICE_PROGRAM = r'''
+import asyncio, json, os, sys
+from spice_streamd.supervisor import WorkerSupervisor, WorkerTarget
+spec = json.loads(sys.argv[1])
+async def main():
+    master, slave = os.openpty()
+    sup = WorkerSupervisor(device_path=os.ttyname(slave), fps=30, quality=80,
+                           worker_argv=spec["argv"], backoff_s=30)
+    t = spec["target"]
+    sup.set_target(WorkerTarget(t["uid"], t["gid"], tuple(t["groups"]), t["display"],
+                                t["xauthority"], t["vt"]))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 40
+    while loop.time() < deadline:
+        if sup.status["state"] == "running" if spec["until"] == "running" else \
+                os.path.exists(spec["until"]):
+            break
+        await asyncio.sleep(0.02)
+    status = sup.status
+    await sup.close()
+    with open(spec["out"], "w") as f:
+        json.dump(status, f)
+asyncio.run(main())
+'''
+
+
+def run_service(python: str, spec: dict) -> tuple[dict, subprocess.CompletedProcess]:
+    spec = dict(spec, target=dataclasses.asdict(spec["target"]))
+    proc = subprocess.run([python, "-c", SERVICE_PROGRAM, json.dumps(spec)], capture_output=True,
+                          timeout=90, cwd="/")
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    with open(spec["out"]) as f:
+        return json.load(f), proc
+
+
+def test_a_worker_writing_to_its_stdout_reaches_nothing_of_the_service(hostile):
+    """Finding 3: a worker's fd 1 is not the service's stdout (its journal stream): an
+    emergency-priority line written there must not come out of the service."""
+    script, rec, _ = hostile
+    out = os.path.join(rec, "status.json")
+    status, proc = run_service(sys.executable, {
+        "argv": [sys.executable, script, "stdout", rec], "target": user_a_target(),
+        "until": os.path.join(rec, "wrote"), "out": out})
+    assert os.path.exists(os.path.join(rec, "wrote"))  # it did write
+    assert b"HOSTILE-STDOUT" not in proc.stdout
+    assert b"HOSTILE-STDOUT" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_the_users_usercustomize_does_not_run_in_the_worker(workdir):
+    """The worker runs with its user's HOME: without -I, ~/.local/lib/python3.X/site-packages/
+    usercustomize.py (the user's file) would run inside it. A real one in spice-test-a's home,
+    the real worker under a Python whose user site is on (a venv's is off, Debian's is on)."""
+    from tests.support.xserver import xvfb
+
+    d, _, rec = workdir
+    target_user = pwd.getpwuid(user_a_target().uid)
+    venv = os.path.join(d, "venv")
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", "--system-site-packages",
+                    venv], check=True, timeout=60)
+    python = os.path.join(venv, "bin", "python")
+    site_dir = subprocess.run([python, "-c", "import site; print(site.getsitepackages()[0])"],
+                              check=True, capture_output=True, text=True).stdout.strip()
+    with open(os.path.join(site_dir, "spice-streamd-tree.pth"), "w") as f:
+        f.write(SERVICE_DIR + "\n")
+    marker = os.path.join(rec, "usercustomize-ran")
+    user_env = {"HOME": target_user.pw_dir, "PATH": "/usr/bin:/bin"}
+    user_site = subprocess.run([python, "-c", "import site; print(site.getusersitepackages())"],
+                               check=True, capture_output=True, text=True,
+                               env=user_env).stdout.strip()
+    code = f"open({marker!r}, 'a').write('ran in %d\\n' % __import__('os').getpid())\n"
+    with user_site_file(target_user, user_site, "usercustomize.py", code):
+        # The trap is armed: this Python runs it for that user, as it would have in the worker.
+        subprocess.run([python, "-c", "pass"], user=target_user.pw_uid,
+                       group=target_user.pw_gid, extra_groups=[], env=user_env, cwd="/",
+                       check=True, timeout=30)
+        assert os.path.exists(marker)
+        os.unlink(marker)
+
+        with xvfb(320, 240, owner_uid=target_user.pw_uid) as server:
+            status, proc = run_service(python, {
+                "argv": None, "until": "running", "out": os.path.join(rec, "status.json"),
+                "target": user_a_target(server.display, server.xauthority)})
+        assert not os.path.exists(marker), open(marker).read()
+        assert status["state"] == "running", proc.stderr.decode(errors="replace")
+
+
+@contextlib.contextmanager
+def user_site_file(user: pwd.struct_passwd, site_dir: str, name: str, text: str) -> Iterator[str]:
+    """`text` as site_dir/name, owned by `user` as if they had written it; afterwards the file is
+    removed (or what was there put back) with every directory made for it: the home too, for a
+    test user created without one."""
+    missing = []
+    d = site_dir
+    while not os.path.isdir(d):
+        missing.append(d)
+        d = os.path.dirname(d)
+    for m in reversed(missing):
+        os.mkdir(m, 0o755)
+        os.chown(m, user.pw_uid, user.pw_gid)
+    target = os.path.join(site_dir, name)
+    saved = None
+    if os.path.exists(target):
+        with open(target, "rb") as f:
+            saved = f.read()
+    with open(target, "w") as f:
+        f.write(text)
+    os.chown(target, user.pw_uid, user.pw_gid)
+    try:
+        yield target
+    finally:
+        if saved is None:
+            os.unlink(target)
+            shutil.rmtree(os.path.join(site_dir, "__pycache__"), ignore_errors=True)
+        else:
+            with open(target, "wb") as f:
+                f.write(saved)
+        if missing:
+            shutil.rmtree(missing[-1], ignore_errors=True)

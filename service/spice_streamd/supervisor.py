@@ -9,16 +9,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from spice_stream_worker import protocol as p
 
-from . import errors, guestmessages, workerprocess
+from . import cgroup, errors, guestmessages, workerprocess
 from .portrelay import PortRelay
 from .restartpolicy import RestartPolicy
 from .workerchannel import WorkerChannel, socket_pair
 from .workerlog import relay_stderr
-from .workerprocess import WorkerTarget, check_target, exit_text
+from .workerprocess import UserProcess, WorkerTarget, check_target, exit_text
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +37,16 @@ __all__ = ["STATES", "WorkerSupervisor", "WorkerTarget", "check_target"]
 class _Worker:
     """One running worker: its process and the service's end of its socket."""
 
-    def __init__(self, target: WorkerTarget, proc: asyncio.subprocess.Process,
-                 channel: WorkerChannel) -> None:
+    def __init__(self, target: WorkerTarget, child: UserProcess, channel: WorkerChannel) -> None:
         self.target = target
-        self.proc = proc
-        self.pid = proc.pid
+        self.child = child
+        self.proc = child.proc
+        self.pid = child.pid
         self.channel = channel
         self.started = time.monotonic()
         loop = asyncio.get_running_loop()
-        self.log_task = loop.create_task(relay_stderr(proc.stderr, str(self))) \
-            if proc.stderr is not None else None
+        self.log_task = loop.create_task(relay_stderr(self.proc.stderr, str(self))) \
+            if self.proc.stderr is not None else None
         self.wait_task: asyncio.Task[int] = loop.create_task(self._wait())
         self.reported = False
         self.detached = False
@@ -54,12 +54,15 @@ class _Worker:
         self.first_message_at: float | None = None
 
     async def _wait(self) -> int:
-        rc = await self.proc.wait()
+        """Its exit status once it has exited and everything it started has ended too."""
+        rc = await self.child.exited()
+        await self.child.end_rest()
         if self.log_task is not None:
             # Its last lines (why it ended) come before the service's line about the exit; a
             # child of its own holding the pipe must not keep us waiting.
             await asyncio.wait({self.log_task}, timeout=1.0)
             self.log_task.cancel()
+        self.child.close_pipes()
         return rc
 
     def __str__(self) -> str:
@@ -90,10 +93,16 @@ class WorkerSupervisor:
         device_present: bool | None = None,
         watchdog_s: float = WATCHDOG_S,
         pause_after_s: float | None = None,
+        cgroups: cgroup.Tree | None | Literal["auto"] = "auto",
     ) -> None:
+        """cgroups: where each worker gets a cgroup of its own; "auto" is the service's own
+        delegated cgroup when there is one (cgroup.service_tree()), None is none at all."""
         self._fps = int(fps)
         self._quality = int(quality)
-        self._argv = list(worker_argv or [sys.executable, "-m", "spice_stream_worker"])
+        # -I: the worker runs with its user's HOME; without it, the user's site-packages
+        # (usercustomize.py, a spice_stream_worker of their own there) would run inside it.
+        self._argv = list(worker_argv or [sys.executable, "-I", "-m", "spice_stream_worker"])
+        self._cgroups = cgroups
         self._on_change = on_change
         self._grace_s = grace_s
         self._watchdog_s = watchdog_s
@@ -393,8 +402,9 @@ class WorkerSupervisor:
         """A started worker with its socket, relayed to nothing yet; None (logged) on failure."""
         ours, theirs = socket_pair()
         try:
-            proc = await workerprocess.spawn(self._worker_argv(theirs.fileno()), target,
-                                             theirs.fileno())
+            child = await workerprocess.spawn(self._worker_argv(theirs.fileno()), target,
+                                              theirs.fileno(),
+                                              cgroups=cgroup.resolve(self._cgroups))
         except errors.ServiceError as e:
             ours.close()
             self._spawn_error = str(e)
@@ -405,7 +415,7 @@ class WorkerSupervisor:
             return None
         finally:
             theirs.close()
-        label = f"worker uid={target.uid} vt={target.vt} pid={proc.pid}"
+        label = f"worker uid={target.uid} vt={target.vt} pid={child.pid}"
         holder: list[_Worker] = []
         channel = WorkerChannel(
             ours, label=label,
@@ -413,7 +423,7 @@ class WorkerSupervisor:
                                                     self.relay.format_sent),
             deliver=lambda msg: self._from_worker(holder[0], msg),
             on_closed=self._wake.set)
-        worker = _Worker(target, proc, channel)
+        worker = _Worker(target, child, channel)
         worker.detached = True
         holder.append(worker)
         return worker

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from typing import Literal, Protocol
 
-from . import constants
+from . import cgroup, constants, workerprocess
 from .caller import Caller
 from .errors import AuthorityUnavailable, InvalidArgument, NotInSession
 from .readfile import EXIT_REFUSED
@@ -46,38 +45,22 @@ async def _read_at_most(stream: asyncio.StreamReader, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _ended(proc: asyncio.subprocess.Process, grace: float = 1.0) -> None:
-    """Waits for a killed reader. Python 3.11's wait() also waits for its pipes to close, which a
-    process it started in a session of its own could hold open for ever: close them ourselves."""
-    try:
-        await asyncio.wait_for(asyncio.shield(proc.wait()), grace)
-    except TimeoutError:
-        proc._transport.close()  # type: ignore[attr-defined]  # no public way to drop the pipes
-
-
 async def read_as_caller(caller: Caller, path: str, timeout: float = READ_TIMEOUT_S, *,
-                         reader: Sequence[str] = READER_ARGV) -> bytes:
-    """The file's bytes, read by a child running with the caller's uid and groups."""
+                         reader: Sequence[str] = READER_ARGV,
+                         cgroups: cgroup.Tree | None | Literal["auto"] = "auto") -> bytes:
+    """The file's bytes, read by a child running with the caller's uid and groups, in a cgroup
+    of its own (cgroups: as WorkerSupervisor's) that is killed with everything in it afterwards."""
     if not isinstance(path, str) or not path.startswith("/") or "\0" in path or len(path) > 4096:
         raise InvalidArgument("the Xauthority path must be an absolute path")
-    kwargs: dict = {}
-    if os.geteuid() == 0:
-        kwargs = {"user": caller.uid, "group": caller.gid, "extra_groups": list(caller.groups)}
-    elif caller.uid != os.geteuid():
+    if os.geteuid() != 0 and caller.uid != os.geteuid():
         # Unprivileged (a development run): we cannot become the caller, so we must not read it.
         raise InvalidArgument("this service instance cannot read another user's Xauthority")
-    proc = await asyncio.create_subprocess_exec(
-        *reader, path, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, cwd="/", env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-        close_fds=True, start_new_session=True, **kwargs)
-
-    def kill() -> None:
-        # Its own process group: whatever it started goes with it and lets go of the pipes.
-        if proc.returncode is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    child = await workerprocess.start_as(
+        [*reader, path], uid=caller.uid, gid=caller.gid, groups=caller.groups,
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, kind="reader", limits=cgroup.READER_LIMITS,
+        cgroups=cgroup.resolve(cgroups))
+    proc = child.proc
 
     async def collect() -> tuple[bytes, bytes]:
         assert proc.stdout is not None and proc.stderr is not None
@@ -85,13 +68,12 @@ async def read_as_caller(caller: Caller, path: str, timeout: float = READ_TIMEOU
         try:
             out = await _read_at_most(proc.stdout, MAX_XAUTHORITY_BYTES + 1)
             if len(out) > MAX_XAUTHORITY_BYTES:
-                kill()  # more than any file we accept: stop it here, whatever it is doing
-                await _ended(proc)
+                child.kill_all()  # more than any file we accept: stop it here, whatever it does
                 return out, b""
             err = await errors
         finally:
             errors.cancel()
-        await proc.wait()
+        await child.exited()
         return out, err
 
     try:
@@ -101,9 +83,13 @@ async def read_as_caller(caller: Caller, path: str, timeout: float = READ_TIMEOU
         raise AuthorityUnavailable(f"reading the Xauthority file {shown(path)} took longer "
                                    f"than {timeout:g} s") from None
     finally:
+        # It and whatever it started go (its cgroup, or its process group), and so do the
+        # pipes, which a process it started in a session of its own could hold open for ever.
         if proc.returncode is None:
-            kill()
-            await _ended(proc)
+            child.kill_all()
+        await child.exited()
+        await child.end_rest()
+        child.close_pipes()
     if len(out) > MAX_XAUTHORITY_BYTES:
         raise InvalidArgument(f"the Xauthority file {shown(path)} is larger than "
                               f"{MAX_XAUTHORITY_BYTES} bytes")

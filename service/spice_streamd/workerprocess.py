@@ -1,4 +1,6 @@
-"""Starting a worker as the session's user (its uid, gid and groups, never a root group) and ending it."""
+"""Starting a worker (and, for the verifier, the Xauthority reader) as a session's user: its uid, gid
+and groups, never a root group, in a cgroup of its own; knowing when it exits; ending it and all it
+started."""
 
 from __future__ import annotations
 
@@ -7,13 +9,17 @@ import contextlib
 import os
 import pwd
 import signal
+import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from spice_stream_worker.errors import ExitCode
 
-from . import errors
+from . import cgroup, errors
+from .cgroup import Cgroup
 
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+STREAM_LIMIT = 64 * 1024  # asyncio's own default for a subprocess's stream readers
 
 
 @dataclass(frozen=True)
@@ -65,30 +71,130 @@ def worker_env(target: WorkerTarget) -> dict[str, str]:
     return env
 
 
-async def spawn(argv: list[str], target: WorkerTarget, channel_fd: int) -> asyncio.subprocess.Process:
-    """Start `argv` as the target's user, with `channel_fd` as its only extra fd.
+class _ExitProtocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """asyncio's own protocol for a subprocess with streams, plus the moment the process exits."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=STREAM_LIMIT, loop=loop)
+        self.exited: asyncio.Future[int] = loop.create_future()
+        self._process: asyncio.SubprocessTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._process = transport  # type: ignore[assignment]
+
+    def process_exited(self) -> None:
+        # Called when the child watcher reaps it, whatever became of its pipes.
+        assert self._process is not None
+        rc = self._process.get_returncode()
+        super().process_exited()
+        if not self.exited.done() and rc is not None:
+            self.exited.set_result(rc)
+
+
+class UserProcess:
+    """A program started by start_as(): its process, its exit as the process reports it, and
+    what it started (its cgroup, or its process group without one)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, transport: asyncio.SubprocessTransport,
+                 exited: asyncio.Future[int], cgroup: Cgroup | None) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.cgroup = cgroup
+        self._transport = transport
+        self._exited = exited
+
+    async def exited(self) -> int:
+        """Its exit status once the process itself has exited. Not proc.wait(): in Python 3.11 it
+        also waits until every pipe is closed, and a process it started in a session of its own
+        (setsid) can hold its stderr open for ever."""
+        return await asyncio.shield(self._exited)
+
+    def kill_all(self) -> None:
+        """SIGKILL it and everything it started, now."""
+        if self.cgroup is not None and not self.cgroup.removed:
+            self.cgroup.kill_now()
+        else:
+            self._kill_group()
+
+    def _kill_group(self) -> None:
+        # Its process group keeps its id while any member lives, so this reaches no one else
+        # unless the group is gone and the id went round the whole pid space since.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+
+    async def end_rest(self) -> None:
+        """After its exit: what it started ends too. Its cgroup is killed, emptied and removed;
+        without one, its process group is killed (a process that left it with setsid stays)."""
+        if self.cgroup is not None:
+            await self.cgroup.kill()
+        else:
+            self._kill_group()
+
+    def close_pipes(self) -> None:
+        """Our ends of its pipes: a process that escaped end_rest() may hold theirs open."""
+        self._transport.close()
+
+
+async def start_as(argv: Sequence[str], *, uid: int, gid: int, groups: Sequence[int],
+                   env: dict[str, str], stdout: int, stderr: int, kind: str,
+                   limits: cgroup.Limits, cgroups: cgroup.Tree | None,
+                   pass_fds: Sequence[int] = ()) -> UserProcess:
+    """Start `argv` as uid/gid/groups (this process's own identity when not root and the same
+    uid), in a session of its own, in a new cgroup `kind-N` of `cgroups` (joined before exec),
+    stdin /dev/null, cwd /, only `pass_fds` inherited.
+
+    Raises errors.PermissionDenied when this process cannot become that user, OSError
+    (cgroup.CgroupError included) or subprocess.SubprocessError when the start fails."""
+    kwargs: dict = {}
+    if os.geteuid() == 0:
+        # extra_groups always, even empty: otherwise the child keeps root's groups.
+        kwargs = {"user": uid, "group": gid, "extra_groups": list(groups)}
+    elif uid != os.geteuid():
+        raise errors.PermissionDenied(f"not root: cannot run a program as uid {uid}")
+    cg = cgroups.create(kind, limits) if cgroups is not None else None
+    if cg is not None:
+        kwargs["preexec_fn"] = cg.join
+    loop = asyncio.get_running_loop()
+    protocol: _ExitProtocol | None = None
+
+    def make_protocol() -> _ExitProtocol:
+        nonlocal protocol
+        protocol = _ExitProtocol(loop)
+        return protocol
+
+    try:
+        transport, _ = await loop.subprocess_exec(
+            make_protocol, *argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+            env=env, cwd="/", close_fds=True, pass_fds=tuple(pass_fds), start_new_session=True,
+            **kwargs)
+    except BaseException:
+        if cg is not None:
+            await cg.kill()
+        raise
+    finally:
+        if cg is not None:
+            cg.started()
+    assert protocol is not None
+    proc = asyncio.subprocess.Process(transport, protocol, loop)
+    return UserProcess(proc, transport, protocol.exited, cg)
+
+
+async def spawn(argv: list[str], target: WorkerTarget, channel_fd: int, *,
+                cgroups: cgroup.Tree | None = None) -> UserProcess:
+    """Start `argv` as the target's user, with `channel_fd` as its only extra fd, in a cgroup
+    `worker-N` of `cgroups` with WORKER_LIMITS.
 
     Raises errors.PermissionDenied when this process cannot become that user, OSError or
     subprocess.SubprocessError when the start fails."""
     check_target(target)
-    kwargs: dict = {}
-    if os.geteuid() == 0:
-        # extra_groups always, even empty: otherwise the child keeps root's groups.
-        kwargs = {"user": target.uid, "group": target.gid, "extra_groups": list(target.groups)}
-    elif target.uid != os.geteuid():
-        raise errors.PermissionDenied(f"not root: cannot run a worker as uid {target.uid}")
     # stderr is a pipe the service reads (workerlog): inherited, it would be the service's own
     # journal stream, where the worker's user could write lines that pass for the service's.
-    return await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env=worker_env(target),
-        cwd="/",
-        pass_fds=(channel_fd,),
-        start_new_session=True,
-        **kwargs,
-    )
+    # stdout too, and nothing of the service reads it: /dev/null.
+    return await start_as(argv, uid=target.uid, gid=target.gid, groups=target.groups,
+                          env=worker_env(target), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, pass_fds=(channel_fd,), kind="worker",
+                          limits=cgroup.WORKER_LIMITS, cgroups=cgroups)
 
 
 async def end(proc: asyncio.subprocess.Process, wait: asyncio.Future[int],

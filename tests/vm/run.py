@@ -801,6 +801,67 @@ def s10_purge(ctx: Context) -> str:
     return f"{len(files)} paths of dpkg -L gone, unit {state}, no service/worker process{note}"
 
 
+def s_cgroups(ctx: Context) -> str:
+    """The active worker runs in a cgroup of its own under the unit's delegated cgroup, with its
+    limits; a process of alice's in that cgroup (root puts it there, standing in for a child the
+    worker forked, in a session of its own) goes when the worker goes, while the service stays."""
+    vm = ctx.vm
+    p = wait_until(lambda: (lambda d: d if d.get("WorkerState") == "running" and d.get("WorkerPID")
+                            else None)(ctx.props()), GNOME_TIMEOUT, "alice's worker to run",
+                   interval=2.0)
+    worker = p["WorkerPID"]
+    u = ctx.unit(UNIT, "MainPID", "TasksMax", "MemoryMax", "Delegate", "DelegateControllers")
+    unit_cg = "/system.slice/" + UNIT
+
+    def cg_of(pid) -> str:
+        st = ctx.status(pid) or {}
+        return next((line[3:] for line in st.get("cgroup", "").splitlines()
+                     if line.startswith("0::")), "")
+
+    wcg = cg_of(worker)
+    check(re.fullmatch(re.escape(unit_cg) + r"/worker-\d+", wcg),
+          f"worker {worker} is in cgroup {wcg!r}, not a worker-N of {unit_cg}")
+    check(cg_of(u["MainPID"]) == unit_cg + "/service",
+          f"the service (pid {u['MainPID']}) is in {cg_of(u['MainPID'])!r}, not {unit_cg}/service")
+    base = "/sys/fs/cgroup" + wcg
+    limits = dict(zip(("pids.max", "memory.max", "subtree"), vm.sh(
+        f"cat {base}/pids.max {base}/memory.max /sys/fs/cgroup{unit_cg}/cgroup.subtree_control",
+        quiet=True).check().out.splitlines(), strict=False))
+    check(limits.get("pids.max") == "16" and limits.get("memory.max") == str(256 << 20),
+          f"the worker's cgroup limits: {limits}")
+    check(u.get("TasksMax") == "512" and u.get("MemoryMax") == str(6 << 30),
+          f"the unit's limits: TasksMax={u.get('TasksMax')} MemoryMax={u.get('MemoryMax')}")
+    fallback = ctx.vm.sh(f"journalctl -b --no-pager -u {UNIT} | grep -c 'no cgroup of their own'",
+                         quiet=True).out.strip()
+    check(fallback in ("", "0"), f"the service logged the no-cgroup fallback: {fallback}")
+    # alice's process in the worker's cgroup, in a session of its own: only the cgroup holds it.
+    stray = int(vm.sh(
+        f"sh -c 'echo $$ > {base}/cgroup.procs && exec setpriv --reuid={ALICE[0]} "
+        f"--regid={ALICE[0]} --clear-groups setsid sleep 1000' </dev/null >/dev/null 2>&1 & "
+        "echo $!", quiet=True).check().out.strip())
+    wait_until(lambda: cg_of(stray) == wcg and (ctx.status(stray) or {}).get("Uid") ==
+               [str(ALICE[0])] * 4, 20, f"alice's sleep {stray} in {wcg}", interval=0.5)
+    pids_current = vm.sh(f"cat {base}/pids.current", quiet=True).out.strip()
+    vm.sh(f"kill -KILL {worker}").check()  # the worker ends (its own exit, as the service sees it)
+    try:
+        wait_until(lambda: not ctx.status(stray), 20, f"alice's process {stray} to go with the "
+                   "worker", interval=0.5)
+    finally:
+        vm.sh(f"kill -KILL {stray}", quiet=True)
+    gone = vm.sh(f"test -e {base} || echo gone", quiet=True).out.strip()
+    check(gone == "gone", f"the worker's cgroup {base} was not removed")
+    after = wait_until(lambda: (lambda d: d if d.get("WorkerState") == "running" and
+                                d.get("WorkerPID") not in (None, 0, worker) else None)(
+        ctx.props()), 60, "a new worker", interval=1.0)
+    u2 = ctx.unit(UNIT, "MainPID")
+    check(u2["MainPID"] == u["MainPID"], f"the service restarted: {u['MainPID']} -> {u2['MainPID']}")
+    return (f"worker {worker} in {wcg} (pids.max {limits['pids.max']}, memory.max "
+            f"{limits['memory.max']}; subtree_control {limits.get('subtree', '')!r}); unit "
+            f"TasksMax={u['TasksMax']} MemoryMax={u['MemoryMax']}; alice's sleep {stray} in it "
+            f"(pids.current {pids_current}) went with the killed worker, cgroup removed; new "
+            f"worker {after['WorkerPID']} in {cg_of(after['WorkerPID'])}")
+
+
 SCENARIOS: list[tuple[str, str, Callable[[Context], str]]] = [
     ("1", "udev starts spice-streamd at boot", s1_udev_start),
     ("2", "GDM autologin: helper registers, worker as alice, stream = screen", s2_autologin),
@@ -809,6 +870,7 @@ SCENARIOS: list[tuple[str, str, Callable[[Context], str]]] = [
     ("5", "polkit: bob outside the active session -> PermissionDenied", s5_polkit),
     ("8", "journald priorities, no duplicated prefix", s8_journal),
     ("7", "SIGKILL: restarted, re-registered, streaming, no stale worker", s7_kill),
+    ("cg", "worker in its own cgroup with limits; what it started goes with it", s_cgroups),
     ("6", "D-Bus activation under systemd after stop", s6_activation),
     ("3", "GDM greeter (autologin off): greeter registers and streams", s3_greeter),
     ("10", "apt-get purge stops it and leaves no file", s10_purge),
