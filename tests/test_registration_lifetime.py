@@ -232,7 +232,7 @@ def test_logind_not_answering_keeps_registrations(bus, logind):
     async def body(s: Service) -> None:
         await s.register(":1.60", BOB, 6001)
         await asyncio.to_thread(logind.stop)
-        await wait_async(lambda: s.seat.active_session is None, what="logind gone")
+        await wait_async(lambda: s.seat.active_vt is None, what="logind gone")
         await asyncio.sleep(3 * RECHECK_S)  # several periodic checks, all unanswered
         assert s.senders() == {":1.60"}
 
