@@ -858,6 +858,10 @@ def s11_session_ends(ctx: Context) -> str:
             why.append(f"Streaming on VT {vt}")
         return why
 
+    # GDM's autologin takes the VT it starts on: let it finish first (scenario 2 may not have run).
+    wait_until(lambda: (lambda s: s if s.get("Name") == ALICE[1] and s.get("VTNr") == str(ALICE_VT)
+                        else None)(ctx.active_session()), GNOME_TIMEOUT,
+               "GDM's autologin session of alice in front", interval=3.0)
     report = []
     alice: dict = {}
     try:
@@ -866,6 +870,8 @@ def s11_session_ends(ctx: Context) -> str:
                            interval=1.0)
         check(alice.get("Type") == "tty", f"alice's session on tty{vt} is not Type=tty: {alice}")
         vm.sh(f"chvt {vt}").check()
+        wait_until(lambda: (lambda s: s if s.get("Id") == alice["Id"] else None)(
+            ctx.active_session()), 30, f"alice's tty{vt} session in front", interval=1.0)
         try:
             wait_until(lambda: (vt, ALICE[0], display) in ctx.sessions(), 120,
                        f"alice's tty{vt} helper to register {display}", interval=2.0)
