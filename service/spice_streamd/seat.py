@@ -92,6 +92,7 @@ class LogindVTSource(_Notifier):
             f"member='PropertiesChanged',arg0='{constants.LOGIND_SEAT}'"
         )
         self._generation = 0
+        self._failing = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
 
@@ -132,8 +133,12 @@ class LogindVTSource(_Notifier):
         generation = self._generation
         try:
             vt, session = await self._read_active()
+            self._failing = False
         except LogindError as e:
-            log.warning("cannot read seat0's active session (%s): no active VT", e)
+            # Once per run of failures: the periodic re-check would repeat it every few seconds.
+            if not self._failing:
+                log.warning("cannot read seat0's active session (%s): no active VT", e)
+            self._failing = True
             vt, session = None, None
         if generation == self._generation:
             self._set(vt, why, session)
