@@ -79,6 +79,9 @@ def test_remove_by_sender_and_session():
 
 
 class FakeSource:
+    has_sessions = False  # the sysfs fallback's way: the VT decides
+    active_session = None
+
     def __init__(self, value):
         self.active_vt = value
         self.present = value

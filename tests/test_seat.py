@@ -44,6 +44,33 @@ def test_logind_follows_seat0(bus, logind):
     asyncio.run(run())
 
 
+def test_a_new_session_on_the_same_vt_is_a_change(bus, logind):
+    """A logout and another user's login on the same VT leave the VT as it was: the session id
+    tells them apart, and the callbacks hear of it."""
+    logind.add_session("a5", uid=1001, vt=5, type="tty", active=True)
+
+    async def run():
+        conn = await connect(bus.address)
+        src = await open_vt_source(conn)
+        seen: list[tuple[int | None, str | None]] = []
+        src.on_change(lambda vt: seen.append((vt, src.active_session)))
+        try:
+            assert (src.active_vt, src.active_session, src.has_sessions) == (5, "a5", True)
+            logind.add_session("b5", uid=1002, vt=5, type="tty")
+            await asyncio.to_thread(logind.activate, "b5")
+            await wait_async(lambda: seen, what="the change of session")
+            assert seen == [(5, "b5")]
+            # A change nobody signalled is found by reading again.
+            await asyncio.to_thread(logind.activate, "a5", True)
+            await src.refresh("test")
+            assert seen == [(5, "b5"), (5, "a5")]
+        finally:
+            await src.close()
+            conn.disconnect()
+
+    asyncio.run(run())
+
+
 def test_spoofed_seat_change_is_ignored(bus, logind):
     """Another peer unicasting a PropertiesChanged for seat0 must not move the worker."""
     logind.add_session("c2", uid=1000, vt=2, active=True)
@@ -129,6 +156,7 @@ def test_bus_without_logind_uses_sysfs(bus, tmp_path):
         src = await open_vt_source(conn, sysfs_path=str(active))
         try:
             assert isinstance(src, SysfsVTSource) and src.active_vt == 5
+            assert not src.has_sessions and src.active_session is None  # the VT decides
         finally:
             await src.close()
             conn.disconnect()

@@ -110,6 +110,29 @@ def test_logind_autostart_process_gets_the_users_display_session(bus, logind):
     asyncio.run(run())
 
 
+def test_logind_session_state_closing_or_gone(bus, logind):
+    logind.add_session("c5", uid=1000, vt=5, type="tty", pids=[77], active=True)
+
+    async def run():
+        conn = await connect(bus.address)
+        src = await open_session_source(conn)
+        try:
+            assert await src.session_state("c5") == "active"
+            await asyncio.to_thread(logind.close_session, "c5")  # told to nobody, as by logind
+            assert await src.session_state("c5") == "closing"
+            await asyncio.to_thread(logind.remove_session, "c5", False)
+            assert await src.session_state("c5") == sessioninfo.GONE
+            assert await src.session_state("no-such") == sessioninfo.GONE
+            await asyncio.to_thread(logind.stop)
+            with pytest.raises(sessioninfo.LogindError):  # nobody knows: not "gone"
+                await src.session_state("c5")
+        finally:
+            await src.close()
+            conn.disconnect()
+
+    asyncio.run(run())
+
+
 def test_logind_session_not_on_vt(bus, logind):
     logind.add_session("s0", uid=1000, vt=0, type="tty", pids=[77])
 

@@ -1,4 +1,5 @@
-"""Maps the active VT, the session registry and the device's presence to the supervisor's target."""
+"""Maps the active session (or VT), the session registry and the device's presence to the
+supervisor's target."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ log = logging.getLogger(__name__)
 
 class _VT(Protocol):
     active_vt: int | None
+    active_session: str | None
+    has_sessions: bool
 
     def on_change(self, callback: Callable[[int | None], None]) -> None: ...
 
@@ -71,14 +74,15 @@ class Coordinator:
             log.info("stream device %s", f"present at {node}" if present else "absent")
             # Without a udev symlink the port is found by its sysfs name: open the node it found.
             self.supervisor.set_device_present(present, path=node)
-        reg = self.registry.by_vt(self.vt_source.active_vt)
+        reg = self._in_front()
         if reg != self._target_reg:
             self._target_reg = reg
             if reg is None:
-                log.info("no registered session on active VT %s: worker stopped",
-                         self.vt_source.active_vt)
+                log.info("no registered session in front (VT %s, session %s): worker stopped",
+                         self.vt_source.active_vt, self.vt_source.active_session or "-")
             else:
-                log.info("active VT %d: streaming uid %d display %s", reg.vt, reg.uid, reg.display)
+                log.info("active VT %d: streaming uid %d display %s (session %s)", reg.vt,
+                         reg.uid, reg.display, reg.session_id or "-")
             try:
                 self.supervisor.set_target(self._make_target(reg))
             except ServiceError as exc:
@@ -88,6 +92,15 @@ class Coordinator:
         self.supervisor.set_standby([self._make_target(r) for r in self.registry.all()
                                      if r is not reg])
         self.notify()
+
+    def _in_front(self) -> Registration | None:
+        """The registration of the session in front of seat0."""
+        if self.vt_source.has_sessions:
+            # By session, not VT: a VT can still hold an ended session's registration (a logout
+            # that left processes behind keeps it "closing") while another session is in front.
+            return self.registry.by_session(self.vt_source.active_session)
+        # Without logind (sysfs and /proc: no session ids) the VT is all there is to go by.
+        return self.registry.by_vt(self.vt_source.active_vt)
 
     def notify(self) -> None:
         for cb in list(self._listeners):

@@ -83,6 +83,7 @@ class Service:
         # Imported here: these are C2's modules and pull in pyudev; the CLI's --help needs none.
         from .devicewatch import DeviceWatch
         from .seat import open_vt_source
+        from .sessionexpiry import SessionExpiry
         from .sessioninfo import open_session_source
         from .supervisor import WorkerSupervisor
 
@@ -113,13 +114,10 @@ class Service:
             registry = SessionRegistry(max_sessions=self.config.max_sessions,
                                        max_sessions_per_uid=self.config.max_sessions_per_uid)
 
-            def session_removed(session_id: str) -> None:
-                for reg in registry.remove_session(session_id):
-                    log.info("session %s of uid %d on VT %d ended: registration dropped",
-                             session_id, reg.uid, reg.vt)
-
-            session_source.on_session_removed(session_removed)
             coordinator = Coordinator(registry, vt_source, device, supervisor)
+            expiry = SessionExpiry(registry, session_source, vt_source)
+            expiry.start()
+            closers.append(("session expiry", expiry.close))
             self._interface = StreamingAgentInterface(coordinator.properties,
                                                       owners=lambda: owners_of(supervisor))
             coordinator.on_change(self._interface.refresh)

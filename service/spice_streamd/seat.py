@@ -1,4 +1,5 @@
-"""Which VT is active: logind's seat0 ActiveSession, or /sys/class/tty/tty0/active without logind."""
+"""Which VT (and, with logind, which session) is active: logind's seat0 ActiveSession, or
+/sys/class/tty/tty0/active without logind."""
 
 from __future__ import annotations
 
@@ -33,27 +34,41 @@ POLL_INTERVAL_S = 0.5
 
 class VTSource(Protocol):
     active_vt: int | None
+    # seat0's active logind session id; always None when has_sessions is False (no logind).
+    active_session: str | None
+    has_sessions: bool
 
     def on_change(self, callback: Callable[[int | None], None]) -> None: ...
+
+    async def refresh(self, why: str) -> None: ...
 
     async def close(self) -> None: ...
 
 
 class _Notifier:
-    """Holds active_vt and calls the callbacks once per actual change."""
+    """Holds active_vt (and active_session) and calls the callbacks once per actual change of
+    either: a new session on the same VT (a logout and a login on that VT) is a change too."""
+
+    has_sessions = False
 
     def __init__(self) -> None:
         self.active_vt: int | None = None
+        self.active_session: str | None = None
         self._callbacks: list[Callable[[int | None], None]] = []
 
     def on_change(self, callback: Callable[[int | None], None]) -> None:
         self._callbacks.append(callback)
 
-    def _set(self, vt: int | None, why: str) -> None:
-        if vt == self.active_vt:
+    def _set(self, vt: int | None, why: str, session: str | None = None) -> None:
+        if (vt, session) == (self.active_vt, self.active_session):
             return
-        log.info("active VT %s -> %s (%s)", self.active_vt, vt, why)
+        if session == self.active_session:
+            log.info("active VT %s -> %s (%s)", self.active_vt, vt, why)
+        else:
+            log.info("active VT %s -> %s, session %s -> %s (%s)", self.active_vt, vt,
+                     self.active_session or "(none)", session or "(none)", why)
         self.active_vt = vt
+        self.active_session = session
         for cb in list(self._callbacks):
             try:
                 cb(vt)
@@ -62,7 +77,9 @@ class _Notifier:
 
 
 class LogindVTSource(_Notifier):
-    """seat0's ActiveSession (followed through PropertiesChanged) mapped to that session's VTNr."""
+    """seat0's ActiveSession (followed through PropertiesChanged) and that session's VTNr."""
+
+    has_sessions = True
 
     def __init__(self, bus: MessageBus, timeout: float = constants.LOGIND_TIMEOUT_S) -> None:
         super().__init__()
@@ -75,6 +92,7 @@ class LogindVTSource(_Notifier):
             f"member='PropertiesChanged',arg0='{constants.LOGIND_SEAT}'"
         )
         self._generation = 0
+        self._failing = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
 
@@ -114,31 +132,40 @@ class LogindVTSource(_Notifier):
         self._generation += 1
         generation = self._generation
         try:
-            vt = await self._read_active_vt()
+            vt, session = await self._read_active()
+            self._failing = False
         except LogindError as e:
-            log.warning("cannot read seat0's active session (%s): no active VT", e)
-            vt = None
+            # Once per run of failures: the periodic re-check would repeat it every few seconds.
+            if not self._failing:
+                log.warning("cannot read seat0's active session (%s): no active VT", e)
+            self._failing = True
+            vt, session = None, None
         if generation == self._generation:
-            self._set(vt, why)
+            self._set(vt, why, session)
 
-    async def _read_active_vt(self) -> int | None:
+    async def refresh(self, why: str) -> None:
+        """Reads seat0's active session again: a lost PropertiesChanged is made good here."""
+        await self._refresh(why)
+
+    async def _read_active(self) -> tuple[int | None, str | None]:
+        """seat0's active session's VT (None when not on a VT) and id (None without one)."""
         if self._owner.owner is None:
-            return None
+            return None, None
         seat = await get_properties(
             self._bus, constants.LOGIND_SEAT0_PATH, constants.LOGIND_SEAT, self._timeout
         )
         try:
             session_id, path = seat["ActiveSession"]
         except (KeyError, TypeError, ValueError):
-            return None
-        if not session_id or path in ("", "/"):
-            return None
+            return None, None
+        if not isinstance(session_id, str) or not session_id or path in ("", "/"):
+            return None, None
         props = await get_properties(self._bus, path, constants.LOGIND_SESSION, self._timeout)
         try:
             vt = int(props.get("VTNr", 0))
         except (TypeError, ValueError):
-            return None
-        return vt if 1 <= vt <= MAX_VT else None
+            return None, session_id
+        return (vt if 1 <= vt <= MAX_VT else None), session_id
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -205,6 +232,11 @@ class SysfsVTSource(_Notifier):
             log.warning("cannot read %s: %s", self.path, e.strerror)
             data = b""
         self._set(parse_active_vt(data), why)
+
+    async def refresh(self, why: str) -> None:
+        """Reads the attribute again (the poll mode does so on its own timer anyway)."""
+        if self._fd is not None:
+            self._read_fd(why)
 
     def _on_notify(self) -> None:
         assert self._epoll is not None

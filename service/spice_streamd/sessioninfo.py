@@ -50,8 +50,19 @@ class SessionInfo:
     closing: bool = False  # logind State "closing": logged out, processes left behind
 
 
+# What session_state() says of a session logind no longer knows.
+GONE = "gone"
+# logind's replies for a session id or object it does not know (any more).
+_GONE_ERRORS = {
+    "org.freedesktop.login1.NoSuchSession",
+    "org.freedesktop.DBus.Error.UnknownObject",
+}
+
+
 class SessionSource(Protocol):
     async def session_of_pid(self, pid: int) -> SessionInfo: ...
+
+    async def session_state(self, session_id: str) -> str: ...
 
     def on_session_removed(self, callback: Callable[[str], None]) -> None: ...
 
@@ -291,6 +302,25 @@ class LogindSessionSource:
         return SessionInfo(session_id=session_id, uid=uid, vt=vt, kind=kind, active=active,
                            remote=remote, seat=seat, closing=closing)
 
+    async def session_state(self, session_id: str) -> str:
+        """logind's State of the session ("online", "active", "closing"), or GONE when logind no
+        longer knows it. Raises LogindError when logind does not answer: then nobody knows.
+
+        logind sends no PropertiesChanged for State, so a session's "closing" is only ever
+        learnt by asking."""
+        try:
+            (path,) = await logind_call(
+                self._bus, constants.LOGIND_PATH, constants.LOGIND_MANAGER, "GetSession", "s",
+                [session_id], self._timeout)
+            (state,) = await logind_call(
+                self._bus, path, "org.freedesktop.DBus.Properties", "Get", "ss",
+                [constants.LOGIND_SESSION, "State"], self._timeout)
+        except LogindError as e:
+            if e.name in _GONE_ERRORS:
+                return GONE
+            raise
+        return str(getattr(state, "value", state))
+
     async def _display_session_of_user(self, pid: int) -> tuple[str, dict[str, Any]]:
         """The display session of the user owning `pid`, for a process outside any session.
 
@@ -400,6 +430,10 @@ class ProcSessionSource:
 
     def on_session_removed(self, callback: Callable[[str], None]) -> None:
         pass  # without logind there are no session ids to remove
+
+    async def session_state(self, session_id: str) -> str:
+        # Never asked: sessions from /proc have no id (SessionInfo.session_id is None).
+        return "online"
 
     async def session_of_pid(self, pid: int) -> SessionInfo:
         if not isinstance(pid, int) or pid <= 0:

@@ -96,6 +96,20 @@ class SessionRegistry:
                 found = r
         return found
 
+    def by_session(self, session_id: str | None) -> Registration | None:
+        """The registration in use for logind session `session_id`: the newest one of it."""
+        if session_id is None:
+            return None
+        found = None
+        for r in self._by_sender.values():
+            if r.session_id == session_id:
+                found = r
+        return found
+
+    def session_ids(self) -> set[str]:
+        """The logind sessions of every live registration, those waiting included."""
+        return {r.session_id for r in self._by_sender.values() if r.session_id is not None}
+
     def all(self) -> list[Registration]:
         """The registrations in use, one per VT (those waiting behind them are not listed)."""
         in_use: dict[int, Registration] = {}

@@ -1,4 +1,5 @@
-"""A python-dbusmock logind on a private bus, extended with GetSessionByPID, VTNr and seat0 switching."""
+"""A python-dbusmock logind on a private bus, extended with GetSessionByPID, VTNr, seat0 switching
+and changes that send no signal (as logind's State, or a signal that got lost)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ MANAGER = "org.freedesktop.login1.Manager"
 SESSION = "org.freedesktop.login1.Session"
 SEAT = "org.freedesktop.login1.Seat"
 MOCK = "org.freedesktop.DBus.Mock"
+QUIET = "org.spice_space.Test.Quiet"  # the mock's own method for changes nobody is told about
 SEAT0 = "/org/freedesktop/login1/seat/seat0"
 
 # A permissive system-type bus for tests that do not exercise our policy (tests/support/bus.py
@@ -115,6 +117,17 @@ class LogindMock:
             "ret = dbus.ObjectPath(m[args[0]])\n"
         )
         self._mock(LOGIND_PATH).AddMethod(MANAGER, "GetSessionByPID", "u", "o", code)
+        # The template's GetSession answers for any id; logind's knows its sessions.
+        self._mock(LOGIND_PATH).AddMethod(MANAGER, "GetSession", "s", "o", (
+            "p = '/org/freedesktop/login1/session/' + args[0]\n"
+            "if p not in objects:\n"
+            "    raise dbus.exceptions.DBusException("
+            "'No session %s known' % args[0], name='org.freedesktop.login1.NoSuchSession')\n"
+            "ret = dbus.ObjectPath(p)\n"
+        ))
+        # Property changes without PropertiesChanged: objects is dbusmock's path -> object map.
+        self._mock(LOGIND_PATH).AddMethod(QUIET, "SetQuietly", "ssa{sv}", "",
+                                          "objects[args[0]].props[args[1]].update(args[2])")
         users = dict(self._user_pids)
         users.update({pid: self._session_uids[sid] for pid, sid in self._pids.items()})
         self._mock(LOGIND_PATH).AddMethod(MANAGER, "GetUserByPID", "u", "o", (
@@ -211,6 +224,18 @@ class LogindMock:
     def set_property(self, session_id: str, name: str, value) -> None:
         self._mock(self.session_path(session_id)).UpdateProperties(SESSION, {name: value})
 
+    def set_quietly(self, path: str, interface: str, props: dict) -> None:
+        """Change properties with no PropertiesChanged: logind's State (never signalled), or a
+        signal the service missed."""
+        dbus.Interface(self.conn.get_object(LOGIND_NAME, LOGIND_PATH), QUIET).SetQuietly(
+            path, interface, dbus.Dictionary(props, signature="sv"))
+
+    def close_session(self, session_id: str) -> None:
+        """The session's user logged out with processes left behind: State "closing", told to
+        nobody, as logind does."""
+        self.set_quietly(self.session_path(session_id), SESSION,
+                         {"State": "closing"})
+
     def active_session(self) -> str:
         seat = self.conn.get_object(LOGIND_NAME, SEAT0)
         return str(seat.Get(SEAT, "ActiveSession", dbus_interface=dbus.PROPERTIES_IFACE)[0])
@@ -219,21 +244,34 @@ class LogindMock:
         seat = self.conn.get_object(LOGIND_NAME, SEAT0)
         return [str(s[0]) for s in seat.Get(SEAT, "Sessions", dbus_interface=dbus.PROPERTIES_IFACE)]
 
-    def activate(self, session_id: str | None) -> None:
-        """Make session_id seat0's active session (None: no active session), as a VT switch."""
+    def _state(self, session_id: str) -> str:
+        obj = self.conn.get_object(LOGIND_NAME, self.session_path(session_id))
+        return str(obj.Get(SESSION, "State", dbus_interface=dbus.PROPERTIES_IFACE))
+
+    def activate(self, session_id: str | None, quietly: bool = False) -> None:
+        """Make session_id seat0's active session (None: no active session), as a VT switch.
+        A closing session stays closing. quietly: seat0 sends no PropertiesChanged (lost)."""
         for sid in self._session_ids():
-            self._mock(self.session_path(sid)).UpdateProperties(
-                SESSION, {"Active": sid == session_id,
-                          "State": "active" if sid == session_id else "online"}
-            )
+            if self._state(sid) == "closing":
+                continue
+            props = {"Active": sid == session_id,
+                     "State": "active" if sid == session_id else "online"}
+            if quietly:
+                self.set_quietly(self.session_path(sid), SESSION, props)
+            else:
+                self._mock(self.session_path(sid)).UpdateProperties(SESSION, props)
         value = (
             dbus.Struct((session_id, dbus.ObjectPath(self.session_path(session_id))))
             if session_id else dbus.Struct(("", dbus.ObjectPath("/")))
         )
-        self._mock(SEAT0).UpdateProperties(SEAT, {"ActiveSession": value})
+        if quietly:
+            self.set_quietly(SEAT0, SEAT, {"ActiveSession": value})
+        else:
+            self._mock(SEAT0).UpdateProperties(SEAT, {"ActiveSession": value})
 
-    def remove_session(self, session_id: str) -> None:
-        """Drop the session (and its pids) and emit Manager.SessionRemoved."""
+    def remove_session(self, session_id: str, signal: bool = True) -> None:
+        """Drop the session (and its pids) and emit Manager.SessionRemoved (unless not `signal`:
+        a signal the service missed)."""
         path = self.session_path(session_id)
         was_active = self.active_session() == session_id
         remaining = [s for s in self._session_ids() if s != session_id]
@@ -245,9 +283,10 @@ class LogindMock:
         self._mock(LOGIND_PATH).RemoveObject(path)
         self._pids = {p: s for p, s in self._pids.items() if s != session_id}
         self._install_get_session_by_pid()
-        self._mock(LOGIND_PATH).EmitSignal(
-            MANAGER, "SessionRemoved", "so", [session_id, dbus.ObjectPath(path)]
-        )
+        if signal:
+            self._mock(LOGIND_PATH).EmitSignal(
+                MANAGER, "SessionRemoved", "so", [session_id, dbus.ObjectPath(path)]
+            )
 
     def stop(self) -> None:
         if self.proc.poll() is None:

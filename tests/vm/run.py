@@ -801,7 +801,7 @@ def s10_purge(ctx: Context) -> str:
     return f"{len(files)} paths of dpkg -L gone, unit {state}, no service/worker process{note}"
 
 
-def s_cgroups(ctx: Context) -> str:
+def s12_cgroups(ctx: Context) -> str:
     """The active worker runs in a cgroup of its own under the unit's delegated cgroup, with its
     limits; a process of alice's in that cgroup (root puts it there, standing in for a child the
     worker forked, in a session of its own) goes when the worker goes, while the service stays."""
@@ -862,6 +862,141 @@ def s_cgroups(ctx: Context) -> str:
             f"worker {after['WorkerPID']} in {cg_of(after['WorkerPID'])}")
 
 
+def s11_session_ends(ctx: Context) -> str:
+    """Issue 15 finding 5: a registration does not outlive its logind session. alice logs in on
+    tty5 (PAM, logind Type=tty), runs an Xvfb of her own and the helper, and is streamed on VT 5;
+    she logs out leaving both running (Debian's KillUserProcesses=no keeps the session 'closing');
+    bob logs in on tty5: her picture must no longer be relayed and her registration must go."""
+    vm = ctx.vm
+    vt, display, limit_s = 5, ":7", 15.0
+    auth = f"/run/user/{ALICE[0]}/Xauthority-vt{vt}"
+    units = ("vmtest-alice-tty", "vmtest-bob-tty")
+    script = "/run/vmtest-alice-tty.sh"
+    vm.sh(f"cat > {script} <<'EOF'\n"
+          "set -eu\n"
+          f"rm -f {auth}\n"
+          f"xauth -q -f {auth} add {display} MIT-MAGIC-COOKIE-1 "
+          "$(od -An -N16 -tx1 /dev/urandom | tr -d ' \\n')\n"
+          # setsid: no controlling tty, so the logout's hangup of tty5 leaves both running.
+          f"setsid -f Xvfb {display} -auth {auth} -screen 0 1024x768x24 -nolisten tcp -noreset\n"
+          f"export DISPLAY={display} XAUTHORITY={auth}\n"
+          "i=0\n"
+          "until xsetroot -solid '#2f7f4f' 2>/dev/null && "
+          "[ \"$(loginctl show-session \"$XDG_SESSION_ID\" -p Active --value)\" = yes ]; do\n"
+          "  i=$((i + 1)); [ $i -lt 600 ] || exit 1; sleep 0.1\n"
+          "done\n"
+          "setsid -f spice-stream-helper\n"
+          "exec sleep infinity\n"
+          f"EOF\nchmod 755 {script}").check()
+    vm.sh("systemctl stop " + " ".join(units) + " 2>/dev/null; systemctl reset-failed "
+          + " ".join(units) + " 2>/dev/null", quiet=True)
+
+    def login(unit: str, user: str, command: str) -> None:
+        vm.sh(f"systemd-run --unit={unit} --description='{user} on tty{vt} (VM suite)' "
+              f"-p PAMName=login -p User={user} -p TTYPath=/dev/tty{vt} "
+              "-p StandardInput=tty-force -p StandardOutput=journal -p StandardError=journal "
+              f"-p Environment=XDG_SEAT=seat0 -p Environment=XDG_VTNR={vt} {command}").check()
+
+    def session_on_vt(user: str) -> dict | None:
+        for line in vm.sh("loginctl list-sessions --no-legend", quiet=True).out.splitlines():
+            sid = line.split()[0] if line.split() else ""
+            out = vm.sh(f"loginctl show-session {sid} -p Id -p Name -p VTNr -p Type -p State",
+                        quiet=True).out
+            s = dict(kv.split("=", 1) for kv in out.splitlines() if "=" in kv)
+            if s.get("Name") == user and s.get("VTNr") == str(vt):
+                return s
+        return None
+
+    def worker_uid(p: dict) -> int | None:
+        st = ctx.status(p["WorkerPID"]) if p.get("WorkerPID") else None
+        return int(st["Uid"][0]) if st else None
+
+    def relays_alice(p: dict) -> list[str]:
+        why = []
+        if any(s[0] == vt and s[1] == ALICE[0] for s in p.get("Sessions") or []):
+            why.append(f"Sessions {p.get('Sessions')}")
+        if p.get("WorkerState") == "running" and worker_uid(p) == ALICE[0]:
+            why.append(f"worker {p.get('WorkerPID')} of alice {p.get('WorkerState')}")
+        if p.get("Streaming") and p.get("StreamingVT") == vt:
+            why.append(f"Streaming on VT {vt}")
+        return why
+
+    # GDM's autologin takes the VT it starts on: let it finish first (scenario 2 may not have run).
+    wait_until(lambda: (lambda s: s if s.get("Name") == ALICE[1] and s.get("VTNr") == str(ALICE_VT)
+                        else None)(ctx.active_session()), GNOME_TIMEOUT,
+               "GDM's autologin session of alice in front", interval=3.0)
+    report = []
+    alice: dict = {}
+    try:
+        login(units[0], ALICE[1], f"/bin/sh {script}")
+        alice = wait_until(lambda: session_on_vt(ALICE[1]), 60, f"alice's session on tty{vt}",
+                           interval=1.0)
+        check(alice.get("Type") == "tty", f"alice's session on tty{vt} is not Type=tty: {alice}")
+        vm.sh(f"chvt {vt}").check()
+        wait_until(lambda: (lambda s: s if s.get("Id") == alice["Id"] else None)(
+            ctx.active_session()), 30, f"alice's tty{vt} session in front", interval=1.0)
+        try:
+            wait_until(lambda: (vt, ALICE[0], display) in ctx.sessions(), 120,
+                       f"alice's tty{vt} helper to register {display}", interval=2.0)
+        except AssertionError as exc:
+            raise Failed(f"{exc}: Sessions {ctx.sessions()}\n"
+                         + ctx.journal_text(f"-b -u {units[0]}", tail=15)) from None
+        with Viewer(ctx, "alice-tty") as viewer:
+            wait_until(lambda: (lambda d: d.get("Streaming") and d.get("StreamingVT") == vt)(
+                ctx.props()), 30, f"Streaming on VT {vt}", interval=1.0)
+            values = compare(ctx, viewer, ALICE[0], display, auth, "alice-tty")
+            report.append(f"alice's session {alice['Id']} (tty, VT {vt}) registered {display}, "
+                          f"streamed: PSNR {values}")
+
+            # Logout with processes left behind: the session's leader ends, Xvfb and helper stay.
+            main_pid = ctx.unit(units[0], "MainPID").get("MainPID", "0")
+            check(main_pid != "0", f"{units[0]} has no main process")
+            vm.sh(f"kill {main_pid}").check()
+            closing = wait_until(lambda: (lambda s: s if s and s.get("State") == "closing"
+                                          else None)(session_on_vt(ALICE[1])), 30,
+                                 "alice's session to be closing", interval=1.0)
+            left = vm.sh(f"grep -l '/session-{closing['Id']}.scope$' /proc/[0-9]*/cgroup "
+                         "2>/dev/null | sed 's,/cgroup$,/cmdline,' | xargs -r cat | tr '\\0' ' '",
+                         quiet=True).out
+            check("Xvfb" in left and "spice-stream-helper" in left,
+                  f"alice's Xvfb and helper did not outlive her logout (left in her session's "
+                  f"scope: {left.strip()!r}): is KillUserProcesses=no?")
+            report.append(f"logout: session {closing['Id']} closing, Xvfb and helper left; "
+                          f"right after: {relays_alice(ctx.props()) or 'not relayed'}")
+
+            login(units[1], BOB[1], "/bin/sleep infinity")
+            bob = wait_until(lambda: (lambda s: s if s.get("Name") == BOB[1]
+                                      and s.get("VTNr") == str(vt) else None)(
+                ctx.active_session()), 60, f"bob's session in front on tty{vt}", interval=0.5)
+            t0 = time.monotonic()
+            try:
+                wait_until(lambda: not relays_alice(ctx.props()), limit_s,
+                           f"alice no longer relayed while bob's session {bob['Id']} is in front",
+                           interval=0.5)
+            except AssertionError:
+                p = ctx.props()
+                still = viewer.save()
+                shot = ctx.screenshot(ALICE[0], display, auth, "alice-tty-leak")
+                raise Failed(f"{limit_s:g} s after bob's login (session {bob['Id']}) on tty{vt} "
+                             f"the service still relays alice's closing session: "
+                             f"{relays_alice(p)}; the client's picture vs alice's screen: PSNR "
+                             f"{psnr(still, shot):.1f} dB; " + "; ".join(report)) from None
+            gone_s = time.monotonic() - t0
+            dropped = ctx.journal_text(f"-b -u {UNIT} --grep 'uid {ALICE[0]} on VT {vt} dropped'",
+                                       tail=2)
+            check(dropped, "no 'registration ... dropped' line in the service's journal")
+            p = ctx.props()
+            report.append(f"bob's session {bob['Id']} in front: alice not relayed within "
+                          f"{gone_s:.1f} s (WorkerState {p.get('WorkerState')}, Sessions "
+                          f"{p.get('Sessions')}); journal: {dropped.splitlines()[-1].strip()}")
+    finally:
+        # Her leftovers go with her session (not her GNOME session's helper on VT 2).
+        if alice.get("Id"):
+            vm.sh(f"loginctl terminate-session {alice['Id']}", quiet=True)
+        vm.sh("systemctl stop " + " ".join(units) + f"; chvt {ALICE_VT}", quiet=True)
+    return "; ".join(report)
+
+
 SCENARIOS: list[tuple[str, str, Callable[[Context], str]]] = [
     ("1", "udev starts spice-streamd at boot", s1_udev_start),
     ("2", "GDM autologin: helper registers, worker as alice, stream = screen", s2_autologin),
@@ -870,15 +1005,16 @@ SCENARIOS: list[tuple[str, str, Callable[[Context], str]]] = [
     ("5", "polkit: bob outside the active session -> PermissionDenied", s5_polkit),
     ("8", "journald priorities, no duplicated prefix", s8_journal),
     ("7", "SIGKILL: restarted, re-registered, streaming, no stale worker", s7_kill),
-    ("cg", "worker in its own cgroup with limits; what it started goes with it", s_cgroups),
+    ("12", "worker in its own cgroup with limits; what it started goes with it", s12_cgroups),
     ("6", "D-Bus activation under systemd after stop", s6_activation),
+    ("11", "tty5 logout (closing) then bob's login: alice no longer relayed", s11_session_ends),
     ("3", "GDM greeter (autologin off): greeter registers and streams", s3_greeter),
     ("10", "apt-get purge stops it and leaves no file", s10_purge),
 ]
 
 
 # What a scenario needs from an earlier one in the same boot: --only adds it.
-NEEDS = {"9": ["2"], "4": ["2"], "8": ["5"], "7": ["2"]}
+NEEDS = {"9": ["2"], "4": ["2"], "8": ["5"], "7": ["2"], "12": ["2"]}
 
 # -- running ----------------------------------------------------------------------------------------
 
