@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from . import constants
 from .caller import Caller
-from .errors import AuthorityUnavailable, InvalidArgument, NotInSession
+from .errors import AuthorityUnavailable, InvalidArgument, NotInSession, StartFailed
 from .readfile import EXIT_REFUSED
 from .sessions import Registration
 from .untrusted import shown
@@ -66,10 +67,16 @@ async def read_as_caller(caller: Caller, path: str, timeout: float = READ_TIMEOU
     elif caller.uid != os.geteuid():
         # Unprivileged (a development run): we cannot become the caller, so we must not read it.
         raise InvalidArgument("this service instance cannot read another user's Xauthority")
-    proc = await asyncio.create_subprocess_exec(
-        *reader, path, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, cwd="/", env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-        close_fds=True, start_new_session=True, **kwargs)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *reader, path, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, cwd="/", env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+            close_fds=True, start_new_session=True, **kwargs)
+    except (OSError, subprocess.SubprocessError) as e:
+        # The fork, the change of identity or the exec failed (seen: a system call the unit's
+        # filter refused, EPERM): one refusal line naming it, not an unexpected error's traceback.
+        raise StartFailed(f"cannot start the Xauthority reader as uid {caller.uid}: "
+                          f"{type(e).__name__}: {e}") from None
 
     def kill() -> None:
         # Its own process group: whatever it started goes with it and lets go of the pipes.
