@@ -739,7 +739,6 @@ def s6_activation(ctx: Context) -> str:
 
 def s3_greeter(ctx: Context) -> str:
     vm = ctx.vm
-    gdm_uid = int(vm.sh("id -u Debian-gdm", quiet=True).check().out)
     vm.sh(f"cat > /etc/gdm3/daemon.conf <<'EOF'\n{GDM_AUTOLOGIN.format(autologin='false')}EOF")
     vm.sh("systemctl restart gdm.service", timeout=120).check()
 
@@ -753,6 +752,8 @@ def s3_greeter(ctx: Context) -> str:
     except AssertionError as exc:
         raise Failed(f"{exc}; active: {ctx.active_session()}") from None
     vt = int(sess.get("VTNr") or 0)
+    # The greeter's user as logind has it (Debian-gdm in Debian 12; not assumed for later GDMs).
+    gdm_uid = int(vm.sh(f"loginctl show-session {sess['Id']} -p User --value", quiet=True).check().out)
     entry = _wait_registration(ctx, gdm_uid, vt, GNOME_TIMEOUT, "the greeter's")
     display = entry[2]
     xauth = ctx.xauthority_of(display, vt)
@@ -1015,7 +1016,8 @@ def run_release(release: str, logdir: Path, share: Path, deb: Path, grab_bin: Pa
             row(release, "setup: boot, install .deb, GDM autologin, reboot", False, t0,
                 f"{exc}\n{collect_evidence(ctx, 'setup')}")
             return
-        row(release, "setup: boot, install .deb, GDM autologin, reboot", True, t0)
+        row(release, "setup: boot, install .deb, GDM autologin, reboot", True, t0,
+            _panic_note(vm))
 
         for number, title, fn in SCENARIOS:
             if only and number not in only:
@@ -1040,7 +1042,15 @@ def run_release(release: str, logdir: Path, share: Path, deb: Path, grab_bin: Pa
                     (logdir / "journal-final.txt").write_text(
                         vm.sh("journalctl -b --no-pager -o short-monotonic", timeout=60, quiet=True).out)
             vm.stop()
+            if vm.panics():
+                say(f"   {release}: {_panic_note(vm)}")
         say(f"== {release} finished in {time.monotonic() - release_t0:.0f} s")
+
+
+def _panic_note(vm: VM) -> str:
+    panics = vm.panics()
+    return (f"   NOTE: the guest kernel panicked {len(panics)} time(s) and restarted (panic=1; "
+            f"serial.log): {panics[-1]}" if panics else "")
 
 
 class _Abort(Exception):
