@@ -479,6 +479,11 @@ def s9_hardened(ctx: Context) -> str:
                  "CapabilityBoundingSet", "DeviceAllow", "MainPID")
     check(u.get("DevicePolicy") == "closed" and u.get("ProtectHome") == "read-only",
           f"the running unit is not the hardened one: {u}")
+    # The service keeps what its bounding set allows: systemd >= 255 dropped CAP_SETUID from a unit
+    # with an explicit User= and seccomp filters (issue 15, Debian 13: setreuid() = EPERM).
+    caps = vm.sh(f"grep -E '^Cap(Eff|Bnd):' /proc/{u['MainPID']}/status", quiet=True).out.split()
+    check(len(caps) == 4 and caps[1] == caps[3],
+          f"the service's effective capabilities are not its bounding set: {caps}")
     # The worker streams from inside the unit's sandbox (same mount namespace as the service).
     p = ctx.props()
     check(p.get("WorkerState") == "running" and p.get("WorkerPID"),
