@@ -11,7 +11,7 @@ import time
 import pytest
 
 from spice_streamd.caller import Caller
-from spice_streamd.errors import AuthorityUnavailable, InvalidArgument
+from spice_streamd.errors import AuthorityUnavailable, InvalidArgument, StartFailed
 from spice_streamd.verifier import read_as_caller
 
 NOBODY = Caller(sender=":1.99", uid=65534, pid=1, gid=65534, groups=())
@@ -167,3 +167,19 @@ def test_a_slow_reader_is_a_refusal_for_now_not_for_good(public_dir):
     with pytest.raises(AuthorityUnavailable, match="took longer than 0.5 s"):
         asyncio.run(read_as_caller(NOBODY, p, timeout=0.5, reader=("/bin/sh", "-c", "sleep 30", "reader")))
     assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.parametrize("program", ["missing", "not-executable"])
+def test_a_reader_that_cannot_be_started_is_a_named_refusal(public_dir, program):
+    """Issue 15 (Debian 13): starting the reader failed with PermissionError inside
+    subprocess's _execute_child, which reached the caller as "the service failed unexpectedly"
+    and the journal as a traceback. A start that fails is StartFailed, naming the reader and
+    the error (here: a program that is missing, or not executable: PermissionError too)."""
+    p = own(write(os.path.join(public_dir, "xa"), b"x"))
+    reader = os.path.join(public_dir, program)
+    if program == "not-executable":
+        write(reader, b"#!/bin/sh\n")
+        os.chmod(reader, 0o644)
+    with pytest.raises(StartFailed, match="cannot start the Xauthority reader as uid 65534: "
+                       + ("FileNotFoundError" if program == "missing" else "PermissionError")):
+        asyncio.run(read_as_caller(NOBODY, p, timeout=10.0, reader=(reader,)))

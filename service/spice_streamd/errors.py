@@ -33,6 +33,11 @@ class AuthorityUnavailable(ServiceError):
     dbus_name = ERROR_PREFIX + "AuthorityUnavailable"
 
 
+class StartFailed(ServiceError):
+    """A process the service needs (the Xauthority reader) could not be started: the service's
+    own failure (its sandbox, its limits), not the caller's; the D-Bus name stays Failed."""
+
+
 class ConfigError(ServiceError):
     """A configuration value is refused at start: names the key, the value and what is allowed."""
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal, Protocol
 
 from . import cgroup, constants, workerprocess
 from .caller import Caller
-from .errors import AuthorityUnavailable, InvalidArgument, NotInSession
+from .errors import AuthorityUnavailable, InvalidArgument, NotInSession, StartFailed
 from .readfile import EXIT_REFUSED
 from .sessions import Registration
 from .untrusted import shown
@@ -55,11 +56,18 @@ async def read_as_caller(caller: Caller, path: str, timeout: float = READ_TIMEOU
     if os.geteuid() != 0 and caller.uid != os.geteuid():
         # Unprivileged (a development run): we cannot become the caller, so we must not read it.
         raise InvalidArgument("this service instance cannot read another user's Xauthority")
-    child = await workerprocess.start_as(
-        [*reader, path], uid=caller.uid, gid=caller.gid, groups=caller.groups,
-        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, kind="reader", limits=cgroup.READER_LIMITS,
-        cgroups=cgroup.resolve(cgroups))
+    try:
+        child = await workerprocess.start_as(
+            [*reader, path], uid=caller.uid, gid=caller.gid, groups=caller.groups,
+            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, kind="reader", limits=cgroup.READER_LIMITS,
+            cgroups=cgroup.resolve(cgroups))
+    except (OSError, subprocess.SubprocessError) as e:
+        # The fork, its cgroup, the change of identity or the exec failed (seen: systemd 255+
+        # dropping CAP_SETUID, setreuid() EPERM): one refusal line naming it, not an unexpected
+        # error's traceback.
+        raise StartFailed(f"cannot start the Xauthority reader as uid {caller.uid}: "
+                          f"{type(e).__name__}: {e}") from None
     proc = child.proc
 
     async def collect() -> tuple[bytes, bytes]:

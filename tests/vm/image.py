@@ -1,9 +1,11 @@
-"""The VM suite's guest image: Debian 12 built with debootstrap, cached outside the checkout.
+"""The VM suite's guest images: Debian 12 (bookworm) and 13 (trixie) built with debootstrap, cached
+outside the checkout.
 
-    python3 -m tests.vm.image [--force]      build (or find) the image, print its directory
+    python3 -m tests.vm.image [--release bookworm|trixie] [--force]   build (or find) one, print its directory
 
-The image lives in $SPICE_STREAMD_VM_CACHE (default /var/cache/spice-streamd-vm)/<key>/, where <key>
-is a hash of the release and of the build inputs: this file, guest_setup.sh and packages.txt. A
+An image lives in $SPICE_STREAMD_VM_CACHE (default /var/cache/spice-streamd-vm)/<key>/, where <key>
+is a hash of the release and of the build inputs: this file, guest_setup.sh and the release's
+package list (packages.txt, whose `RELEASE: package` lines belong to that release only). A
 directory there holds rootfs.ext4, vmlinuz, initrd.img and manifest.json; it only ever appears whole:
 the build runs in .build-<key>-<pid>/ next to it and is renamed into place at the end, so a killed
 build leaves no half image (its leftovers are removed by the next build). Downloaded .debs are kept in
@@ -35,9 +37,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-RELEASE = "bookworm"
+# The Debian releases the suite boots, oldest first, with their Debian version number.
+RELEASES = {"bookworm": 12, "trixie": 13}
+DEFAULT_RELEASE = "bookworm"
 HERE = Path(__file__).resolve().parent
-INPUTS = [HERE / "image.py", HERE / "guest_setup.sh", HERE / "packages.txt"]
+INPUTS = [HERE / "image.py", HERE / "guest_setup.sh"]
 CACHE_ROOT = Path(os.environ.get("SPICE_STREAMD_VM_CACHE", "/var/cache/spice-streamd-vm"))
 IMAGE_SIZE = "4G"
 # Enough for debootstrap itself; everything else comes from packages.txt through apt (which resolves
@@ -50,7 +54,27 @@ CLEAN_ENV = {
     "LC_ALL": "C.UTF-8",
     "DEBIAN_FRONTEND": "noninteractive",
 }
-KEEP_IMAGES = 2
+KEEP_IMAGES = 2  # per release: the current one and the most recently used other one
+
+
+def packages(release: str) -> list[str]:
+    """packages.txt for one release: every plain line, and `RELEASE: package` lines of that release."""
+    if release not in RELEASES:
+        raise SystemExit(f"image: unknown release {release!r} (known: {', '.join(RELEASES)})")
+    found = []
+    for line in (HERE / "packages.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        only, sep, rest = line.partition(":")
+        if sep:
+            if only.strip() not in RELEASES:
+                raise SystemExit(f"image: packages.txt names an unknown release: {line!r}")
+            if only.strip() != release:
+                continue
+            line = rest
+        found.extend(line.split())
+    return found
 
 
 @dataclass(frozen=True)
@@ -74,11 +98,12 @@ class Image:
         return json.loads((self.directory / "manifest.json").read_text())
 
 
-def image_key() -> str:
-    h = hashlib.sha256(f"release={RELEASE}\n".encode())
+def image_key(release: str) -> str:
+    h = hashlib.sha256(f"release={release}\n".encode())
     for path in INPUTS:
         h.update(f"{path.name}\n".encode())
         h.update(path.read_bytes())
+    h.update(("packages\n" + "\n".join(packages(release)) + "\n").encode())
     return h.hexdigest()[:16]
 
 
@@ -124,15 +149,17 @@ def apt_sources() -> list[tuple[str, list[str]]]:
     return found
 
 
-def mirrors() -> tuple[str, str | None]:
-    """(the Debian archive, its security archive or None), both taken from apt's configuration."""
+def mirrors(release: str) -> tuple[str, str | None]:
+    """(the Debian archive, its security archive or None), both taken from apt's configuration.
+    A release this machine does not use comes from the same archives (they serve every release)."""
     sources = apt_sources()
-    main = [u for u, suites in sources if RELEASE in suites]
+    main = [u for u, suites in sources if release in suites]
     main = main or [u for u, suites in sources
                     if any(not s.endswith("-security") for s in suites) and "security" not in u]
     if not main:
         raise SystemExit("image: no Debian mirror in /etc/apt/sources.list(.d): cannot debootstrap")
-    security = [u for u, suites in sources if f"{RELEASE}-security" in suites]
+    security = [u for u, suites in sources if f"{release}-security" in suites]
+    security = security or [u for u, suites in sources if any(s.endswith("-security") for s in suites)]
     return main[0], (security[0] if security else None)
 
 
@@ -167,7 +194,9 @@ def _remove_tree(path: Path) -> None:
 
 
 class Builder:
-    def __init__(self, key: str, log: Callable[[str], None], log_file: Path | None) -> None:
+    def __init__(self, release: str, key: str, log: Callable[[str], None],
+                 log_file: Path | None) -> None:
+        self.release = release
         self.key = key
         self.say = log
         self.log_file = log_file
@@ -203,17 +232,18 @@ class Builder:
 
     def build(self, tmp: Path) -> None:
         rootfs = tmp / "rootfs"
-        mirror, security = mirrors()
+        release = self.release
+        mirror, security = mirrors(release)
         self.debs.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
-        self.say(f"debootstrap --variant=minbase {RELEASE} from {mirror}")
+        self.say(f"debootstrap --variant=minbase {release} from {mirror}")
         self.run(["debootstrap", "--variant=minbase", f"--include={','.join(BOOTSTRAP_INCLUDE)}",
-                  f"--cache-dir={self.debs}", RELEASE, str(rootfs), mirror])
-        lines = [f"deb {mirror} {RELEASE} main", f"deb {mirror} {RELEASE}-updates main"]
+                  f"--cache-dir={self.debs}", release, str(rootfs), mirror])
+        lines = [f"deb {mirror} {release} main", f"deb {mirror} {release}-updates main"]
         if security:
-            lines.append(f"deb {security} {RELEASE}-security main")
+            lines.append(f"deb {security} {release}-security main")
         (rootfs / "etc/apt/sources.list").write_text("\n".join(lines) + "\n")
-        shutil.copy(HERE / "packages.txt", rootfs / "root/packages.txt")
+        (rootfs / "root/packages.txt").write_text("\n".join(packages(release)) + "\n")
         shutil.copy(HERE / "guest_setup.sh", rootfs / "root/guest_setup.sh")
         self.say(f"debootstrap done in {time.monotonic() - t0:.0f} s; installing packages in a chroot")
         t1 = time.monotonic()
@@ -226,7 +256,7 @@ class Builder:
             self.run(["mount", "--bind", str(self.debs), str(archives)])
             self.run(["env", "-i", *(f"{k}={v}" for k, v in CLEAN_ENV.items()),
                       "chroot", str(rootfs), "/bin/sh", "/root/guest_setup.sh"])
-            packages = subprocess.run(
+            installed = subprocess.run(
                 ["chroot", str(rootfs), "dpkg-query", "-W", "-f", "${Package} ${Version}\n"],
                 env=CLEAN_ENV, capture_output=True, text=True, check=True).stdout.splitlines()
         finally:
@@ -251,36 +281,45 @@ class Builder:
         _remove_tree(rootfs)
         self.say(f"mkfs.ext4 -d done in {time.monotonic() - t2:.0f} s (rootfs {used / 1e9:.2f} GB)")
         manifest = {
-            "key": self.key, "release": RELEASE, "mirror": mirror, "security": security,
+            "key": self.key, "release": release, "mirror": mirror, "security": security,
             "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "build_seconds": round(time.monotonic() - t0), "rootfs_bytes": used,
-            "kernel": kernels[0].name, "packages": packages,
+            "kernel": kernels[0].name, "packages": installed,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
 
-def _prune(keep: str) -> None:
-    """Old images (other keys) beyond the KEEP_IMAGES most recently used ones, and dead builds."""
+def _release_of(directory: Path) -> str:
+    try:
+        return json.loads((directory / "manifest.json").read_text()).get("release", "bookworm")
+    except (OSError, ValueError):
+        return ""
+
+
+def _prune(release: str, keep: str) -> None:
+    """This release's old images (other keys) beyond the KEEP_IMAGES most recently used ones, and
+    dead builds. Another release's images are left alone: the suite boots each in turn."""
     for stale in CACHE_ROOT.glob(".build-*"):
         pid = stale.name.rsplit("-", 1)[-1]
         if not (pid.isdigit() and Path(f"/proc/{pid}").exists()):
             _remove_tree(stale)
     images = [d for d in CACHE_ROOT.iterdir()
-              if d.is_dir() and not d.name.startswith(".") and d.name != "debs" and d.name != keep]
+              if d.is_dir() and not d.name.startswith(".") and d.name != "debs" and d.name != keep
+              and _release_of(d) in (release, "")]
     images.sort(key=lambda d: d.stat().st_mtime, reverse=True)
     for old in images[KEEP_IMAGES - 1:]:
         _remove_tree(old)
 
 
-def ensure_image(log: Callable[[str], None] = print, log_file: Path | None = None,
-                 force: bool = False) -> Image:
-    """The cached image for the current inputs, built first if missing (or if force)."""
+def ensure_image(release: str = DEFAULT_RELEASE, log: Callable[[str], None] = print,
+                 log_file: Path | None = None, force: bool = False) -> Image:
+    """The cached image of `release` for the current inputs, built first if missing (or if force)."""
     if os.geteuid() != 0:
         raise SystemExit("image: building the VM image needs root (debootstrap, chroot)")
     for tool in ("debootstrap", "mkfs.ext4", "chroot"):
         if shutil.which(tool, path=CLEAN_ENV["PATH"]) is None:
             raise SystemExit(f"image: {tool} is not installed")
-    key = image_key()
+    key = image_key(release)
     final = CACHE_ROOT / key
     CACHE_ROOT.mkdir(parents=True, exist_ok=True)
     log_file = log_file or CACHE_ROOT / f"build-{key}.log"
@@ -290,21 +329,21 @@ def ensure_image(log: Callable[[str], None] = print, log_file: Path | None = Non
             _remove_tree(final)
         if (final / "manifest.json").exists():
             os.utime(final)
-            log(f"image {key}: cached in {final}")
+            log(f"image {key} ({release}): cached in {final}")
             return Image(final, key)
-        _prune(keep=key)
+        _prune(release, keep=key)
         tmp = CACHE_ROOT / f".build-{key}-{os.getpid()}"
         _remove_tree(tmp)
         tmp.mkdir()
-        log(f"image {key}: not cached, building it in {tmp} (log {log_file})")
+        log(f"image {key} ({release}): not cached, building it in {tmp} (log {log_file})")
         t0 = time.monotonic()
         try:
-            Builder(key, log, log_file).build(tmp)
+            Builder(release, key, log, log_file).build(tmp)
             os.rename(tmp, final)
         except BaseException:
             _remove_tree(tmp)
             raise
-        log(f"image {key}: built in {time.monotonic() - t0:.0f} s -> {final}")
+        log(f"image {key} ({release}): built in {time.monotonic() - t0:.0f} s -> {final}")
         return Image(final, key)
 
 
@@ -316,11 +355,13 @@ def main() -> int:
     # SIGTERM too must run the cleanup (unmount the chroot's binds, remove the partial build).
     signal.signal(signal.SIGTERM, _interrupt)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--release", choices=list(RELEASES), default=DEFAULT_RELEASE,
+                        help=f"the Debian release (default {DEFAULT_RELEASE})")
     parser.add_argument("--force", action="store_true", help="rebuild even when cached")
     parser.add_argument("--log", type=Path, help="build log file")
     args = parser.parse_args()
-    image = ensure_image(log=lambda s: print(f"==> {s}", flush=True), log_file=args.log,
-                         force=args.force)
+    image = ensure_image(args.release, log=lambda s: print(f"==> {s}", flush=True),
+                         log_file=args.log, force=args.force)
     print(image.directory)
     return 0
 

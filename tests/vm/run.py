@@ -1,16 +1,23 @@
 """The real-VM end-to-end suite (issue 7): `.ci/dev vm-test`, as root.
 
-    python -m tests.vm.run [--deb PATH | --no-build] [--only N,N...] [--logdir DIR]
+    python -m tests.vm.run [--release bookworm|trixie] [--deb PATH | --no-build] [--only N,N...]
+                           [--logdir DIR]
 
-A Debian 12 guest (tests/vm/image.py, cached) boots in QEMU with QXL, QEMU's SPICE server and the
-SPICE stream port. The project goes in as an administrator installs it: `apt-get install` of the .deb
-(dist/spice-streamd_<version>_all.deb) in the running guest, GDM set to autologin alice into GNOME
-on Xorg, graphical.target, reboot. Then the scenarios run against the real systemd, logind, polkit,
-D-Bus, udev and GDM, asserting through the guest agent, the D-Bus interface (busctl) and a SPICE
-client on QEMU's port. Not collected by the unit suite (no test_*.py here).
+Each Debian release in turn (12 bookworm, then 13 trixie; --release picks one): its guest
+(tests/vm/image.py, cached per release) boots once in QEMU with QXL, QEMU's SPICE server and the
+SPICE stream port, and every scenario runs in that one boot. The project goes in as an
+administrator installs it: `apt-get install` of the .deb (dist/spice-streamd_<version>_all.deb) in
+the running guest, GDM set to autologin alice into GNOME on Xorg, graphical.target, reboot. Then
+the scenarios run against the real systemd, logind, polkit, D-Bus, udev and GDM, asserting through
+the guest agent, the D-Bus interface (busctl) and a SPICE client on QEMU's port. Not collected by
+the unit suite (no test_*.py here).
 
-Prints a table (scenario, PASS/FAIL, seconds) and `N passed, M failed`; exits 1 if anything failed.
-Logs (serial console, guest commands, journals, pictures) stay in the log directory it prints.
+A scenario is a function of the Context, which says which release it runs on (ctx.release,
+ctx.debian): a fact that differs between releases is looked up there, never assumed.
+
+Prints one table (release, scenario, PASS/FAIL, seconds) and `N passed, M failed`; exits 1 if
+anything failed. Logs (serial console, guest commands, journals, pictures) stay in the log
+directory it prints, one subdirectory per release.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from PIL import Image, ImageChops
 from tests.support import safedir
 from tests.support.spicehost import build, is_black, psnr
 from tests.support.waiting import stop_process, wait_until
-from tests.vm.image import ensure_image
+from tests.vm.image import RELEASES, ensure_image
 from tests.vm.qemu import VM, GuestError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,6 +102,7 @@ def check(cond: object, message: str) -> None:
 
 @dataclass
 class Row:
+    release: str
     name: str
     ok: bool
     seconds: float
@@ -108,8 +116,14 @@ class Context:
     results: Path
     grab_bin: Path
     say: Callable[[str], None]
+    release: str = "bookworm"  # the guest's Debian release (tests/vm/image.py RELEASES)
     notes: dict = field(default_factory=dict)
     shots: int = 0
+
+    @property
+    def debian(self) -> int:
+        """The guest's Debian version: 12 (bookworm), 13 (trixie)."""
+        return RELEASES[self.release]
 
     # -- guest state ------------------------------------------------------------------------------
 
@@ -421,7 +435,7 @@ def s2_autologin(ctx: Context) -> str:
           f"alice's session is not a local x11 session on VT {ALICE_VT}: {sess}")
     entry = _wait_registration(ctx, ALICE[0], ALICE_VT, GNOME_TIMEOUT, "alice's autostart")
     # The helper that registered is the one GNOME started from /etc/xdg/autostart (nobody else ran
-    # one): under GNOME 43 it lives in user@1001.service/app.slice/app-gnome-<name>-<pid>.scope.
+    # one): under GNOME 43 and 48 it lives in user@1001.service/app.slice/app-gnome-<name>-<pid>.scope.
     helpers = [q for q in ctx.procs() if "spice-stream-helper" in q["cmdline"]
                and q["Uid"][0] == str(ALICE[0])]
     check(helpers and all("app-gnome-" in q["cgroup"] for q in helpers),
@@ -452,9 +466,12 @@ def s2_autologin(ctx: Context) -> str:
 
 def s9_hardened(ctx: Context) -> str:
     vm = ctx.vm
+    # The score depends on systemd's version (each adds checks): the README gives one per release,
+    # "**2.2** on Debian 12".
     readme = (ROOT / "README.md").read_text()
-    m = re.search(r"scores it \*\*([0-9.]+)\*\*", readme)
-    check(m, "README states no systemd-analyze security score")
+    m = re.search(rf"\*\*([0-9.]+)\*\* on Debian {ctx.debian}\b", readme)
+    check(m, f"README states no systemd-analyze security score for Debian {ctx.debian} "
+          f"('**N.N** on Debian {ctx.debian}')")
     want = m.group(1)
     out = vm.sh(f"systemd-analyze security --no-pager {UNIT}", timeout=120).out
     (ctx.logdir / "systemd-analyze-security.txt").write_text(out)
@@ -464,6 +481,11 @@ def s9_hardened(ctx: Context) -> str:
                  "CapabilityBoundingSet", "DeviceAllow", "MainPID")
     check(u.get("DevicePolicy") == "closed" and u.get("ProtectHome") == "read-only",
           f"the running unit is not the hardened one: {u}")
+    # The service keeps what its bounding set allows: systemd >= 255 dropped CAP_SETUID from a unit
+    # with an explicit User= and seccomp filters (issue 15, Debian 13: setreuid() = EPERM).
+    caps = vm.sh(f"grep -E '^Cap(Eff|Bnd):' /proc/{u['MainPID']}/status", quiet=True).out.split()
+    check(len(caps) == 4 and caps[1] == caps[3],
+          f"the service's effective capabilities are not its bounding set: {caps}")
     # The worker streams from inside the unit's sandbox (same mount namespace as the service).
     p = ctx.props()
     check(p.get("WorkerState") == "running" and p.get("WorkerPID"),
@@ -476,10 +498,18 @@ def s9_hardened(ctx: Context) -> str:
         img = viewer.save()
         check(not is_black(img), "the streamed picture is black")
         wait_until(lambda: ctx.props().get("Streaming"), 30, "Streaming", interval=1.0)
+    # Issue 15, finding 9: the hostname is the host's, read when a cookie is checked, so the
+    # service must not have a UTS namespace of its own (ProtectHostname=yes froze it at start).
+    uts = vm.sh(f"readlink /proc/{u['MainPID']}/ns/uts /proc/1/ns/uts", quiet=True).out.split()
+    check(len(uts) == 2 and uts[0] == uts[1],
+          f"the service has a UTS namespace of its own ({uts}): ProtectHostname= freezes the "
+          "hostname at start (issue 15, finding 9)")
+    # Last, so that a unit change's new score is reported after everything else held.
     check(got.group(1) == want, f"systemd-analyze security scores {got.group(1)}, the README says "
-          f"{want}:\n" + "\n".join(out.splitlines()[-3:]))
-    return (f"score {got.group(1)} (README {want}); DevicePolicy=closed, ProtectHome=read-only; "
-            f"worker {p['WorkerPID']} streams from the unit's namespace")
+          f"{want} for Debian {ctx.debian}:\n" + "\n".join(out.splitlines()[-3:]))
+    return (f"score {got.group(1)} (README {want}, Debian {ctx.debian}); DevicePolicy=closed, "
+            f"ProtectHome=read-only; worker {p['WorkerPID']} streams from the unit's namespace; "
+            f"UTS namespace {uts[0]} = PID 1's")
 
 
 def _bob_session(ctx: Context) -> tuple:
@@ -717,7 +747,6 @@ def s6_activation(ctx: Context) -> str:
 
 def s3_greeter(ctx: Context) -> str:
     vm = ctx.vm
-    gdm_uid = int(vm.sh("id -u Debian-gdm", quiet=True).check().out)
     vm.sh(f"cat > /etc/gdm3/daemon.conf <<'EOF'\n{GDM_AUTOLOGIN.format(autologin='false')}EOF")
     vm.sh("systemctl restart gdm.service", timeout=120).check()
 
@@ -731,6 +760,8 @@ def s3_greeter(ctx: Context) -> str:
     except AssertionError as exc:
         raise Failed(f"{exc}; active: {ctx.active_session()}") from None
     vt = int(sess.get("VTNr") or 0)
+    # The greeter's user as logind has it (Debian-gdm in Debian 12; not assumed for later GDMs).
+    gdm_uid = int(vm.sh(f"loginctl show-session {sess['Id']} -p User --value", quiet=True).check().out)
     entry = _wait_registration(ctx, gdm_uid, vt, GNOME_TIMEOUT, "the greeter's")
     display = entry[2]
     xauth = ctx.xauthority_of(display, vt)
@@ -1063,18 +1094,33 @@ def collect_evidence(ctx: Context, tag: str) -> str:
 
 def print_table(rows: list[Row], out) -> None:
     width = max(len(r.name) for r in rows)
+    rel = max(len("release"), *(len(r.release) for r in rows))
     print("", file=out)
-    print(f"{'scenario':<{width}}  result  seconds", file=out)
-    print(f"{'-' * width}  ------  -------", file=out)
+    print(f"{'release':<{rel}}  {'scenario':<{width}}  result  seconds", file=out)
+    print(f"{'-' * rel}  {'-' * width}  ------  -------", file=out)
     for r in rows:
-        print(f"{r.name:<{width}}  {'PASS' if r.ok else 'FAIL':<6}  {r.seconds:7.1f}", file=out)
+        print(f"{r.release:<{rel}}  {r.name:<{width}}  {'PASS' if r.ok else 'FAIL':<6}  "
+              f"{r.seconds:7.1f}", file=out)
     passed = sum(r.ok for r in rows)
     print("", file=out)
     print(f"{passed} passed, {len(rows) - passed} failed", file=out)
 
 
+def _releases(arg: str | None) -> list[str]:
+    """--release: one name, or several separated by commas; default every release, oldest first."""
+    if not arg:
+        return list(RELEASES)
+    chosen = [r.strip() for r in arg.split(",") if r.strip()]
+    unknown = [r for r in chosen if r not in RELEASES]
+    if unknown or not chosen:
+        raise SystemExit(f"vm-test: unknown release {unknown or arg!r}; known: {', '.join(RELEASES)}")
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="spice-streamd real-VM end-to-end suite")
+    parser.add_argument("--release", help="the Debian release(s) to boot, comma-separated: "
+                        f"{', '.join(RELEASES)} (default: all, one after the other)")
     parser.add_argument("--deb", help="the .deb to install (default: build it from this tree with "
                         "packaging/build-deb, into dist/)")
     parser.add_argument("--no-build", action="store_true",
@@ -1083,13 +1129,14 @@ def main(argv: list[str] | None = None) -> int:
                         "a scenario's prerequisites are added)")
     parser.add_argument("--logdir", help=f"log directory (default: a new one under {LOG_ROOT})")
     args = parser.parse_args(argv)
+    releases = _releases(args.release)
     if os.geteuid() != 0:
         print("vm-test: run as root (debootstrap, QEMU, 9p shares)", file=sys.stderr)
         return 2
 
     # Only directories root made itself or checked (root's, nobody else can write, no symlink:
-    # tests/support/safedir.py, on descriptors); results/ is 1777 for the guest's 9p share, made
-    # inside the checked log directory.
+    # tests/support/safedir.py, on descriptors); each release's results/ is 1777 for the guest's 9p
+    # share, made inside the checked log directory (run_release).
     try:
         if args.logdir:
             logdir = Path(os.path.abspath(args.logdir))
@@ -1097,11 +1144,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             os.close(safedir.ensure_dir(LOG_ROOT))
             logdir = Path(safedir.fresh_dir(LOG_ROOT, time.strftime("%Y%m%d-%H%M%S")))
-        share, results = logdir / "share", logdir / "results"
+        share = logdir / "share"
         fd = safedir.open_checked(logdir)
         try:
-            for sub, mode in ((share, 0o755), (results, 0o1777)):
-                os.close(safedir.make_dir(fd, sub.name, mode, fresh=not args.logdir, shown=str(sub)))
+            os.close(safedir.make_dir(fd, share.name, 0o755, fresh=not args.logdir, shown=str(share)))
         finally:
             os.close(fd)
     except (safedir.UnsafeDir, OSError) as e:
@@ -1119,20 +1165,20 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt()
 
     signal.signal(signal.SIGTERM, on_term)
-    say(f"logs: {logdir}")
+    say(f"logs: {logdir}; releases: {', '.join(releases)}")
     rows: list[Row] = []
     only = set(args.only.split(",")) if args.only else None
     while only and not only >= {n for o in only for n in NEEDS.get(o, [])}:
         only |= {n for o in only for n in NEEDS.get(o, [])}
     suite_t0 = time.monotonic()
 
-    def row(name: str, ok: bool, t0: float, detail: str = "") -> Row:
-        r = Row(name, ok, time.monotonic() - t0, detail)
+    def row(release: str, name: str, ok: bool, t0: float, detail: str = "") -> Row:
+        r = Row(release, name, ok, time.monotonic() - t0, detail)
         rows.append(r)
-        say(f"{'PASS' if ok else 'FAIL'} {name} ({r.seconds:.1f} s)" + (f"\n{detail}" if detail else ""))
+        say(f"{'PASS' if ok else 'FAIL'} [{release}] {name} ({r.seconds:.1f} s)"
+            + (f"\n{detail}" if detail else ""))
         return r
 
-    vm = None
     try:
         t0 = time.monotonic()
         try:
@@ -1141,45 +1187,83 @@ def main(argv: list[str] | None = None) -> int:
             for f in GUEST_DIR.iterdir():
                 if f.is_file():
                     shutil.copy(f, share / f.name)
-            image = ensure_image(log=lambda s: say(f"   {s}"))
             grab_bin = build("spice_grab")
         except (SystemExit, Exception) as exc:
-            row("setup: image, .deb, client", False, t0, str(exc))
+            row("-", "setup: .deb, client", False, t0, str(exc))
             raise _Abort() from None
-        row("setup: image, .deb, client", True, t0, f"image {image.key}, {deb.name}")
+        row("-", "setup: .deb, client", True, t0, deb.name)
+        for release in releases:
+            run_release(release, logdir / release, share, deb, grab_bin, only, row, say)
+    except _Abort:
+        pass
+    except KeyboardInterrupt:
+        say("interrupted")
+        rows.append(Row("-", "interrupted", False, 0.0))
+    say(f"suite finished in {time.monotonic() - suite_t0:.0f} s; logs: {logdir}")
+    for out in (sys.stdout, runlog):
+        print_table(rows, out)
+    runlog.close()
+    return 0 if rows and all(r.ok for r in rows) else 1
 
+
+def run_release(release: str, logdir: Path, share: Path, deb: Path, grab_bin: Path,
+                only: set[str] | None, row: Callable[..., Row], say: Callable[[str], None]) -> None:
+    """One release: its image, one boot (install, reboot into GDM), then every chosen scenario in
+    that boot. A failed setup skips this release's scenarios, not the next release."""
+    # logdir is <checked log directory>/<release>: made here, checked, with results/ (1777) in it.
+    results = logdir / "results"
+    fd = safedir.open_checked(logdir.parent)
+    try:
+        os.close(safedir.make_dir(fd, logdir.name, 0o755, fresh=False, shown=str(logdir)))
+    finally:
+        os.close(fd)
+    fd = safedir.open_checked(logdir)
+    try:
+        os.close(safedir.make_dir(fd, results.name, 0o1777, fresh=False, shown=str(results)))
+    finally:
+        os.close(fd)
+    release_t0 = time.monotonic()
+    say(f"== {release} (Debian {RELEASES[release]}): logs in {logdir}")
+    t0 = time.monotonic()
+    try:
+        image = ensure_image(release, log=lambda s: say(f"   {s}"))
+    except (SystemExit, Exception) as exc:
+        row(release, "setup: image", False, t0, str(exc))
+        return
+    row(release, "setup: image", True, t0, f"image {image.key}")
+
+    vm = None
+    try:
         t0 = time.monotonic()
         vm = VM(image, logdir, share, results, log=lambda s: say(f"   {s}"))
-        ctx = Context(vm=vm, logdir=logdir, results=results, grab_bin=grab_bin, say=say)
+        ctx = Context(vm=vm, logdir=logdir, results=results, grab_bin=grab_bin, say=say,
+                      release=release)
         try:
             vm.start()
             setup_install(ctx, deb)
         except (Failed, AssertionError, GuestError) as exc:
-            row("setup: boot, install .deb, GDM autologin, reboot", False, t0,
+            row(release, "setup: boot, install .deb, GDM autologin, reboot", False, t0,
                 f"{exc}\n{collect_evidence(ctx, 'setup')}")
-            raise _Abort() from None
-        row("setup: boot, install .deb, GDM autologin, reboot", True, t0)
+            return
+        row(release, "setup: boot, install .deb, GDM autologin, reboot", True, t0,
+            _panic_note(vm))
 
         for number, title, fn in SCENARIOS:
             if only and number not in only:
                 continue
             name = f"{number:>2} {title}"
             t0 = time.monotonic()
-            say(f"-- {name}")
+            say(f"-- [{release}] {name}")
             try:
                 detail = fn(ctx)
-                row(name, True, t0, f"   {detail}")
+                row(release, name, True, t0, f"   {detail}")
             except (Failed, AssertionError, GuestError) as exc:
                 evidence = collect_evidence(ctx, f"s{number}")
-                row(name, False, t0, f"   {exc}\n   evidence:\n      "
+                row(release, name, False, t0, f"   {exc}\n   evidence:\n      "
                     + evidence.replace("\n", "\n      "))
             except Exception as exc:
-                row(name, False, t0, "   " + "".join(traceback.format_exception(exc))[-3000:])
-    except _Abort:
-        pass
-    except KeyboardInterrupt:
-        say("interrupted")
-        rows.append(Row("interrupted", False, 0.0))
+                row(release, name, False, t0,
+                    "   " + "".join(traceback.format_exception(exc))[-3000:])
     finally:
         if vm is not None:
             with contextlib.suppress(Exception):
@@ -1187,11 +1271,15 @@ def main(argv: list[str] | None = None) -> int:
                     (logdir / "journal-final.txt").write_text(
                         vm.sh("journalctl -b --no-pager -o short-monotonic", timeout=60, quiet=True).out)
             vm.stop()
-    say(f"suite finished in {time.monotonic() - suite_t0:.0f} s; logs: {logdir}")
-    for out in (sys.stdout, runlog):
-        print_table(rows, out)
-    runlog.close()
-    return 0 if rows and all(r.ok for r in rows) else 1
+            if vm.panics():
+                say(f"   {release}: {_panic_note(vm)}")
+        say(f"== {release} finished in {time.monotonic() - release_t0:.0f} s")
+
+
+def _panic_note(vm: VM) -> str:
+    panics = vm.panics()
+    return (f"   NOTE: the guest kernel panicked {len(panics)} time(s) and restarted (panic=1; "
+            f"serial.log): {panics[-1]}" if panics else "")
 
 
 class _Abort(Exception):
