@@ -100,7 +100,8 @@ def test_property_reads_wait_for_the_callers_uid_within_bounds(bus):
     the standard errors, the caller's text bounded, and so is a property no one has, at once."""
     from dbus_next import Variant
 
-    from spice_streamd.dbus_service import PropertyReader, StreamingAgentInterface
+    from spice_streamd.dbus_service import StreamingAgentInterface
+    from spice_streamd.propertyreader import PropertyReader
 
     async def run():
         service_bus = await connect(bus.address)

@@ -757,7 +757,9 @@ def test_worker_details_are_shown_only_to_the_workers_user(stack):
     none of them. The real PropertyReader on the policy bus, callers under their own uids."""
     import asyncio
 
-    from spice_streamd.dbus_service import Owners, PropertyReader, StreamingAgentInterface
+    from spice_streamd.dbus_service import StreamingAgentInterface
+    from spice_streamd.propertyreader import PropertyReader
+    from spice_streamd.readaccess import Owners
     from tests.conftest import connect
 
     a, b = stack.uid("spice-test-a"), stack.uid("spice-test-b")

@@ -1,16 +1,15 @@
-"""The D-Bus boundary: a thin adapter exporting the interface, answering RegisterSession and property
-reads with the caller's bus identity, bounded per caller, with every error mapped to a named D-Bus
-error."""
+"""The D-Bus boundary: a thin adapter exporting the interface and answering RegisterSession with the
+caller's bus identity, bounded per caller, with every error mapped to a named D-Bus error (property
+reads: propertyreader)."""
 
 # No `from __future__ import annotations`: dbus-next reads the signature strings from annotations.
 
 import asyncio
 import logging
-import traceback
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 from dbus_next import Message, MessageType, Variant
 from dbus_next import introspection as intr
@@ -18,8 +17,10 @@ from dbus_next.aio import MessageBus
 from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, method
 
 from . import constants, errors
-from .caller import Caller, credentials_of, uid_of
-from .ratelimit import LogLimiter, TokenBucket
+from .busendpoint import BusEndpoint, left_the_bus
+from .caller import Caller, credentials_of
+from .ratelimit import TokenBucket
+from .readaccess import NOBODY, PER_USER, Owners, visible_to
 from .sessions import SessionRegistry
 from .untrusted import printable, shown
 from .verifier import RegistrationVerifier
@@ -41,54 +42,10 @@ PROPERTY_SIGNATURES = {
 # Counters change with every frame: readable on demand, never signalled (no bus traffic per frame).
 UNSIGNALLED = {"WorkerStats"}
 STATS_SIGNATURES = {"frames": "t", "bytes": "t", "fps": "d", "restarts": "u"}
-NO_STATS = {"frames": 0, "bytes": 0, "fps": 0.0, "restarts": 0}
 
-# Who may read what. Root (an administrator) reads every property. Anyone else reads the public
-# ones (what explains "why is nothing streamed": ActiveVT, DevicePresent, WorkerState, Streaming,
-# StreamingVT) and, of the others, only what is theirs: their own Sessions entries, and WorkerPID,
-# WorkerStats (its rate is another user's typing rhythm) and LastError only of their own worker.
-# PropertiesChanged is a broadcast every local user can receive: the per-user properties are only
-# named in it (invalidated), never given; a reader then asks with Get, which knows who asks.
-ROOT_UID = 0
-PER_USER = ("Sessions", "WorkerPID", "LastError")
 EMITS_CHANGED = {name: ("false" if name in UNSIGNALLED else
                         "invalidates" if name in PER_USER else "true")
                  for name in PROPERTY_SIGNATURES}
-PROPERTIES_INTERFACE = "org.freedesktop.DBus.Properties"
-_STANDARD_INTERFACES = (PROPERTIES_INTERFACE, "org.freedesktop.DBus.Introspectable",
-                        "org.freedesktop.DBus.Peer")
-
-
-class Owners(NamedTuple):
-    """Whose the worker's details are: uids, -1 for none."""
-
-    worker: int  # the relayed worker's (WorkerPID, WorkerStats)
-    target: int  # the session the worker is for (LastError: why it does not run)
-
-
-NOBODY = Owners(-1, -1)
-
-
-def owners_of(supervisor: Any) -> Owners:
-    """The WorkerSupervisor's owners: during a switch the old worker is still relayed while the
-    target (and its LastError) is already the next session's."""
-    return Owners(worker=int(supervisor.worker_uid), target=int(supervisor.status.get("uid", -1)))
-
-
-def visible_to(values: dict[str, Any], uid: int | None, owners: Owners) -> dict[str, Any]:
-    """The properties as the caller `uid` may read them (None: a caller nobody identified)."""
-    if uid == ROOT_UID:
-        return values
-    shown_values = dict(values)
-    shown_values["Sessions"] = [s for s in values.get("Sessions", []) if s[1] == uid]
-    if uid is None or owners.worker != uid:
-        shown_values["WorkerPID"] = 0
-        shown_values["WorkerStats"] = dict(NO_STATS)
-    if uid is None or owners.target != uid:
-        shown_values["LastError"] = ""
-    return shown_values
-
-
 def on_the_wire(name: str, value: Any) -> Variant:
     """A property's value as the Variant Get and GetAll return."""
     if name == "WorkerStats":
@@ -186,177 +143,6 @@ class StreamingAgentInterface(ServiceInterface):
         return on_the_wire("WorkerStats", self._get("WorkerStats")).value
 
 
-class PropertyReader:
-    """Answers org.freedesktop.DBus.Properties Get and GetAll at our object path with what the
-    caller may read (visible_to), the caller's uid from the bus daemon, never from the call.
-
-    A unique bus name is never reused, so its uid is asked once and kept while it is connected
-    (at most `max_known` names); the calls of a name being asked about wait for that answer, at
-    most `max_waiting_per_sender` of them, and at most `max_senders` names are asked about at
-    once: beyond that a call is refused with LimitReached. polkit is not asked: reading needs no
-    authorization, only the caller's uid."""
-
-    def __init__(self, bus: MessageBus, interface: StreamingAgentInterface, *,
-                 uid_of: Callable[[MessageBus, str], Awaitable[int]] = uid_of,
-                 max_senders: int = 256, max_waiting_per_sender: int = 8,
-                 max_known: int = 4096) -> None:
-        self._bus = bus
-        self._interface = interface
-        self._uid_of = uid_of
-        self._max_senders = max_senders
-        self._max_waiting = max_waiting_per_sender
-        self._max_known = max_known
-        self._uids: dict[str, int] = {}
-        self._waiting: dict[str, list[Message]] = {}
-        self._tasks: set[asyncio.Task] = set()
-        self._logs = LogLimiter(log, interval=10.0)
-
-    async def start(self) -> None:
-        self._bus.add_message_handler(self._on_message)
-        await _watch_name_owners(self._bus)
-
-    async def close(self) -> None:
-        self._bus.remove_message_handler(self._on_message)
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    def _on_message(self, msg: Message) -> bool:
-        if msg.message_type == MessageType.SIGNAL:
-            if (msg.member == "NameOwnerChanged" and msg.sender == constants.DBUS_NAME
-                    and msg.signature == "sss" and not msg.body[2]):
-                self._uids.pop(msg.body[0], None)
-            return False
-        if (msg.message_type != MessageType.METHOD_CALL or msg.path != constants.OBJECT_PATH
-                or msg.interface != PROPERTIES_INTERFACE
-                or (msg.member, msg.signature) not in (("Get", "ss"), ("GetAll", "s"))):
-            return False  # dbus-next answers (Set is refused by the bus policy)
-        if self._answer_without_uid(msg):
-            return True
-        sender = msg.sender or ""
-        uid = self._uids.get(sender)
-        if uid is not None:
-            self._answer(msg, uid)
-            return True
-        waiting = self._waiting.get(sender)
-        if waiting is not None:
-            if len(waiting) >= self._max_waiting:
-                self._refuse(msg, errors.LimitReached(
-                    "too many property reads in progress from this connection"), sender)
-            else:
-                waiting.append(msg)
-            return True
-        if len(self._waiting) >= self._max_senders:
-            self._refuse(msg, errors.LimitReached(
-                "the service is busy with other callers; try again in a few seconds"), sender)
-            return True
-        self._waiting[sender] = [msg]
-        task = asyncio.get_running_loop().create_task(self._identify(sender),
-                                                      name=f"property reader {sender}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return True
-
-    async def _identify(self, sender: str) -> None:
-        uid: int | None = None
-        refusal: errors.ServiceError | None = None
-        try:
-            uid = await self._uid_of(self._bus, sender)
-        except errors.ServiceError as e:
-            # Without its traceback: that holds this frame, which holds the waiting calls.
-            refusal = e.with_traceback(None)
-        except asyncio.CancelledError:
-            refusal = errors.ServiceError("the service is stopping")
-            raise
-        except Exception as e:
-            if self._logs.log(logging.ERROR, "unexpected", "reading the uid of %s failed", sender):
-                log.error("the unexpected error, once:\n%s",
-                          "".join(traceback.format_exception(e)).rstrip())
-            refusal = errors.ServiceError("the service failed unexpectedly; see its log")
-        finally:
-            waiting = self._waiting.pop(sender, [])
-            if uid is not None:
-                if len(self._uids) >= self._max_known:
-                    del self._uids[next(iter(self._uids))]
-                self._uids[sender] = uid
-                for msg in waiting:
-                    self._answer(msg, uid)
-            else:
-                for msg in waiting:
-                    self._refuse(msg, refusal or errors.ServiceError("no answer"), sender)
-
-    def _answer_without_uid(self, msg: Message) -> bool:
-        """Answers a read whose answer is the same for everyone (another interface, a property
-        that does not exist) at once, so that only well-formed reads wait for the caller's uid;
-        False for those."""
-        asked = msg.body[0]
-        if asked in (constants.INTERFACE, ""):
-            if msg.member == "Get" and msg.body[1] not in PROPERTY_SIGNATURES:
-                self._send(Message.new_error(
-                    msg, "org.freedesktop.DBus.Error.UnknownProperty",
-                    f"{constants.INTERFACE} has no property {shown(msg.body[1], 60)}"))
-                return True
-            return False
-        if asked in _STANDARD_INTERFACES and msg.member == "GetAll":
-            self._send(Message.new_method_return(msg, "a{sv}", [{}]))
-        elif asked in _STANDARD_INTERFACES:
-            self._send(Message.new_error(
-                msg, "org.freedesktop.DBus.Error.UnknownProperty",
-                f"interface {shown(asked, 60)} has no property {shown(msg.body[1], 60)}"))
-        else:
-            self._send(Message.new_error(
-                msg, "org.freedesktop.DBus.Error.UnknownInterface",
-                f"no interface {shown(asked, 60)} at {constants.OBJECT_PATH}"))
-        return True
-
-    def _answer(self, msg: Message, uid: int) -> None:
-        try:
-            values = self._interface.view(uid)
-        except Exception as e:
-            if self._logs.log(logging.ERROR, "unexpected-read", "reading the properties failed"):
-                log.error("the unexpected error, once:\n%s",
-                          "".join(traceback.format_exception(e)).rstrip())
-            self._send(Message.new_error(msg, errors.GENERIC_ERROR,
-                                         "the service failed unexpectedly; see its log"))
-            return
-        if msg.member == "GetAll":
-            self._send(Message.new_method_return(
-                msg, "a{sv}", [{k: on_the_wire(k, v) for k, v in values.items()}]))
-        elif msg.body[1] in values:
-            self._send(Message.new_method_return(msg, "v", [on_the_wire(msg.body[1],
-                                                                        values[msg.body[1]])]))
-        else:
-            self._send(Message.new_error(
-                msg, "org.freedesktop.DBus.Error.UnknownProperty",
-                f"{constants.INTERFACE} has no property {shown(msg.body[1], 60)}"))
-
-    def _refuse(self, msg: Message, exc: errors.ServiceError, sender: str) -> None:
-        text = printable(str(exc)) or type(exc).__name__
-        self._logs.log(logging.WARNING, (type(exc).__name__, "read"),
-                       "property read from %s refused (%s): %s", sender, type(exc).__name__, text)
-        self._send(Message.new_error(msg, exc.dbus_name, text))
-
-    def _send(self, reply: Message) -> None:
-        if reply.destination is None:
-            return
-        try:
-            self._bus.send(reply)
-        except Exception:  # the bus went away: nobody to answer
-            log.debug("could not answer %s", reply.destination)
-
-
-async def _watch_name_owners(bus: MessageBus) -> None:
-    """NameOwnerChanged from the bus daemon reaches this connection's handlers."""
-    rule = (f"type='signal',sender='{constants.DBUS_NAME}',path='{constants.DBUS_PATH}',"
-            f"interface='{constants.DBUS_NAME}',member='NameOwnerChanged'")
-    reply = await bus.call(Message(
-        destination=constants.DBUS_NAME, path=constants.DBUS_PATH,
-        interface=constants.DBUS_NAME, member="AddMatch", signature="s", body=[rule]))
-    if reply is None or reply.message_type == MessageType.ERROR:
-        raise RuntimeError(f"cannot watch NameOwnerChanged: {reply and reply.body}")
-
-
 # A call's arguments are refused by size before anything else: a display is ":N" or ":N.S" (a
 # handful of characters) and a path is at most PATH_MAX; the bus admits strings of up to its
 # message size (32 MiB), which a task waiting on polkit and logind would otherwise hold.
@@ -377,7 +163,7 @@ def _oversized(display: str, xauthority: str) -> errors.InvalidArgument | None:
     return None
 
 
-class RegistrationEndpoint:
+class RegistrationEndpoint(BusEndpoint):
     """Answers RegisterSession: flood bounds, identity from the bus daemon, verification, registry.
     Registrations are dropped when their helper's connection goes away."""
 
@@ -391,7 +177,7 @@ class RegistrationEndpoint:
         rate), then the verifications under way (max_in_flight). A bound shared by everyone is
         only checked after a uid's own share, and one uid cannot reach it alone, so one user's
         flood never refuses another user."""
-        self._bus = bus
+        super().__init__(bus, log)
         self._verifier = verifier
         self._registry = registry
         self._credentials = credentials
@@ -403,31 +189,15 @@ class RegistrationEndpoint:
         self._uid_bucket = TokenBucket(uid_rate, uid_burst)
         self._by_sender: Counter[str] = Counter()
         self._by_uid: Counter[int] = Counter()
-        self._tasks: set[asyncio.Task] = set()
-        self._logs = LogLimiter(log, interval=10.0)
 
     @property
     def in_flight(self) -> int:
         return len(self._tasks)
 
-    async def start(self) -> None:
-        self._bus.add_message_handler(self._on_message)
-        await _watch_name_owners(self._bus)
-
-    async def close(self) -> None:
-        self._bus.remove_message_handler(self._on_message)
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
     def _on_message(self, msg: Message) -> bool:
-        if msg.message_type == MessageType.SIGNAL:
-            if (msg.member == "NameOwnerChanged" and msg.sender == constants.DBUS_NAME
-                    and msg.signature == "sss"):
-                name, _old, new = msg.body
-                if not new and name.startswith(":"):
-                    self._drop_sender(name)
+        gone = left_the_bus(msg)
+        if gone is not None:
+            self._drop_sender(gone)
             return False
         if (msg.message_type != MessageType.METHOD_CALL or msg.path != constants.OBJECT_PATH
                 or msg.member != "RegisterSession"
@@ -471,10 +241,7 @@ class RegistrationEndpoint:
                 f"sender {sender}", key="busy")
             return
         self._by_sender[sender] += 1
-        task = asyncio.get_running_loop().create_task(
-            self._register(msg, sender), name=f"register-session {sender}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._register(msg, sender), name=f"register-session {sender}")
 
     async def _register(self, msg: Message, sender: str) -> None:
         subject = f"sender {sender}"
@@ -516,7 +283,8 @@ class RegistrationEndpoint:
             self._bus.send(Message.new_error(msg, errors.GENERIC_ERROR, "the service is stopping"))
             raise
         except Exception as e:
-            self._log_unexpected(subject, e)
+            self._log_unexpected("unexpected", e, "RegisterSession from %s failed unexpectedly",
+                                 subject)
             self._bus.send(Message.new_error(
                 msg, errors.GENERIC_ERROR, "the service failed unexpectedly; see its log"))
         finally:
@@ -529,14 +297,6 @@ class RegistrationEndpoint:
                 self._by_uid[uid] -= 1
                 if self._by_uid[uid] <= 0:
                     del self._by_uid[uid]
-
-    def _log_unexpected(self, subject: str, exc: Exception) -> None:
-        if self._logs.log(logging.ERROR, "unexpected",
-                          "RegisterSession from %s failed unexpectedly", subject):
-            # As text: a record holding the exception holds its frames, the call's arguments
-            # with them, for as long as any log handler keeps the record.
-            log.error("the unexpected error, once:\n%s",
-                      "".join(traceback.format_exception(exc)).rstrip())
 
     async def _has_owner(self, name: str) -> bool:
         reply = await self._bus.call(Message(
@@ -552,7 +312,4 @@ class RegistrationEndpoint:
         self._logs.log(logging.WARNING, key or (subject, type(exc).__name__),
                        "RegisterSession from %s refused (%s): %s", subject, type(exc).__name__,
                        text)
-        try:
-            self._bus.send(Message.new_error(msg, exc.dbus_name, text))
-        except Exception:  # the bus went away: nobody to answer
-            log.debug("could not send the refusal to %s", subject)
+        self._send(Message.new_error(msg, exc.dbus_name, text))

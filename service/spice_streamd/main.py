@@ -16,10 +16,12 @@ from dbus_next.errors import DBusError
 from . import constants, heap, logsetup
 from .config import KEYS, Config, load
 from .coordinator import Coordinator
-from .dbus_service import PropertyReader, RegistrationEndpoint, StreamingAgentInterface, owners_of
+from .dbus_service import RegistrationEndpoint, StreamingAgentInterface
 from .dbusnext_compat import bus_for, describe_bus, disconnected
 from .errors import ConfigError
 from .polkit import PolkitAuthority
+from .propertyreader import PropertyReader
+from .readaccess import owners_of
 from .sessions import SessionRegistry
 from .verifier import RegistrationVerifier
 
