@@ -27,6 +27,7 @@ import pytest
 from spice_stream_worker import protocol as p
 from spice_streamd import errors, guestmessages
 from spice_streamd.supervisor import WorkerSupervisor, WorkerTarget
+from tests.support.hostile import SPAWN_CHILDREN
 from tests.support.waiting import wait_async
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs workers as other uids")
@@ -968,18 +969,7 @@ if mode == "stdout":
     open(os.path.join(rec, "wrote"), "w").close()
     while True:
         time.sleep(1)
-pids = [subprocess.Popen(["setsid", "sleep", "1000"]).pid for _ in range(2)]
-r, w = os.pipe()
-if os.fork() == 0:
-    os.setsid()
-    pid = os.fork()
-    if pid == 0:
-        os.execvp("sleep", ["sleep", "1000"])
-    os.write(w, str(pid).encode())
-    os._exit(0)
-os.close(w)
-pids.append(int(os.read(r, 64)))
-cg = [l[3:].strip() for l in open("/proc/self/cgroup") if l.startswith("0::")][0]
+''' + SPAWN_CHILDREN + r'''
 record("children", {"pid": os.getpid(), "children": pids, "cgroup": cg})
 if mode == "spawn-exit":
     sys.exit(3)

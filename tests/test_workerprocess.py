@@ -18,6 +18,7 @@ from spice_streamd.caller import Caller
 from spice_streamd.verifier import read_as_caller
 from tests.support.bus import ensure_test_user
 from tests.support.cgroupfs import alive, cgroup_of, relative, scratch_cgroup
+from tests.support.hostile import SPAWN_CHILDREN
 from tests.support.waiting import wait_async, wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs programs as other uids")
@@ -31,18 +32,7 @@ ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 SPAWNER = r'''
 import json, os, subprocess, sys
 out, then = sys.argv[1], sys.argv[2]
-pids = [subprocess.Popen(["setsid", "sleep", "1000"]).pid for _ in range(2)]
-r, w = os.pipe()
-if os.fork() == 0:
-    os.setsid()
-    pid = os.fork()
-    if pid == 0:
-        os.execvp("sleep", ["sleep", "1000"])
-    os.write(w, str(pid).encode())
-    os._exit(0)
-os.close(w)
-pids.append(int(os.read(r, 64)))
-cg = [l[3:].strip() for l in open("/proc/self/cgroup") if l.startswith("0::")][0]
+''' + SPAWN_CHILDREN + r'''
 with open(out + ".tmp", "w") as f:
     json.dump({"pid": os.getpid(), "children": pids, "cgroup": cg}, f)
 os.rename(out + ".tmp", out)
