@@ -30,7 +30,7 @@ ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 # parent has exited. Writes their pids and its own cgroup to argv[1]; then exits with argv[2], or
 # stays ("stay").
 SPAWNER = r'''
-import json, os, subprocess, sys
+import json, os, signal, subprocess, sys
 out, then = sys.argv[1], sys.argv[2]
 ''' + SPAWN_CHILDREN + r'''
 with open(out + ".tmp", "w") as f:
@@ -38,7 +38,7 @@ with open(out + ".tmp", "w") as f:
 os.rename(out + ".tmp", out)
 if then == "stay":
     while True:
-        os.pause()
+        signal.pause()
 sys.exit(int(then))
 '''
 
