@@ -36,11 +36,23 @@ PRIVATE_VAR = ("mount -t tmpfs -o mode=1777 tmpfs /var/tmp && "
                "mount -t tmpfs -o mode=0755 tmpfs /var/log")
 
 
-def in_namespace(script: str, env: dict[str, str] | None = None,
-                 timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """`script` (sh) as root in a private mount namespace with fresh /var/tmp, /var/cache, /var/log."""
+def _keep_repo() -> str:
+    """sh that keeps this checkout (and its virtualenv) where it is across PRIVATE_VAR: run from
+    .ci/dev's copy in /var/cache (a private clone, as in CI), the fresh tmpfs would hide it."""
+    if not any(REPO.is_relative_to(d) for d in ("/var/tmp", "/var/cache", "/var/log")):
+        return PRIVATE_VAR
+    repo = shlex.quote(str(REPO))
+    return (f'keep=$(mktemp -d) && mount --bind {repo} "$keep" && {PRIVATE_VAR} && '
+            f'mkdir -p {repo} && mount --bind "$keep" {repo}')
+
+
+def in_namespace(script: str, env: dict[str, str] | None = None, timeout: float = 120, *,
+                 keep_repo: bool = False) -> subprocess.CompletedProcess[str]:
+    """`script` (sh) as root in a private mount namespace with fresh /var/tmp, /var/cache, /var/log
+    (keep_repo: this checkout kept reachable where it is, for a script that runs its code)."""
+    private = _keep_repo() if keep_repo else PRIVATE_VAR
     return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                           f"set -e; {PRIVATE_VAR}; {script}"],
+                           f"set -e; {private}; {script}"],
                           capture_output=True, text=True, timeout=timeout, check=False,
                           env=env if env is not None else dict(os.environ))
 
@@ -197,7 +209,8 @@ print(first, second)
         "ln -s /var/cache/x /var/cache/link", "touch /var/cache/file",
         "mkdir -p -m 755 /var/cache/x", "ln -s /var/tmp/a /var/cache/x/shared-link",
     ])
-    p = in_namespace(f"{setup}\nexec {shlex.quote(sys.executable)} -I -c {shlex.quote(code)}")
+    p = in_namespace(f"{setup}\nexec {shlex.quote(sys.executable)} -I -c {shlex.quote(code)}",
+                     keep_repo=True)
     assert p.returncode == 0, p.stdout + p.stderr
     lines = p.stdout.splitlines()
     assert lines[:-2] == [
@@ -227,7 +240,7 @@ def run_vm_suite(setup: str, *args: str, env: dict[str, str] | None = None
              f"echo ==; find {NEW_LOGS} -mindepth 1 -maxdepth 2 -printf '%P %u %m %y\\n' 2>/dev/null"
              " | sort")
     return in_namespace(f"{setup}\ncd {shlex.quote(str(REPO))}; set +e; {cmd}{check}", env=full,
-                        timeout=300)
+                        timeout=300, keep_repo=True)
 
 
 def vm_result(p: subprocess.CompletedProcess[str]) -> tuple[int, list[str], list[str]]:
