@@ -96,10 +96,23 @@ def xauth(display, vt):
     return 1
 
 
+def active_session():
+    """logind's seat0 ActiveSession id ("" when it cannot be read)."""
+    out = subprocess.run(
+        ["busctl", "--json=short", "get-property", "org.freedesktop.login1",
+         "/org/freedesktop/login1/seat/seat0", "org.freedesktop.login1.Seat", "ActiveSession"],
+        capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        return ""
+    return json.loads(out.stdout)["data"][0]
+
+
 def watch(vt, uid, timeout, ready):
     """Times, from the kernel's VT switch to `vt` (/sys/class/tty/tty0/active, polled every 5 ms),
-    until the service's properties follow. Started before the switch; touches `ready` when polling."""
+    until logind's seat0 ActiveSession changes ("logind") and the service's properties follow.
+    Started before the switch; touches `ready` when polling."""
     active = "/sys/class/tty/tty0/active"
+    before = active_session()
     with open(ready, "w"):
         pass
     t_start = time.monotonic()
@@ -116,6 +129,8 @@ def watch(vt, uid, timeout, ready):
     last = {}
     polls = 0
     while time.monotonic() - t0 < timeout:
+        if "logind" not in seen and active_session() not in ("", before):
+            seen["logind"] = round(time.monotonic() - t0, 3)
         last = props()
         polls += 1
         now = round(time.monotonic() - t0, 3)
@@ -127,7 +142,7 @@ def watch(vt, uid, timeout, ready):
             seen.setdefault("worker_uid", now)
         if last.get("Streaming") and last.get("StreamingVT") == vt:
             seen.setdefault("streaming", now)
-        if len(seen) == 3:
+        if len(seen) == 4:
             break
         time.sleep(0.02)
     print(json.dumps({"seen": seen, "polls": polls, "props": last}))
