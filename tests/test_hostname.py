@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 DRIVER = r"""
 import json, os, secrets, socket, subprocess, sys, tempfile, time
 import Xlib.display
-from spice_streamd import xauthority
+from spice_stream_common import xauthority
 from spice_stream_worker import xauth
 
 started_as = socket.gethostname()

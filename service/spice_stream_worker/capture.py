@@ -14,9 +14,10 @@ from Xlib.ext import damage as xdamage
 from Xlib.ext import randr as xrandr
 from Xlib.ext import xfixes, xinput
 
+from spice_stream_common.exitcodes import DisplayLost, DisplayUnavailable
+
 from . import damage, xauth, xshm
 from .cursor import CursorImage, read_cursor
-from .errors import DisplayLost, DisplayUnavailable
 from .geometry import Rect, bounding, row_spans
 
 __all__ = ["NO_SHM_ENV", "Changes", "Frame", "Rect", "Screen", "row_spans"]

@@ -14,13 +14,12 @@ import termios
 import time
 import tty
 
-from spice_streamd import logsetup
-from spice_streamd.constants import VERSION
+from spice_stream_common import frameparts, logsetup
+from spice_stream_common import protocol as p
+from spice_stream_common.constants import VERSION
+from spice_stream_common.exitcodes import DeviceLost, DeviceUnavailable, ExitCode, WorkerError
+from spice_stream_common.outbox import Outbox
 
-from . import frameparts
-from . import protocol as p
-from .errors import DeviceLost, DeviceUnavailable, ExitCode, WorkerError
-from .outbox import Outbox
 from .status import StatusReporter
 from .streamer import HostState, Streamer
 
