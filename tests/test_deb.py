@@ -328,7 +328,7 @@ def test_packaged_tree_imports_with_debian_python(tree: Path, tmp_path: Path) ->
     encode = (
         "import io, PIL\n"
         "from PIL import Image\n"
-        "from spice_stream_worker.capture import Frame, Rect\n"
+        "from spice_stream_worker.sources.x11 import Frame, Rect\n"
         "from spice_stream_worker.encoder import JpegEncoder\n"
         "w, h = 64, 48\n"
         "buf = bytearray(bytes([10, 200, 30, 0]) * (w * h))\n"

@@ -27,7 +27,7 @@ DRIVER = r"""
 import json, os, secrets, socket, subprocess, sys, tempfile, time
 import Xlib.display
 from spice_stream_common import xauthority
-from spice_stream_worker import xauth
+from spice_stream_worker.sources import xauth
 
 started_as = socket.gethostname()
 late = "late-" + secrets.token_hex(4)

@@ -12,8 +12,8 @@ from Xlib.ext import xtest
 from spice_stream_common import frameparts
 from spice_stream_common import protocol as p
 from spice_stream_common.outbox import Outbox
-from spice_stream_worker.capture import Changes, Rect, Screen
 from spice_stream_worker.encoder import JpegEncoder
+from spice_stream_worker.sources.x11 import Changes, Rect, Screen
 from spice_stream_worker.streamer import MAX_DAMAGE_RECTS, HostState, Streamer
 from tests.support.xserver import Painter, start_xvfb
 
