@@ -130,7 +130,8 @@ class WorkerSupervisor:
         self._standby_failed: set[WorkerTarget] = set()
         # Targets whose worker its user stopped (exit STOPPED_BY_USER: GNOME's Stop in the
         # screen-sharing indicator): never started again. A Wayland target is one registration's,
-        # so a new registration is a new target; kept only while the target is wanted.
+        # so a new registration is a new target; forgotten once no longer registered
+        # (set_standby).
         self._stopped: set[WorkerTarget] = set()
         # What the reconciling task would say before it first runs (no target yet).
         self._state = "idle" if self._device_present else "no-device"
@@ -192,7 +193,6 @@ class WorkerSupervisor:
         )
         self._target = target
         self._policy.reset()
-        self._forget_stopped()
         self._kick()
 
     def set_standby(self, targets: list[WorkerTarget]) -> None:
@@ -205,15 +205,13 @@ class WorkerSupervisor:
                 continue
             allowed.add(t)
         wanted = frozenset(allowed)
+        # The coordinator gives the target first, then the others: together they are every
+        # registered session, and a stopped target no longer among them can never come back.
+        self._stopped &= wanted | {self._target}
         if wanted != self._standby_targets:
             self._standby_targets = wanted
             self._standby_failed &= wanted
-            self._forget_stopped()
             self._kick()
-
-    def _forget_stopped(self) -> None:
-        """A stopped target no longer registered is forgotten (nothing could bring it back)."""
-        self._stopped &= self._standby_targets | {self._target}
 
     def set_device_present(self, present: bool, path: str | None = None) -> None:
         """path: where the port was found (DeviceWatch.node), when that differs from before."""
