@@ -124,6 +124,45 @@ def outside_any_session(stack, user: str, display_session: str | None):
     return c
 
 
+def test_a_background_wayland_helper_registers_once_its_session_is_active(stack):
+    """The service restarted while a's Wayland session was in the background: refused
+    (NotInSession, not active), its helper waits for logind to say it became active."""
+    uid = stack.uid(A)
+    stack.logind.activate("a")
+    h = stack.helper(A, "wa", extra_env={"XDG_SESSION_TYPE": "wayland"})
+    wait_until(lambda: "registering again when this session becomes the active one" in h.output,
+               what="the helper waiting")
+    assert "NotInSession" in h.output and h.proc.poll() is None
+    assert stack.prop("Sessions") == []
+    stack.logind.activate("wa")
+    wait_until(lambda: stack.prop("Sessions") == [(5, uid, "wayland")], timeout=15,
+               what="registered once active")
+
+
+def test_an_active_wayland_session_refused_for_good_ends_its_helper(stack):
+    r = stack.runtime[A]
+    r.remove_bus()
+    h = stack.helper(A, "wa", extra_env={"XDG_SESSION_TYPE": "wayland"})
+    assert h.wait() == 1
+    assert "registration refused (NotInSession): no session bus at" in h.output
+    assert "dbus-user-session" in h.output
+
+
+def test_the_wayland_helper_registers_again_with_a_restarted_service(stack):
+    import signal
+
+    uid = stack.uid(A)
+    h = stack.helper(A, "wa", extra_env={"XDG_SESSION_TYPE": "wayland"})
+    wait_until(lambda: stack.prop("Sessions") == [(5, uid, "wayland")], what="registered")
+    svc = stack.current_service
+    svc.proc.send_signal(signal.SIGKILL)
+    svc.proc.wait(5)
+    stack.current_service = stack.service()
+    wait_until(lambda: stack.prop("Sessions") == [(5, uid, "wayland")], timeout=15,
+               what="registered with the new service")
+    assert h.proc.poll() is None
+
+
 def test_the_autostart_helper_outside_the_session_gets_the_users_wayland_session(stack):
     # GNOME's autostart runs in systemd --user, outside the session's scope: the user's display
     # session counts if it is seat0's active local Wayland session.

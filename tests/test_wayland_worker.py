@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import sys
+import tempfile
+import tty
 from collections.abc import Callable
 
 import pytest
@@ -21,16 +24,39 @@ from spice_streamd.supervisor import WorkerSupervisor, WorkerTarget
 from tests.support.bus import ensure_test_user
 from tests.support.cgroupfs import scratch_cgroup
 from tests.support.waiting import wait_async
-from tests.test_supervisor import (  # noqa: F401 - fixtures
-    SERVICE_DIR,
-    Host,
-    alive,
-    pty_device,
-    records,
-    workdir,
-)
+from tests.test_supervisor import FAKE_WORKER, SERVICE_DIR, Host, alive, records
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs workers as other uids")
+
+
+@pytest.fixture
+def stand_in():
+    """(dir, the stand-in worker's script, where its records go), as test_supervisor's."""
+    d = tempfile.mkdtemp(prefix="spice-wl-")
+    os.chmod(d, 0o755)
+    rec = os.path.join(d, "rec")
+    os.mkdir(rec)
+    os.chmod(rec, 0o777)  # workers under other uids record into it
+    script = os.path.join(d, "fake_worker.py")
+    with open(script, "w") as f:
+        f.write(FAKE_WORKER)
+    os.chmod(script, 0o644)
+    try:
+        yield d, script, rec
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def port():
+    """A raw pty standing in for the stream port: (its path, the host's master fd)."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    try:
+        yield os.ttyname(slave), master
+    finally:
+        os.close(master)
+        os.close(slave)
 
 RUNTIME = "/run/user/65534"
 WAYLAND = WorkerTarget(uid=65534, gid=65534, groups=(), display="", xauthority="", vt=5,
@@ -45,11 +71,11 @@ def supervisor(script: str, rec: str, device: str, mode: str, **kw) -> WorkerSup
 
 
 def test_a_wayland_worker_runs_as_the_user_with_the_screencast_source_and_session_bus(
-        workdir, pty_device):
-    _, script, rec = workdir
+        stand_in, port):
+    _, script, rec = stand_in
 
     async def run():
-        sup = supervisor(script, rec, pty_device[0], "sleep")
+        sup = supervisor(script, rec, port[0], "sleep")
         try:
             sup.set_target(WAYLAND)
             first = (await wait_async(lambda: records(rec), what="the Wayland worker"))[0]
@@ -79,9 +105,9 @@ def test_a_wayland_worker_runs_as_the_user_with_the_screencast_source_and_sessio
     asyncio.run(run())
 
 
-def test_a_wayland_worker_gets_the_screencast_cgroup_limits(workdir):
+def test_a_wayland_worker_gets_the_screencast_cgroup_limits(stand_in):
     """pids.max 64 for a GStreamer/PipeWire worker (16 for X11's), memory.max as for X11."""
-    _, script, rec = workdir
+    _, script, rec = stand_in
     user = ensure_test_user("spice-test-a")
 
     async def run(tree: cgroup.Tree):
@@ -170,24 +196,22 @@ def registration(sender: str, kind: str, uid: int, gid: int, vt: int, session: s
                         session_id=session, vt=vt, display=":92", xauthority="/tmp/xa-o")
 
 
-def test_stopped_by_the_user_is_not_restarted_until_registered_anew(workdir, pty_device, caplog):
+def test_stopped_by_the_user_is_not_restarted_until_registered_anew(stand_in, port, caplog):
     """Exit 7 (GNOME's Stop): one log line with uid, VT and pid, no restart (the backoff would
     restart a failed worker within 0.05 s), the registration still listed; a new registration of
     the session (a new helper connection) starts a worker again."""
-    _, script, rec = workdir
+    _, script, rec = stand_in
     caplog.set_level(logging.INFO, logger="spice_streamd")
 
     async def run():
-        sup = supervisor(script, rec, pty_device[0], "exit7", backoff_s=0.05)
+        sup = supervisor(script, rec, port[0], "exit7", backoff_s=0.05)
         registry = SessionRegistry()
         seat = Seat()
-        coord = Coordinator(registry, seat, Port(pty_device[0]), sup)
+        coord = Coordinator(registry, seat, Port(port[0]), sup)
         try:
             seat.switch("w", 5)
             registry.add(registration(":1.50", "wayland", 65534, 65534, 5, "w"))
             first = (await wait_async(lambda: records(rec), what="the worker"))[0]
-            stop_lines = [r.getMessage() for r in caplog.records
-                          if "stopped by its user" in r.getMessage()]
             await wait_async(lambda: [r for r in caplog.records
                                       if "stopped by its user" in r.getMessage()],
                              what="the stop logged")
@@ -224,18 +248,18 @@ def test_stopped_by_the_user_is_not_restarted_until_registered_anew(workdir, pty
 
 
 def test_a_standby_wayland_worker_stopped_by_its_user_is_not_started_on_a_switch(
-        workdir, pty_device, caplog):
+        stand_in, port, caplog):
     """The Wayland session is in the background (its worker in standby) when its user stops the
     capture: switching to it starts nothing; the X11 session is streamed as before."""
-    _, script, rec = workdir
+    _, script, rec = stand_in
     caplog.set_level(logging.INFO, logger="spice_streamd")
 
     async def run():
         # nobody (the Wayland user) exits 7; uid 12345 (X11) sleeps.
-        sup = supervisor(script, rec, pty_device[0], "exit7/sleep", backoff_s=0.05)
+        sup = supervisor(script, rec, port[0], "exit7/sleep", backoff_s=0.05)
         registry = SessionRegistry()
         seat = Seat()
-        Coordinator(registry, seat, Port(pty_device[0]), sup)
+        Coordinator(registry, seat, Port(port[0]), sup)
         try:
             seat.switch("x", 2)
             registry.add(registration(":1.40", "x11", 12345, 12346, 2, "x"))
@@ -258,20 +282,20 @@ def test_a_standby_wayland_worker_stopped_by_its_user_is_not_started_on_a_switch
     asyncio.run(run())
 
 
-def test_a_vt_switch_between_x11_and_wayland_moves_the_stream_both_ways(workdir, pty_device):
+def test_a_vt_switch_between_x11_and_wayland_moves_the_stream_both_ways(stand_in, port):
     """Alice's X11 session on VT 2, nobody's Wayland session on VT 5, both registered: the stream
     follows seat0's active session both ways, and frames reach the port from whichever is
     relayed."""
-    _, script, rec = workdir
-    host = Host(pty_device[1])
+    _, script, rec = stand_in
+    host = Host(port[1])
 
     async def run():
         from spice_stream_common import protocol as p
 
-        sup = supervisor(script, rec, pty_device[0], "chatty")
+        sup = supervisor(script, rec, port[0], "chatty")
         registry = SessionRegistry()
         seat = Seat()
-        Coordinator(registry, seat, Port(pty_device[0]), sup)
+        Coordinator(registry, seat, Port(port[0]), sup)
         try:
             seat.switch("x", 2)
             registry.add(registration(":1.40", "x11", 12345, 12346, 2, "x", groups=(12347,)))
