@@ -440,3 +440,20 @@ def test_a_refused_wayland_call_is_freed_by_its_reply_without_the_garbage_collec
         assert leaks == {}, "refused calls still in memory after their reply"
 
     asyncio.run(run())
+
+
+def test_a_wayland_registration_ends_with_its_logind_session(stack):
+    """A logout that leaves the helper behind (State closing, told to nobody) drops the Wayland
+    registration as it does an X11 one (sessionexpiry's re-check)."""
+    uid = stack.uid(A)
+    stack.logind.add_session("wc", uid, 7, type="wayland", username=A)
+    try:
+        stack.logind.activate("wc")
+        h = stack.helper(A, "wc", extra_env={"XDG_SESSION_TYPE": "wayland"})
+        wait_until(lambda: stack.prop("Sessions") == [(7, uid, "wayland")], what="registered")
+        stack.logind.close_session("wc")
+        wait_until(lambda: stack.prop("Sessions") == [], timeout=10,
+                   what="dropped with its closing session")
+        assert h.proc.poll() is None  # its helper still runs: the session's end decided
+    finally:
+        stack.logind.remove_session("wc")
