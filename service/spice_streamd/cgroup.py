@@ -46,7 +46,8 @@ WORKER_LIMITS = Limits(pids=16, memory=256 << 20)
 # D-Bus calls such as mutter's run), PipeWire's thread loop and data loop, a GStreamer streaming
 # thread per source and queue, the system clock's thread, and on its first start in a sandbox
 # whose home is read-only gst-plugin-scanner (a child process) building GStreamer's registry:
-# about 20 tasks at its busiest. 64 leaves three times that, still bounding a fork or thread
+# about 20 tasks at its busiest (counted from what each library starts; to be measured in a
+# guest). 64 leaves three times that, still bounding a fork or thread
 # bomb. Memory as for X11: the frames are the same size (a 3840x2160 BGRx copy is 33 MB; PipeWire's
 # buffers are mutter's memfds, charged to mutter's cgroup). 16 such workers and 32 readers fit
 # the unit's TasksMax=/MemoryMax= too (tests/test_workerprocess.py).
