@@ -27,6 +27,18 @@ def test_a_wayland_session_registers_with_register_wayland_session(env):
         ("RegisterWaylandSession", "a{sv}", [{}], True)
 
 
+def test_the_wayland_login_screen_is_skipped_not_registered():
+    # GDM's greeter on Wayland: gnome-shell refuses screencasts there; X11 greeters still register.
+    out = subprocess.run([HELPER], env={"PATH": "/usr/bin:/bin", "XDG_SESSION_TYPE": "wayland",
+                                        "XDG_SESSION_CLASS": "greeter",
+                                        "DBUS_SYSTEM_BUS_ADDRESS": "unix:path=/nonexistent"},
+                         capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0, out.stderr
+    assert "login screen on Wayland" in out.stderr and "not registered" in out.stderr
+    t = session_target({"DISPLAY": ":0", "XAUTHORITY": "/a", "XDG_SESSION_CLASS": "greeter"})
+    assert t.member == "RegisterSession"
+
+
 @pytest.mark.parametrize("env", [
     {"DISPLAY": ":0", "XAUTHORITY": "/run/x/auth"},
     {"DISPLAY": ":0", "XAUTHORITY": "/run/x/auth", "WAYLAND_DISPLAY": "wayland-0"},

@@ -102,10 +102,22 @@ def is_wayland(env: dict[str, str]) -> bool:
         env.get("WAYLAND_DISPLAY") and not env.get("DISPLAY"))
 
 
-def session_target(env: dict[str, str]) -> Target | str:
-    """What to register for this session, or a one-line reason there is nothing to register.
+@dataclass(frozen=True)
+class Skip:
+    """Nothing to register here, and that is no error: the reason, for the session's log."""
+
+    reason: str
+
+
+def session_target(env: dict[str, str]) -> Target | Skip | str:
+    """What to register for this session, a Skip, or a one-line reason it cannot be done.
     A Wayland session passes nothing: the service finds its session bus through logind."""
     if is_wayland(env):
+        if env.get("XDG_SESSION_CLASS") == "greeter":
+            # gnome-shell refuses every screencast on the login screen (sessionMode
+            # allowScreencast): a worker there could only fail and be restarted.
+            return Skip("the login screen on Wayland shares no picture (gnome-shell refuses "
+                        "screencasts there): not registered; the user's session will be")
         return Target("RegisterWaylandSession", "a{sv}", [{}], "this Wayland session")
     found = session_display(env)
     if isinstance(found, str):
@@ -281,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     args = p.parse_args(argv)
     found = session_target(dict(os.environ))
+    if isinstance(found, Skip):
+        say(found.reason)
+        return EXIT_OK
     if isinstance(found, str):
         say(found)
         return EXIT_USAGE
