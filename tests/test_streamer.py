@@ -22,6 +22,7 @@ class StillScreen:
     """The few Screen members the streamer reads before any capture (no X server needed here)."""
 
     size = (64, 48)
+    live = True
 
     def pointer_position(self):
         return (0, 0)
