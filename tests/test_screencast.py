@@ -176,7 +176,8 @@ def pixel(src: ScreenCast, x: int, y: int) -> bytes:
 
 
 def close_to(a: bytes, rgb, tolerance: int = 3) -> bool:
-    return all(abs(x - y) <= tolerance for x, y in zip(a[:3], pipewire.bgrx(rgb)[:3]))
+    return len(a) == 4 and all(abs(x - y) <= tolerance
+                               for x, y in zip(a[:3], pipewire.bgrx(rgb)[:3], strict=True))
 
 
 def start(producers, mutter, opened, **timing):
