@@ -272,6 +272,8 @@ class Streamer:
         now = self.clock()
         return {
             "streaming": self.streaming,
+            # False while the source has no picture (GNOME's lock screen): no frames, by design.
+            "live": bool(self.screen.live),
             "frames": self.counters.frames,
             "bytes": self.outbox.bytes_written,
             "fps": self.counters.fps(now),
