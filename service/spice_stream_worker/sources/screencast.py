@@ -206,6 +206,8 @@ class ScreenCast:
         self._settled.wait(self.timing.start)  # not yet: the loop starts without a picture
         with self._lock:
             fatal = self._fatal
+            if self._slot is not None:  # the size for the start line (poll() still says resized)
+                self.size = self._slot[:2]
         if fatal is not None:
             self.close()
             if isinstance(fatal, DisplayLost):  # nothing was lost: it never worked
