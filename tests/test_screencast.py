@@ -6,11 +6,11 @@ itself with --source screencast, on a pty host peer."""
 from __future__ import annotations
 
 import io
+import logging
 import os
 import select
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -244,8 +244,11 @@ def test_a_layout_change_records_again_at_once_with_the_new_size(producers, mutt
 
 
 @needs_pipewire
-def test_the_lock_screen_stops_the_stream_and_the_unlock_brings_it_back(producers, mutter, opened):
+def test_the_lock_screen_stops_the_stream_and_the_unlock_brings_it_back(producers, mutter, opened,
+                                                                         caplog):
+    caplog.set_level(logging.INFO, logger=screencast.__name__)
     _prod, fake, src = start(producers, mutter, opened, backoff=(0.1,) * 5)
+    caplog.clear()
     fake.lock()
     poll_until(src, lambda c: not src.live and "locked" in src.describe(),
                what="the stream to stop, for the lock")
@@ -259,6 +262,10 @@ def test_the_lock_screen_stops_the_stream_and_the_unlock_brings_it_back(producer
     fake.unlock()
     poll_until(src, lambda c: c.resized, timeout=5, what="the picture after the unlock")
     assert src.live and fake.counts()["CreateSession"] == 2
+    # One line per event: closed, locked, unlocked, streaming; no warning, nothing repeated.
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 4 and sum("locked" in line for line in lines) == 2, lines
+    assert all(r.levelno == logging.INFO for r in caplog.records), lines
 
 
 @needs_pipewire
@@ -333,6 +340,20 @@ def test_failures_to_create_past_the_bound_are_display_unavailable(producers, mu
 
 
 @needs_pipewire
+def test_a_node_that_gives_nothing_is_retried_then_given_up_with_one_line_each(env, mutter, opened,
+                                                                               caplog):
+    caplog.set_level(logging.INFO, logger=screencast.__name__)
+    fake = mutter(4_000_000)  # no such node: pipewiresrc errors, or never gets a frame
+    src = opened(start=0.2, frame=1.0, backoff=(0.2, 0.2))
+    with pytest.raises(DisplayUnavailable, match="reading PipeWire node 4000000 failed 3 times"):
+        poll_until(src, lambda c: False, timeout=15, what="DisplayUnavailable")
+    assert fake.counts()["CreateSession"] == 3
+    retries = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(retries) == 2 and all("trying again" in r.getMessage() for r in retries)
+    assert not src.live
+
+
+@needs_pipewire
 def test_no_mutter_on_the_bus_at_start(env, opened):
     src = opened(start=0.3, mutter_gone=1.5)  # the loop starts; mutter may be starting too
     assert not src.live and "not on the session bus" in src.describe()
@@ -354,12 +375,13 @@ def test_close_releases_the_thread_the_pipeline_the_session_and_the_pipe(env, pr
     _prod, fake, src = start(producers, mutter, opened)
     fds = (src._wake_r, src._wake_w)
     thread = src._thread
+    changes = list(src._ctl.changes)  # the pipeline's state change threads
     assert fake.sessions() == 1
     assert any(o.get("info", {}) and o["info"].get("props", {}).get("media.class") ==
                "Stream/Input/Video" for o in env.dump())
     src.close()
     assert not thread.is_alive()
-    assert not any(t.name == "screencast" for t in threading.enumerate())
+    assert changes and not any(t.is_alive() for t in src._ctl.changes + changes)
     for fd in fds:
         with pytest.raises(OSError):
             os.fstat(fd)
@@ -463,6 +485,13 @@ def test_worker_exits_with_stopped_by_user_on_the_stop_button(env, producers, mu
     code, err = w.wait()
     assert code == ExitCode.STOPPED_BY_USER, err
     assert "Stop" in err and "Traceback" not in err
+
+
+def test_worker_source_defaults_to_x11_and_takes_screencast():
+    from spice_stream_worker.main import parse_args
+
+    assert parse_args(["--device", "/dev/null"]).source == "x11"
+    assert parse_args(["--device", "/dev/null", "--source", "screencast"]).source == "screencast"
 
 
 def test_worker_refuses_an_unknown_source(worker):

@@ -400,6 +400,7 @@ class _Controller:
         # ended, Closed awaited), settle, check-lock, retry, unlock, mutter.
         self.waiting = "connect"
         self.node = 0
+        self.changes: list[threading.Thread] = []  # pipeline state changes under way
         self.done = False
 
     # -- plumbing ---------------------------------------------------------------------------------
@@ -434,6 +435,12 @@ class _Controller:
     def _teardown(self) -> None:
         self._cancel_timer()
         self._stop_pipeline()
+        deadline = time.monotonic() + self.timing.join / 2
+        for thread in self.changes:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in self.changes):
+            log.warning("GNOME ScreenCast: a pipeline did not reach NULL within %g s (pipewiresrc "
+                        "still waiting for its stream)", self.timing.join / 2)
         if self.conn is not None:
             if self.session is not None:
                 # Polite; the session also ends with this connection.
@@ -791,10 +798,30 @@ class _Controller:
         bus.add_signal_watch()  # on our thread's default context
         bus.connect("message", self._on_bus_message, gen)
         log.debug("GNOME ScreenCast: reading PipeWire node %d", node)
-        if pipeline.set_state(Gst.State.PLAYING) == Gst.StateChangeReturn.FAILURE:
-            self._create_failed(f"reading PipeWire node {node}", "the pipeline would not start")
+
+        def failed_to_start() -> bool:
+            if gen == self.gen and not self.done:
+                self._create_failed(f"reading PipeWire node {node}", "the pipeline would not start")
             return False
+
+        def play() -> None:
+            if pipeline.set_state(Gst.State.PLAYING) == Gst.StateChangeReturn.FAILURE:
+                src = GLib.idle_source_new()
+                src.set_callback(lambda *_: failed_to_start())
+                src.attach(self.ctx)
+
+        self._state_change(play)
         return True
+
+    def _state_change(self, fn) -> None:
+        """Run a pipeline state change on a thread of its own: pipewiresrc's start waits, under the
+        element's state lock, until its stream runs, and a node that never delivers (or does not
+        exist) would hold this thread, its timers and close() with it. Changes of one pipeline are
+        queued behind each other by that lock; close() waits for them, bounded."""
+        self.changes = [t for t in self.changes if t.is_alive()]
+        thread = threading.Thread(target=fn, name="screencast-pipeline", daemon=True)
+        thread.start()
+        self.changes.append(thread)
 
     def _copy_out(self, sample) -> tuple[int, int, bytes] | None:
         """The sample's pixels, copied out and packed (stride = width * 4); None if unusable."""
@@ -864,7 +891,7 @@ class _Controller:
         self.out._stream_gone("the PipeWire stream ended")
         bus = pipeline.get_bus()
         bus.remove_signal_watch()
-        pipeline.set_state(self.gi.Gst.State.NULL)
+        self._state_change(lambda: pipeline.set_state(self.gi.Gst.State.NULL))
 
 
 def _one_line(text: object) -> str:
