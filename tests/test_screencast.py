@@ -6,6 +6,7 @@ itself with --source screencast, on a pty host peer."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import select
@@ -408,10 +409,27 @@ class WorkerRun:
 
         self.pty = RawPty()
         self.peer = HostPeer(self.pty.master)
+        self.status_r, status_w = os.pipe()
+        os.set_blocking(self.status_r, False)
+        self.status: list[dict] = []
+        self._status_buf = b""
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "spice_stream_worker", "--device", self.pty.path, "--fps", "30",
-             "--source", "screencast", *extra],
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             "--source", "screencast", "--status-fd", str(status_w), *extra],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            pass_fds=(status_w,))
+        os.close(status_w)
+
+    def last_status(self) -> dict:
+        """The worker's newest status line (--status-fd), read without blocking."""
+        try:
+            while chunk := os.read(self.status_r, 65536):
+                self._status_buf += chunk
+        except BlockingIOError:
+            pass
+        *lines, self._status_buf = self._status_buf.split(b"\n")
+        self.status += [json.loads(line) for line in lines if line]
+        return self.status[-1] if self.status else {}
 
     def wait(self, timeout=20):
         try:
@@ -426,6 +444,7 @@ class WorkerRun:
             self.proc.kill()
             self.proc.wait()
         self.proc.stderr.close()
+        os.close(self.status_r)
         self.peer.close()
         self.pty.close()
 
@@ -464,8 +483,9 @@ def test_worker_streams_the_screencast_and_sends_nothing_while_locked(env, produ
                     what="a frame with the red square")
     assert abs(jpeg_pixel(data[-1], 200, 200)[0] - GRAY[0]) < 10
     assert not w.peer.of_type(p.MsgType.CURSOR_SET) and not w.peer.of_type(p.MsgType.CURSOR_MOVE)
+    wait_until(lambda: w.last_status().get("live") is True, what="the worker to report its picture")
     fake.lock()
-    time.sleep(0.5)  # the close reaches the worker
+    wait_until(lambda: w.last_status().get("live") is False, what="the worker to have no picture")
     sent = len(w.peer.of_type(p.MsgType.DATA))
     time.sleep(3.0)  # more than the idle refresh (2 s): a stale frame would be sent again
     assert len(w.peer.of_type(p.MsgType.DATA)) == sent
