@@ -84,10 +84,12 @@ class Timing:
     # before the worker's loop starts; the picture may come later. Short: the service counts a
     # worker that says nothing for 30 s as stuck, and mutter's first frame of a boot took 12 s.
     start: float = 5.0
-    node: float = 10.0  # Start -> PipeWireStreamAdded
-    # A node -> its first frame: 12 s for the first screen cast of a boot (Debian 12); in a session
-    # created while gnome-shell was still starting (Debian 13) none ever came, and the next did.
-    frame: float = 20.0
+    # Start -> PipeWireStreamAdded: 0.2-3 s seen, 6.2 s while gnome-shell was starting (VM, TCG).
+    node: float = 15.0
+    # A node -> its first frame: 13.4 s after CreateSession for the first screen cast of a boot
+    # (Debian 12), 3.9-8.5 s later on a busy host; in a session created while gnome-shell was
+    # still starting (Debian 13) none came in 25 s, and the next session's did.
+    frame: float = 30.0
     settle: float = 1.0  # after Closed: what else happened around it (lock, layout, mutter)
     mutter_gone: float = 60.0  # mutter off the bus this long: DisplayLost
     backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)  # one delay per failure in a row
