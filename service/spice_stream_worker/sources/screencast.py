@@ -437,12 +437,19 @@ class _Controller:
     def _teardown(self) -> None:
         self._cancel_timer()
         self._stop_pipeline()
+        # The session first: mutter ending its node also ends a pipewiresrc still waiting for it.
+        self._close_connection()
         deadline = time.monotonic() + self.timing.join / 2
         for thread in self.changes:
             thread.join(max(0.0, deadline - time.monotonic()))
         if any(t.is_alive() for t in self.changes):
             log.warning("GNOME ScreenCast: a pipeline did not reach NULL within %g s (pipewiresrc "
                         "still waiting for its stream)", self.timing.join / 2)
+        # Dispatch what closing queued (cancelled calls' callbacks) so nothing refers to us later.
+        while self.ctx.pending():
+            self.ctx.iteration(False)
+
+    def _close_connection(self) -> None:
         if self.conn is not None:
             if self.session is not None:
                 # Polite; the session also ends with this connection.
@@ -460,9 +467,6 @@ class _Controller:
             except Exception:  # noqa: BLE001 - closed by the peer already
                 pass
             self.conn = None
-        # Dispatch what closing queued (cancelled calls' callbacks) so nothing refers to us later.
-        while self.ctx.pending():
-            self.ctx.iteration(False)
 
     def _later(self, seconds: float, fn, *args: object) -> None:
         """The one pending timer: fn(*args) in `seconds`, replacing the previous timer."""
