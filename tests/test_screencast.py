@@ -12,6 +12,7 @@ import os
 import select
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -76,6 +77,36 @@ def test_compare_a_large_change_goes_as_whole_bands():
     rects = compare(fb, bytes(new), 300, 200)
     assert rects == [Rect(0, 0, 300, 200)]
     assert fb == new
+
+
+def bare_source() -> ScreenCast:
+    """poll() and grab() alone, fed by hand as the streaming thread would (no bus, no thread)."""
+    src = ScreenCast.__new__(ScreenCast)
+    src.size, src.frames_received, src._fb, src._live, src._closed = (0, 0), 0, None, False, False
+    src._lock = threading.Lock()
+    src._slot, src._accept, src._up, src._fatal = None, 1, True, None
+    src._wake_r, src._wake_w = os.pipe2(os.O_NONBLOCK)
+    return src
+
+
+def test_a_new_size_within_a_stream_is_resized_and_the_whole_frame():
+    src = bare_source()
+    try:
+        assert src._publish(1, 64, 32, bytes(frame(64, 32)))
+        assert src.poll().resized and src.size == (64, 32) and src.live
+        assert not src.poll()  # nothing new
+        assert not src._publish(2, 64, 32, bytes(frame(64, 32, RED)))  # an old pipeline's frame
+        assert src._publish(1, 80, 48, bytes(frame(80, 48, RED)))
+        changes = src.poll()
+        assert changes.resized and not changes.damage and src.size == (80, 48)
+        fr = src.grab(None)
+        assert (fr.width, fr.height, fr.stride) == (80, 48, 320)
+        assert bytes(fr.pixels[:4]) == pipewire.bgrx(RED)
+        src._stream_gone("test")  # the stream ends: nothing held, nothing current
+        assert not src.poll() and not src.live and src._fb is None
+    finally:
+        os.close(src._wake_r)
+        os.close(src._wake_w)
 
 
 # --- a real PipeWire, the fake gnome-shell ------------------------------------------------------------
