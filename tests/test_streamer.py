@@ -22,6 +22,7 @@ class StillScreen:
     """The few Screen members the streamer reads before any capture (no X server needed here)."""
 
     size = (64, 48)
+    live = True
 
     def pointer_position(self):
         return (0, 0)
@@ -191,3 +192,56 @@ def test_on_the_service_socket_a_small_change_sends_only_its_parts(xscreen):
     finally:
         ours.close()
         theirs.close()
+
+
+# --- a source whose picture comes and goes (a GNOME screen cast on the lock screen) --------------------
+
+class ComingAndGoing:
+    size = (32, 32)
+    live = False
+
+    def grab(self, rects=None):
+        from spice_stream_worker.source import Frame
+
+        return Frame(32, 32, 128, memoryview(bytearray(32 * 32 * 4)), rects)
+
+    def pointer_position(self):
+        return (0, 0)
+
+
+def test_no_frame_and_no_idle_refresh_while_the_source_has_no_picture():
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    fcntl.fcntl(w, 1031, 1 << 20)
+    now = [0.0]
+    source = ComingAndGoing()
+    out = Outbox(w)
+    s = Streamer(source, JpegEncoder(), out, fps=30, host=HostState(codecs=(p.CODEC_MJPEG,)),
+                 clock=lambda: now[0])
+    try:
+        s.start()
+        assert s.streaming
+        assert s.next_deadline() is None  # nothing due: the loop sleeps, no busy wait
+        for now[0] in (0.0, 1.0, 5.0):
+            s.tick()
+        assert out.flush() and sent_types(r) == [p.MsgType.CAPABILITIES]
+        assert s.state()["live"] is False
+        # The picture is back (poll() says resized): a whole frame at once.
+        source.live = True
+        s.on_screen_changes(Changes(resized=True))
+        assert s.next_deadline() is not None
+        s.tick()
+        assert out.flush() and sent_types(r) == [p.MsgType.FORMAT, p.MsgType.DATA]
+        now[0] = 10.0  # a static picture gets its idle refresh while it is current
+        s.tick()
+        assert out.flush() and sent_types(r) == [p.MsgType.DATA]
+        # Gone again: the last frame is not sent again as if it were current.
+        source.live = False
+        assert s.next_deadline() is None
+        for now[0] in (13.0, 20.0):
+            s.tick()
+        assert out.flush() and sent_types(r) == []
+    finally:
+        os.close(r)
+        os.close(w)

@@ -182,7 +182,10 @@ class Streamer:
             deadlines.append(self.clock())
         if self._pointer_dirty:
             deadlines.append(self._last_pointer_at + CURSOR_MOVE_MIN_INTERVAL_S)
-        if self.outbox.frames_queued < MAX_FRAMES_QUEUED:  # else the device's writability wakes us
+        # No picture (the source's stream is gone): no frame and no refresh until it is back, which
+        # poll() reports as a resize; the source's fileno() wakes the loop then.
+        if self.outbox.frames_queued < MAX_FRAMES_QUEUED and self.screen.live:
+            # (else the device's writability wakes us)
             if self._need_full or self._damage:
                 deadlines.append(self._next_frame_at)
             elif self._last_jpeg is not None:
@@ -197,7 +200,7 @@ class Streamer:
             self._send_cursor()
         if self._pointer_dirty and now - self._last_pointer_at >= CURSOR_MOVE_MIN_INTERVAL_S:
             self._send_pointer(now)
-        if self.outbox.frames_queued >= MAX_FRAMES_QUEUED:
+        if self.outbox.frames_queued >= MAX_FRAMES_QUEUED or not self.screen.live:
             return
         if now < self._next_frame_at:
             return
@@ -269,6 +272,8 @@ class Streamer:
         now = self.clock()
         return {
             "streaming": self.streaming,
+            # False while the source has no picture (GNOME's lock screen): no frames, by design.
+            "live": bool(self.screen.live),
             "frames": self.counters.frames,
             "bytes": self.outbox.bytes_written,
             "fps": self.counters.fps(now),
