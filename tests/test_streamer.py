@@ -14,7 +14,7 @@ from spice_stream_common import protocol as p
 from spice_stream_common.outbox import Outbox
 from spice_stream_worker.encoder import JpegEncoder
 from spice_stream_worker.sources.x11 import Changes, Rect, Screen
-from spice_stream_worker.streamer import MAX_DAMAGE_RECTS, HostState, Streamer
+from spice_stream_worker.streamer import IDLE_REFRESH_S, MAX_DAMAGE_RECTS, HostState, Streamer
 from tests.support.xserver import Painter, start_xvfb
 
 
@@ -245,3 +245,41 @@ def test_no_frame_and_no_idle_refresh_while_the_source_has_no_picture():
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_without_a_picture_the_service_hears_no_picture_and_the_port_nothing():
+    # On the service's socket (frame parts) a worker with no picture says so every
+    # IDLE_REFRESH_S, for the watchdog; written to the port itself it stays silent (the host
+    # knows no such type).
+    from spice_stream_common import frameparts
+
+    for to_service in (True, False):
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        now = [0.0]
+        out = Outbox(w)
+        s = Streamer(ComingAndGoing(), JpegEncoder(), out, fps=30,
+                     host=HostState(codecs=(p.CODEC_MJPEG,)), clock=lambda now=now: now[0],
+                     frame_parts=frameparts.Sender() if to_service else None)
+        try:
+            s.start()
+            parser = p.Parser(frameparts.WORKER_CHANNEL_LIMITS)
+            got = []
+            for now[0] in (0.0, 0.5, 1.0, 2.1, 3.0, 4.3):
+                s.tick()
+                assert out.flush()
+                try:
+                    got += [m.type for m in parser.feed(os.read(r, 1 << 16))
+                            if isinstance(m, p.Message)]
+                except BlockingIOError:
+                    pass
+            if to_service:
+                assert got == [p.MsgType.CAPABILITIES] + [frameparts.NO_PICTURE] * 3, got
+                assert s.next_deadline() == 4.3 + IDLE_REFRESH_S
+            else:
+                assert got == [p.MsgType.CAPABILITIES], got
+                assert s.next_deadline() is None
+        finally:
+            os.close(r)
+            os.close(w)

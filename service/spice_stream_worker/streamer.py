@@ -80,6 +80,7 @@ class Streamer:
         self._damage: list[Any] = []
         self._need_full = True
         self._last_frame_at = -1e9
+        self._last_waiting_at = -1e9  # the last NO_PICTURE sent to the service
         self._next_frame_at = -1e9  # frame slots on a fixed grid, so loop latency does not eat the cap
         self._last_jpeg: tuple[bytes, ...] | None = None  # as the encoder's pieces
         self._cursor_dirty = True
@@ -190,6 +191,8 @@ class Streamer:
                 deadlines.append(self._next_frame_at)
             elif self._last_jpeg is not None:
                 deadlines.append(self._last_frame_at + IDLE_REFRESH_S)
+        elif not self.screen.live and self.frame_parts is not None:
+            deadlines.append(self._last_waiting_at + IDLE_REFRESH_S)
         return min(deadlines) if deadlines else None
 
     def tick(self) -> None:
@@ -200,7 +203,13 @@ class Streamer:
             self._send_cursor()
         if self._pointer_dirty and now - self._last_pointer_at >= CURSOR_MOVE_MIN_INTERVAL_S:
             self._send_pointer(now)
-        if self.outbox.frames_queued >= MAX_FRAMES_QUEUED or not self.screen.live:
+        if not self.screen.live:
+            # Only the service hears it (a type of its socket's own); the port has no such word.
+            if self.frame_parts is not None and now - self._last_waiting_at >= IDLE_REFRESH_S:
+                self.outbox.send(frameparts.no_picture())
+                self._last_waiting_at = now
+            return
+        if self.outbox.frames_queued >= MAX_FRAMES_QUEUED:
             return
         if now < self._next_frame_at:
             return
