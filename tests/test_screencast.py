@@ -24,9 +24,10 @@ from spice_stream_common.exitcodes import (
     ExitCode,
     StoppedByUser,
 )
+from spice_stream_worker.damage import compare_frames as compare
 from spice_stream_worker.geometry import Rect
-from spice_stream_worker.sources import screencast
-from spice_stream_worker.sources.screencast import ScreenCast, Timing, compare
+from spice_stream_worker.sources.mutter import CURSOR_EMBEDDED
+from spice_stream_worker.sources.screencast import ScreenCast, Timing
 from tests.support import pipewire
 from tests.support.waiting import wait_until
 
@@ -230,7 +231,7 @@ def test_first_picture_is_the_node_s_whole_frame(producers, mutter, opened):
     assert (fr.width, fr.height, fr.stride, fr.changed) == (W, H, W * 4, None)
     assert close_to(pixel(src, 0, 0), GRAY) and close_to(pixel(src, W - 1, H - 1), GRAY)
     # The cursor is embedded in the picture: asked for, and nothing to send apart.
-    assert fake.cursor_mode() == screencast.CURSOR_EMBEDDED
+    assert fake.cursor_mode() == CURSOR_EMBEDDED
     assert src.cursor_image() is None
     assert fake.counts()["CreateSession"] == 1
 
@@ -278,7 +279,7 @@ def test_a_layout_change_records_again_at_once_with_the_new_size(producers, mutt
 @needs_pipewire
 def test_the_lock_screen_stops_the_stream_and_the_unlock_brings_it_back(producers, mutter, opened,
                                                                          caplog):
-    caplog.set_level(logging.INFO, logger=screencast.__name__)
+    caplog.set_level(logging.INFO, logger="spice_stream_worker.sources")
     _prod, fake, src = start(producers, mutter, opened, backoff=(0.1,) * 5)
     caplog.clear()
     fake.lock()
@@ -374,7 +375,7 @@ def test_failures_to_create_past_the_bound_are_display_unavailable(producers, mu
 @needs_pipewire
 def test_a_node_that_gives_nothing_is_retried_then_given_up_with_one_line_each(env, mutter, opened,
                                                                                caplog):
-    caplog.set_level(logging.INFO, logger=screencast.__name__)
+    caplog.set_level(logging.INFO, logger="spice_stream_worker.sources")
     fake = mutter(4_000_000)  # no such node: pipewiresrc errors, or never gets a frame
     src = opened(start=0.2, frame=1.0, backoff=(0.2, 0.2))
     with pytest.raises(DisplayUnavailable, match="reading PipeWire node 4000000 failed 3 times"):

@@ -79,3 +79,42 @@ def refresh(fb: memoryview, stride: int, rect: Rect, new: bytes | memoryview,
             off += new_stride
         changed.append(Rect(rect.x, band, rect.width, end - band))
     return changed
+
+
+# The pixel compare: bands of damage.ALIGN rows, each compared whole first (one memcmp), then the
+# changed ones tile by tile, tiles as wide as the encoder's widest (8 MCUs).
+TILE_WIDTH = 128
+# Past this share of changed bands the tiles are not looked at: the changed bands go whole.
+REFINE_MAX_SHARE = 0.35
+
+
+def compare_frames(fb: bytearray, new: bytes, width: int, height: int) -> list[Rect]:
+    """Bring `fb` (the previous frame) to `new` and return what differed, as rectangles of whole
+    bands (ALIGN rows) and tiles (TILE_WIDTH columns) merged where they touch.
+
+    Each band is compared whole first (memcmp speed); only the bands that differ are looked at
+    tile by tile, with refresh, the compare the X11 path uses."""
+    stride = width * 4
+    band = ALIGN
+    changed_bands = []
+    for y in range(0, height, band):
+        a, b = y * stride, min(y + band, height) * stride
+        if fb[a:b] != new[a:b]:
+            changed_bands.append(y)
+    if not changed_bands:
+        return []
+    grid = Grid(width, height, TILE_WIDTH, band)
+    if len(changed_bands) > REFINE_MAX_SHARE * grid.rows:
+        fb[:] = new
+        cells = {y // band: list(range(grid.columns)) for y in changed_bands}
+        return [grid.rect(a) for a in areas(cells)]
+    src, view = memoryview(new), memoryview(fb)
+    cells = {}
+    for y in changed_bands:
+        rows = min(band, height - y)
+        for column in range(grid.columns):
+            x = column * TILE_WIDTH
+            tile = Rect(x, y, min(TILE_WIDTH, width - x), rows)
+            if refresh(view, stride, tile, src[y * stride + x * 4:], stride):
+                cells.setdefault(y // band, []).append(column)
+    return [grid.rect(a) for a in areas(cells)]

@@ -1,0 +1,553 @@
+"""mutter's screen-cast session on the screen-cast thread: the session-bus connection, the
+ScreenCast session and its lifecycle (lock screen, layout change, mutter leaving the bus, the
+user's Stop, retries), and the pipeline reading its PipeWire node. What it gets goes to the
+ScreenCast source (`out`), the only object it talks to."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from spice_stream_common.exitcodes import DisplayLost, DisplayUnavailable, StoppedByUser
+
+from .gstmedia import Media, copy_out, pipeline_description
+
+log = logging.getLogger(__name__)
+
+MUTTER = "org.gnome.Mutter.ScreenCast"
+MUTTER_PATH = "/org/gnome/Mutter/ScreenCast"
+SESSION_IFACE = "org.gnome.Mutter.ScreenCast.Session"
+STREAM_IFACE = "org.gnome.Mutter.ScreenCast.Stream"
+SCREENSAVER = "org.gnome.ScreenSaver"
+SCREENSAVER_PATH = "/org/gnome/ScreenSaver"
+DISPLAY_CONFIG = "org.gnome.Mutter.DisplayConfig"
+DISPLAY_CONFIG_PATH = "/org/gnome/Mutter/DisplayConfig"
+DBUS = "org.freedesktop.DBus"
+
+CURSOR_EMBEDDED = 1  # RecordMonitor's cursor-mode: 0 hidden, 1 embedded, 2 metadata
+
+
+@dataclass
+class Timing:
+    """How long the source waits for what (the tests shorten them)."""
+
+    # The constructor waits this long for a first picture (or a known reason to wait: locked)
+    # before the worker's loop starts; the picture may come later. Short: the service counts a
+    # worker that says nothing for 30 s as stuck, and mutter's first frame of a boot took 12 s.
+    start: float = 5.0
+    # Start -> PipeWireStreamAdded: 0.2-3 s seen, 6.2 s while gnome-shell was starting (VM, TCG).
+    node: float = 15.0
+    # A node -> its first frame: 13.4 s after CreateSession for the first screen cast of a boot
+    # (Debian 12), 3.9-8.5 s later on a busy host; in a session created while gnome-shell was
+    # still starting (Debian 13) none came in 25 s, and the next session's did.
+    frame: float = 30.0
+    settle: float = 1.0  # after Closed: what else happened around it (lock, layout, mutter)
+    mutter_gone: float = 60.0  # mutter off the bus this long: DisplayLost
+    backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)  # one delay per failure in a row
+    call_ms: int = 5000  # each D-Bus call
+    join: float = 5.0  # close(): the thread's end
+
+
+class Controller:
+    """Runs on the screen-cast thread: the bus connection, mutter's session, the pipeline.
+
+    Every callback checks it belongs to the current attempt (`self.attempt`): a reply or a
+    signal of a session already given up is ignored. One timer at a time (`self.timer`) stands
+    for what is awaited now."""
+
+    def __init__(self, gi: Media, address: str, fps: int, timing: Timing, out: Any) -> None:
+        self.gi = gi
+        self.address = address
+        self.fps = fps
+        self.timing = timing
+        self.out = out
+        GLib = gi.GLib
+        self.ctx = GLib.MainContext.new()
+        self.loop = GLib.MainLoop.new(self.ctx, False)
+        self.cancel = gi.Gio.Cancellable()
+        self.conn: Any = None
+        self.bus_subs: list[int] = []
+        self.session_subs: list[int] = []
+        self.owner: str | None = None  # mutter's unique name
+        self.session: str | None = None
+        self.attempt = 0
+        self.gen = 0
+        self.pipeline: Any = None
+        self.timer: Any = None
+        self.failures = 0
+        self.streamed = False  # a picture came once: later failures are a lost display
+        self.locked = False  # org.gnome.ScreenSaver's Active, as last signalled or read
+        self.monitors_changed_at = -1e9
+        self.closed_at: float | None = None  # Closed received, the decision pending
+        # What is awaited now: connect, create, node, frame, frames (streaming), closed (the node
+        # ended, Closed awaited), settle, check-lock, retry, unlock, mutter.
+        self.waiting = "connect"
+        self.node = 0
+        self.changes: list[threading.Thread] = []  # pipeline state changes under way
+        self.done = False
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.ctx.push_thread_default()
+        try:
+            flags = (self.gi.Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT
+                     | self.gi.Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION)
+            self.gi.Gio.DBusConnection.new_for_address(
+                self.address, flags, None, self.cancel, self._on_connected)
+            self.loop.run()
+        except Exception as exc:  # noqa: BLE001 - the thread must report, not die silently
+            log.exception("GNOME ScreenCast: unexpected error in its thread")
+            self.out._fail(DisplayLost(f"GNOME ScreenCast: unexpected error: {_one_line(exc)}"))
+        finally:
+            self._teardown()
+            self.ctx.pop_thread_default()
+
+    def quit(self) -> None:
+        """From any thread: end the loop (an idle source on our context, dispatched when it runs)."""
+        src = self.gi.GLib.idle_source_new()
+        src.set_callback(self._quit_now)
+        src.attach(self.ctx)
+
+    def _quit_now(self, *_: object) -> bool:
+        self.done = True
+        self.cancel.cancel()
+        self.loop.quit()
+        return False
+
+    def _teardown(self) -> None:
+        self._cancel_timer()
+        self._stop_pipeline()
+        # The session first: mutter ending its node also ends a pipewiresrc still waiting for it.
+        self._close_connection()
+        deadline = time.monotonic() + self.timing.join / 2
+        for thread in self.changes:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in self.changes):
+            log.warning("GNOME ScreenCast: a pipeline did not reach NULL within %g s (pipewiresrc "
+                        "still waiting for its stream)", self.timing.join / 2)
+        # Dispatch what closing queued (cancelled calls' callbacks) so nothing refers to us later.
+        while self.ctx.pending():
+            self.ctx.iteration(False)
+
+    def _close_connection(self) -> None:
+        if self.conn is not None:
+            if self.session is not None:
+                # Polite; the session also ends with this connection.
+                try:
+                    self.conn.call_sync(self.owner, self.session, SESSION_IFACE, "Stop", None,
+                                        None, 0, 1000, None)
+                except Exception:  # noqa: BLE001 - gone already, or mutter busy: closing ends it
+                    pass
+                self.session = None
+            for sub in self.session_subs + self.bus_subs:
+                self.conn.signal_unsubscribe(sub)
+            self.session_subs, self.bus_subs = [], []
+            try:
+                self.conn.close_sync(None)
+            except Exception:  # noqa: BLE001 - closed by the peer already
+                pass
+            self.conn = None
+
+    def _later(self, seconds: float, fn, *args: object) -> None:
+        """The one pending timer: fn(*args) in `seconds`, replacing the previous timer."""
+        self._cancel_timer()
+        src = self.gi.GLib.timeout_source_new(max(0, int(seconds * 1000)))
+
+        def fire(*_: object) -> bool:
+            if self.timer is src:
+                self.timer = None
+                fn(*args)
+            return False
+
+        src.set_callback(fire)
+        src.attach(self.ctx)
+        self.timer = src
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.destroy()
+            self.timer = None
+
+    def _call(self, dest: str, path: str, iface: str, method: str, params: Any, reply,
+              error=None) -> None:
+        """An asynchronous call; reply(value) or error(GLib.Error) on this thread, dropped when
+        the attempt it belongs to is over."""
+        attempt = self.attempt
+
+        def done(conn, res, *_: object) -> None:
+            try:
+                value = conn.call_finish(res)
+            except self.gi.GLib.Error as exc:
+                if self.done or attempt != self.attempt:
+                    return
+                if error is not None:
+                    error(exc)
+                return
+            if self.done or attempt != self.attempt:
+                return
+            reply(value.unpack())
+
+        self.conn.call(dest, path, iface, method, params, None,
+                       self.gi.Gio.DBusCallFlags.NONE, self.timing.call_ms, self.cancel, done)
+
+    def _subscribe(self, sender, iface, member, path, arg0, fn) -> int:
+        def on_signal(conn, sender, path, iface, member, params, *_: object) -> None:
+            if not self.done:
+                fn(sender, params.unpack())
+
+        return self.conn.signal_subscribe(sender, iface, member, path, arg0,
+                                          self.gi.Gio.DBusSignalFlags.NONE, on_signal)
+
+    # -- the bus and what we watch on it ----------------------------------------------------------
+
+    def _on_connected(self, _src, res, *_: object) -> None:
+        try:
+            self.conn = self.gi.Gio.DBusConnection.new_for_address_finish(res)
+        except self.gi.GLib.Error as exc:
+            if not self.done:
+                self.out._fail(DisplayUnavailable(
+                    f"GNOME ScreenCast: cannot connect to the session bus {self.address}: "
+                    f"{_one_line(exc.message)}"))
+            return
+        self.conn.set_exit_on_close(False)
+        self.conn.connect("closed", self._on_bus_closed)
+        self.bus_subs = [
+            self._subscribe(DBUS, DBUS, "NameOwnerChanged", "/org/freedesktop/DBus", MUTTER,
+                            self._on_mutter_owner),
+            self._subscribe(SCREENSAVER, SCREENSAVER, "ActiveChanged", SCREENSAVER_PATH, None,
+                            self._on_lock_changed),
+            self._subscribe(DISPLAY_CONFIG, DISPLAY_CONFIG, "MonitorsChanged",
+                            DISPLAY_CONFIG_PATH, None, self._on_monitors_changed),
+        ]
+        self._read_lock_state(lambda _: None)  # starts `locked` right; signals keep it so
+        self._call(DBUS, "/org/freedesktop/DBus", DBUS, "GetNameOwner",
+                   self.gi.GLib.Variant("(s)", (MUTTER,)), self._on_first_owner,
+                   lambda _exc: self._mutter_absent("is not on the session bus"))
+
+    def _on_bus_closed(self, _conn, remote: bool, error, *_: object) -> None:
+        if self.done:
+            return
+        self._stop_pipeline()
+        self.out._fail(DisplayLost("GNOME ScreenCast: the session bus connection closed"))
+
+    def _on_first_owner(self, value: tuple[str]) -> None:
+        self.owner = value[0]
+        self._create()
+
+    def _mutter_absent(self, how: str) -> None:
+        self._drop_session()
+        self.owner = None
+        self.waiting = "mutter"
+        log.info("GNOME ScreenCast: %s %s: waiting for it (at most %g s)", MUTTER, how,
+                 self.timing.mutter_gone)
+        self.out._stream_gone(f"{MUTTER} {how}")
+        self._later(self.timing.mutter_gone, self._give_up_on_mutter)
+
+    def _give_up_on_mutter(self) -> None:
+        err = f"GNOME ScreenCast: {MUTTER} did not come on the session bus within " \
+              f"{self.timing.mutter_gone:g} s"
+        self.out._fail(DisplayLost(err) if self.streamed else DisplayUnavailable(err))
+
+    def _on_mutter_owner(self, _sender: str, args: tuple[str, str, str]) -> None:
+        _name, _old, new = args
+        if not new:
+            self._mutter_absent("left the session bus (mutter restarting?)")
+            return
+        if new == self.owner:
+            return
+        was_running = self.owner is not None
+        self._drop_session()
+        self.owner = new
+        self.failures = 0
+        log.info("GNOME ScreenCast: %s %s: recording again", MUTTER,
+                 "changed owner" if was_running else "is on the session bus")
+        self._create()
+
+    def _on_lock_changed(self, _sender: str, args: tuple[bool]) -> None:
+        self.locked = bool(args[0])
+        if self.closed_at is not None and self.locked:
+            self._decide_after_close()
+        elif not self.locked and self.waiting == "unlock":
+            log.info("GNOME ScreenCast: the screen was unlocked: recording again")
+            self.failures = 0
+            self._create()
+
+    def _on_monitors_changed(self, _sender: str, _args: tuple) -> None:
+        self.monitors_changed_at = time.monotonic()
+        if self.closed_at is not None:
+            self._decide_after_close()
+
+    def _read_lock_state(self, then) -> None:
+        """org.gnome.ScreenSaver's GetActive into self.locked, then then(locked); absent: unlocked."""
+        def reply(value: tuple[bool]) -> None:
+            self.locked = bool(value[0])
+            then(self.locked)
+
+        def error(_exc: object) -> None:
+            then(self.locked)
+
+        self._call(SCREENSAVER, SCREENSAVER_PATH, SCREENSAVER, "GetActive", None, reply, error)
+
+    # -- the screen-cast session ------------------------------------------------------------------
+
+    def _create(self) -> None:
+        """CreateSession, RecordMonitor(primary, embedded cursor), Start; then PipeWireStreamAdded."""
+        self._drop_session()
+        self.attempt += 1
+        self.waiting = "create"
+        self.out._waiting_for("creating a screen-cast session")
+        GLib = self.gi.GLib
+        self._later(self.timing.node + self.timing.call_ms / 1000 * 3, self._create_failed,
+                    "creating the session", "no answer")
+
+        def created(value: tuple[str]) -> None:
+            self.session = value[0]
+            self.session_subs.append(self._subscribe(
+                self.owner, SESSION_IFACE, "Closed", self.session, None, self._on_closed))
+            props = {"cursor-mode": GLib.Variant("u", CURSOR_EMBEDDED)}
+            self._call(self.owner, self.session, SESSION_IFACE, "RecordMonitor",
+                       GLib.Variant("(sa{sv})", ("", props)), recording,
+                       lambda exc: self._create_failed("RecordMonitor", exc.message))
+
+        def recording(value: tuple[str]) -> None:
+            stream = value[0]
+            self.session_subs.append(self._subscribe(
+                self.owner, STREAM_IFACE, "PipeWireStreamAdded", stream, None, self._on_node))
+            self._call(self.owner, self.session, SESSION_IFACE, "Start", None, started,
+                       lambda exc: self._create_failed("Start", exc.message))
+
+        def started(_value: tuple) -> None:
+            self.waiting = "node"
+            self._later(self.timing.node, self._create_failed, "waiting for the PipeWire node",
+                        f"mutter sent none within {self.timing.node:g} s")
+
+        self._call(self.owner, MUTTER_PATH, MUTTER, "CreateSession",
+                   GLib.Variant("(a{sv})", ({},)), created,
+                   lambda exc: self._create_failed("CreateSession", exc.message))
+
+    def _on_node(self, _sender: str, args: tuple[int]) -> None:
+        if self.waiting != "node":
+            return
+        node = int(args[0])
+        if not self._start_pipeline(node):
+            return
+        self.waiting = "frame"
+        self._later(self.timing.frame, self._create_failed, f"reading PipeWire node {node}",
+                    f"no frame within {self.timing.frame:g} s")
+
+    def _on_first_frame(self, gen: int, width: int, height: int) -> bool:
+        if gen == self.gen and self.waiting == "frame" and not self.done:
+            self._cancel_timer()
+            self.waiting = "frames"
+            self.failures = 0
+            self.streamed = True
+            log.info("GNOME ScreenCast: streaming %dx%d from PipeWire node %d", width, height,
+                     self.node)
+            self.out._stream_up(gen)
+        return False
+
+    def _create_failed(self, what: str, why: str) -> None:
+        """A failure to create: locked (wait for the unlock) or a retry after a backoff."""
+        self._drop_session()
+        self.attempt += 1
+        self.waiting = "check-lock"
+        attempt = self.attempt
+
+        def decide(locked: bool) -> None:
+            if attempt != self.attempt:
+                return
+            if locked:
+                self._wait_for_unlock()
+                return
+            self.failures += 1
+            if self.failures > len(self.timing.backoff):
+                err = (f"GNOME ScreenCast: {what} failed {self.failures} times in a row, "
+                       f"last: {_one_line(why)}")
+                self.out._fail(DisplayLost(err) if self.streamed else DisplayUnavailable(err))
+                return
+            delay = self.timing.backoff[self.failures - 1]
+            log.warning("GNOME ScreenCast: %s failed (%s): trying again in %g s (%d of %d)",
+                        what, _one_line(why), delay, self.failures, len(self.timing.backoff))
+            self.waiting = "retry"
+            self.out._waiting_for(f"{what} failed, trying again")
+            self._later(delay, self._create)
+
+        self._read_lock_state(decide)
+
+    def _wait_for_unlock(self) -> None:
+        self._drop_session()
+        self._cancel_timer()
+        self.waiting = "unlock"
+        log.info("GNOME ScreenCast: the screen is locked: waiting for it to be unlocked")
+        self.out._stream_gone("the screen is locked")
+        self.out._waiting_for("the screen is locked", settled=True)
+
+    def _on_closed(self, _sender: str, _args: tuple) -> None:
+        if self.session is None:
+            return
+        self.session = None
+        self._unsubscribe_session()
+        self._stop_pipeline()
+        self.attempt += 1  # whatever was in flight for this session is over
+        self.waiting = "settle"
+        self.closed_at = time.monotonic()
+        log.info("GNOME ScreenCast: the session was closed by GNOME")
+        self.out._stream_gone("the screen cast was closed")
+        # What happened around it says why: a layout change or a lock seen already decides now.
+        self._decide_after_close(first=True)
+
+    def _decide_after_close(self, first: bool = False) -> None:
+        if self.closed_at is None:
+            return
+        if self.monitors_changed_at >= self.closed_at - self.timing.settle:
+            self.closed_at = None
+            log.info("GNOME ScreenCast: the monitor layout changed: recording again")
+            self.failures = 0
+            self._create()
+        elif self.locked:
+            self.closed_at = None
+            self._wait_for_unlock()
+        elif first:
+            self._later(self.timing.settle, self._settled_after_close)
+
+    def _settled_after_close(self) -> None:
+        attempt = self.attempt
+
+        def decide(locked: bool) -> None:
+            if attempt != self.attempt or self.closed_at is None:
+                return
+            if locked:
+                self.closed_at = None
+                self._wait_for_unlock()
+                return
+            self.closed_at = None
+            self._cancel_timer()
+            self.out._fail(StoppedByUser(
+                "GNOME ScreenCast: stopped in GNOME (the screen-sharing indicator's Stop): "
+                "not streaming this session again until its user logs in again"))
+
+        self._read_lock_state(decide)
+
+    def _drop_session(self) -> None:
+        """Forget the current session (Stop it if mutter still has it) and its pipeline."""
+        self._cancel_timer()
+        self._stop_pipeline()
+        self._unsubscribe_session()
+        self.closed_at = None
+        if self.session is not None and self.conn is not None and self.owner is not None:
+            self.conn.call(self.owner, self.session, SESSION_IFACE, "Stop", None, None,
+                           self.gi.Gio.DBusCallFlags.NONE, self.timing.call_ms, None, None)
+        self.session = None
+
+    def _unsubscribe_session(self) -> None:
+        for sub in self.session_subs:
+            self.conn.signal_unsubscribe(sub)
+        self.session_subs = []
+
+    # -- the pipeline ---------------------------------------------------------------------------
+
+    def _start_pipeline(self, node: int) -> bool:
+        Gst = self.gi.Gst
+        self._stop_pipeline()
+        self.gen += 1
+        gen = self.gen
+        self.node = node
+        try:
+            pipeline = Gst.parse_launch(pipeline_description(node, self.fps))
+        except self.gi.GLib.Error as exc:
+            self._create_failed(f"building the pipeline for PipeWire node {node}", exc.message)
+            return False
+        self.pipeline = pipeline
+        self.out._stream_started(gen, node)
+        sink = pipeline.get_by_name("sink")
+        first = [True]
+        GLib = self.gi.GLib
+
+        def on_sample(appsink, *_: object):
+            sample = appsink.emit("pull-sample")
+            if sample is None:
+                return Gst.FlowReturn.OK
+            got = copy_out(self.gi, sample)
+            del sample  # the buffer goes back to pipewiresrc now
+            if got is None:
+                return Gst.FlowReturn.OK
+            width, height, pixels = got
+            if self.out._publish(gen, width, height, pixels) and first[0]:
+                first[0] = False
+                src = GLib.idle_source_new()
+                src.set_callback(lambda *_: self._on_first_frame(gen, width, height))
+                src.attach(self.ctx)
+            return Gst.FlowReturn.OK
+
+        sink.connect("new-sample", on_sample)
+        bus = pipeline.get_bus()
+        bus.add_signal_watch()  # on our thread's default context
+        bus.connect("message", self._on_bus_message, gen)
+        log.debug("GNOME ScreenCast: reading PipeWire node %d", node)
+
+        def failed_to_start() -> bool:
+            if gen == self.gen and not self.done:
+                self._create_failed(f"reading PipeWire node {node}", "the pipeline would not start")
+            return False
+
+        def play() -> None:
+            if pipeline.set_state(Gst.State.PLAYING) == Gst.StateChangeReturn.FAILURE:
+                src = GLib.idle_source_new()
+                src.set_callback(lambda *_: failed_to_start())
+                src.attach(self.ctx)
+
+        self._state_change(play)
+        return True
+
+    def _state_change(self, fn) -> None:
+        """Run a pipeline state change on a thread of its own: pipewiresrc's start waits, under the
+        element's state lock, until its stream runs, and a node that never delivers (or does not
+        exist) would hold this thread, its timers and close() with it. Changes of one pipeline are
+        queued behind each other by that lock; close() waits for them, bounded."""
+        self.changes = [t for t in self.changes if t.is_alive()]
+        thread = threading.Thread(target=fn, name="screencast-pipeline", daemon=True)
+        thread.start()
+        self.changes.append(thread)
+
+    def _on_bus_message(self, _bus, message, gen: int) -> None:
+        Gst = self.gi.Gst
+        if gen != self.gen or self.done:
+            return
+        if message.type == Gst.MessageType.ERROR:
+            err, _debug = message.parse_error()
+            why = err.message
+        elif message.type == Gst.MessageType.EOS:
+            why = "end of stream"
+        else:
+            return
+        node = self.node
+        self._stop_pipeline()
+        self.out._stream_gone("the PipeWire stream ended")
+        if self.waiting == "frames" and self.session is not None:
+            # mutter usually ends the node when it closes the session: give Closed the time to
+            # come (and say why) before calling it a failure.
+            log.info("GNOME ScreenCast: PipeWire node %d ended (%s)", node, _one_line(why))
+            self.waiting = "closed"
+            self._later(self.timing.settle * 2, self._create_failed,
+                        f"reading PipeWire node {node}", why)
+        else:
+            self._create_failed(f"reading PipeWire node {node}", why)
+
+    def _stop_pipeline(self) -> None:
+        if self.pipeline is None:
+            return
+        pipeline, self.pipeline = self.pipeline, None
+        self.gen += 1  # late samples and messages of this one are ignored
+        self.out._stream_gone("the PipeWire stream ended")
+        bus = pipeline.get_bus()
+        bus.remove_signal_watch()
+        self._state_change(lambda: pipeline.set_state(self.gi.Gst.State.NULL))
+
+
+def _one_line(text: object) -> str:
+    text = str(text).strip() or "unknown error"
+    return " ".join(text.split())[:300]
