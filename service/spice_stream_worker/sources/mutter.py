@@ -47,7 +47,9 @@ class Timing:
     settle: float = 1.0  # after Closed: what else happened around it (lock, layout, mutter)
     mutter_gone: float = 60.0  # mutter off the bus this long: DisplayLost
     backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)  # one delay per failure in a row
-    call_ms: int = 5000  # each D-Bus call
+    # Each D-Bus call: D-Bus's own default. gnome-shell still starting under TCG took more than
+    # 5 s to answer CreateSession and Start (VM, Debian 12), six times in a row.
+    call_ms: int = 25000
     join: float = 5.0  # close(): the thread's end
 
 
@@ -173,7 +175,7 @@ class Controller:
             self.timer = None
 
     def _call(self, dest: str, path: str, iface: str, method: str, params: Any, reply,
-              error=None) -> None:
+              error=None, auto_start: bool = True) -> None:
         """An asynchronous call; reply(value) or error(GLib.Error) on this thread, dropped when
         the attempt it belongs to is over."""
         attempt = self.attempt
@@ -191,8 +193,10 @@ class Controller:
                 return
             reply(value.unpack())
 
+        flags = self.gi.Gio.DBusCallFlags
         self.conn.call(dest, path, iface, method, params, None,
-                       self.gi.Gio.DBusCallFlags.NONE, self.timing.call_ms, self.cancel, done)
+                       flags.NONE if auto_start else flags.NO_AUTO_START, self.timing.call_ms,
+                       self.cancel, done)
 
     def _subscribe(self, sender, iface, member, path, arg0, fn) -> int:
         def on_signal(conn, sender, path, iface, member, params, *_: object) -> None:
@@ -290,7 +294,10 @@ class Controller:
         def error(_exc: object) -> None:
             then(self.locked)
 
-        self._call(SCREENSAVER, SCREENSAVER_PATH, SCREENSAVER, "GetActive", None, reply, error)
+        # gnome-shell owns the name; a bus asked to start it would try an activation file and
+        # wait for nothing while the shell starts: not there is not locked.
+        self._call(SCREENSAVER, SCREENSAVER_PATH, SCREENSAVER, "GetActive", None, reply, error,
+                   auto_start=False)
 
     # -- the screen-cast session ------------------------------------------------------------------
 
