@@ -9,10 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import sys
-import tempfile
-import tty
 from collections.abc import Callable
 
 import pytest
@@ -24,39 +21,14 @@ from spice_streamd.supervisor import WorkerSupervisor, WorkerTarget
 from tests.support.bus import ensure_test_user
 from tests.support.cgroupfs import scratch_cgroup
 from tests.support.waiting import wait_async
-from tests.test_supervisor import FAKE_WORKER, SERVICE_DIR, Host, alive, records
+
+# test_supervisor's stand-in worker and pty, under this file's names (imported fixtures count).
+from tests.test_supervisor import SERVICE_DIR, Host, alive, records
+from tests.test_supervisor import pty_device as port  # noqa: F401
+from tests.test_supervisor import workdir as stand_in  # noqa: F401
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs workers as other uids")
 
-
-@pytest.fixture
-def stand_in():
-    """(dir, the stand-in worker's script, where its records go), as test_supervisor's."""
-    d = tempfile.mkdtemp(prefix="spice-wl-")
-    os.chmod(d, 0o755)
-    rec = os.path.join(d, "rec")
-    os.mkdir(rec)
-    os.chmod(rec, 0o777)  # workers under other uids record into it
-    script = os.path.join(d, "fake_worker.py")
-    with open(script, "w") as f:
-        f.write(FAKE_WORKER)
-    os.chmod(script, 0o644)
-    try:
-        yield d, script, rec
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def port():
-    """A raw pty standing in for the stream port: (its path, the host's master fd)."""
-    master, slave = os.openpty()
-    tty.setraw(slave)
-    try:
-        yield os.ttyname(slave), master
-    finally:
-        os.close(master)
-        os.close(slave)
 
 RUNTIME = "/run/user/65534"
 WAYLAND = WorkerTarget(uid=65534, gid=65534, groups=(), display="", xauthority="", vt=5,
