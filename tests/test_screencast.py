@@ -150,8 +150,8 @@ def mutter(env):
 
     fakes = []
 
-    def make(node=0):
-        fake = FakeMutter(env.bus.address, node)
+    def make(node=0, saver=True):
+        fake = FakeMutter(env.bus.address, node, saver=saver)
         fakes.append(fake)
         return fake
 
@@ -299,6 +299,53 @@ def test_the_lock_screen_stops_the_stream_and_the_unlock_brings_it_back(producer
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 4 and sum("locked" in line for line in lines) == 2, lines
     assert all(r.levelno == logging.INFO for r in caplog.records), lines
+
+
+@needs_pipewire
+def test_the_lock_is_known_from_logind_where_gnome_shell_has_no_screensaver(
+        producers, mutter, logind, bus):
+    # GNOME 43 on Wayland: no org.gnome.ScreenSaver on the session bus; gnome-shell closes the
+    # screen cast, then sets its session's LockedHint (3 s later under TCG). That is a lock, not
+    # the user's Stop: the source waits for LockedHint false and records again.
+    logind.add_session("c7", os.getuid(), vt=2, type="wayland", active=True)
+    prod = producers()
+    fake = mutter(prod.node, saver=False)
+    src = ScreenCast(fps=30, timing=Timing(backoff=(0.1,) * 5, settle=3.0), session_id="c7",
+                     system_bus_address=bus.address)
+    try:
+        poll_until(src, lambda c: c.resized, what="the first picture")
+        fake.lock()  # closes every screen cast; nobody says ActiveChanged
+        poll_until(src, lambda c: not src.live, what="the stream to stop")
+        logind.set_property("c7", "LockedHint", True)
+        poll_until(src, lambda c: "locked" in src.describe(), timeout=5,
+                   what="the source to wait for the unlock")
+        assert not any(poll_for(src, 3.5))  # past the settle: no StoppedByUser, no retry
+        assert fake.counts()["CreateSession"] == 1
+        fake.set_node(producers().node)
+        fake.unlock()
+        logind.set_property("c7", "LockedHint", False)
+        poll_until(src, lambda c: c.resized, timeout=10, what="the picture after the unlock")
+        assert src.live and fake.counts()["CreateSession"] == 2
+    finally:
+        src.close()
+
+
+@needs_pipewire
+def test_without_a_lock_from_anyone_a_closed_cast_is_the_stop_button(producers, mutter, logind,
+                                                                      bus):
+    # The same session without LockedHint: after the settle it is the user's Stop.
+    logind.add_session("c8", os.getuid(), vt=2, type="wayland", active=True)
+    prod = producers()
+    fake = mutter(prod.node, saver=False)
+    src = ScreenCast(fps=30, timing=Timing(settle=0.5), session_id="c8",
+                     system_bus_address=bus.address)
+    try:
+        poll_until(src, lambda c: c.resized, what="the first picture")
+        fake.stop_button()
+        with pytest.raises(StoppedByUser):
+            poll_until(src, lambda c: False, timeout=5, what="StoppedByUser")
+    finally:
+        src.close()
 
 
 @needs_pipewire

@@ -32,7 +32,8 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs workers as other
 
 RUNTIME = "/run/user/65534"
 WAYLAND = WorkerTarget(uid=65534, gid=65534, groups=(), display="", xauthority="", vt=5,
-                       kind="wayland", runtime_dir=RUNTIME, registration=":1.50")
+                       kind="wayland", runtime_dir=RUNTIME, registration=":1.50",
+                       session_id="c7")
 X11_OTHER = WorkerTarget(uid=12345, gid=12346, groups=(12347,), display=":92",
                          xauthority="/tmp/xa-o", vt=2)
 
@@ -56,7 +57,7 @@ def test_a_wayland_worker_runs_as_the_user_with_the_screencast_source_and_sessio
             assert first["env"] == {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
                                     "XDG_RUNTIME_DIR": RUNTIME,
                                     "DBUS_SESSION_BUS_ADDRESS": f"unix:path={RUNTIME}/bus",
-                                    "HOME": "/nonexistent"}
+                                    "XDG_SESSION_ID": "c7", "HOME": "/nonexistent"}
             assert first["resuid"] == [65534] * 3 and first["resgid"] == [65534] * 3
             assert first["groups"] == []
             assert first["dev_is_socket"] and not first["dev_is_chr"]

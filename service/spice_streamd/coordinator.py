@@ -46,7 +46,8 @@ def target_of(reg: Registration | None):
     return WorkerTarget(uid=reg.uid, gid=reg.gid, groups=reg.groups, display=reg.display,
                         xauthority=reg.xauthority, vt=reg.vt, kind=reg.kind,
                         runtime_dir=reg.runtime_dir,
-                        registration=reg.sender if reg.kind == "wayland" else "")
+                        registration=reg.sender if reg.kind == "wayland" else "",
+                        session_id=(reg.session_id or "") if reg.kind == "wayland" else "")
 
 
 class Coordinator:

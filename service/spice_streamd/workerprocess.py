@@ -37,6 +37,9 @@ class WorkerTarget:
     # exit STOPPED_BY_USER) and only a new registration starts it again, so a Wayland target is
     # one registration's; an X11 target is the display's, whichever registration names it.
     registration: str = ""
+    # Wayland: the logind session the registration was verified for; the worker reads its
+    # LockedHint (gnome-shell closes screen casts on the lock screen, and Closed says not why).
+    session_id: str = ""
 
     @property
     def wayland(self) -> bool:
@@ -76,12 +79,15 @@ def exit_text(rc: int) -> str:
 
 def worker_env(target: WorkerTarget) -> dict[str, str]:
     """A clean environment, nothing of ours: for X11 the display and its cookie; for Wayland the
-    user's runtime directory and its session bus (where mutter's ScreenCast and the user's
-    PipeWire are), no DISPLAY (GNOME's Xwayland is not what is captured); the user's home."""
+    user's runtime directory, its session bus (where mutter's ScreenCast and the user's PipeWire
+    are) and its logind session (XDG_SESSION_ID), no DISPLAY (GNOME's Xwayland is not what is
+    captured); the user's home."""
     env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8"}
     if target.wayland:
         env["XDG_RUNTIME_DIR"] = target.runtime_dir
         env["DBUS_SESSION_BUS_ADDRESS"] = session_bus_address(target.runtime_dir)
+        if target.session_id:
+            env["XDG_SESSION_ID"] = target.session_id
     else:
         env["DISPLAY"] = target.display
         env["XAUTHORITY"] = target.xauthority

@@ -203,6 +203,7 @@ class LogindMock:
             "Type": type,
             "Class": "user",
             "Active": False,
+            "LockedHint": False,
             "State": "online",
             "Remote": False,
             "Service": "dbusmock",

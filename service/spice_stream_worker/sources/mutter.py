@@ -26,6 +26,10 @@ SCREENSAVER_PATH = "/org/gnome/ScreenSaver"
 DISPLAY_CONFIG = "org.gnome.Mutter.DisplayConfig"
 DISPLAY_CONFIG_PATH = "/org/gnome/Mutter/DisplayConfig"
 DBUS = "org.freedesktop.DBus"
+LOGIND = "org.freedesktop.login1"
+LOGIND_PATH = "/org/freedesktop/login1"
+LOGIND_SESSION = "org.freedesktop.login1.Session"
+PROPERTIES = "org.freedesktop.DBus.Properties"
 
 CURSOR_EMBEDDED = 1  # RecordMonitor's cursor-mode: 0 hidden, 1 embedded, 2 metadata
 
@@ -44,7 +48,10 @@ class Timing:
     # (Debian 12), 3.9-8.5 s later on a busy host; in a session created while gnome-shell was
     # still starting (Debian 13) none came in 25 s, and the next session's did.
     frame: float = 30.0
-    settle: float = 1.0  # after Closed: what else happened around it (lock, layout, mutter)
+    # After Closed: what else happened around it (lock, layout, mutter). gnome-shell closes the
+    # screen cast before logind's LockedHint says locked: 2.1 s after `loginctl lock-session`,
+    # LockedHint by 3.3 s (VM, Debian 12); a later LockedHint ends the wait at once.
+    settle: float = 5.0
     mutter_gone: float = 60.0  # mutter off the bus this long: DisplayLost
     backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)  # one delay per failure in a row
     # Each D-Bus call: D-Bus's own default. gnome-shell still starting under TCG took more than
@@ -60,9 +67,12 @@ class Controller:
     signal of a session already given up is ignored. One timer at a time (`self.timer`) stands
     for what is awaited now."""
 
-    def __init__(self, gi: Media, address: str, fps: int, timing: Timing, out: Any) -> None:
+    def __init__(self, gi: Media, address: str, fps: int, timing: Timing, out: Any,
+                 session_id: str = "", system_address: str | None = None) -> None:
         self.gi = gi
         self.address = address
+        self.session_id = session_id
+        self.system_address = system_address
         self.fps = fps
         self.timing = timing
         self.out = out
@@ -81,7 +91,13 @@ class Controller:
         self.timer: Any = None
         self.failures = 0
         self.streamed = False  # a picture came once: later failures are a lost display
-        self.locked = False  # org.gnome.ScreenSaver's Active, as last signalled or read
+        # Locked: org.gnome.ScreenSaver's Active (when gnome-shell owns that name: GNOME 43 on
+        # Wayland did not) or logind's LockedHint of this session, as last signalled or read.
+        self.saver_locked = False
+        self.hint_locked = False
+        self.system: Any = None  # the system bus, for logind (with a session id only)
+        self.system_subs: list[int] = []
+        self.logind_session: str | None = None  # the session's object path
         self.monitors_changed_at = -1e9
         self.closed_at: float | None = None  # Closed received, the decision pending
         # What is awaited now: connect, create, node, frame, frames (streaming), closed (the node
@@ -153,6 +169,15 @@ class Controller:
             except Exception:  # noqa: BLE001 - closed by the peer already
                 pass
             self.conn = None
+        if self.system is not None:
+            for sub in self.system_subs:
+                self.system.signal_unsubscribe(sub)
+            self.system_subs = []
+            try:
+                self.system.close_sync(None)
+            except Exception:  # noqa: BLE001 - closed by the peer already
+                pass
+            self.system = None
 
     def _later(self, seconds: float, fn, *args: object) -> None:
         """The one pending timer: fn(*args) in `seconds`, replacing the previous timer."""
@@ -174,8 +199,13 @@ class Controller:
             self.timer.destroy()
             self.timer = None
 
+    @property
+    def locked(self) -> bool:
+        return self.saver_locked or self.hint_locked
+
     def _call(self, dest: str, path: str, iface: str, method: str, params: Any, reply,
-              error=None, auto_start: bool = True) -> None:
+              error=None, auto_start: bool = True, conn: Any = None,
+              any_attempt: bool = False) -> None:
         """An asynchronous call; reply(value) or error(GLib.Error) on this thread, dropped when
         the attempt it belongs to is over."""
         attempt = self.attempt
@@ -184,27 +214,27 @@ class Controller:
             try:
                 value = conn.call_finish(res)
             except self.gi.GLib.Error as exc:
-                if self.done or attempt != self.attempt:
+                if self.done or (attempt != self.attempt and not any_attempt):
                     return
                 if error is not None:
                     error(exc)
                 return
-            if self.done or attempt != self.attempt:
+            if self.done or (attempt != self.attempt and not any_attempt):
                 return
             reply(value.unpack())
 
         flags = self.gi.Gio.DBusCallFlags
-        self.conn.call(dest, path, iface, method, params, None,
+        (conn or self.conn).call(dest, path, iface, method, params, None,
                        flags.NONE if auto_start else flags.NO_AUTO_START, self.timing.call_ms,
                        self.cancel, done)
 
-    def _subscribe(self, sender, iface, member, path, arg0, fn) -> int:
+    def _subscribe(self, sender, iface, member, path, arg0, fn, conn: Any = None) -> int:
         def on_signal(conn, sender, path, iface, member, params, *_: object) -> None:
             if not self.done:
                 fn(sender, params.unpack())
 
-        return self.conn.signal_subscribe(sender, iface, member, path, arg0,
-                                          self.gi.Gio.DBusSignalFlags.NONE, on_signal)
+        return (conn or self.conn).signal_subscribe(sender, iface, member, path, arg0,
+                                                    self.gi.Gio.DBusSignalFlags.NONE, on_signal)
 
     # -- the bus and what we watch on it ----------------------------------------------------------
 
@@ -228,6 +258,8 @@ class Controller:
                             DISPLAY_CONFIG_PATH, None, self._on_monitors_changed),
         ]
         self._read_lock_state(lambda _: None)  # starts `locked` right; signals keep it so
+        if self.session_id:
+            self._watch_logind()
         self._call(DBUS, "/org/freedesktop/DBus", DBUS, "GetNameOwner",
                    self.gi.GLib.Variant("(s)", (MUTTER,)), self._on_first_owner,
                    lambda _exc: self._mutter_absent("is not on the session bus"))
@@ -271,8 +303,68 @@ class Controller:
                  "changed owner" if was_running else "is on the session bus")
         self._create()
 
+    # -- logind's LockedHint of this session (on the system bus) --------------------------------------
+
+    def _watch_logind(self) -> None:
+        """Follow LockedHint of our logind session: gnome-shell sets it on its lock screen, and
+        it is the lock's only sign where org.gnome.ScreenSaver is not on the session bus."""
+        Gio = self.gi.Gio
+        flags = (Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT
+                 | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION)
+        address = self.system_address or Gio.dbus_address_get_for_bus_sync(Gio.BusType.SYSTEM, None)
+        Gio.DBusConnection.new_for_address(address, flags, None, self.cancel, self._on_system)
+
+    def _on_system(self, _src, res, *_: object) -> None:
+        try:
+            self.system = self.gi.Gio.DBusConnection.new_for_address_finish(res)
+        except self.gi.GLib.Error as exc:
+            if not self.done:
+                log.warning("GNOME ScreenCast: no system bus (%s): the lock screen is known only "
+                            "from org.gnome.ScreenSaver", _one_line(exc.message))
+            return
+        self.system.set_exit_on_close(False)
+
+        def found(value: tuple[str]) -> None:
+            self.logind_session = value[0]
+            self.system_subs.append(self._subscribe(
+                LOGIND, PROPERTIES, "PropertiesChanged", self.logind_session, LOGIND_SESSION,
+                self._on_session_props, conn=self.system))
+            self._read_hint(lambda: None)
+
+        def missing(exc: object) -> None:
+            log.warning("GNOME ScreenCast: logind has no session %s (%s): the lock screen is "
+                        "known only from org.gnome.ScreenSaver", self.session_id,
+                        _one_line(getattr(exc, "message", exc)))
+
+        self._call(LOGIND, LOGIND_PATH, LOGIND + ".Manager", "GetSession",
+                   self.gi.GLib.Variant("(s)", (self.session_id,)), found, missing,
+                   conn=self.system, any_attempt=True)
+
+    def _read_hint(self, then) -> None:
+        if self.system is None or self.logind_session is None:
+            then()
+            return
+
+        def reply(value: tuple) -> None:
+            self.hint_locked = bool(value[0])
+            then()
+
+        # Any attempt's: `then` checks whether it still matters.
+        self._call(LOGIND, self.logind_session, PROPERTIES, "Get",
+                   self.gi.GLib.Variant("(ss)", (LOGIND_SESSION, "LockedHint")), reply,
+                   lambda _exc: then(), conn=self.system, any_attempt=True)
+
+    def _on_session_props(self, _sender: str, args: tuple) -> None:
+        _iface, changed, _invalidated = args
+        if "LockedHint" in changed:
+            self.hint_locked = bool(changed["LockedHint"])
+            self._lock_changed()
+
     def _on_lock_changed(self, _sender: str, args: tuple[bool]) -> None:
-        self.locked = bool(args[0])
+        self.saver_locked = bool(args[0])
+        self._lock_changed()
+
+    def _lock_changed(self) -> None:
         if self.closed_at is not None and self.locked:
             self._decide_after_close()
         elif not self.locked and self.waiting == "unlock":
@@ -286,18 +378,20 @@ class Controller:
             self._decide_after_close()
 
     def _read_lock_state(self, then) -> None:
-        """org.gnome.ScreenSaver's GetActive into self.locked, then then(locked); absent: unlocked."""
+        """org.gnome.ScreenSaver's GetActive and logind's LockedHint (each absent: unlocked),
+        then then(locked)."""
         def reply(value: tuple[bool]) -> None:
-            self.locked = bool(value[0])
-            then(self.locked)
+            self.saver_locked = bool(value[0])
+            self._read_hint(lambda: then(self.locked))
 
         def error(_exc: object) -> None:
-            then(self.locked)
+            self._read_hint(lambda: then(self.locked))
 
-        # gnome-shell owns the name; a bus asked to start it would try an activation file and
-        # wait for nothing while the shell starts: not there is not locked.
+        # Any attempt's: `then` checks whether it still matters. Without auto-start: gnome-shell
+        # owns the name or nobody does (a bus asked to start it tries an activation file and
+        # waits for nothing), and not there is not locked.
         self._call(SCREENSAVER, SCREENSAVER_PATH, SCREENSAVER, "GetActive", None, reply, error,
-                   auto_start=False)
+                   auto_start=False, any_attempt=True)
 
     # -- the screen-cast session ------------------------------------------------------------------
 

@@ -46,7 +46,8 @@ class ScreenCast:
     """The capture source for GNOME on Wayland (see the module's text)."""
 
     def __init__(self, fps: int = 30, bus_address: str | None = None,
-                 timing: Timing | None = None) -> None:
+                 timing: Timing | None = None, session_id: str | None = None,
+                 system_bus_address: str | None = None) -> None:
         gi = Media()
         address = bus_address or os.environ.get("DBUS_SESSION_BUS_ADDRESS", "")
         if not address:
@@ -68,7 +69,12 @@ class ScreenCast:
         self._waiting = "connecting to the session bus"
         self._settled = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._ctl = Controller(gi, address, fps, self.timing, self)
+        # The logind session the service verified (XDG_SESSION_ID): its LockedHint tells the lock
+        # screen where gnome-shell does not own org.gnome.ScreenSaver.
+        if session_id is None:
+            session_id = os.environ.get("XDG_SESSION_ID", "")
+        self._ctl = Controller(gi, address, fps, self.timing, self, session_id=session_id,
+                               system_address=system_bus_address)
         self._thread = threading.Thread(target=self._ctl.run, name="screencast", daemon=True)
         self._thread.start()
         self._settled.wait(self.timing.start)  # not yet: the loop starts without a picture
