@@ -77,8 +77,7 @@ VMCTL = "/usr/bin/python3 /mnt/share/vmctl.py"
 
 GDM_AUTOLOGIN = """# GDM configuration (set by the spice-streamd VM suite, as an administrator would)
 [daemon]
-WaylandEnable=false
-AutomaticLoginEnable={autologin}
+{wayland}AutomaticLoginEnable={autologin}
 AutomaticLogin=alice
 
 [security]
@@ -89,6 +88,13 @@ AutomaticLogin=alice
 
 [debug]
 """
+GDM_X11 = "WaylandEnable=false\n"
+GDM_WAYLAND = "# WaylandEnable as shipped (true): GNOME on Wayland\n"
+
+
+def gdm_conf(autologin: bool, wayland: bool = False) -> str:
+    return GDM_AUTOLOGIN.format(autologin=str(autologin).lower(),
+                                wayland=GDM_WAYLAND if wayland else GDM_X11)
 
 
 class Failed(AssertionError):
@@ -352,7 +358,11 @@ def setup_install(ctx: Context, deb: Path) -> None:
     check(r.rc == 0, f"apt-get install of {deb.name} failed ({r.rc}):\n{(r.out + r.err)[-3000:]}")
     ctx.say(f"   installed {deb.name} in {time.monotonic() - t0:.0f} s")
     ctx.notes["dpkg_L"] = vm.sh("dpkg -L spice-streamd", quiet=True).check().out.split("\n")
-    vm.sh(f"cat > /etc/gdm3/daemon.conf <<'EOF'\n{GDM_AUTOLOGIN.format(autologin='true')}EOF")
+    # GNOME on Xorg for the X11 scenarios; GNOME on Wayland at once when only Wayland-boot scenarios
+    # were chosen (--only W,P,13...: the reboot of scenario W is then not needed).
+    wayland = bool(ctx.notes.get("wayland_at_setup"))
+    vm.sh(f"cat > /etc/gdm3/daemon.conf <<'EOF'\n{gdm_conf(True, wayland)}EOF")
+    ctx.notes["gdm"] = "wayland" if wayland else "x11"
     vm.sh("systemctl set-default graphical.target").check()
     t0 = time.monotonic()
     vm.reboot(timeout=300)
@@ -753,7 +763,7 @@ def s6_activation(ctx: Context) -> str:
 
 def s3_greeter(ctx: Context) -> str:
     vm = ctx.vm
-    vm.sh(f"cat > /etc/gdm3/daemon.conf <<'EOF'\n{GDM_AUTOLOGIN.format(autologin='false')}EOF")
+    vm.sh(f"cat > /etc/gdm3/daemon.conf <<'EOF'\n{gdm_conf(False)}EOF")
     vm.sh("systemctl restart gdm.service", timeout=120).check()
 
     def greeter():
@@ -1034,6 +1044,210 @@ def s11_session_ends(ctx: Context) -> str:
     return "; ".join(report)
 
 
+# -- GNOME on Wayland (issue 16) ----------------------------------------------------------------------
+# One more boot per release, after the X11 scenarios (3 leaves GDM on the greeter) and before the
+# purge (10): GDM as shipped (WaylandEnable left true), autologin alice, reboot (scenario W).
+
+ALICE_ENV = {"XDG_RUNTIME_DIR": f"/run/user/{ALICE[0]}", "HOME": f"/home/{ALICE[1]}",
+             "DBUS_SESSION_BUS_ADDRESS": f"unix:path=/run/user/{ALICE[0]}/bus"}
+PROBE = "/usr/bin/python3 /mnt/share/screencast_probe.py"
+PROBE_TIMEOUT = 480
+# pipewiresrc's properties the probe reports (which exist differs between PipeWire 0.3.65 and 1.4).
+PWSRC_PROPS = ("path", "target-object", "always-copy", "do-timestamp", "fd", "keepalive-time",
+               "min-buffers", "max-buffers", "autoconnect", "resend-last")
+
+
+def as_alice(ctx: Context, script: str, timeout: float = 60.0, quiet: bool = False):
+    """A command as alice with her session's environment (her systemd user instance's bus)."""
+    return ctx.vm.sh(script, user=ALICE[1], env=ALICE_ENV, timeout=timeout, quiet=quiet)
+
+
+def screendump(ctx: Context, tag: str) -> Image.Image:
+    """QEMU's own picture of the guest display (QXL), from the host: QMP screendump."""
+    ctx.shots += 1
+    path = ctx.results / f"dump-{ctx.shots:02d}-{tag}.png"
+    ctx.vm.qmp.command("screendump", filename=str(path), format="png")
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def settle_dump(ctx: Context, tag: str, timeout: float = 60.0) -> Image.Image:
+    """A screendump once the screen has stopped changing (two in a row alike, >= 50 dB)."""
+    prev = screendump(ctx, f"{tag}-settle")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(1.0)  # the interval between two pictures compared, not a wait for a state
+        cur = screendump(ctx, f"{tag}-settle")
+        if cur.size == prev.size and psnr(prev, cur) >= 50:
+            return cur
+        prev = cur
+    raise Failed(f"{tag}: the screen did not settle in {timeout:g} s (two screendumps 1 s apart "
+                 f"differ); pictures in {ctx.results}/dump-*-{tag}-settle.png")
+
+
+def psnr_pair(a: Image.Image, b: Image.Image) -> tuple[float, float]:
+    """PSNR over the whole picture and over the box of what is not background in `b`."""
+    whole = psnr(a, b)
+    box = content_box(b)
+    return whole, (psnr(a.crop(box), b.crop(box)) if box else whole)
+
+
+def wayland_session(ctx: Context) -> dict:
+    """alice's GDM autologin session in front: logind Type=wayland, local, on VT 2."""
+    try:
+        sess = wait_until(lambda: (lambda s: s if s.get("Name") == ALICE[1] else None)(
+            ctx.active_session()), GNOME_TIMEOUT, "GDM's autologin session of alice", interval=3.0)
+    except AssertionError as exc:
+        raise Failed(f"{exc}; seat0's active session: {ctx.active_session()}") from None
+    check(sess.get("Type") == "wayland" and sess.get("VTNr") == str(ALICE_VT)
+          and sess.get("Remote") == "no",
+          f"alice's session is not a local wayland session on VT {ALICE_VT}: {sess}")
+    return sess
+
+
+def sW_wayland_boot(ctx: Context) -> str:
+    """GDM as shipped (WaylandEnable not set to false), autologin alice, one reboot: logind says
+    alice's session is Type=wayland on VT 2, gnome-shell runs on her systemd user instance's
+    session bus, mutter's ScreenCast answers there; GNOME's idle blanking (which would lock the
+    screen mid-run) is turned off for her."""
+    vm = ctx.vm
+    note = ""
+    if ctx.notes.get("gdm") != "wayland":
+        vm.sh(f"cat > /etc/gdm3/daemon.conf <<'EOF'\n{gdm_conf(True, wayland=True)}EOF").check()
+        t0 = time.monotonic()
+        vm.reboot(timeout=300)
+        ctx.notes["gdm"] = "wayland"
+        note = f"rebooted (agent after {time.monotonic() - t0:.0f} s); "
+    else:
+        note = "GDM set for Wayland at setup (only Wayland-boot scenarios chosen); "
+    t0 = time.monotonic()
+    sess = wayland_session(ctx)
+    t_session = time.monotonic() - t0
+    version = wait_until(lambda: (lambda r: r.out.split()[-1] if r.rc == 0 and r.out.split()
+                                  else None)(as_alice(
+        ctx, "busctl --user get-property org.gnome.Mutter.ScreenCast /org/gnome/Mutter/ScreenCast "
+        "org.gnome.Mutter.ScreenCast Version", quiet=True)), GNOME_TIMEOUT,
+        "mutter's ScreenCast on alice's session bus", interval=3.0)
+    t_shell = time.monotonic() - t0
+    shell = vm.sh(f"pgrep -u {ALICE[0]} -x gnome-shell", quiet=True).out.split()
+    check(shell, "no gnome-shell process of alice's")
+    env = vm.sh(f"tr '\\0' '\\n' < /proc/{shell[0]}/environ | grep -E "
+                "'^(DBUS_SESSION_BUS_ADDRESS|XDG_SESSION_TYPE|WAYLAND_DISPLAY)='",
+                quiet=True).out.split()
+    check(f"DBUS_SESSION_BUS_ADDRESS={ALICE_ENV['DBUS_SESSION_BUS_ADDRESS']}" in env,
+          f"gnome-shell's session bus is not her systemd user instance's: {env}")
+    bus_unit = as_alice(ctx, "systemctl --user is-active dbus.socket dbus.service", quiet=True).out.split()
+    check(bus_unit[:1] == ["active"], f"alice's user dbus.socket is {bus_unit}")
+    # The desktop must not blank and lock by itself during the run (idle-delay 300 s by default).
+    as_alice(ctx, "gsettings set org.gnome.desktop.session idle-delay 0").check()
+    idle = as_alice(ctx, "gsettings get org.gnome.desktop.session idle-delay", quiet=True).out.strip()
+    check(idle == "uint32 0", f"idle-delay is {idle!r} after setting it to 0")
+    pw = as_alice(ctx, "systemctl --user is-active pipewire.socket pipewire.service "
+                  "wireplumber.service", quiet=True).out.split()
+    shown = settle_dump(ctx, "wayland-desktop", timeout=90)
+    check(not is_black(shown), "QEMU's screendump of alice's Wayland desktop is black")
+    ctx.notes["wayland"] = sess
+    return (f"{note}alice's session {sess['Id']} Type={sess['Type']} VT {sess['VTNr']} after "
+            f"{t_session:.0f} s, ScreenCast Version {version} after {t_shell:.0f} s; gnome-shell "
+            f"{shell[0]} on {ALICE_ENV['DBUS_SESSION_BUS_ADDRESS']} (dbus.socket/service "
+            f"{'/'.join(bus_unit)}); {' '.join(e for e in env if not e.startswith('DBUS'))}; "
+            f"pipewire.socket/pipewire/wireplumber before any screencast: {'/'.join(pw)}; "
+            f"screen {shown.size[0]}x{shown.size[1]} settled; idle-delay 0")
+
+
+def sP_screencast_probe(ctx: Context) -> str:
+    """The feasibility probe of issue 16, independent of the product: as alice, in her session's
+    environment, guest/screencast_probe.py runs mutter's ScreenCast and reads it with GStreamer's
+    pipewiresrc in several ways (variants); for each, while the screen is static, QEMU's screendump
+    is taken at the moment the probe holds its latest frame, and the two are compared (PSNR). It
+    passes when the worker's planned pipeline (variant `path`) gave a frame matching the screendump
+    at >= 30 dB; every variant's caps, timings, frame counts and errors are in the detail line and
+    in probe.json."""
+    vm = ctx.vm
+    check(ctx.notes.get("wayland"), "needs scenario W (the Wayland boot)")
+    for f in ctx.results.glob("probe-*"):
+        f.unlink()
+    argv = ["/usr/sbin/runuser", "-u", ALICE[1], "--", "/usr/bin/env", "PATH=/usr/bin:/bin",
+            "LANG=C.UTF-8", *(f"{k}={v}" for k, v in ALICE_ENV.items()), "/bin/sh", "-c",
+            f"{PROBE} /mnt/results 2>/mnt/results/probe-stderr.txt"]
+    pid = vm.qga.command("guest-exec", path=argv[0], arg=argv[1:],
+                         env=["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], **{"capture-output": True})["pid"]
+    dumps: dict[str, Image.Image] = {}
+    deadline = time.monotonic() + PROBE_TIMEOUT
+    status: dict = {}
+    while time.monotonic() < deadline:
+        for hold in sorted(ctx.results.glob("probe-*.hold")):
+            name = hold.name[len("probe-"):-len(".hold")]
+            if name not in dumps:
+                # The probe holds its session and latest frame until this answer.
+                dumps[name] = screendump(ctx, f"probe-{name}")
+                (ctx.results / f"probe-{name}.dumped").write_text("")
+        status = vm.qga.command("guest-exec-status", pid=pid)
+        if status.get("exited"):
+            break
+        time.sleep(0.2)  # polling interval of the probe's progress
+    else:
+        vm.sh(f"pkill -u {ALICE[0]} -f screencast_probe.py", quiet=True)
+        raise Failed(f"the probe did not finish in {PROBE_TIMEOUT} s; its stderr: "
+                     + vm.sh("tail -n 5 /mnt/results/probe-stderr.txt", quiet=True).out)
+    out = base64.b64decode(status.get("out-data", "")).decode("utf-8", "replace")
+    (ctx.logdir / "probe.json").write_text(out)
+    try:
+        probe = json.loads(out)
+    except ValueError:
+        raise Failed(f"the probe exited {status.get('exitcode')} without a report: "
+                     + (ctx.results / "probe-stderr.txt").read_text()[-2000:]) from None
+    lines = [f"ScreenCast Version {probe.get('screencast_version')}, {probe.get('gst')}, "
+             f"pipewire {probe.get('pipewire_version')} (plugin {probe.get('pipewire_plugin')}), "
+             f"PyGObject {probe.get('pygobject')}; pipewiresrc properties "
+             f"{[p for p in probe.get('pipewiresrc_properties', []) if p in PWSRC_PROPS]}"]
+    good = False
+    for v in probe.get("variants", []):
+        name = v["variant"]
+        if not v.get("ok"):
+            lines.append(f"[{name}] FAILED: {v.get('error')} (pipeline {v.get('pipeline')!r}; "
+                         f"node after {v.get('t_node')} s)")
+            continue
+        cmp = []
+        dump = dumps.get(name)
+        for which in ("first", "last"):
+            path = ctx.results / f"probe-{name}-{which}.png"
+            if dump is None or not path.exists():
+                cmp.append(f"{which}: no picture")
+                continue
+            with Image.open(path) as im:
+                frame = im.convert("RGB")
+            if frame.size != dump.size:
+                cmp.append(f"{which}: {frame.size[0]}x{frame.size[1]} vs screendump "
+                           f"{dump.size[0]}x{dump.size[1]}")
+                continue
+            whole, content = psnr_pair(frame, dump)
+            cmp.append(f"{which} {whole:.1f}/{content:.1f} dB")
+            if name == "path" and which == "last" and min(whole, content) >= PSNR_MIN:
+                good = True
+        v["psnr_vs_screendump"] = cmp
+        lines.append(
+            f"[{name}] caps {v.get('caps')!r} (pipewiresrc's {v.get('src_caps')!r}); node "
+            f"{v.get('node')} after {v.get('t_node')} s, first frame {v.get('t_first_frame')} s "
+            f"after CreateSession; frames per 0.5 s while settling "
+            f"{v.get('frames_per_half_second_while_settling')}, then {v['static_frames']['frames']} "
+            f"in {v['static_frames']['seconds']:g} s static, {v.get('hold')} during the screendump; "
+            f"pts {v.get('pts_first')[:3]} duration {v.get('duration_first')[:2]}; PSNR vs "
+            f"screendump (whole/content) {', '.join(cmp)}; errors {v.get('errors')} warnings "
+            f"{v.get('warnings')}")
+    (ctx.logdir / "probe.json").write_text(json.dumps(probe, indent=1))
+    pw = as_alice(ctx, "systemctl --user is-active pipewire.socket pipewire.service "
+                  "wireplumber.service", quiet=True).out.split()
+    procs = vm.sh(f"ps -o pid=,comm= -u {ALICE[0]} | grep -E 'pipewire|wireplumber'",
+                  quiet=True).out.split("\n")
+    lines.append(f"after the probe: pipewire.socket/pipewire/wireplumber {'/'.join(pw)}; "
+                 f"processes {[p.strip() for p in procs if p.strip()]}")
+    detail = "\n   ".join(lines)
+    check(good, "the worker's planned pipeline (variant path) gave no frame matching QEMU's "
+          f"screendump at >= {PSNR_MIN:g} dB:\n   {detail}")
+    return detail
+
+
 SCENARIOS: list[tuple[str, str, Callable[[Context], str]]] = [
     ("1", "udev starts spice-streamd at boot", s1_udev_start),
     ("2", "GDM autologin: helper registers, worker as alice, stream = screen", s2_autologin),
@@ -1046,12 +1260,16 @@ SCENARIOS: list[tuple[str, str, Callable[[Context], str]]] = [
     ("6", "D-Bus activation under systemd after stop", s6_activation),
     ("11", "tty5 logout (closing) then bob's login: alice no longer relayed", s11_session_ends),
     ("3", "GDM greeter (autologin off): greeter registers and streams", s3_greeter),
+    ("W", "reboot into GNOME on Wayland: alice's session Type=wayland on VT 2", sW_wayland_boot),
+    ("P", "probe: mutter ScreenCast read with pipewiresrc matches the screendump", sP_screencast_probe),
     ("10", "apt-get purge stops it and leaves no file", s10_purge),
 ]
 
 
 # What a scenario needs from an earlier one in the same boot: --only adds it.
-NEEDS = {"9": ["2"], "4": ["2"], "8": ["5"], "7": ["2"], "12": ["2"]}
+NEEDS = {"9": ["2"], "4": ["2"], "8": ["5"], "7": ["2"], "12": ["2"], "P": ["W"]}
+# Scenarios of the Wayland boot: with only these chosen, setup sets GDM for Wayland at once.
+WAYLAND_BOOT = {"W", "P"}
 
 # -- running ----------------------------------------------------------------------------------------
 
@@ -1244,6 +1462,7 @@ def run_release(release: str, logdir: Path, share: Path, deb: Path, grab_bin: Pa
         vm = VM(image, logdir, share, results, log=lambda s: say(f"   {s}"))
         ctx = Context(vm=vm, logdir=logdir, results=results, grab_bin=grab_bin, say=say,
                       release=release)
+        ctx.notes["wayland_at_setup"] = bool(only) and only <= WAYLAND_BOOT | {"10"}
         try:
             vm.start()
             setup_install(ctx, deb)
