@@ -1248,6 +1248,306 @@ def sP_screencast_probe(ctx: Context) -> str:
     return detail
 
 
+# -- the product on Wayland (issue 16, "Proven in the real-VM suite") ---------------------------------
+# The pinned interface: RegisterWaylandSession(a{sv}) -> (u vt), called by the autostart helper when
+# XDG_SESSION_TYPE=wayland; Sessions lists it as (vt, uid, "wayland"); the worker runs with
+# --source screencast as the user (mutter's ScreenCast on her session bus, read with pipewiresrc).
+
+WAYLAND_DISPLAY_NAME = "wayland"
+RESIZE_LIMIT_S = 3.0
+UNLOCK_LIMIT_S = 3.0
+CPU_STATIC_MAX = 0.01  # of one core, on a static desktop
+
+
+def compare_dump(ctx: Context, viewer: Viewer, tag: str, tries: int = 3) -> list[str]:
+    """The streamed picture against QEMU's screendump taken right after it (the Wayland desktop is
+    not an X screen the suite could read in the guest); both PSNRs, whole and content box, must
+    reach PSNR_MIN, in one of `tries` pairs after the screen has settled."""
+    settle_dump(ctx, tag)
+    values: list[str] = []
+    for i in range(tries):
+        streamed = viewer.save()
+        dump = screendump(ctx, f"{tag}-{i}")
+        streamed.save(ctx.results / f"stream-{tag}-{i}.png")
+        check(streamed.size == dump.size,
+              f"{tag}: the stream is {streamed.size[0]}x{streamed.size[1]} but the screendump is "
+              f"{dump.size[0]}x{dump.size[1]}")
+        check(not is_black(streamed), f"{tag}: the streamed picture is black")
+        whole, content = psnr_pair(streamed, dump)
+        values.append(f"{whole:.1f}/{content:.1f}")
+        if min(whole, content) >= PSNR_MIN:
+            return values
+    raise Failed(f"{tag}: streamed picture vs QEMU's screendump, PSNR whole/content {values} dB "
+                 f"(< {PSNR_MIN:g}); pictures in {ctx.results}/stream-{tag}-*.png and "
+                 f"dump-*-{tag}-*.png")
+
+
+def worker_stats(p: dict) -> dict:
+    """WorkerStats as plain numbers (busctl's JSON gives each a{sv} value as {type, data})."""
+    stats = p.get("WorkerStats") or {}
+    return {k: (v.get("data") if isinstance(v, dict) else v) for k, v in stats.items()}
+
+
+def cpu_seconds(ctx: Context, pid: int) -> float | None:
+    """utime + stime of the whole process (all its threads), in seconds."""
+    r = ctx.vm.sh(f"cat /proc/{pid}/stat; getconf CLK_TCK", quiet=True)
+    if r.rc != 0:
+        return None
+    stat, tck = r.out.rsplit("\n", 2)[0], int(r.out.split()[-1])
+    fields = stat[stat.rfind(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / tck
+
+
+def wayland_streaming(ctx: Context) -> dict | None:
+    d = ctx.props()
+    return d if d.get("Streaming") and d.get("StreamingVT") == ALICE_VT else None
+
+
+def s13_wayland_autologin(ctx: Context) -> str:
+    sess = ctx.notes.get("wayland") or wayland_session(ctx)
+    entry = _wait_registration(ctx, ALICE[0], ALICE_VT, GNOME_TIMEOUT, "alice's Wayland autostart")
+    check(entry[2] == WAYLAND_DISPLAY_NAME,
+          f"alice's registration is {entry}, not ({ALICE_VT}, {ALICE[0]}, '{WAYLAND_DISPLAY_NAME}')")
+    helpers = [q for q in ctx.procs() if "spice-stream-helper" in q["cmdline"]
+               and q["Uid"][0] == str(ALICE[0])]
+    check(helpers and all("app-gnome-" in q["cgroup"] for q in helpers),
+          f"alice's helper is not the GNOME autostart's: {helpers}")
+    p = wait_until(lambda: (lambda d: d if d.get("WorkerState") == "running" and d.get("WorkerPID")
+                            else None)(ctx.props()), 60, "the worker to run", interval=1.0)
+    st = ctx.status(p["WorkerPID"])
+    check(st, f"WorkerPID {p['WorkerPID']} is not a process")
+    groups = [int(g) for g in st["Groups"]]
+    check(set(st["Uid"]) == {str(ALICE[0])}, f"worker Uid line {st['Uid']}, expected alice's uid")
+    check(set(st["Gid"]) == {str(ALICE[0])}, f"worker Gid line {st['Gid']}, expected alice's gid")
+    check(0 not in groups, f"the worker has the root group: Groups {groups}")
+    check("screencast" in st["cmdline"], f"the worker does not capture mutter's ScreenCast: "
+          f"{st['cmdline']!r}")
+    with Viewer(ctx, "wayland") as viewer:
+        t0 = time.monotonic()
+        streaming = wait_until(lambda: wayland_streaming(ctx), 30,
+                               "Streaming on alice's VT with a client connected", interval=1.0)
+        values = compare_dump(ctx, viewer, "wayland")
+        size = viewer.save().size
+    ctx.notes["wayland_streamed"] = True
+    return (f"session {sess.get('Id')} wayland VT {ALICE_VT}; registered {entry} by the autostart "
+            f"helper (pid {helpers[0]['pid']}, {helpers[0]['cgroup'].rsplit('/', 1)[-1]}); worker "
+            f"pid {p['WorkerPID']} Uid {st['Uid'][0]} Gid {st['Gid'][0]} Groups {groups} "
+            f"({st['cmdline'][-60:]!r}); Streaming on VT {streaming['StreamingVT']} "
+            f"{time.monotonic() - t0:.1f} s after the client connected; {size[0]}x{size[1]} PSNR "
+            f"vs screendump {values} dB")
+
+
+def s15_wayland_resize(ctx: Context) -> str:
+    check(ctx.notes.get("wayland_streamed"), "needs scenario 13 (alice streamed on Wayland)")
+    before = json.loads(as_alice(ctx, "/usr/bin/python3 /mnt/share/displayconfig.py state")
+                        .check().out)
+    cur = (before["current"]["width"], before["current"]["height"])
+    sizes = [tuple(s) for s in before["sizes"]]
+    target = next((s for s in ((800, 600), (1280, 720), (1024, 768), (1280, 800)) if s in sizes
+                   and s != cur), None)
+    check(target, f"no other mode to switch to on {before['connector']}: {sizes}")
+    report = [f"{before['connector']} {cur[0]}x{cur[1]} (serial {before['serial']})"]
+    problems = []
+    with Viewer(ctx, "resize") as viewer:
+        wait_until(lambda: wayland_streaming(ctx), 30, "Streaming on alice's VT", interval=1.0)
+        check(viewer.save().size == cur, f"the stream is {viewer.save().size} before the change, "
+              f"the monitor {cur}")
+        for size in (target, cur):
+            as_alice(ctx, f"/usr/bin/python3 /mnt/share/displayconfig.py apply "
+                     f"{size[0]}x{size[1]}").check()
+            t0 = time.monotonic()
+            got = None
+            while time.monotonic() - t0 < SWITCH_WAIT_S:
+                if viewer.save(name="viewer-resizing.ppm").size == size:
+                    got = round(time.monotonic() - t0, 2)
+                    break
+            if got is None or got > RESIZE_LIMIT_S:
+                problems.append(f"{size[0]}x{size[1]}: the stream had that size "
+                                f"{f'after {got} s' if got else f'never in {SWITCH_WAIT_S} s'} "
+                                f"(limit {RESIZE_LIMIT_S:g} s); {ctx.props().get('WorkerState')}")
+                continue
+            values = compare_dump(ctx, viewer, f"resize-{size[0]}x{size[1]}")
+            report.append(f"-> {size[0]}x{size[1]}: the stream's size after {got} s, PSNR {values}")
+    p = ctx.props()
+    check(not problems, "; ".join(problems) + f"; properties {p}")
+    return "; ".join(report) + f"; WorkerStats {worker_stats(p)}"
+
+
+def s16_wayland_lock(ctx: Context) -> str:
+    check(ctx.notes.get("wayland_streamed"), "needs scenario 13 (alice streamed on Wayland)")
+    vm = ctx.vm
+    sid = ctx.notes["wayland"]["Id"]
+    report = []
+    with Viewer(ctx, "lock") as viewer:
+        wait_until(lambda: wayland_streaming(ctx), 30, "Streaming on alice's VT", interval=1.0)
+        before = ctx.props()
+        since = ctx.monotonic_us()
+        vm.sh(f"loginctl lock-session {sid}").check()
+        t0 = time.monotonic()
+        try:
+            wait_until(lambda: vm.sh(f"loginctl show-session {sid} -p LockedHint --value",
+                                     quiet=True).out.strip() == "yes", 30,
+                       "gnome-shell to lock (LockedHint=yes)", interval=0.5)
+            locked_s = time.monotonic() - t0
+            stopped = wait_until(lambda: (lambda d: d if not d.get("Streaming") else None)(
+                ctx.props()), 30, "Streaming false while locked", interval=0.5)
+            stop_s = time.monotonic() - t0
+            # A window of the locked state: the worker must not be restarted in a loop.
+            pids = set()
+            end = time.monotonic() + 10
+            while time.monotonic() < end:
+                d = ctx.props()
+                check(not d.get("Streaming"), f"Streaming again while locked: {d}")
+                if d.get("WorkerPID"):
+                    pids.add(d["WorkerPID"])
+            during = [e for e in ctx.journal_json(f"-b -u {UNIT}")
+                      if int(e["__MONOTONIC_TIMESTAMP"]) > since]
+            lines = [str(e.get("MESSAGE")) for e in during]
+            errors = [str(e.get("MESSAGE")) for e in during if int(e.get("PRIORITY", 6)) <= 3]
+            check(len(pids) <= 2 and len(errors) <= 1 and len(lines) <= 12,
+                  f"while locked: worker pids {sorted(pids)}, {len(errors)} error lines, "
+                  f"{len(lines)} journal lines in 10 s (a loop?): {lines[-8:]}")
+            report.append(f"locked (LockedHint) after {locked_s:.1f} s, Streaming false after "
+                          f"{stop_s:.1f} s (WorkerState {stopped.get('WorkerState')}, LastError "
+                          f"{stopped.get('LastError')!r}); over 10 s locked: worker pids "
+                          f"{sorted(pids)}, {len(lines)} journal lines ({len(errors)} errors): "
+                          f"{lines[-3:]}")
+        finally:
+            vm.sh(f"loginctl unlock-session {sid}")
+        t0 = time.monotonic()
+        back = None
+        while time.monotonic() - t0 < SWITCH_WAIT_S:
+            if wayland_streaming(ctx):
+                back = round(time.monotonic() - t0, 2)
+                break
+        check(back is not None and back <= UNLOCK_LIMIT_S,
+              f"after unlock-session the stream came back "
+              f"{f'after {back} s' if back else f'not in {SWITCH_WAIT_S} s'} (limit "
+              f"{UNLOCK_LIMIT_S:g} s): {ctx.props()}; " + "; ".join(report))
+        values = compare_dump(ctx, viewer, "unlocked")
+    report.append(f"unlocked: Streaming after {back} s, PSNR {values}; before the lock "
+                  f"{worker_stats(before)}")
+    return "; ".join(report)
+
+
+def s17_wayland_vt_switch(ctx: Context) -> str:
+    check(ctx.notes.get("wayland_streamed"), "needs scenario 13 (alice streamed on Wayland)")
+    vm = ctx.vm
+    entry = _bob_session(ctx)
+    bob_ref = ctx.screenshot(BOB[0], BOB_DISPLAY, BOB_XAUTH, "bob-ref-wayland")
+    report = []
+    problems = []
+    with Viewer(ctx, "switch-wayland", timeout=120) as viewer:
+        vm.sh(f"chvt {ALICE_VT}").check()
+        wait_until(lambda: wayland_streaming(ctx), 30, "the stream back on alice's VT",
+                   interval=1.0)
+        alice_ref = settle_dump(ctx, "alice-wayland-before-switch")
+        for vt, uid, ref, who in ((BOB_VT, BOB[0], bob_ref, "bob (X11)"),
+                                  (ALICE_VT, ALICE[0], alice_ref, "alice (Wayland)")):
+            r = _switch(ctx, viewer, vt, uid, ref)
+            seen = r.get("seen", {})
+            report.append(f"chvt {vt} ({who}): {seen}, picture {r['picture_s']} s")
+            start = seen.get("logind", 0.0)
+            late = [f"{key} {seen.get(key, f'never ({SWITCH_WAIT_S} s)')}"
+                    for key in ("logind", "active_vt", "worker_uid", "streaming")
+                    if key not in seen or seen[key] > PICTURE_LIMIT_S
+                    or (key != "logind" and seen[key] - start > SWITCH_LIMIT_S)]
+            if r["picture_s"] is None or r["picture_s"] > PICTURE_LIMIT_S:
+                late.append(f"picture {r['picture_s'] or f'never ({SWITCH_WAIT_S} s)'} "
+                            f"(best PSNR {r['picture_best_psnr']} dB; limit {PICTURE_LIMIT_S:g} s)")
+            if late:
+                problems.append(f"chvt {vt} ({who}) took longer than {SWITCH_LIMIT_S:g} s after "
+                                f"logind's switch (or {PICTURE_LIMIT_S:g} s after the kernel's), "
+                                "in seconds: " + ", ".join(late)
+                                + ("" if seen.get("streaming") else f"; properties {r.get('props')}"))
+        if not problems:
+            values = compare_dump(ctx, viewer, "alice-wayland-after-switch")
+            report.append(f"alice after switching back: PSNR {values}")
+    check(not problems, "; ".join(problems) + "; " + "; ".join(report))
+    ctx.notes["bob_wayland_boot"] = entry
+    return f"bob registered {entry}; " + "; ".join(report)
+
+
+def _measure(ctx: Context, seconds: float) -> dict:
+    """Over `seconds`: the worker's frames (WorkerStats) and CPU time (/proc)."""
+    p0 = ctx.props()
+    pid = p0.get("WorkerPID")
+    check(pid, f"no worker: {p0}")
+    c0, f0, t0 = cpu_seconds(ctx, pid), worker_stats(p0).get("frames", 0), time.monotonic()
+    end = t0 + seconds
+    while time.monotonic() < end:
+        time.sleep(min(1.0, max(0.0, end - time.monotonic())))  # the measuring window itself
+    p1 = ctx.props()
+    c1, f1, t1 = cpu_seconds(ctx, pid), worker_stats(p1).get("frames", 0), time.monotonic()
+    check(p1.get("WorkerPID") == pid and c0 is not None and c1 is not None,
+          f"the worker changed during the measurement: {pid} -> {p1.get('WorkerPID')}")
+    frames = int(f1) - int(f0)
+    cpu = c1 - c0
+    return {"seconds": round(t1 - t0, 1), "frames": frames, "fps": round(frames / (t1 - t0), 1),
+            "cpu_share": round(cpu / (t1 - t0), 4),
+            "cpu_ms_per_frame": round(1000 * cpu / frames, 1) if frames else None}
+
+
+def _animate(ctx: Context, user: str, env: dict, seconds: float) -> tuple[dict, dict]:
+    """animate.py for `seconds` in a session (as `user` with `env`), measured meanwhile."""
+    vm = ctx.vm
+    argv = ["/usr/sbin/runuser", "-u", user, "--", "/usr/bin/env", "PATH=/usr/bin:/bin",
+            "LANG=C.UTF-8", *(f"{k}={v}" for k, v in env.items()), "/usr/bin/python3",
+            "/mnt/share/animate.py", str(seconds + 8)]
+    pid = vm.qga.command("guest-exec", path=argv[0], arg=argv[1:],
+                         env=["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], **{"capture-output": True})["pid"]
+    # The window shows and the worker follows it before the measurement starts.
+    wait_until(lambda: (lambda d: d.get("fps", 0) > 0)(worker_stats(ctx.props())), 30,
+               "the worker to stream the animation", interval=1.0)
+    m = _measure(ctx, seconds)
+    status = wait_until(lambda: (lambda s: s if s.get("exited") else None)(
+        vm.qga.command("guest-exec-status", pid=pid)), seconds + 60, "animate.py's end", interval=0.5)
+    out = base64.b64decode(status.get("out-data", "")).decode()
+    app = json.loads(out) if out.strip() else {"error": base64.b64decode(
+        status.get("err-data", "")).decode()[-300:]}
+    return m, app
+
+
+def s18_wayland_static_and_animation(ctx: Context) -> str:
+    check(ctx.notes.get("wayland_streamed"), "needs scenario 13 (alice streamed on Wayland)")
+    vm = ctx.vm
+    vm.sh(f"chvt {ALICE_VT}").check()
+    report = []
+    with Viewer(ctx, "static-wayland"):
+        wait_until(lambda: wayland_streaming(ctx), 30, "Streaming on alice's VT", interval=1.0)
+        settle_dump(ctx, "static-wayland")
+        static = _measure(ctx, 10.0)
+        check(static["frames"] == 0 and static["cpu_share"] < CPU_STATIC_MAX,
+              f"static Wayland desktop over {static['seconds']} s: {static['frames']} frames, "
+              f"worker CPU {100 * static['cpu_share']:.2f}% of a core (limit "
+              f"{100 * CPU_STATIC_MAX:g}%)")
+        report.append(f"static Wayland desktop: {static['frames']} frames in {static['seconds']} s, "
+                      f"worker CPU {100 * static['cpu_share']:.2f}% of a core")
+        env = dict(ALICE_ENV, WAYLAND_DISPLAY="wayland-0", GDK_BACKEND="wayland")
+        m, app = _animate(ctx, ALICE[1], env, 15.0)
+        check(m["fps"] >= 1, f"animation on Wayland streamed at {m['fps']} fps: {m}; app {app}")
+        report.append(f"animation on Wayland: app painted {app.get('fps')} fps, streamed "
+                      f"{m['fps']} fps, worker {m['cpu_ms_per_frame']} ms CPU per frame "
+                      f"({100 * m['cpu_share']:.0f}% of a core)")
+    if ctx.notes.get("bob_wayland_boot"):
+        # The X11 path beside it, in the same boot: bob's Xorg session on VT 3 (scenario 17).
+        vm.sh(f"chvt {BOB_VT}").check()
+        try:
+            with Viewer(ctx, "static-x11"):
+                wait_until(lambda: (lambda d: d.get("Streaming") and d.get("StreamingVT") == BOB_VT)(
+                    ctx.props()), 30, "Streaming on bob's VT", interval=1.0)
+                x_static = _measure(ctx, 10.0)
+                env = {"DISPLAY": BOB_DISPLAY, "XAUTHORITY": BOB_XAUTH, "GDK_BACKEND": "x11",
+                       "HOME": "/home/bob"}
+                xm, xapp = _animate(ctx, BOB[1], env, 15.0)
+            report.append(f"X11 (bob, same boot): static {x_static['frames']} frames, "
+                          f"{100 * x_static['cpu_share']:.2f}% CPU; animation: app {xapp.get('fps')} "
+                          f"fps, streamed {xm['fps']} fps, {xm['cpu_ms_per_frame']} ms CPU per frame")
+        finally:
+            vm.sh(f"chvt {ALICE_VT}")
+    return "; ".join(report)
+
+
 SCENARIOS: list[tuple[str, str, Callable[[Context], str]]] = [
     ("1", "udev starts spice-streamd at boot", s1_udev_start),
     ("2", "GDM autologin: helper registers, worker as alice, stream = screen", s2_autologin),
@@ -1262,14 +1562,24 @@ SCENARIOS: list[tuple[str, str, Callable[[Context], str]]] = [
     ("3", "GDM greeter (autologin off): greeter registers and streams", s3_greeter),
     ("W", "reboot into GNOME on Wayland: alice's session Type=wayland on VT 2", sW_wayland_boot),
     ("P", "probe: mutter ScreenCast read with pipewiresrc matches the screendump", sP_screencast_probe),
+    ("13", "Wayland autologin: helper registers, worker as alice, stream = screendump",
+     s13_wayland_autologin),
+    ("15", "Wayland: resolution change (DisplayConfig) -> stream of the new size in 3 s",
+     s15_wayland_resize),
+    ("16", "Wayland: lock stops the stream cleanly, unlock brings it back in 3 s", s16_wayland_lock),
+    ("17", "Wayland <-> bob's X11 on VT 3: the stream follows within 2 s each way",
+     s17_wayland_vt_switch),
+    ("18", "Wayland: static desktop sends nothing; animation fps and CPU beside X11",
+     s18_wayland_static_and_animation),
     ("10", "apt-get purge stops it and leaves no file", s10_purge),
 ]
 
 
 # What a scenario needs from an earlier one in the same boot: --only adds it.
-NEEDS = {"9": ["2"], "4": ["2"], "8": ["5"], "7": ["2"], "12": ["2"], "P": ["W"]}
+NEEDS = {"9": ["2"], "4": ["2"], "8": ["5"], "7": ["2"], "12": ["2"], "P": ["W"],
+         "13": ["W"], "15": ["13"], "16": ["13"], "17": ["13"], "18": ["13", "17"]}
 # Scenarios of the Wayland boot: with only these chosen, setup sets GDM for Wayland at once.
-WAYLAND_BOOT = {"W", "P"}
+WAYLAND_BOOT = {"W", "P", "13", "14", "15", "16", "17", "18"}
 
 # -- running ----------------------------------------------------------------------------------------
 
