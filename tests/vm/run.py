@@ -1337,6 +1337,77 @@ def s13_wayland_autologin(ctx: Context) -> str:
             f"vs screendump {values} dB")
 
 
+POINTER_LIMIT_S = 3.0
+
+
+def _move_pointer(ctx: Context, dx: int, dy: int, steps: int = 20) -> None:
+    """Relative motion through QEMU's PS/2 mouse (QMP input-send-event), in `steps` events paced
+    like a hand's (the guest's libinput accelerates it: only the direction is known)."""
+    for _ in range(steps):
+        ctx.vm.qmp.command("input-send-event", events=[
+            {"type": "rel", "data": {"axis": "x", "value": dx // steps}},
+            {"type": "rel", "data": {"axis": "y", "value": dy // steps}}])
+        time.sleep(0.02)  # pacing of the input events, not a wait for a state
+
+
+def _changed_box(a: Image.Image, b: Image.Image) -> tuple[int, int, int, int] | None:
+    """The box of pixels that differ clearly (more than JPEG's noise) between two pictures."""
+    diff = ImageChops.difference(a, b).convert("L")
+    return diff.point(lambda v: 255 if v > 60 else 0).getbbox()
+
+
+def s14_wayland_pointer(ctx: Context) -> str:
+    """The pointer, moved by QMP input events, moves in the client's picture: parked in the
+    bottom-right corner (its image off the screen; no hot corner there), moved up-left (it appears),
+    then left (it moves left). Each picture is the first that differs from the one before, within
+    POINTER_LIMIT_S of the motion."""
+    check(ctx.notes.get("wayland_streamed"), "needs scenario 13 (alice streamed on Wayland)")
+    report = []
+    with Viewer(ctx, "pointer") as viewer:
+        wait_until(lambda: wayland_streaming(ctx), 30, "Streaming on alice's VT", interval=1.0)
+        _move_pointer(ctx, 4000, 4000)
+        settle_dump(ctx, "pointer-parked")
+        parked = viewer.save()
+        w, h = parked.size
+
+        def next_picture(prev: Image.Image, what: str) -> tuple[Image.Image, float]:
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < SWITCH_WAIT_S:
+                cur = viewer.save(name="viewer-pointer.ppm")
+                if _changed_box(prev, cur):
+                    return cur, time.monotonic() - t0
+            raise Failed(f"{what}: the client's picture did not change in {SWITCH_WAIT_S} s")
+
+        _move_pointer(ctx, -300, -300)
+        shown, t_shown = next_picture(parked, "the pointer moved up-left from the corner")
+        box1 = _changed_box(parked, shown)
+        dump1 = screendump(ctx, "pointer-shown")
+        report.append(f"up-left: the picture changed after {t_shown:.2f} s in {box1}")
+        check(box1[2] - box1[0] <= 96 and box1[3] - box1[1] <= 96 and box1[2] < w - 40
+              and box1[3] < h - 40,
+              f"after moving the pointer up-left the picture changed in {box1}, not a pointer-sized "
+              f"box away from the corner ({w}x{h}); pictures in {ctx.results}/viewer-pointer-*")
+        _move_pointer(ctx, -300, 0)
+        moved, t_moved = next_picture(shown, "the pointer moved left")
+        box2 = _changed_box(parked, moved)
+        check(box2 is not None and box2[2] - box2[0] <= 96 and box2[3] - box2[1] <= 96,
+              f"after moving left the pointer is not one pointer-sized box: {box2}")
+        dx, dy = box2[0] - box1[0], box2[1] - box1[1]
+        check(dx <= -40 and abs(dy) <= 16 and t_moved <= POINTER_LIMIT_S
+              and t_shown <= POINTER_LIMIT_S,
+              f"the pointer's box went {box1} -> {box2} (dx {dx}, dy {dy}: expected left by >= 40 "
+              f"px, same height) after {t_shown:.2f} s / {t_moved:.2f} s (limit {POINTER_LIMIT_S:g})")
+        report.append(f"left: moved by ({dx}, {dy}) px after {t_moved:.2f} s, box {box2}")
+        # Is the pointer in QEMU's screendump too (a software cursor) or only in the stream
+        # (mutter's hardware cursor plane, which QXL keeps apart)?
+        in_dump = _changed_box(dump1.crop(box1), shown.crop(box1))
+        report.append("the screendump " + ("lacks the pointer (QXL cursor plane): it is embedded by "
+                                           "the stream only" if in_dump else "shows the pointer too"))
+        cursor_lines = [s for s in viewer.lines if s.startswith(("CURSOR_SET", "CURSOR_MOVE"))]
+        report.append(f"{len(cursor_lines)} cursor messages on the client")
+    return "; ".join(report)
+
+
 def s15_wayland_resize(ctx: Context) -> str:
     check(ctx.notes.get("wayland_streamed"), "needs scenario 13 (alice streamed on Wayland)")
     before = json.loads(as_alice(ctx, "/usr/bin/python3 /mnt/share/displayconfig.py state")
@@ -1564,6 +1635,8 @@ SCENARIOS: list[tuple[str, str, Callable[[Context], str]]] = [
     ("P", "probe: mutter ScreenCast read with pipewiresrc matches the screendump", sP_screencast_probe),
     ("13", "Wayland autologin: helper registers, worker as alice, stream = screendump",
      s13_wayland_autologin),
+    ("14", "Wayland: the pointer moved by QMP input events moves in the client's picture",
+     s14_wayland_pointer),
     ("15", "Wayland: resolution change (DisplayConfig) -> stream of the new size in 3 s",
      s15_wayland_resize),
     ("16", "Wayland: lock stops the stream cleanly, unlock brings it back in 3 s", s16_wayland_lock),
@@ -1577,7 +1650,7 @@ SCENARIOS: list[tuple[str, str, Callable[[Context], str]]] = [
 
 # What a scenario needs from an earlier one in the same boot: --only adds it.
 NEEDS = {"9": ["2"], "4": ["2"], "8": ["5"], "7": ["2"], "12": ["2"], "P": ["W"],
-         "13": ["W"], "15": ["13"], "16": ["13"], "17": ["13"], "18": ["13", "17"]}
+         "13": ["W"], "14": ["13"], "15": ["13"], "16": ["13"], "17": ["13"], "18": ["13", "17"]}
 # Scenarios of the Wayland boot: with only these chosen, setup sets GDM for Wayland at once.
 WAYLAND_BOOT = {"W", "P", "13", "14", "15", "16", "17", "18"}
 
