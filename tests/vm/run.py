@@ -416,7 +416,9 @@ def _wait_registration(ctx: Context, uid: int, vt: int, timeout: float, who: str
         if entry:
             return entry
         refused = ctx.vm.sh(f"journalctl -b --no-pager _UID={uid} | grep -E "
-                            "'spice-stream-helper.*(refused|cannot|error|Error)' | tail -n 3",
+                            # A helper without Wayland support says "this is a Wayland session ..." and exits.
+                            "'spice-stream-helper.*(refused|cannot|error|Error|this is a Wayland "
+                            "session)' | tail -n 3",
                             quiet=True).out.strip()
         if refused:
             seen["refused"] = refused
@@ -1305,10 +1307,6 @@ def wayland_streaming(ctx: Context) -> dict | None:
 
 def s13_wayland_autologin(ctx: Context) -> str:
     sess = ctx.notes.get("wayland") or wayland_session(ctx)
-    # A helper without Wayland support says so and exits: no need to wait GNOME_TIMEOUT for it.
-    old = ctx.vm.sh(f"journalctl -b --no-pager -o cat _UID={ALICE[0]} | grep -m1 "
-                    "'spice-stream-helper: this is a Wayland session'", quiet=True).out.strip()
-    check(not old, f"alice's helper does not register Wayland sessions: {old!r}")
     entry = _wait_registration(ctx, ALICE[0], ALICE_VT, GNOME_TIMEOUT, "alice's Wayland autostart")
     check(entry[2] == WAYLAND_DISPLAY_NAME,
           f"alice's registration is {entry}, not ({ALICE_VT}, {ALICE[0]}, '{WAYLAND_DISPLAY_NAME}')")
