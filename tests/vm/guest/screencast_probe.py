@@ -45,21 +45,37 @@ SINK = "appsink name=sink sync=false max-buffers=2 drop=true"
 VARIANTS = {
     # The worker's pipeline as planned: path, videoconvert, BGRx, no framerate constraint.
     "path": ("pipewiresrc path={node}", "", CONVERT, 1),
-    # The newer property (PipeWire >= 0.3.64?): present and working on both releases?
-    "target-object": ("pipewiresrc target-object={node}", "", CONVERT, 1),
     # No videoconvert: does mutter offer BGRx itself? A framerate range; always-copy, do-timestamp.
     "range-copy-ts": ("pipewiresrc path={node}", "always-copy=true do-timestamp=true",
                       "video/x-raw,format=BGRx,framerate=[0/1,60/1]", 1),
-    # A fixed framerate (failed to negotiate on GNOME 50): what happens here.
-    "fixed-30": ("pipewiresrc path={node}", "", "videoconvert ! video/x-raw,format=BGRx,framerate=30/1", 1),
     # The cursor hidden: the picture QEMU's screendump holds (QXL's cursor is not in it).
     "no-cursor": ("pipewiresrc path={node}", "", CONVERT, 0),
+    # target-object names an object by its name or object.serial, not its id (PipeWire >= 0.3.64):
+    # the node's serial, read with pw-dump.
+    "target-serial": ("pipewiresrc target-object={serial}", "", CONVERT, 1),
+    # The node's id as target-object (not-negotiated on Debian 12: see target-serial).
+    "target-object": ("pipewiresrc target-object={node}", "", CONVERT, 1),
+    # A fixed framerate (failed to negotiate on GNOME 50): what happens here.
+    "fixed-30": ("pipewiresrc path={node}", "",
+                 "videoconvert ! video/x-raw,format=BGRx,framerate=30/1", 1),
 }
 
 FIRST_FRAME_TIMEOUT = 25.0
 SETTLE_MAX = 12.0
 STATIC_WINDOW = 3.0
 HOLD_TIMEOUT = 60.0
+
+
+def node_serial(node_id):
+    """The object.serial of PipeWire node `node_id` (pw-dump), or None."""
+    try:
+        out = subprocess.run(["pw-dump", str(node_id)], capture_output=True, text=True, timeout=20)
+        for obj in json.loads(out.stdout or "[]"):
+            if obj.get("id") == node_id:
+                return (obj.get("info", {}).get("props", {}) or {}).get("object.serial")
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        pass
+    return None
 
 
 def log(text):
@@ -128,7 +144,13 @@ class Probe:
                 return r
             r["node"] = node["id"]
             r["t_node"] = round(node["t"], 3)
-            desc = f"{where.format(node=node['id'])} name=src {props} ! {between} ! {SINK}"
+            serial = node_serial(node["id"]) if "{serial}" in where else None
+            if "{serial}" in where and serial is None:
+                r["error"] = f"no object.serial for node {node['id']} in pw-dump"
+                return r
+            r["serial"] = serial
+            desc = (f"{where.format(node=node['id'], serial=serial)} name=src {props} ! {between} ! "
+                    f"{SINK}")
             r["pipeline"] = " ".join(desc.split())
             try:
                 pipeline = Gst.parse_launch(desc)
@@ -230,13 +252,17 @@ class Probe:
             r["error"] = f"D-Bus: {e.message}"
             return r
         finally:
+            t1 = time.monotonic()
             if pipeline is not None:
-                pipeline.set_state(Gst.State.NULL)
+                r["null_state"] = pipeline.set_state(Gst.State.NULL).value_nick
+                r["t_set_null"] = round(time.monotonic() - t1, 3)
             if session is not None and not closed:
+                t1 = time.monotonic()
                 try:
                     self.call(session, SESSION_IFACE, "Stop")
                 except GLib.Error as e:
                     r["stop_error"] = e.message
+                r["t_stop"] = round(time.monotonic() - t1, 3)
             for sub in self.signals:
                 self.bus.signal_unsubscribe(sub)
             self.signals = []
