@@ -12,7 +12,7 @@ from PIL import Image
 from Xlib import X
 from Xlib import display as xdisplay
 
-from spice_stream_worker import protocol as p
+from spice_stream_common import protocol as p
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from content import FixedRate  # noqa: E402

@@ -83,8 +83,8 @@ def run_floor(exe: str, raw: str, width: int, height: int, count: int, quality: 
 def profile(server, args) -> Profile:
     if os.path.join(ROOT, "service") not in sys.path:
         sys.path.insert(0, os.path.join(ROOT, "service"))
-    from spice_stream_worker.capture import Screen
     from spice_stream_worker.encoder import JpegEncoder
+    from spice_stream_worker.sources.x11 import Screen
 
     saved = {k: os.environ.get(k) for k in ("DISPLAY", "XAUTHORITY")}
     os.environ.update(server.env())

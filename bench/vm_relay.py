@@ -44,7 +44,7 @@ UNIT = "spice-streamd.service"
 # The modules whose code runs in the measurement: a .deb that differs from the tree is reported.
 RELAY_MODULES = ["spice_streamd/portrelay.py", "spice_streamd/portwriter.py",
                  "spice_streamd/workerchannel.py", "spice_streamd/guestmessages.py",
-                 "spice_stream_worker/protocol.py"]
+                 "spice_stream_common/protocol.py", "spice_stream_common/frameparts.py"]
 
 
 def pick_deb(explicit: str | None, say) -> Path:

@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 
-from spice_stream_worker import protocol as p
+from spice_stream_common import protocol as p
 from spice_streamd import guestmessages
 from spice_streamd.portrelay import PortRelay
 from spice_streamd.workerchannel import WorkerChannel, socket_pair

@@ -9,7 +9,7 @@ import tempfile
 
 import pytest
 
-from spice_streamd import constants
+from spice_stream_common import constants
 from spice_streamd.install import render
 from tests.support.bus import REPO, VENV_BIN, Stack, wait_until
 

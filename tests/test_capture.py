@@ -10,8 +10,8 @@ import struct
 import pytest
 from Xlib.ext import xtest
 
-from spice_stream_worker.capture import NO_SHM_ENV, Rect, Screen, row_spans
-from spice_stream_worker.errors import DisplayLost, DisplayUnavailable
+from spice_stream_common.exitcodes import DisplayLost, DisplayUnavailable
+from spice_stream_worker.sources.x11 import NO_SHM_ENV, Rect, Screen, row_spans
 from tests.support.xserver import Painter, set_screen_size, start_xvfb, wait_for
 
 NOBODY = pwd.getpwnam("nobody").pw_uid

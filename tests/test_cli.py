@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from spice_streamd import constants
+from spice_stream_common import constants
 
 REPO = Path(__file__).resolve().parents[1]
 MODULES = {

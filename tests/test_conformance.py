@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from Xlib import X
 
-from spice_stream_worker import protocol as proto
+from spice_stream_common import protocol as proto
 from spice_streamd import guestmessages
 from tests.support.spicehost import FakeGuest, SpiceHost, psnr, quadrants
 from tests.support.xserver import Painter, XServer, start_xvfb

@@ -7,7 +7,7 @@ import configparser
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from spice_streamd import constants
+from spice_stream_common import constants
 from spice_streamd.dbus_service import PROPERTY_SIGNATURES, StreamingAgentInterface
 
 REPO = Path(__file__).resolve().parents[1]

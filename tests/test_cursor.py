@@ -6,8 +6,8 @@ import struct
 
 import pytest
 
-from spice_stream_worker.capture import Screen
 from spice_stream_worker.cursor import MAX_CURSOR_SIDE, cursor_from_pixels
+from spice_stream_worker.sources.x11 import Screen
 from tests.support.xserver import Painter, start_xvfb, wait_for
 
 

@@ -8,7 +8,8 @@ import logging
 
 from dbus_next import Message, MessageType
 
-from spice_streamd import constants, errors
+from spice_stream_common import constants
+from spice_streamd import errors
 from spice_streamd.dbus_service import RegistrationEndpoint
 from spice_streamd.sessions import SessionRegistry
 from tests.conftest import connect
@@ -61,7 +62,7 @@ def test_callers_signatures_do_not_grow_the_service(bus):
     and each variant's): 2000 calls with as many signatures must not leave 2000 cached."""
     from dbus_next.signature import SignatureTree
 
-    from spice_streamd import dbusnext_compat
+    from spice_stream_common import dbusnext_compat
 
     dbusnext_compat.install()
 

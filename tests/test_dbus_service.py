@@ -201,7 +201,7 @@ FLOOD_SCRIPT = r'''
 import asyncio, json, sys
 from dbus_next import Message, MessageType
 from dbus_next.aio import MessageBus
-from spice_streamd import dbusnext_compat
+from spice_stream_common import dbusnext_compat
 
 
 async def main():
@@ -498,7 +498,7 @@ def test_a_refused_call_is_freed_by_its_reply_without_the_garbage_collector(stac
     import gc
     import weakref
 
-    from spice_streamd import dbusnext_compat
+    from spice_stream_common import dbusnext_compat
     from spice_streamd.dbus_service import RegistrationEndpoint
     from spice_streamd.polkit import PolkitAuthority
     from spice_streamd.sessioninfo import open_session_source
@@ -581,7 +581,7 @@ LARGE_FLOOD_SCRIPT = r'''
 import asyncio, json, sys
 from dbus_next import Message, MessageType
 from dbus_next.aio import MessageBus
-from spice_streamd import dbusnext_compat
+from spice_stream_common import dbusnext_compat
 
 
 async def main():

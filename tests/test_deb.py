@@ -34,6 +34,7 @@ PYDIR = "usr/lib/python3/dist-packages"
 PACKAGES = {
     "spice_streamd": REPO / "service" / "spice_streamd",
     "spice_stream_worker": REPO / "service" / "spice_stream_worker",
+    "spice_stream_common": REPO / "service" / "spice_stream_common",
     "spice_stream_helper": REPO / "helper" / "spice_stream_helper",
 }
 SCRIPTS = {"usr/bin/" + name: target for name, target in PROJECT["project"]["scripts"].items()}
@@ -277,7 +278,7 @@ def test_packaged_tree_imports_and_installs_its_system_files(tree: Path, tmp_pat
     code = ("import sys, spice_streamd.main, spice_stream_worker.main, spice_stream_helper.main\n"
             "ours = {n: m.__file__ for n, m in sys.modules.items()\n"
             "        if n.split('.')[0] in ('spice_streamd', 'spice_stream_worker', "
-            "'spice_stream_helper')}\n"
+            "'spice_stream_common', 'spice_stream_helper')}\n"
             "print('\\n'.join(sorted(ours.values())))\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                        cwd=tmp_path, timeout=60, check=False)
@@ -327,7 +328,7 @@ def test_packaged_tree_imports_with_debian_python(tree: Path, tmp_path: Path) ->
     encode = (
         "import io, PIL\n"
         "from PIL import Image\n"
-        "from spice_stream_worker.capture import Frame, Rect\n"
+        "from spice_stream_worker.sources.x11 import Frame, Rect\n"
         "from spice_stream_worker.encoder import JpegEncoder\n"
         "w, h = 64, 48\n"
         "buf = bytearray(bytes([10, 200, 30, 0]) * (w * h))\n"

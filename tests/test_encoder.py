@@ -10,7 +10,6 @@ import struct
 import pytest
 from PIL import Image, ImageChops, ImageDraw, ImageStat
 
-from spice_stream_worker.capture import Frame, Rect
 from spice_stream_worker.encoder import (
     MAX_ENCODES,
     JpegEncoder,
@@ -20,6 +19,7 @@ from spice_stream_worker.encoder import (
     tile_mcus,
 )
 from spice_stream_worker.geometry import areas
+from spice_stream_worker.sources.x11 import Frame, Rect
 
 
 def picture(width: int, height: int, seed: int) -> Image.Image:

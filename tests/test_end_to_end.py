@@ -10,7 +10,7 @@ import signal
 import pytest
 from PIL import Image
 
-from spice_stream_worker import protocol as p
+from spice_stream_common import protocol as p
 from tests.support.bus import Stack, wait_until
 from tests.support.hostpeer import HostPeer, RawPty
 from tests.support.spicehost import SpiceHost, psnr

@@ -9,7 +9,7 @@ import textwrap
 # In a process of its own: mallopt changes the whole process, and the fault count must be its own.
 RELAY_FRAMES = textwrap.dedent("""
     import asyncio, resource, sys, threading
-    from spice_stream_worker import protocol as p
+    from spice_stream_common import protocol as p
     from spice_streamd import heap
     from spice_streamd.workerchannel import WorkerChannel, socket_pair
 

@@ -80,7 +80,7 @@ def test_a_background_session_registers_when_it_becomes_active(bus, logind):
     from dbus_next import Message
     from dbus_next.aio import MessageBus
 
-    from spice_streamd import constants
+    from spice_stream_common import constants
 
     calls: list[str] = []
     allowed = threading.Event()

@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 DRIVER = r"""
 import json, os, secrets, socket, subprocess, sys, tempfile, time
 import Xlib.display
-from spice_streamd import xauthority
-from spice_stream_worker import xauth
+from spice_stream_common import xauthority
+from spice_stream_worker.sources import xauth
 
 started_as = socket.gethostname()
 late = "late-" + secrets.token_hex(4)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from spice_streamd import constants, install
+from spice_stream_common import constants
+from spice_streamd import install
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS_DIR = sysconfig.get_path("scripts")

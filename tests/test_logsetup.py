@@ -8,7 +8,7 @@ import sys
 
 PROGRAM = """
 import logging, sys
-from spice_streamd import logsetup
+from spice_stream_common import logsetup
 print(logsetup.setup("spice-streamd", "INFO"), flush=True)
 log = logging.getLogger("spice_streamd.x")
 log.debug("hidden")

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from spice_stream_worker import protocol as p
-from spice_stream_worker.errors import DeviceLost
-from spice_stream_worker.outbox import MAX_QUEUED, Outbox
+from spice_stream_common import protocol as p
+from spice_stream_common.exitcodes import DeviceLost
+from spice_stream_common.outbox import MAX_QUEUED, Outbox
 from tests.support.hostpeer import RawPty
 
 

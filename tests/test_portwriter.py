@@ -7,7 +7,7 @@ import os
 import threading
 import tty
 
-from spice_stream_worker import protocol as p
+from spice_stream_common import protocol as p
 from spice_streamd import portwriter
 from spice_streamd.portwriter import PortWriter
 

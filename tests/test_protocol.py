@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spice_stream_worker import protocol as p
+from spice_stream_common import protocol as p
 
 
 def test_header_layout_matches_stream_device_h():

@@ -8,12 +8,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spice_streamd.errors import InvalidArgument
-from spice_streamd.xauthority import (
+from spice_stream_common.xauthority import (
     FAMILY_INTERNET,
     FAMILY_LOCAL,
     FAMILY_WILD,
     MAX_XAUTHORITY_BYTES,
+    BadXauthority,
     display_number,
     parse_xauthority,
     require_cookie_for,
@@ -38,7 +38,7 @@ def test_local_displays_accepted(display, number):
 @pytest.mark.parametrize("display", ["", "host:0", ":0; rm", ":", ":a", "0", ":12345", ":0.123",
                                      "unix:0", ":0\n", " :0", ":0 ", "localhost:10.0", "x" * 10000])
 def test_other_displays_refused(display):
-    with pytest.raises(InvalidArgument, match="not a local X display"):
+    with pytest.raises(BadXauthority, match="not a local X display"):
         display_number(display)
 
 
@@ -78,7 +78,7 @@ def test_gdm_file_with_empty_display_numbers_accepted():
     + entry(FAMILY_WILD, b"", b"3", b"MIT-MAGIC-COOKIE-1", COOKIE),
 ])
 def test_entries_libxau_would_not_use_refused(data):
-    with pytest.raises(InvalidArgument, match="no cookie for local display :3 on this host"):
+    with pytest.raises(BadXauthority, match="no cookie for local display :3 on this host"):
         require_cookie_for(data, ":3", hostname=b"h")
 
 
@@ -95,7 +95,7 @@ def test_entries_libxau_would_not_use_refused(data):
     (b"\0" * (MAX_XAUTHORITY_BYTES + 1), "larger than"),
 ])
 def test_hostile_files_refused(data, match):
-    with pytest.raises(InvalidArgument, match=match):
+    with pytest.raises(BadXauthority, match=match):
         require_cookie_for(data, ":3", hostname=b"h")
 
 
@@ -103,7 +103,7 @@ def test_hostile_files_refused(data, match):
 def test_parser_never_raises_anything_else(data):
     try:
         parse_xauthority(data)
-    except InvalidArgument:
+    except BadXauthority:
         pass
 
 

@@ -9,11 +9,11 @@ import socket
 import pytest
 from Xlib.ext import xtest
 
-from spice_stream_worker import frameparts
-from spice_stream_worker import protocol as p
-from spice_stream_worker.capture import Changes, Rect, Screen
+from spice_stream_common import frameparts
+from spice_stream_common import protocol as p
+from spice_stream_common.outbox import Outbox
 from spice_stream_worker.encoder import JpegEncoder
-from spice_stream_worker.outbox import Outbox
+from spice_stream_worker.sources.x11 import Changes, Rect, Screen
 from spice_stream_worker.streamer import MAX_DAMAGE_RECTS, HostState, Streamer
 from tests.support.xserver import Painter, start_xvfb
 

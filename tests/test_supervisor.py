@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from spice_stream_worker import protocol as p
+from spice_stream_common import protocol as p
 from spice_streamd import errors, guestmessages
 from spice_streamd.supervisor import WorkerSupervisor, WorkerTarget
 from tests.support.hostile import SPAWN_CHILDREN
@@ -38,7 +38,7 @@ FAKE_WORKER = r'''
 import json, os, select, signal, socket, stat, struct, sys, time
 from collections.abc import Iterator
 sys.path.insert(0, sys.argv[3])
-from spice_stream_worker import protocol as p
+from spice_stream_common import protocol as p
 mode, rec = sys.argv[1], sys.argv[2]
 if "/" in mode:  # "A/B": mode A as nobody, B as any other uid
     mode = mode.split("/")[0 if os.getuid() == 65534 else 1]
@@ -783,8 +783,8 @@ mode, rec = sys.argv[1], sys.argv[2]
 if "/" in mode:  # "A/B": mode A as nobody, B as any other uid
     mode = mode.split("/")[0 if os.getuid() == 65534 else 1]
 sys.path.insert(0, sys.argv[3])
-from spice_stream_worker import frameparts as fp
-from spice_stream_worker import protocol as p
+from spice_stream_common import frameparts as fp
+from spice_stream_common import protocol as p
 width, height, size = (int(v) for v in sys.argv[4:7])
 opt = dict(zip(sys.argv[7::2], sys.argv[8::2]))
 sock = socket.socket(fileno=int(opt["--device-fd"]))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from spice_streamd.untrusted import printable, shown
+from spice_stream_common.untrusted import printable, shown
 
 
 def test_control_characters_and_escape_sequences_are_escaped():

@@ -15,8 +15,8 @@ from PIL import Image, ImageChops, ImageStat
 from Xlib import X
 from Xlib.ext import xtest
 
-from spice_stream_worker import protocol as p
-from spice_stream_worker.errors import ExitCode
+from spice_stream_common import protocol as p
+from spice_stream_common.exitcodes import ExitCode
 from tests.support.hostpeer import HostPeer, RawPty
 from tests.support.xserver import Painter, set_screen_size, start_xvfb, wait_for
 

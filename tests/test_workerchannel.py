@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import pytest
 
-from spice_stream_worker import frameparts as fp
-from spice_stream_worker import protocol as p
+from spice_stream_common import frameparts as fp
+from spice_stream_common import protocol as p
 from spice_streamd import guestmessages
 from spice_streamd.portrelay import PortRelay
 from spice_streamd.workerchannel import WorkerChannel, socket_pair

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dbus_next import Message, MessageType
 from dbus_next.aio import MessageBus
 
-from spice_streamd.constants import (
+from spice_stream_common.constants import (
     BUS_NAME,
     DBUS_NAME,
     DBUS_PATH,
@@ -22,8 +22,8 @@ from spice_streamd.constants import (
     OBJECT_PATH,
     VERSION,
 )
-from spice_streamd.dbusnext_compat import bus_for, describe_bus, disconnected
-from spice_streamd.untrusted import printable
+from spice_stream_common.dbusnext_compat import bus_for, describe_bus, disconnected
+from spice_stream_common.untrusted import printable
 
 from .sessionwatch import ActiveWatch, own_session_path
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dbus_next import Message, MessageType
 from dbus_next.aio import MessageBus
 
-from spice_streamd.constants import (
+from spice_stream_common.constants import (
     DBUS_NAME,
     DBUS_PATH,
     LOGIND_MANAGER,

@@ -12,8 +12,8 @@ import struct
 import PIL
 from PIL import Image
 
-from .capture import Frame
 from .geometry import Area, Grid, Rect, areas, runs, spans
+from .source import Frame
 
 MCU = 16  # pixels per MCU side at 4:2:0
 BAND_ROWS = MCU  # a tile is one MCU row high

@@ -14,13 +14,12 @@ import termios
 import time
 import tty
 
-from spice_streamd import logsetup
-from spice_streamd.constants import VERSION
+from spice_stream_common import frameparts, logsetup
+from spice_stream_common import protocol as p
+from spice_stream_common.constants import VERSION
+from spice_stream_common.exitcodes import DeviceLost, DeviceUnavailable, ExitCode, WorkerError
+from spice_stream_common.outbox import Outbox
 
-from . import frameparts
-from . import protocol as p
-from .errors import DeviceLost, DeviceUnavailable, ExitCode, WorkerError
-from .outbox import Outbox
 from .status import StatusReporter
 from .streamer import HostState, Streamer
 
@@ -127,15 +126,13 @@ class Worker:
         self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def run(self) -> ExitCode:
-        from .capture import Screen
         from .display_info import find_display_device
         from .encoder import JpegEncoder
+        from .sources.x11 import Screen
 
         screen = Screen(os.environ.get("DISPLAY"))
         try:
-            log.info("display %s %dx%d (%s capture), device fd %d",
-                     os.environ.get("DISPLAY"), *screen.size,
-                     "MIT-SHM" if screen.uses_shm else "GetImage", self.fd)
+            log.info("capturing %s, %dx%d, device fd %d", screen.describe(), *screen.size, self.fd)
             outbox = Outbox(self.fd)
             to_service = stat.S_ISSOCK(os.fstat(self.fd).st_mode)  # else the port itself
             streamer = Streamer(

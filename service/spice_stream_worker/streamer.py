@@ -8,9 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import frameparts
-from . import protocol as p
-from .outbox import Outbox
+from spice_stream_common import frameparts
+from spice_stream_common import protocol as p
+from spice_stream_common.outbox import Outbox
 
 log = logging.getLogger(__name__)
 

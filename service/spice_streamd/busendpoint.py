@@ -13,7 +13,8 @@ from typing import Any
 from dbus_next import Message, MessageType
 from dbus_next.aio import MessageBus
 
-from . import constants
+from spice_stream_common import constants
+
 from .ratelimit import LogLimiter
 
 

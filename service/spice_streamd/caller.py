@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from dbus_next import Message, MessageType
 from dbus_next.aio import MessageBus
 
-from . import constants
+from spice_stream_common import constants
+
 from .errors import AuthorityUnavailable, PermissionDenied
 
 NOGROUP = 65534

@@ -11,7 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .constants import DEFAULT_DEVICE
+from spice_stream_common.constants import DEFAULT_DEVICE
+
 from .errors import ConfigError
 
 DEFAULT_PATH = "/etc/spice-streamd.conf"

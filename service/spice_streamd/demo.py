@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     bus, hostpeer, xserver = _checkout_support()
     from PIL import Image
 
-    from spice_stream_worker import protocol as p
+    from spice_stream_common import protocol as p
 
     say = print
     say("spice-streamd demo: private bus, polkitd, logind stand-in, Xvfb, service, helper, stand-in host")

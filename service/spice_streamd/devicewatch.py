@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from . import constants
+from spice_stream_common import constants
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .constants import ERROR_PREFIX
+from spice_stream_common.constants import ERROR_PREFIX
 
 
 class ServiceError(Exception):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from spice_stream_worker import protocol as p
+from spice_stream_common import protocol as p
 
 # The parser already bounds each type's size (GUEST_TO_HOST_LIMITS) and refuses host-only types.
 MAX_SIDE = 16384  # libspice-server's own limit on a stream's width and height

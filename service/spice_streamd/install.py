@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 
-from . import constants
+from spice_stream_common import constants
 
 SCRIPTS = ("spice-streamd", "spice-stream-worker", "spice-stream-helper")
 BINDIR_PLACEHOLDER = "@BINDIR@"

@@ -13,11 +13,13 @@ from dbus_next.aio import MessageBus
 from dbus_next.constants import NameFlag, RequestNameReply
 from dbus_next.errors import DBusError
 
-from . import constants, heap, logsetup
+from spice_stream_common import constants, logsetup
+from spice_stream_common.dbusnext_compat import bus_for, describe_bus, disconnected
+
+from . import heap
 from .config import KEYS, Config, load
 from .coordinator import Coordinator
 from .dbus_service import RegistrationEndpoint, StreamingAgentInterface
-from .dbusnext_compat import bus_for, describe_bus, disconnected
 from .errors import ConfigError
 from .polkit import PolkitAuthority
 from .propertyreader import PropertyReader

@@ -7,7 +7,8 @@ import asyncio
 from dbus_next import Message, MessageType, Variant
 from dbus_next.aio import MessageBus
 
-from . import constants
+from spice_stream_common import constants
+
 from .errors import AuthorityUnavailable, PermissionDenied
 
 

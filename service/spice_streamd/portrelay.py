@@ -13,7 +13,7 @@ import tty
 from collections import deque
 from collections.abc import Callable
 
-from spice_stream_worker import protocol as p
+from spice_stream_common import protocol as p
 
 from .portwriter import PortWriter
 from .ratelimit import LogLimiter

@@ -9,8 +9,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from spice_stream_worker import protocol as p
-from spice_stream_worker.outbox import unwritten
+from spice_stream_common import protocol as p
+from spice_stream_common.outbox import unwritten
 
 # Latest state wins, written in this order: what describes a frame goes before the frame. At most
 # the message being written and one message of each type wait, so a host that stops reading costs

@@ -10,11 +10,13 @@ from collections.abc import Awaitable, Callable
 from dbus_next import Message, MessageType
 from dbus_next.aio import MessageBus
 
-from . import constants, errors
+from spice_stream_common import constants
+from spice_stream_common.untrusted import printable, shown
+
+from . import errors
 from .busendpoint import BusEndpoint, left_the_bus
 from .caller import uid_of
 from .dbus_service import PROPERTY_SIGNATURES, StreamingAgentInterface, on_the_wire
-from .untrusted import printable, shown
 
 log = logging.getLogger(__name__)
 

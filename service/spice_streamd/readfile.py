@@ -6,7 +6,7 @@ import os
 import stat
 import sys
 
-from .xauthority import MAX_XAUTHORITY_BYTES
+from spice_stream_common.xauthority import MAX_XAUTHORITY_BYTES
 
 # Exit codes the parent maps to a refusal text (the text itself goes to stderr, one line).
 EXIT_OK = 0

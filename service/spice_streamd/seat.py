@@ -14,7 +14,8 @@ from typing import Protocol
 from dbus_next import Message, MessageType
 from dbus_next.aio import MessageBus
 
-from . import constants
+from spice_stream_common import constants
+
 from .sessioninfo import (
     MAX_VT,
     LogindError,

@@ -8,9 +8,10 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
+from spice_stream_common.untrusted import shown
+
 from .sessioninfo import GONE, LogindError
 from .sessions import SessionRegistry
-from .untrusted import shown
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,9 @@ from typing import Any, Protocol
 from dbus_next import Message, MessageType
 from dbus_next.aio import MessageBus
 
-from . import constants, errors
+from spice_stream_common import constants
+
+from . import errors
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
-from spice_stream_worker import protocol as p
+from spice_stream_common import protocol as p
 
 from . import cgroup, errors, guestmessages, workerprocess
 from .portrelay import PortRelay

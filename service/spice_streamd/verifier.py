@@ -10,13 +10,20 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal, Protocol
 
-from . import cgroup, constants, workerprocess
+from spice_stream_common import constants
+from spice_stream_common.untrusted import shown
+from spice_stream_common.xauthority import (
+    MAX_XAUTHORITY_BYTES,
+    BadXauthority,
+    display_number,
+    require_cookie_for,
+)
+
+from . import cgroup, workerprocess
 from .caller import Caller
 from .errors import AuthorityUnavailable, InvalidArgument, NotInSession, StartFailed
 from .readfile import EXIT_REFUSED
 from .sessions import Registration
-from .untrusted import shown
-from .xauthority import MAX_XAUTHORITY_BYTES, display_number, require_cookie_for
 
 # The reader is a Python interpreter started as the caller: seconds on a guest emulated
 # instruction by instruction, or while the session's login keeps the disk busy (seen in the
@@ -152,9 +159,12 @@ class RegistrationVerifier:
             raise NotInSession(f"{where} is a Wayland session; only X11 sessions can be "
                                "streamed")
 
-        display_number(display)  # raises InvalidArgument with the reason
-        data = await self._read_file(caller, xauthority)
-        require_cookie_for(data, display)
+        try:
+            display_number(display)
+            data = await self._read_file(caller, xauthority)
+            require_cookie_for(data, display)
+        except BadXauthority as exc:
+            raise InvalidArgument(str(exc)) from None
 
         return Registration(sender=caller.sender, uid=caller.uid, gid=caller.gid,
                             groups=caller.groups, pid=caller.pid, session_id=info.session_id,

@@ -8,8 +8,8 @@ import socket
 import time
 from collections.abc import Callable
 
-from spice_stream_worker import frameparts
-from spice_stream_worker import protocol as p
+from spice_stream_common import frameparts
+from spice_stream_common import protocol as p
 
 from . import guestmessages, heap
 from .ratelimit import LogLimiter

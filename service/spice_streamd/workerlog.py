@@ -7,8 +7,9 @@ import asyncio
 import logging
 import re
 
+from spice_stream_common.untrusted import shown
+
 from .ratelimit import TokenBucket
-from .untrusted import shown
 
 log = logging.getLogger("spice_streamd.worker")
 

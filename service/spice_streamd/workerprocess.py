@@ -13,7 +13,7 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from spice_stream_worker.errors import ExitCode
+from spice_stream_common.exitcodes import ExitCode
 
 from . import cgroup, errors
 from .cgroup import Cgroup

@@ -138,7 +138,7 @@ CLIENT_SCRIPT = r'''
 import asyncio, json, sys, time
 from dbus_next import Message, MessageType
 from dbus_next.aio import MessageBus
-from spice_streamd import dbusnext_compat
+from spice_stream_common import dbusnext_compat
 
 
 async def main():

@@ -9,7 +9,7 @@ import time
 import tty
 from collections.abc import Callable
 
-from spice_stream_worker import protocol as p
+from spice_stream_common import protocol as p
 
 
 class RawPty:

@@ -53,7 +53,7 @@ from pathlib import Path
 
 from PIL import Image, ImageChops, ImageStat
 
-from spice_stream_worker import protocol as proto
+from spice_stream_common import protocol as proto
 
 HARNESS_DIR = Path(__file__).resolve().parent.parent / "harness"
 BUILD_DIR = HARNESS_DIR / "build"

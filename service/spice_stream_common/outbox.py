@@ -9,7 +9,7 @@ import select
 import time
 from collections import deque
 
-from .errors import DeviceLost
+from .exitcodes import DeviceLost
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,12 @@ import socket
 
 from Xlib.support import unix_connect
 
-from spice_streamd.errors import InvalidArgument
-from spice_streamd.xauthority import COOKIE_NAME, matches_local_display, parse_xauthority
+from spice_stream_common.xauthority import (
+    COOKIE_NAME,
+    BadXauthority,
+    matches_local_display,
+    parse_xauthority,
+)
 
 _xlib_get_auth = unix_connect.get_auth
 
@@ -24,7 +28,7 @@ def local_cookie(path: str, number: int, hostname: bytes) -> tuple[bytes, bytes]
         with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as f:
             data = f.read(64 * 1024 + 1)
         entries = parse_xauthority(data)
-    except (OSError, InvalidArgument):
+    except (OSError, BadXauthority):
         return b"", b""
     for entry in entries:
         if entry.name == COOKIE_NAME and matches_local_display(entry, number, hostname):

@@ -7,7 +7,6 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from .errors import InvalidArgument
 from .untrusted import shown
 
 MAX_XAUTHORITY_BYTES = 64 * 1024
@@ -24,6 +23,11 @@ COOKIE_NAME = b"MIT-MAGIC-COOKIE-1"
 _DISPLAY_RE = re.compile(r":([0-9]{1,4})(?:\.([0-9]{1,2}))?")
 
 
+class BadXauthority(ValueError):
+    """A display string or Xauthority contents refused; the text says why, for a person. The
+    service answers it as InvalidArgument, the worker takes it as no cookie."""
+
+
 @dataclass(frozen=True)
 class XauthEntry:
     family: int
@@ -36,7 +40,7 @@ class XauthEntry:
 def display_number(display: str) -> int:
     """The N of a local display ":N" or ":N.S"; anything else (remote, odd characters) is refused."""
     if not isinstance(display, str) or _DISPLAY_RE.fullmatch(display) is None:
-        raise InvalidArgument(
+        raise BadXauthority(
             f"display {shown(display, 40)} is not a local X display: expected ':N' or ':N.S' "
             "(e.g. ':0')")
     return int(_DISPLAY_RE.fullmatch(display).group(1))
@@ -45,7 +49,7 @@ def display_number(display: str) -> int:
 def parse_xauthority(data: bytes) -> list[XauthEntry]:
     """Every entry of an Xauthority file; a truncated or oversized file is refused as a whole."""
     if len(data) > MAX_XAUTHORITY_BYTES:
-        raise InvalidArgument(f"Xauthority file is larger than {MAX_XAUTHORITY_BYTES} bytes")
+        raise BadXauthority(f"Xauthority file is larger than {MAX_XAUTHORITY_BYTES} bytes")
     entries: list[XauthEntry] = []
     pos = 0
     end = len(data)
@@ -53,18 +57,18 @@ def parse_xauthority(data: bytes) -> list[XauthEntry]:
     def counted() -> bytes:
         nonlocal pos
         if pos + 2 > end:
-            raise InvalidArgument("Xauthority file is truncated or not an Xauthority file")
+            raise BadXauthority("Xauthority file is truncated or not an Xauthority file")
         (n,) = struct.unpack_from(">H", data, pos)
         pos += 2
         if pos + n > end:
-            raise InvalidArgument("Xauthority file is truncated or not an Xauthority file")
+            raise BadXauthority("Xauthority file is truncated or not an Xauthority file")
         field = data[pos:pos + n]
         pos += n
         return field
 
     while pos < end:
         if pos + 2 > end:
-            raise InvalidArgument("Xauthority file is truncated or not an Xauthority file")
+            raise BadXauthority("Xauthority file is truncated or not an Xauthority file")
         (family,) = struct.unpack_from(">H", data, pos)
         pos += 2
         address = counted()
@@ -92,14 +96,14 @@ def require_cookie_for(data: bytes, display: str, hostname: bytes | None = None)
     number = display_number(display)
     entries = parse_xauthority(data)
     if not entries:
-        raise InvalidArgument("Xauthority file is empty: it holds no cookie")
+        raise BadXauthority("Xauthority file is empty: it holds no cookie")
     host = socket.gethostname().encode() if hostname is None else hostname
     for entry in entries:
         if entry.name == COOKIE_NAME and matches_local_display(entry, number, host):
             if not entry.data:
                 break  # libXau would hand this empty cookie to the server: it cannot work
             return entry
-    raise InvalidArgument(
+    raise BadXauthority(
         f"Xauthority file holds no cookie for local display :{number} on this host "
         f"(it has {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} for other displays "
         "or hosts)")

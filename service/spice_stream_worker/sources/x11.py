@@ -1,11 +1,10 @@
-"""The worker's X connection: capture (MIT-SHM or GetImage), damage, RandR, cursor, pointer."""
+"""The X11 capture source: the X connection, MIT-SHM or GetImage, XDamage, RandR, cursor, pointer."""
 
 from __future__ import annotations
 
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 
 from Xlib import X
 from Xlib import display as xdisplay
@@ -14,10 +13,13 @@ from Xlib.ext import damage as xdamage
 from Xlib.ext import randr as xrandr
 from Xlib.ext import xfixes, xinput
 
-from . import damage, xauth, xshm
-from .cursor import CursorImage, read_cursor
-from .errors import DisplayLost, DisplayUnavailable
-from .geometry import Rect, bounding, row_spans
+from spice_stream_common.exitcodes import DisplayLost, DisplayUnavailable
+
+from .. import damage
+from ..cursor import CursorImage, read_cursor
+from ..geometry import Rect, bounding, row_spans
+from ..source import Changes, Frame
+from . import xauth, xshm
 
 __all__ = ["NO_SHM_ENV", "Changes", "Frame", "Rect", "Screen", "row_spans"]
 
@@ -35,35 +37,6 @@ MAX_EVENTS_PER_POLL = 20000
 _GENERIC_EVENT = 35
 _XI_RAW_MOTION = 17
 _XI_RAW_MOTION_MASK = 1 << _XI_RAW_MOTION
-
-
-@dataclass
-class Changes:
-    """What poll() saw since the last poll."""
-
-    damage: list[Rect] = field(default_factory=list)
-    resized: bool = False
-    cursor_changed: bool = False
-    pointer_moved: bool = False
-
-    def __bool__(self) -> bool:
-        return bool(self.damage or self.resized or self.cursor_changed or self.pointer_moved)
-
-
-@dataclass
-class Frame:
-    """The screen's framebuffer: BGRX, 4 bytes per pixel, rows `stride` bytes apart.
-
-    `pixels` may be a view of shared memory: it is valid until the next grab() or close().
-    `changed` lists what the last grab() found changed (None: the whole frame, unchecked;
-    empty: the damage held no new pixels).
-    """
-
-    width: int
-    height: int
-    stride: int
-    pixels: memoryview
-    changed: list[Rect] | None = None
 
 
 class _RateLimit:
@@ -213,6 +186,9 @@ class Screen:
     @property
     def uses_shm(self) -> bool:
         return self._seg is not None
+
+    def describe(self) -> str:
+        return f"X display {self.name} ({'MIT-SHM' if self.uses_shm else 'GetImage'} capture)"
 
     # -- events -------------------------------------------------------------------------------
 

@@ -13,6 +13,9 @@ class ExitCode(enum.IntEnum):
     DISPLAY_LOST = 4  # the X connection broke while running
     DEVICE_UNAVAILABLE = 5  # the device could not be opened or is not usable
     DEVICE_LOST = 6  # the device went away (EIO, hang-up) while running
+    # The user ended the capture in their desktop (GNOME's screen-sharing indicator: Stop): the
+    # service does not start a worker for that session again until the user registers anew.
+    STOPPED_BY_USER = 7
 
 
 class WorkerError(Exception):
@@ -33,4 +36,8 @@ class DeviceUnavailable(WorkerError):
 
 class DeviceLost(WorkerError):
     exit_code = ExitCode.DEVICE_LOST
+
+
+class StoppedByUser(WorkerError):
+    exit_code = ExitCode.STOPPED_BY_USER
 
