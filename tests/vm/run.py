@@ -1053,7 +1053,7 @@ def s11_session_ends(ctx: Context) -> str:
 ALICE_ENV = {"XDG_RUNTIME_DIR": f"/run/user/{ALICE[0]}", "HOME": f"/home/{ALICE[1]}",
              "DBUS_SESSION_BUS_ADDRESS": f"unix:path=/run/user/{ALICE[0]}/bus"}
 PROBE = "/usr/bin/python3 /mnt/share/screencast_probe.py"
-PROBE_TIMEOUT = 480
+PROBE_TIMEOUT = 600
 # pipewiresrc's properties the probe reports (which exist differs between PipeWire 0.3.65 and 1.4).
 PWSRC_PROPS = ("path", "target-object", "always-copy", "do-timestamp", "fd", "keepalive-time",
                "min-buffers", "max-buffers", "autoconnect", "resend-last")
@@ -1092,6 +1092,19 @@ def psnr_pair(a: Image.Image, b: Image.Image) -> tuple[float, float]:
     whole = psnr(a, b)
     box = content_box(b)
     return whole, (psnr(a.crop(box), b.crop(box)) if box else whole)
+
+
+def shell_started_at(ctx: Context) -> float | None:
+    """When gnome-shell finished its startup in this boot (its journal line 'GNOME Shell started
+    at ...', GNOME 43 and 48), in seconds of the guest's CLOCK_MONOTONIC, or None (not yet)."""
+    for e in ctx.journal_json(f"-b _UID={ALICE[0]} _COMM=gnome-shell --grep 'GNOME Shell started at'"):
+        return int(e["__MONOTONIC_TIMESTAMP"]) / 1e6
+    return None
+
+
+def wait_shell_started(ctx: Context) -> float:
+    return wait_until(lambda: shell_started_at(ctx), GNOME_TIMEOUT,
+                      "gnome-shell's 'GNOME Shell started at' in the journal", interval=3.0)
 
 
 def wayland_session(ctx: Context) -> dict:
@@ -1146,6 +1159,8 @@ def sW_wayland_boot(ctx: Context) -> str:
     check(idle == "uint32 0", f"idle-delay is {idle!r} after setting it to 0")
     pw = as_alice(ctx, "systemctl --user is-active pipewire.socket pipewire.service "
                   "wireplumber.service", quiet=True).out.split()
+    started = shell_started_at(ctx)
+    now = ctx.monotonic_us() / 1e6
     shown = settle_dump(ctx, "wayland-desktop", timeout=90)
     check(not is_black(shown), "QEMU's screendump of alice's Wayland desktop is black")
     ctx.notes["wayland"] = sess
@@ -1154,7 +1169,9 @@ def sW_wayland_boot(ctx: Context) -> str:
             f"{shell[0]} on {ALICE_ENV['DBUS_SESSION_BUS_ADDRESS']} (dbus.socket/service "
             f"{'/'.join(bus_unit)}); {' '.join(e for e in env if not e.startswith('DBUS'))}; "
             f"pipewire.socket/pipewire/wireplumber before any screencast: {'/'.join(pw)}; "
-            f"screen {shown.size[0]}x{shown.size[1]} settled; idle-delay 0")
+            f"screen {shown.size[0]}x{shown.size[1]} settled; idle-delay 0; at {now:.0f} s of the "
+            f"guest's boot gnome-shell's startup was "
+            f"{f'complete at {started:.0f} s' if started else 'not complete yet'}")
 
 
 def sP_screencast_probe(ctx: Context) -> str:
@@ -1170,7 +1187,10 @@ def sP_screencast_probe(ctx: Context) -> str:
     for f in ctx.results.glob("probe-*"):
         f.unlink()
     argv = ["/usr/sbin/runuser", "-u", ALICE[1], "--", "/usr/bin/env", "PATH=/usr/bin:/bin",
-            "LANG=C.UTF-8", *(f"{k}={v}" for k, v in ALICE_ENV.items()), "/bin/sh", "-c",
+            "LANG=C.UTF-8", *(f"{k}={v}" for k, v in ALICE_ENV.items()),
+            # The first variant may start while gnome-shell is still starting (GNOME's autostart
+            # programs, the helper among them, run then too): does its stream give frames later?
+            "PROBE_FIRST_FRAME_TIMEOUT=150", "/bin/sh", "-c",
             f"{PROBE} /mnt/results 2>/mnt/results/probe-stderr.txt"]
     pid = vm.qga.command("guest-exec", path=argv[0], arg=argv[1:],
                          env=["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], **{"capture-output": True})["pid"]
@@ -1204,11 +1224,20 @@ def sP_screencast_probe(ctx: Context) -> str:
              f"PyGObject {probe.get('pygobject')}; pipewiresrc properties "
              f"{[p for p in probe.get('pipewiresrc_properties', []) if p in PWSRC_PROPS]}"]
     good = False
-    for v in probe.get("variants", []):
+    started = shell_started_at(ctx)
+    variants = probe.get("variants", [])
+    if variants:
+        v = variants[0]
+        first = (v.get("t0_monotonic") or 0) + (v.get("t_first_frame") or 0)
+        lines.append(f"gnome-shell's startup complete at {started} s of the boot; the first variant "
+                     f"({v['variant']}) created its session at {v.get('t0_monotonic')} s, its first "
+                     f"frame {f'at {first:.1f} s' if v.get('t_first_frame') else 'never'}")
+    for v in variants:
         name = v["variant"]
         if not v.get("ok"):
             lines.append(f"[{name}] FAILED: {v.get('error')} (pipeline {v.get('pipeline')!r}; "
-                         f"node after {v.get('t_node')} s)")
+                         f"node after {v.get('t_node')} s; teardown: set_state(NULL) "
+                         f"{v.get('t_set_null')} s, Stop {v.get('t_stop')} s)")
             continue
         cmp = []
         dump = dumps.get(name)
@@ -1234,7 +1263,8 @@ def sP_screencast_probe(ctx: Context) -> str:
             f"after CreateSession; frames per 0.5 s while settling "
             f"{v.get('frames_per_half_second_while_settling')}, then {v['static_frames']['frames']} "
             f"in {v['static_frames']['seconds']:g} s static, {v.get('hold')} during the screendump; "
-            f"pts {v.get('pts_first')[:3]} duration {v.get('duration_first')[:2]}; PSNR vs "
+            f"pts {v.get('pts_first')[:3]} duration {v.get('duration_first')[:2]}; teardown: "
+            f"set_state(NULL) {v.get('t_set_null')} s, Stop {v.get('t_stop')} s; PSNR vs "
             f"screendump (whole/content) {', '.join(cmp)}; errors {v.get('errors')} warnings "
             f"{v.get('warnings')}")
     (ctx.logdir / "probe.json").write_text(json.dumps(probe, indent=1))
@@ -1324,6 +1354,7 @@ def s13_wayland_autologin(ctx: Context) -> str:
     check(0 not in groups, f"the worker has the root group: Groups {groups}")
     check("screencast" in st["cmdline"], f"the worker does not capture mutter's ScreenCast: "
           f"{st['cmdline']!r}")
+    started = wait_shell_started(ctx)
     with Viewer(ctx, "wayland") as viewer:
         t0 = time.monotonic()
         streaming = wait_until(lambda: wayland_streaming(ctx), 30,
@@ -1335,8 +1366,9 @@ def s13_wayland_autologin(ctx: Context) -> str:
             f"helper (pid {helpers[0]['pid']}, {helpers[0]['cgroup'].rsplit('/', 1)[-1]}); worker "
             f"pid {p['WorkerPID']} Uid {st['Uid'][0]} Gid {st['Gid'][0]} Groups {groups} "
             f"({st['cmdline'][-60:]!r}); Streaming on VT {streaming['StreamingVT']} "
-            f"{time.monotonic() - t0:.1f} s after the client connected; {size[0]}x{size[1]} PSNR "
-            f"vs screendump {values} dB")
+            f"{time.monotonic() - t0:.1f} s after the client connected (gnome-shell's startup "
+            f"complete at {started:.0f} s of the boot); {size[0]}x{size[1]} PSNR vs screendump "
+            f"{values} dB")
 
 
 POINTER_LIMIT_S = 3.0

@@ -8,12 +8,15 @@ probe of the VM suite's scenario P; Debian's python3, python3-gi, GStreamer, gst
 Each variant is one whole ScreenCast session, as a worker would run it: CreateSession({}),
 RecordMonitor("", {"cursor-mode": <u>}), PipeWireStreamAdded(node), Start; then a GStreamer
 pipeline `pipewiresrc <how the node is named> ! ... ! appsink` in PLAYING, the first frame saved as
-OUTDIR/probe-VARIANT-first.png, the frames counted each 0.5 s until the screen has settled (no
-frame for 2 s, at most 12 s), then over a 3 s window of a static screen. Then the latest frame is
-saved as OUTDIR/probe-VARIANT-last.png and OUTDIR/probe-VARIANT.hold is created: the host takes
-QEMU's screendump and answers with OUTDIR/probe-VARIANT.dumped (waited for up to 60 s; frames that
-arrive meanwhile are counted), so the two pictures are of the same moment. Last the pipeline and
-the session are stopped. Every time is from CreateSession. Failures are recorded with their text.
+OUTDIR/probe-VARIANT-first.png (waited for up to 25 s; for the first variant up to
+PROBE_FIRST_FRAME_TIMEOUT s, to see whether a stream created while gnome-shell still starts gives
+frames later), the frames counted each 0.5 s until the screen has settled (no frame for 2 s, at
+most 12 s), then over a 3 s window of a static screen. Then the latest frame is saved as
+OUTDIR/probe-VARIANT-last.png and OUTDIR/probe-VARIANT.hold is created: the host takes QEMU's
+screendump and answers with OUTDIR/probe-VARIANT.dumped (waited for up to 60 s; frames that arrive
+meanwhile are counted), so the two pictures are of the same moment. Last the pipeline and the
+session are stopped (each step timed). Every time is from CreateSession. Failures are recorded
+with their text.
 """
 
 import json
@@ -88,6 +91,7 @@ class Probe:
         self.bus = Gio.bus_get_sync(Gio.BusType.SESSION, None)
         self.ctx = GLib.MainContext.default()
         self.signals = []
+        self.first_variant = None
 
     def call(self, path, iface, method, args=None, reply=None, timeout_ms=30000):
         res = self.bus.call_sync(MUTTER, path, iface, method, args,
@@ -120,6 +124,7 @@ class Probe:
             closed.append(round(time.monotonic() - t0, 3))
 
         t0 = time.monotonic()
+        r["t0_monotonic"] = round(t0, 3)  # CLOCK_MONOTONIC: the journal's clock
         session = None
         pipeline = None
         try:
@@ -184,7 +189,9 @@ class Probe:
                 return sample
 
             first = None
-            deadline = time.monotonic() + FIRST_FRAME_TIMEOUT
+            first_timeout = float(os.environ.get("PROBE_FIRST_FRAME_TIMEOUT", FIRST_FRAME_TIMEOUT)
+                                  if name == self.first_variant else FIRST_FRAME_TIMEOUT)
+            deadline = time.monotonic() + first_timeout
             while first is None and not errors and not closed and time.monotonic() < deadline:
                 first = pull(0.2)
             r["errors"] = errors
@@ -192,7 +199,7 @@ class Probe:
             if first is None:
                 why = "; ".join(errors) or (f"session closed at {closed}" if closed
                                             else "no error on the bus")
-                r["error"] = f"no frame within {FIRST_FRAME_TIMEOUT:g} s: {why}"
+                r["error"] = f"no frame within {first_timeout:g} s: {why}"
                 r["state"] = pipeline.get_state(0)[1].value_nick
                 return r
             r["t_first_frame"] = round(stamps[0][0], 3)
@@ -328,6 +335,7 @@ def main(argv):
     probe = Probe(outdir)
     out["screencast_version"] = probe.version()
     out["variants"] = []
+    probe.first_variant = names[0]
     for name in names:
         log(f"variant {name}")
         res = probe.run(name)
