@@ -1,5 +1,5 @@
-"""spice-stream-helper without a service: Wayland and missing-DISPLAY refusals, waiting for the
-service, and SIGTERM."""
+"""spice-stream-helper without a service: what a session registers (X11 or Wayland), the refusal
+without a graphical session, waiting for the service, and SIGTERM."""
 
 from __future__ import annotations
 
@@ -11,29 +11,50 @@ from pathlib import Path
 
 import pytest
 
-from spice_stream_helper.main import Backoff, session_display
+from spice_stream_helper.main import Backoff, session_display, session_target
 from tests.support.bus import PolicyBus, wait_until
 
 HELPER = str(Path(sys.executable).parent / "spice-stream-helper")
 
 
 @pytest.mark.parametrize("env", [
-    {"XDG_SESSION_TYPE": "wayland", "DISPLAY": ":0"},
+    {"XDG_SESSION_TYPE": "wayland", "DISPLAY": ":0"},  # GNOME on Wayland, with Xwayland's DISPLAY
     {"WAYLAND_DISPLAY": "wayland-0"},
 ])
-def test_wayland_is_refused_politely(env):
-    out = subprocess.run([HELPER], env={"PATH": "/usr/bin:/bin", **env}, capture_output=True,
-                         text=True, timeout=20)
-    assert out.returncode == 0
-    assert "Wayland session" in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1
+def test_a_wayland_session_registers_with_register_wayland_session(env):
+    t = session_target(env)
+    assert (t.member, t.signature, t.body, t.wayland) == \
+        ("RegisterWaylandSession", "a{sv}", [{}], True)
 
 
-def test_no_display_is_an_error():
+def test_the_wayland_login_screen_is_skipped_not_registered():
+    # GDM's greeter on Wayland: gnome-shell refuses screencasts there; X11 greeters still register.
+    out = subprocess.run([HELPER], env={"PATH": "/usr/bin:/bin", "XDG_SESSION_TYPE": "wayland",
+                                        "XDG_SESSION_CLASS": "greeter",
+                                        "DBUS_SYSTEM_BUS_ADDRESS": "unix:path=/nonexistent"},
+                         capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0, out.stderr
+    assert "login screen on Wayland" in out.stderr and "not registered" in out.stderr
+    t = session_target({"DISPLAY": ":0", "XAUTHORITY": "/a", "XDG_SESSION_CLASS": "greeter"})
+    assert t.member == "RegisterSession"
+
+
+@pytest.mark.parametrize("env", [
+    {"DISPLAY": ":0", "XAUTHORITY": "/run/x/auth"},
+    {"DISPLAY": ":0", "XAUTHORITY": "/run/x/auth", "WAYLAND_DISPLAY": "wayland-0"},
+    {"DISPLAY": ":0", "XAUTHORITY": "/run/x/auth", "XDG_SESSION_TYPE": "x11"},
+])
+def test_an_x11_session_registers_its_display(env):
+    t = session_target(env)
+    assert (t.member, t.signature, t.body, t.wayland) == \
+        ("RegisterSession", "ss", [":0", "/run/x/auth"], False)
+
+
+def test_no_graphical_session_is_an_error():
     out = subprocess.run([HELPER], env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
                          timeout=20)
     assert out.returncode == 2
-    assert "DISPLAY is not set" in out.stderr
+    assert "neither DISPLAY nor WAYLAND_DISPLAY is set" in out.stderr
 
 
 def test_xauthority_defaults_like_xlib():
@@ -42,11 +63,12 @@ def test_xauthority_defaults_like_xlib():
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the policy bus lets only root own names")
-def test_waits_for_an_absent_service_then_sigterm_exits_zero():
+@pytest.mark.parametrize("session", [{"DISPLAY": ":9", "XAUTHORITY": "/nonexistent"},
+                                     {"XDG_SESSION_TYPE": "wayland"}])
+def test_waits_for_an_absent_service_then_sigterm_exits_zero(session):
     with PolicyBus() as bus:
         proc = subprocess.Popen([HELPER, "--bus", bus.address],
-                                env={"PATH": "/usr/bin:/bin", "DISPLAY": ":9",
-                                     "XAUTHORITY": "/nonexistent"},
+                                env={"PATH": "/usr/bin:/bin", **session},
                                 stderr=subprocess.PIPE, text=True)
         try:
             line = proc.stderr.readline()

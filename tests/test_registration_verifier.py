@@ -72,3 +72,66 @@ def test_an_inactive_session_is_refused_only_when_strict():
 def test_the_proc_fallback_counts_as_local_seat0():
     # Without logind the controlling VT is all there is: seat0's, local by construction.
     assert verify(SessionInfo(None, 1000, 2, "unspecified", True)).vt == 2
+
+
+# ---- RegisterWaylandSession ------------------------------------------------------------------
+
+class WaylandSessions(Sessions):
+    def __init__(self, info: SessionInfo, runtime: str = "/run/user/1000") -> None:
+        super().__init__(info)
+        self.runtime = runtime
+        self.asked: list[int] = []
+
+    async def runtime_path(self, uid: int) -> str:
+        self.asked.append(uid)
+        return self.runtime
+
+
+def verify_wayland(info: SessionInfo, sessions: WaylandSessions | None = None):
+    checked: list[tuple[str, int, int]] = []
+
+    async def authorize(sender: str, action: str) -> None:
+        assert action == "org.spice_space.streaming-agent.register-session"
+
+    async def check_runtime(runtime: str, uid: int, gid: int) -> None:
+        checked.append((runtime, uid, gid))
+
+    sessions = sessions or WaylandSessions(info)
+    verifier = RegistrationVerifier(authorize=authorize, sessions=sessions,
+                                    check_runtime=check_runtime)
+    return asyncio.run(verifier.verify_wayland(CALLER)), checked
+
+
+WAYLAND = SessionInfo("c5", 1000, 5, "wayland", True, remote=False, seat="seat0")
+
+
+def test_the_active_local_wayland_session_is_accepted_with_loginds_runtime_dir():
+    sessions = WaylandSessions(WAYLAND, "/run/user/1000")
+    reg, checked = verify_wayland(WAYLAND, sessions)
+    assert (reg.kind, reg.vt, reg.runtime_dir, reg.label, reg.display) == \
+        ("wayland", 5, "/run/user/1000", "wayland", "")
+    assert sessions.asked == [1000]  # the caller's uid, from the bus: never a caller's path
+    assert checked == [("/run/user/1000", 1000, 1000)]
+
+
+@pytest.mark.parametrize("info, says", [
+    (SessionInfo("c5", 1000, 5, "x11", True), "not a Wayland session"),
+    (SessionInfo("c5", 1000, 5, "tty", True), "not a Wayland session"),
+    (SessionInfo("c5", 1000, 5, "wayland", False), "not seat0's active session"),
+    (SessionInfo("c5", 1000, 5, "wayland", True, remote=True), "remote"),
+    (SessionInfo("c5", 1000, 5, "wayland", True, seat="seat1"), "not seat0"),
+    (SessionInfo("c5", 1000, 5, "wayland", True, closing=True), "has ended"),
+    (SessionInfo("c5", 1001, 5, "wayland", True), "not of uid 1000"),
+    # The /proc fallback: no logind, no session id, no runtime dir to trust.
+    (SessionInfo(None, 1000, 5, "unspecified", True), "need systemd-logind"),
+])
+def test_a_wayland_registration_is_refused_unless_all_holds(info, says):
+    sessions = WaylandSessions(info)
+    with pytest.raises(NotInSession, match=says):
+        verify_wayland(info, sessions)
+    assert sessions.asked == []  # refused before the runtime dir is even looked up
+
+
+def test_a_wayland_session_is_refused_by_register_session():
+    with pytest.raises(NotInSession, match="RegisterWaylandSession"):
+        verify(WAYLAND)

@@ -22,6 +22,28 @@ from tests.conftest import connect
 from tests.support.waiting import wait_async, wait_until
 
 
+def test_logind_runtime_path_of_a_user(bus, logind):
+    """A Wayland worker's runtime dir is logind's User.RuntimePath for the uid; a uid logind does
+    not know has none. Without logind (/proc) there is none to trust."""
+    logind.add_session("c7", uid=1000, vt=7, type="wayland", pids=[4343])
+    logind.set_runtime_path(1000, "/run/user/1000-test")
+
+    async def run():
+        conn = await connect(bus.address)
+        src = await open_session_source(conn)
+        try:
+            assert await src.runtime_path(1000) == "/run/user/1000-test"
+            with pytest.raises(errors.NotInSession, match="logind knows no user 4321"):
+                await src.runtime_path(4321)
+        finally:
+            await src.close()
+            conn.disconnect()
+        with pytest.raises(errors.NotInSession, match="without logind"):
+            await ProcSessionSource().runtime_path(1000)
+
+    asyncio.run(run())
+
+
 def test_logind_session_of_pid(bus, logind):
     logind.add_session("c2", uid=65534, vt=2, type="x11", pids=[4242], active=True)
     logind.add_session("c7", uid=1000, vt=7, type="wayland", pids=[4343])
@@ -93,7 +115,11 @@ def test_logind_autostart_process_gets_the_users_display_session(bus, logind):
             with pytest.raises(errors.NotInSession, match="not seat0's active local X11"):
                 await src.session_of_pid(600)
             logind.set_property("c3", "Remote", False)
+            # A Wayland display session is the user's too (RegisterWaylandSession; RegisterSession
+            # refuses it by its Type, in the verifier); a text one is not a display session.
             logind.set_property("c3", "Type", "wayland")
+            assert await src.session_of_pid(600) == SessionInfo("c3", 1001, 3, "wayland", True)
+            logind.set_property("c3", "Type", "tty")
             with pytest.raises(errors.NotInSession, match="not seat0's active local X11"):
                 await src.session_of_pid(600)
             logind.set_property("c3", "Type", "x11")

@@ -60,6 +60,8 @@ def record(name, data):
 record("start", info)
 if mode == "exit1":
     sys.exit(1)
+if mode == "exit7":  # the user pressed Stop in the desktop's screen-sharing indicator
+    sys.exit(7)
 def on_term(*_):
     open(os.path.join(rec, "term-%d" % os.getpid()), "w").close()
     if mode != "stubborn":

@@ -1,4 +1,5 @@
-"""spice-stream-helper: registers this X11 session's display with spice-streamd and stays connected."""
+"""spice-stream-helper: registers this graphical session with spice-streamd (an X11 display with
+RegisterSession, a Wayland session with RegisterWaylandSession) and stays connected."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import random
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from dbus_next import Message, MessageType
 from dbus_next.aio import MessageBus
@@ -43,6 +45,9 @@ RETRY_LATER = {ERROR_PREFIX + "LimitReached", ERROR_PREFIX + "AuthorityUnavailab
 # polkit's allow_active refuses a session in the background (bob's, while alice's VT is shown,
 # when the service restarted): ask again when logind says this session became the active one.
 WHEN_ACTIVE = {ERROR_PREFIX + "PermissionDenied"}
+# The service registers a Wayland session only while it is seat0's active one: a session in the
+# background is refused NotInSession, and asks again once it is active (refused then, it is final).
+NOT_IN_SESSION = ERROR_PREFIX + "NotInSession"
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
 
@@ -78,23 +83,63 @@ class Backoff:
         self._next = self.first
 
 
+@dataclass(frozen=True)
+class Target:
+    """What this session registers: the method, its arguments, and how to name it to a person."""
+
+    member: str
+    signature: str
+    body: list
+    what: str
+
+    @property
+    def wayland(self) -> bool:
+        return self.member == "RegisterWaylandSession"
+
+
+def is_wayland(env: dict[str, str]) -> bool:
+    return env.get("XDG_SESSION_TYPE") == "wayland" or bool(
+        env.get("WAYLAND_DISPLAY") and not env.get("DISPLAY"))
+
+
+@dataclass(frozen=True)
+class Skip:
+    """Nothing to register here, and that is no error: the reason, for the session's log."""
+
+    reason: str
+
+
+def session_target(env: dict[str, str]) -> Target | Skip | str:
+    """What to register for this session, a Skip, or a one-line reason it cannot be done.
+    A Wayland session passes nothing: the service finds its session bus through logind."""
+    if is_wayland(env):
+        if env.get("XDG_SESSION_CLASS") == "greeter":
+            # gnome-shell refuses every screencast on the login screen (sessionMode
+            # allowScreencast): a worker there could only fail and be restarted.
+            return Skip("the login screen on Wayland shares no picture (gnome-shell refuses "
+                        "screencasts there): not registered; the user's session will be")
+        return Target("RegisterWaylandSession", "a{sv}", [{}], "this Wayland session")
+    found = session_display(env)
+    if isinstance(found, str):
+        return found
+    display, xauthority = found
+    return Target("RegisterSession", "ss", [display, xauthority], f"display {display}")
+
+
 def session_display(env: dict[str, str]) -> tuple[str, str] | str:
-    """(display, xauthority) of this session, or a one-line reason it cannot be streamed."""
+    """(display, xauthority) of this X11 session, or a one-line reason it cannot be streamed."""
     display = env.get("DISPLAY", "")
-    if env.get("XDG_SESSION_TYPE") == "wayland" or (env.get("WAYLAND_DISPLAY") and not display):
-        return ("this is a Wayland session: SPICE streaming works for X11 sessions only; "
-                "nothing to do")
     if not display:
-        return "DISPLAY is not set: not an X11 session"
+        return ("neither DISPLAY nor WAYLAND_DISPLAY is set: not a graphical session; start "
+                "the helper from the session's autostart")
     xauthority = env.get("XAUTHORITY") or os.path.join(env.get("HOME", "/"), ".Xauthority")
     return display, os.path.abspath(xauthority)
 
 
 class Helper:
-    def __init__(self, bus: MessageBus, display: str, xauthority: str) -> None:
+    def __init__(self, bus: MessageBus, target: Target) -> None:
         self.bus = bus
-        self.display = display
-        self.xauthority = xauthority
+        self.target = target
         self._need = asyncio.Event()
         self._retry: asyncio.TimerHandle | None = None
         self._backoff = Backoff()
@@ -139,9 +184,9 @@ class Helper:
 
     async def register(self) -> int | None:
         """None when registered or the service is absent (wait for it); else an exit code."""
+        t = self.target
         msg = Message(destination=BUS_NAME, path=OBJECT_PATH, interface=INTERFACE,
-                      member="RegisterSession", signature="ss",
-                      body=[self.display, self.xauthority])
+                      member=t.member, signature=t.signature, body=list(t.body))
         try:
             reply = await asyncio.wait_for(self.bus.call(msg), CALL_TIMEOUT_S)
         except TimeoutError:
@@ -151,7 +196,7 @@ class Helper:
             return None
         if reply.message_type == MessageType.METHOD_RETURN:
             self._backoff.reset()
-            say(f"display {self.display} registered: streamed while VT {reply.body[0]} is active")
+            say(f"{t.what} registered: streamed while VT {reply.body[0]} is active")
             return None
         text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
         if reply.error_name in ABSENT_ERRORS:
@@ -164,9 +209,15 @@ class Helper:
                 f"trying again in {delay:.0f} s")
             self._retry = asyncio.get_running_loop().call_later(delay, self._need.set)
             return None
-        if name in WHEN_ACTIVE and await self._watch_session():
+        when_active = name in WHEN_ACTIVE or (t.wayland and name == NOT_IN_SESSION)
+        if when_active and await self._watch_session():
             assert self._watch is not None
-            if await self._watch.is_active():
+            active = await self._watch.is_active()
+            if active and name == NOT_IN_SESSION:
+                # Active, and still not a session the service streams: that is final.
+                say(f"registration refused ({name[len(ERROR_PREFIX):]}): {text}")
+                return EXIT_REFUSED
+            if active:
                 # Active, yet refused: polkit may not have seen the switch logind just told us
                 # about. Ask again shortly, ever later.
                 delay = self._backoff.next_delay()
@@ -199,7 +250,7 @@ class Helper:
         return True
 
 
-async def run(spec: str, display: str, xauthority: str) -> int:
+async def run(spec: str, target: Target) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -210,11 +261,11 @@ async def run(spec: str, display: str, xauthority: str) -> int:
         reason = getattr(e, "strerror", None) or str(e)
         say(f"cannot connect to the {spec} bus at {describe_bus(spec)}: {reason}")
         return EXIT_BUS
-    helper = Helper(bus, display, xauthority)
+    helper = Helper(bus, target)
     tasks = {
         loop.create_task(stop.wait(), name="stop signal"): "stop",
         loop.create_task(disconnected(bus), name="bus connection"): "bus",
-        loop.create_task(helper.run(), name=f"registration of {display}"): "helper",
+        loop.create_task(helper.run(), name=f"registration of {target.what}"): "helper",
     }
     done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     for t in pending:
@@ -235,18 +286,21 @@ async def run(spec: str, display: str, xauthority: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="spice-stream-helper",
-        description="Tell spice-streamd how to reach this X11 session's display; stays running "
-                    "for the session's life.")
+        description="Register this graphical session (X11 or Wayland) with spice-streamd; "
+                    "stays running for the session's life.")
     p.add_argument("--bus", default="system",
                    help="'system' (default), 'session', or a D-Bus address")
     p.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     args = p.parse_args(argv)
-    found = session_display(dict(os.environ))
+    found = session_target(dict(os.environ))
+    if isinstance(found, Skip):
+        say(found.reason)
+        return EXIT_OK
     if isinstance(found, str):
         say(found)
-        return EXIT_OK if "Wayland" in found else EXIT_USAGE
+        return EXIT_USAGE
     try:
-        return asyncio.run(run(args.bus, *found))
+        return asyncio.run(run(args.bus, found))
     except KeyboardInterrupt:
         return EXIT_OK
 

@@ -14,6 +14,9 @@ ERROR_PREFIX = INTERFACE + ".Error."
 ACTION_REGISTER_SESSION = "org.spice_space.streaming-agent.register-session"
 METHOD_ACTIONS = {
     "RegisterSession": ACTION_REGISTER_SESSION,
+    # The same action: registering a Wayland session gives the port to the same user at the same
+    # seat as registering an X11 one.
+    "RegisterWaylandSession": ACTION_REGISTER_SESSION,
 }
 
 DEFAULT_DEVICE = "/dev/virtio-ports/org.spice-space.stream.0"

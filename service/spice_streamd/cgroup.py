@@ -41,6 +41,17 @@ class Limits:
 # 9.4). Room for twice the 4K peak; a worker does not fork. 16 of them and 32 readers fit the
 # unit's MemoryMax=/TasksMax= (tests/test_workerprocess.py checks the sums).
 WORKER_LIMITS = Limits(pids=16, memory=256 << 20)
+# A Wayland (screencast) worker runs GLib and GStreamer in-process: besides Python's thread it has
+# GLib's main context and GDBus worker threads, GLib's GTask pool (up to 10 threads while
+# D-Bus calls such as mutter's run), PipeWire's thread loop and data loop, a GStreamer streaming
+# thread per source and queue, the system clock's thread, and on its first start in a sandbox
+# whose home is read-only gst-plugin-scanner (a child process) building GStreamer's registry:
+# about 20 tasks at its busiest (counted from what each library starts; to be measured in a
+# guest). 64 leaves three times that, still bounding a fork or thread
+# bomb. Memory as for X11: the frames are the same size (a 3840x2160 BGRx copy is 33 MB; PipeWire's
+# buffers are mutter's memfds, charged to mutter's cgroup). 16 such workers and 32 readers fit
+# the unit's TasksMax=/MemoryMax= too (tests/test_workerprocess.py).
+SCREENCAST_WORKER_LIMITS = Limits(pids=64, memory=256 << 20)
 # A Python interpreter reading at most 64 KiB: about 10 MB. 32 verifications may run at once.
 READER_LIMITS = Limits(pids=4, memory=32 << 20)
 

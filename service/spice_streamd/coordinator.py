@@ -44,7 +44,9 @@ def target_of(reg: Registration | None):
         return None
     from .supervisor import WorkerTarget
     return WorkerTarget(uid=reg.uid, gid=reg.gid, groups=reg.groups, display=reg.display,
-                        xauthority=reg.xauthority, vt=reg.vt)
+                        xauthority=reg.xauthority, vt=reg.vt, kind=reg.kind,
+                        runtime_dir=reg.runtime_dir,
+                        registration=reg.sender if reg.kind == "wayland" else "")
 
 
 class Coordinator:
@@ -82,7 +84,7 @@ class Coordinator:
                          self.vt_source.active_vt, self.vt_source.active_session or "-")
             else:
                 log.info("active VT %d: streaming uid %d display %s (session %s)", reg.vt,
-                         reg.uid, reg.display, reg.session_id or "-")
+                         reg.uid, reg.label, reg.session_id or "-")
             try:
                 self.supervisor.set_target(self._make_target(reg))
             except ServiceError as exc:
@@ -117,7 +119,7 @@ class Coordinator:
         streaming = bool(status.get("streaming", False)) and state == "running"
         return {
             "ActiveVT": int(self.vt_source.active_vt or 0),
-            "Sessions": [[r.vt, r.uid, r.display] for r in self.registry.all()],
+            "Sessions": [[r.vt, r.uid, r.label] for r in self.registry.all()],
             "DevicePresent": bool(self.device.present),
             "WorkerState": state,
             "WorkerPID": int(status.get("pid") or 0),

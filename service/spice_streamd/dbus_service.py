@@ -1,6 +1,6 @@
-"""The D-Bus boundary: a thin adapter exporting the interface and answering RegisterSession with the
-caller's bus identity, bounded per caller, with every error mapped to a named D-Bus error (property
-reads: propertyreader)."""
+"""The D-Bus boundary: a thin adapter exporting the interface and answering RegisterSession and
+RegisterWaylandSession with the caller's bus identity, bounded per caller, with every error mapped
+to a named D-Bus error (property reads: propertyreader)."""
 
 # No `from __future__ import annotations`: dbus-next reads the signature strings from annotations.
 
@@ -108,6 +108,11 @@ class StreamingAgentInterface(ServiceInterface):
         # Never reached: RegistrationEndpoint answers first, because it needs the sender.
         raise errors.ServiceError("RegisterSession is handled elsewhere")
 
+    @method()
+    def RegisterWaylandSession(self, options: 'a{sv}') -> 'u':  # noqa: F821, F722, N802
+        # Never reached either: RegistrationEndpoint answers first.
+        raise errors.ServiceError("RegisterWaylandSession is handled elsewhere")
+
     @dbus_property(access=PropertyAccess.READ)
     def ActiveVT(self) -> 'u':  # noqa: F821, N802
         return self._get("ActiveVT")
@@ -165,9 +170,28 @@ def _oversized(display: str, xauthority: str) -> errors.InvalidArgument | None:
     return None
 
 
+# RegisterWaylandSession's options: none is defined today. A key is refused by name, before any
+# work (the bus admits a dict of up to its message size; only its first key is shown).
+WAYLAND_OPTIONS: frozenset[str] = frozenset()
+SIGNATURES = {"RegisterSession": "ss", "RegisterWaylandSession": "a{sv}"}
+
+
+def _unknown_options(options: dict) -> errors.InvalidArgument | None:
+    """The refusal of an option this version does not know (its name, never a copy of the dict)."""
+    unknown = next((k for k in options if k not in WAYLAND_OPTIONS), None)
+    if unknown is None:
+        return None
+    others = len(options) - 1
+    return errors.InvalidArgument(
+        f"unknown option {shown(unknown, 64)}"
+        + (f" (and {others} other{'s' if others > 1 else ''})" if others else "")
+        + ": RegisterWaylandSession takes no options in this version (pass an empty a{sv})")
+
+
 class RegistrationEndpoint(BusEndpoint):
-    """Answers RegisterSession: flood bounds, identity from the bus daemon, verification, registry.
-    Registrations are dropped when their helper's connection goes away."""
+    """Answers RegisterSession and RegisterWaylandSession: flood bounds (one set for both),
+    identity from the bus daemon, verification, registry. Registrations are dropped when their
+    helper's connection goes away."""
 
     def __init__(self, bus: MessageBus, verifier: RegistrationVerifier, registry: SessionRegistry,
                  *, credentials: Callable[[MessageBus, str], Awaitable[Caller]] = credentials_of,
@@ -202,7 +226,7 @@ class RegistrationEndpoint(BusEndpoint):
             self._drop_sender(gone)
             return False
         if (msg.message_type != MessageType.METHOD_CALL or msg.path != constants.OBJECT_PATH
-                or msg.member != "RegisterSession"
+                or msg.member not in SIGNATURES
                 or msg.interface not in (constants.INTERFACE, None)):
             return False
         self._accept(msg)
@@ -216,17 +240,23 @@ class RegistrationEndpoint(BusEndpoint):
             behind = self._registry.by_vt(reg.vt)
             if behind is not None:
                 log.info("VT %d: the registration of uid %d display %s (%s) is in use again",
-                         behind.vt, behind.uid, behind.display, behind.sender)
+                         behind.vt, behind.uid, behind.label, behind.sender)
 
     def _accept(self, msg: Message) -> None:
         sender = msg.sender or ""
-        if msg.signature != "ss":
+        if msg.signature != SIGNATURES[msg.member]:
             self._refuse(msg, errors.InvalidArgument(
-                "RegisterSession takes two strings: display and xauthority path"), f"sender {sender}")
+                "RegisterSession takes two strings: display and xauthority path"
+                if msg.member == "RegisterSession" else
+                "RegisterWaylandSession takes one dictionary of options (a{sv}), empty today"),
+                f"sender {sender}")
             return
-        oversized = _oversized(msg.body[0], msg.body[1])
-        if oversized is not None:
-            self._refuse(msg, oversized, f"sender {sender}", key=("oversized", sender))
+        if msg.member == "RegisterSession":
+            refused = _oversized(msg.body[0], msg.body[1])
+        else:
+            refused = _unknown_options(msg.body[0])
+        if refused is not None:
+            self._refuse(msg, refused, f"sender {sender}", key=("oversized", sender))
             return
         # Bounds before any work: a flood costs one counter check per message. The uid is not
         # known yet (asking the bus daemon is the first await), so only the connection's own
@@ -234,7 +264,7 @@ class RegistrationEndpoint(BusEndpoint):
         # admits 256 connections per uid (max_connections_per_user), 2 calls each is 512.
         if self._by_sender[sender] >= self._max_per_sender:
             self._refuse(msg, errors.LimitReached(
-                "too many RegisterSession calls in progress from this connection"),
+                "too many registration calls in progress from this connection"),
                 f"sender {sender}", key=("sender", sender))
             return
         if len(self._tasks) >= self._max_unidentified:
@@ -255,7 +285,7 @@ class RegistrationEndpoint(BusEndpoint):
             if self._by_uid[caller.uid] >= self._max_per_uid or \
                     not self._uid_bucket.allow(caller.uid):
                 raise errors.LimitReached(
-                    f"too many RegisterSession calls from uid {caller.uid}; wait a few seconds")
+                    f"too many registration calls from uid {caller.uid}; wait a few seconds")
             uid = caller.uid
             self._by_uid[uid] += 1
             # The shared bound last, after this uid's share: at most max_in_flight_per_uid of
@@ -265,16 +295,26 @@ class RegistrationEndpoint(BusEndpoint):
                     "the service is busy with other registrations; try again in a few seconds")
             verifying = True
             self._verifying += 1
-            display, xauthority = msg.body
-            reg = await self._verifier.verify(caller, display, xauthority)
+            if msg.member == "RegisterSession":
+                display, xauthority = msg.body
+                reg = await self._verifier.verify(caller, display, xauthority)
+            else:
+                reg = await self._verifier.verify_wayland(caller)
             replaced = self._registry.add(reg)
             for old in replaced:
                 log.info("registration of uid %d on VT %d (%s) replaced", old.uid, old.vt,
                          old.sender)
-            # The display passed display_number()'s pattern; the path is anything the caller sent.
-            log.info("session registered: uid %d pid %d VT %d display %s xauthority %s session %s",
-                     reg.uid, reg.pid, reg.vt, reg.display, shown(reg.xauthority),
-                     shown(reg.session_id or "-", 40, quoted=False))
+            if reg.kind == "wayland":
+                # The runtime dir is logind's, checked; shown() all the same.
+                log.info("session registered: uid %d pid %d VT %d wayland runtime %s session %s",
+                         reg.uid, reg.pid, reg.vt, shown(reg.runtime_dir),
+                         shown(reg.session_id or "-", 40, quoted=False))
+            else:
+                # The display passed display_number()'s pattern; the path is anything the
+                # caller sent.
+                log.info("session registered: uid %d pid %d VT %d display %s xauthority %s "
+                         "session %s", reg.uid, reg.pid, reg.vt, reg.display,
+                         shown(reg.xauthority), shown(reg.session_id or "-", 40, quoted=False))
             # The helper may have left while we verified: its NameOwnerChanged came too early.
             if not await self._has_owner(sender):
                 self._drop_sender(sender)
@@ -285,8 +325,8 @@ class RegistrationEndpoint(BusEndpoint):
             self._bus.send(Message.new_error(msg, errors.GENERIC_ERROR, "the service is stopping"))
             raise
         except Exception as e:
-            self._log_unexpected("unexpected", e, "RegisterSession from %s failed unexpectedly",
-                                 subject)
+            self._log_unexpected("unexpected", e, "%s from %s failed unexpectedly",
+                                 msg.member, subject)
             self._bus.send(Message.new_error(
                 msg, errors.GENERIC_ERROR, "the service failed unexpectedly; see its log"))
         finally:
@@ -312,6 +352,6 @@ class RegistrationEndpoint(BusEndpoint):
         # Messages quote caller text with shown(); this catches any that slipped through.
         text = printable(str(exc)) or type(exc).__name__
         self._logs.log(logging.WARNING, key or (subject, type(exc).__name__),
-                       "RegisterSession from %s refused (%s): %s", subject, type(exc).__name__,
+                       "%s from %s refused (%s): %s", msg.member, subject, type(exc).__name__,
                        text)
         self._send(Message.new_error(msg, exc.dbus_name, text))

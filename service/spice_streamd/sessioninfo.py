@@ -37,6 +37,8 @@ _UNAVAILABLE_ERRORS = {
 
 VT_MAJOR = 4
 MAX_VT = 63
+# The logind session Types a display session of the autostart fallback may have.
+GRAPHICAL_KINDS = ("x11", "wayland")
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class SessionSource(Protocol):
     async def session_of_pid(self, pid: int) -> SessionInfo: ...
 
     async def session_state(self, session_id: str) -> str: ...
+
+    async def runtime_path(self, uid: int) -> str: ...
 
     def on_session_removed(self, callback: Callable[[str], None]) -> None: ...
 
@@ -323,14 +327,39 @@ class LogindSessionSource:
             raise
         return str(getattr(state, "value", state))
 
+    async def runtime_path(self, uid: int) -> str:
+        """logind's RuntimePath of user `uid` (its XDG_RUNTIME_DIR, "/run/user/UID"): what the
+        service gives a Wayland worker, never what a caller says. Raises NotInSession when
+        logind knows no such user or gives no path, AuthorityUnavailable when it does not answer."""
+        try:
+            (path,) = await logind_call(
+                self._bus, constants.LOGIND_PATH, constants.LOGIND_MANAGER, "GetUser", "u",
+                [uid], self._timeout)
+            (value,) = await logind_call(
+                self._bus, path, "org.freedesktop.DBus.Properties", "Get", "ss",
+                [constants.LOGIND_USER, "RuntimePath"], self._timeout)
+        except LogindError as e:
+            if e.name in _NO_SESSION_ERRORS:
+                raise errors.NotInSession(f"logind knows no user {uid}") from None
+            if not e.name or e.name in _UNAVAILABLE_ERRORS:
+                raise errors.AuthorityUnavailable(
+                    f"logind did not answer for user {uid}: {e.text}") from None
+            raise errors.NotInSession(
+                f"logind gave no runtime directory for uid {uid}: {e.name}") from None
+        runtime = getattr(value, "value", value)
+        if not isinstance(runtime, str) or not runtime:
+            raise errors.NotInSession(f"logind gives uid {uid} no runtime directory")
+        return runtime
+
     async def _display_session_of_user(self, pid: int) -> tuple[str, dict[str, Any]]:
         """The display session of the user owning `pid`, for a process outside any session.
 
         Under a systemd user instance (GNOME 43 and later) autostart programs run in
         user@UID.service, not in the session's scope, so GetSessionByPID finds nothing; like
         spice-vdagent, take the user's display session instead. Only a session that is seat0's
-        active, local X11 session of that same user will do: anything looser would let a process
-        outside a session borrow a session it is not part of.
+        active, local graphical (X11 or Wayland) session of that same user will do: anything
+        looser would let a process outside a session borrow a session it is not part of. Which of
+        the two a registration needs is the verifier's to check (its Type).
         """
         (user_path,) = await logind_call(
             self._bus, constants.LOGIND_PATH, constants.LOGIND_MANAGER, "GetUserByPID",
@@ -356,10 +385,11 @@ class LogindSessionSource:
         except (KeyError, IndexError, TypeError, ValueError):
             raise errors.NotInSession(
                 f"logind session {path} of uid {uid} has malformed properties") from None
-        if owner != uid or seat != "seat0" or remote or not active or kind != "x11":
+        if owner != uid or seat != "seat0" or remote or not active or \
+                kind not in GRAPHICAL_KINDS:
             raise errors.NotInSession(
                 f"process {pid} is in no login session, and uid {uid}'s display session "
-                f"{session_id} is not seat0's active local X11 session")
+                f"{session_id} is not seat0's active local X11 or Wayland session")
         return path, props
 
     async def close(self) -> None:
@@ -436,6 +466,10 @@ class ProcSessionSource:
     async def session_state(self, session_id: str) -> str:
         # Never asked: sessions from /proc have no id (SessionInfo.session_id is None).
         return "online"
+
+    async def runtime_path(self, uid: int) -> str:
+        # Never asked either (the verifier refuses a Wayland session without logind first).
+        raise errors.NotInSession("without logind there is no runtime directory to trust")
 
     async def session_of_pid(self, pid: int) -> SessionInfo:
         if not isinstance(pid, int) or pid <= 0:

@@ -17,8 +17,17 @@ class Registration:
     pid: int
     session_id: str | None
     vt: int
-    display: str
-    xauthority: str
+    display: str  # X11: the display; "" for Wayland
+    xauthority: str  # X11: the Xauthority path; "" for Wayland
+    kind: str = "x11"  # "x11" (RegisterSession) or "wayland" (RegisterWaylandSession)
+    # Wayland: the user's runtime directory as logind gives it (User.RuntimePath), checked by the
+    # verifier; the worker's session bus is <runtime_dir>/bus. Never taken from the caller.
+    runtime_dir: str = ""
+
+    @property
+    def label(self) -> str:
+        """What the Sessions property and log lines show: the display, or "wayland"."""
+        return "wayland" if self.kind == "wayland" else self.display
 
 
 class SessionRegistry:

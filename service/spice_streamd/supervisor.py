@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from spice_stream_common import protocol as p
+from spice_stream_common.exitcodes import ExitCode
 
 from . import cgroup, errors, guestmessages, workerprocess
 from .portrelay import PortRelay
@@ -30,6 +31,8 @@ WATCHDOG_S = 10.0
 # "Streaming" means frames reached the host this recently.
 STREAMING_WINDOW_S = 5.0
 STARTUP_PERIODS = 3
+STOPPED_TEXT = ("stopped by its user (the desktop's Stop for screen sharing): not restarted "
+                "until the session registers again")
 
 __all__ = ["STATES", "WorkerSupervisor", "WorkerTarget", "check_target"]
 
@@ -125,6 +128,11 @@ class WorkerSupervisor:
         self._standby_targets: frozenset[WorkerTarget] = frozenset()
         self._standby: dict[WorkerTarget, _Worker] = {}
         self._standby_failed: set[WorkerTarget] = set()
+        # Targets whose worker its user stopped (exit STOPPED_BY_USER: GNOME's Stop in the
+        # screen-sharing indicator): never started again. A Wayland target is one registration's,
+        # so a new registration is a new target; forgotten once no longer registered
+        # (set_standby).
+        self._stopped: set[WorkerTarget] = set()
         # What the reconciling task would say before it first runs (no target yet).
         self._state = "idle" if self._device_present else "no-device"
         self._frames_expected_since: float | None = None
@@ -181,7 +189,7 @@ class WorkerSupervisor:
             return
         log.info(
             "worker target: %s",
-            f"uid={target.uid} vt={target.vt} display={target.display}" if target else "none",
+            f"uid={target.uid} vt={target.vt} display={target.label}" if target else "none",
         )
         self._target = target
         self._policy.reset()
@@ -197,6 +205,9 @@ class WorkerSupervisor:
                 continue
             allowed.add(t)
         wanted = frozenset(allowed)
+        # The coordinator gives the target first, then the others: together they are every
+        # registered session, and a stopped target no longer among them can never come back.
+        self._stopped &= wanted | {self._target}
         if wanted != self._standby_targets:
             self._standby_targets = wanted
             self._standby_failed &= wanted
@@ -266,7 +277,9 @@ class WorkerSupervisor:
             elif desired is None:
                 self._set_state("idle")
             elif w is None:
-                if self._policy.gave_up:
+                if desired in self._stopped:
+                    self._set_state("idle")  # its user stopped it: until registered anew
+                elif self._policy.gave_up:
                     self._set_state("failed")
                 else:
                     delay = self._policy.wait_left()
@@ -314,18 +327,23 @@ class WorkerSupervisor:
                                          self._standby_targets else "not needed")
                 return True
             if sw.wait_task.done():
-                # Not restarted while in standby: the switch to its session starts it again.
-                self._standby_failed.add(t)
-                await self._stop_standby(t, "it exited")
+                if sw.wait_task.result() == ExitCode.STOPPED_BY_USER:
+                    self._stopped_by_user(sw, logged=False)
+                    await self._stop_standby(t, STOPPED_TEXT)
+                else:
+                    # Not restarted while in standby: the switch to its session starts it again.
+                    self._standby_failed.add(t)
+                    await self._stop_standby(t, "it exited")
                 return True
         for t in wanted:
-            if t not in self._standby and t not in self._standby_failed:
+            if t not in self._standby and t not in self._standby_failed \
+                    and t not in self._stopped:
                 sw = await self._spawn(t)
                 if sw is None:
                     self._standby_failed.add(t)
                 else:
                     self._standby[t] = sw
-                    log.info("standby worker started %s display=%s", sw, t.display)
+                    log.info("standby worker started %s display=%s", sw, t.label)
                 return True
         return False
 
@@ -394,15 +412,18 @@ class WorkerSupervisor:
 
     # ---- worker lifecycle -------------------------------------------------------------------
 
-    def _worker_argv(self, channel_fd: int) -> list[str]:
-        return [*self._argv, "--device-fd", str(channel_fd),
+    def _worker_argv(self, channel_fd: int, target: WorkerTarget) -> list[str]:
+        argv = [*self._argv, "--device-fd", str(channel_fd),
                 "--fps", str(self._fps), "--quality", str(self._quality)]
+        if target.wayland:
+            argv += ["--source", "screencast"]
+        return argv
 
     async def _spawn(self, target: WorkerTarget) -> _Worker | None:
         """A started worker with its socket, relayed to nothing yet; None (logged) on failure."""
         ours, theirs = socket_pair()
         try:
-            child = await workerprocess.spawn(self._worker_argv(theirs.fileno()), target,
+            child = await workerprocess.spawn(self._worker_argv(theirs.fileno(), target), target,
                                               theirs.fileno(),
                                               cgroups=cgroup.resolve(self._cgroups))
         except errors.ServiceError as e:
@@ -438,7 +459,7 @@ class WorkerSupervisor:
             self._failure(target, self._spawn_error, 0.0)
             return
         log.info("worker started uid=%d vt=%d pid=%d display=%s",
-                 target.uid, target.vt, worker.pid, target.display)
+                 target.uid, target.vt, worker.pid, target.label)
         self._promote(worker, fresh=True)
 
     def _from_worker(self, w: _Worker, msg: Any) -> None:
@@ -479,8 +500,23 @@ class WorkerSupervisor:
         w.channel.close()
         if self._worker is w:
             self._worker = None
+        if rc == ExitCode.STOPPED_BY_USER:
+            self._stopped_by_user(w)
+            self._set_state("idle")
+            return
         log.info("worker exited %s %s after %.1f s", w, exit_text(rc), ran)
         self._failure(w.target, f"worker pid {w.pid} {exit_text(rc)}", ran)
+
+    def _stopped_by_user(self, w: _Worker, logged: bool = True) -> None:
+        """Its user ended the capture in the desktop: not restarted (a restart would start a
+        screencast the user just stopped, and again at each Stop: a loop), until the session
+        registers anew (a new login, or its helper started again)."""
+        self._stopped.add(w.target)
+        self._policy.last_error = (f"the user stopped the screen capture (worker pid {w.pid}, "
+                                   f"exit {int(ExitCode.STOPPED_BY_USER)}); streamed again "
+                                   "once the session registers anew")
+        if logged:
+            log.info("worker %s %s", w, STOPPED_TEXT)
 
     async def _stop_worker(self, reason: str) -> None:
         w = self._worker

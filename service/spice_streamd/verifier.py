@@ -1,5 +1,7 @@
-"""Verifies a RegisterSession call: polkit, the caller's own logind session, the display and the
-Xauthority (read with the caller's identity, never as root)."""
+"""Verifies a registration: polkit, the caller's own logind session, and then for RegisterSession
+the display and the Xauthority (read with the caller's identity, never as root), for
+RegisterWaylandSession the session's Type and logind's runtime directory with its session bus
+(looked at with the caller's identity: runtimedir)."""
 
 from __future__ import annotations
 
@@ -19,10 +21,11 @@ from spice_stream_common.xauthority import (
     require_cookie_for,
 )
 
-from . import cgroup, workerprocess
+from . import cgroup, runtimedir, workerprocess
 from .caller import Caller
 from .errors import AuthorityUnavailable, InvalidArgument, NotInSession, StartFailed
 from .readfile import EXIT_REFUSED
+from .sessioninfo import SessionInfo
 from .sessions import Registration
 
 # The reader is a Python interpreter started as the caller: seconds on a guest emulated
@@ -38,6 +41,8 @@ READER_ARGV: tuple[str, ...] = (sys.executable, "-I", "-m", "spice_streamd.readf
 
 class SessionLookup(Protocol):
     async def session_of_pid(self, pid: int): ...
+
+    async def runtime_path(self, uid: int) -> str: ...
 
 
 async def _read_at_most(stream: asyncio.StreamReader, limit: int) -> bytes:
@@ -123,19 +128,26 @@ class RegistrationVerifier:
     def __init__(self, *, authorize: Callable[[str, str], Awaitable[None]],
                  sessions: SessionLookup,
                  read_file: Callable[[Caller, str], Awaitable[bytes]] = read_as_caller,
+                 check_runtime: Callable[[str, int, int], Awaitable[None]] =
+                 runtimedir.check_as_user,
                  require_active: bool = False) -> None:
-        """require_active: refuse a session that is not seat0's active one at registration.
+        """require_active: refuse an X11 session that is not seat0's active one at registration.
         Off by default: a session in the background (its VT not in front) registers when the
         service restarts and is streamed only once its VT comes to the front, which makes it the
-        active session; turning it on needs helpers that register once their session is active."""
+        active session; turning it on needs helpers that register once their session is active.
+        A Wayland session must always be the active one (its helper registers again when it
+        becomes active).
+        check_runtime(runtime_dir, uid, gid): raises unless the dir holds uid's session bus."""
         self._authorize = authorize
         self._sessions = sessions
         self._read_file = read_file
+        self._check_runtime = check_runtime
         self._require_active = require_active
 
-    async def verify(self, caller: Caller, display: str, xauthority: str) -> Registration:
-        """A Registration for this caller, or a ServiceError saying why not (in the contract's order)."""
-        await self._authorize(caller.sender, constants.METHOD_ACTIONS["RegisterSession"])
+    async def _own_session(self, caller: Caller, method: str) -> tuple[SessionInfo, str]:
+        """polkit's answer, then logind's view of the caller's own session: the same checks for
+        both kinds of registration. (the session, how to name it in a refusal)"""
+        await self._authorize(caller.sender, constants.METHOD_ACTIONS[method])
 
         # Raises NotInSession or AuthorityUnavailable itself (sessioninfo's contract).
         info = await self._sessions.session_of_pid(caller.pid)
@@ -153,11 +165,16 @@ class RegistrationVerifier:
         if info.closing:
             # A logged-out session's leftover processes: its VT may already hold a new session.
             raise NotInSession(f"{where} has ended (logind state closing)")
+        return info, where
+
+    async def verify(self, caller: Caller, display: str, xauthority: str) -> Registration:
+        """A Registration for this caller, or a ServiceError saying why not (in the contract's order)."""
+        info, where = await self._own_session(caller, "RegisterSession")
         if self._require_active and not info.active:
             raise NotInSession(f"{where} is not the active session; register once it is")
         if info.kind == "wayland":
-            raise NotInSession(f"{where} is a Wayland session; only X11 sessions can be "
-                               "streamed")
+            raise NotInSession(f"{where} is a Wayland session: it registers with "
+                               "RegisterWaylandSession, not RegisterSession (X11 only)")
 
         try:
             display_number(display)
@@ -169,3 +186,28 @@ class RegistrationVerifier:
         return Registration(sender=caller.sender, uid=caller.uid, gid=caller.gid,
                             groups=caller.groups, pid=caller.pid, session_id=info.session_id,
                             vt=info.vt, display=display, xauthority=xauthority)
+
+    async def verify_wayland(self, caller: Caller) -> Registration:
+        """A Wayland Registration for this caller (RegisterWaylandSession; its options were
+        checked by the D-Bus adapter), or a ServiceError saying why not.
+
+        As strict as verify(): the caller's own session, local, on seat0, not closing; then it
+        must be a Wayland session and seat0's active one, and the runtime directory is logind's
+        (never the caller's), holding the user's session bus socket."""
+        info, where = await self._own_session(caller, "RegisterWaylandSession")
+        if info.session_id is None:
+            # The /proc fallback knows a VT, not what runs on it nor where its session bus is.
+            raise NotInSession("without logind the service cannot tell a Wayland session nor "
+                               "find its session bus: Wayland sessions need systemd-logind")
+        if info.kind != "wayland":
+            raise NotInSession(f"{where} is not a Wayland session (logind type "
+                               f"{shown(info.kind, 20)}); an X11 session registers with "
+                               "RegisterSession")
+        if not info.active:
+            raise NotInSession(f"{where} is not seat0's active session; register once it is")
+        runtime = await self._sessions.runtime_path(caller.uid)
+        await self._check_runtime(runtime, caller.uid, caller.gid)
+        return Registration(sender=caller.sender, uid=caller.uid, gid=caller.gid,
+                            groups=caller.groups, pid=caller.pid, session_id=info.session_id,
+                            vt=info.vt, display="", xauthority="", kind="wayland",
+                            runtime_dir=runtime)

@@ -17,6 +17,7 @@ from spice_stream_common.exitcodes import ExitCode
 
 from . import cgroup, errors
 from .cgroup import Cgroup
+from .runtimedir import session_bus_address
 
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 STREAM_LIMIT = 64 * 1024  # asyncio's own default for a subprocess's stream readers
@@ -27,9 +28,24 @@ class WorkerTarget:
     uid: int
     gid: int
     groups: tuple[int, ...]  # supplementary groups, never containing 0
-    display: str
-    xauthority: str
+    display: str  # X11 only ("" for Wayland)
+    xauthority: str  # X11 only ("" for Wayland)
     vt: int
+    kind: str = "x11"  # "x11" or "wayland" (the worker's --source screencast)
+    runtime_dir: str = ""  # Wayland: logind's RuntimePath of the uid, checked by the verifier
+    # Wayland: the registration's helper connection. Its user can stop the capture (GNOME's Stop:
+    # exit STOPPED_BY_USER) and only a new registration starts it again, so a Wayland target is
+    # one registration's; an X11 target is the display's, whichever registration names it.
+    registration: str = ""
+
+    @property
+    def wayland(self) -> bool:
+        return self.kind == "wayland"
+
+    @property
+    def label(self) -> str:
+        """What log lines show for it: the display, or "wayland"."""
+        return "wayland" if self.wayland else self.display
 
 
 def check_target(target: WorkerTarget) -> None:
@@ -59,9 +75,16 @@ def exit_text(rc: int) -> str:
 
 
 def worker_env(target: WorkerTarget) -> dict[str, str]:
-    """A clean environment: the display and its cookie, the user's home, nothing of ours."""
-    env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "DISPLAY": target.display,
-           "XAUTHORITY": target.xauthority}
+    """A clean environment, nothing of ours: for X11 the display and its cookie; for Wayland the
+    user's runtime directory and its session bus (where mutter's ScreenCast and the user's
+    PipeWire are), no DISPLAY (GNOME's Xwayland is not what is captured); the user's home."""
+    env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8"}
+    if target.wayland:
+        env["XDG_RUNTIME_DIR"] = target.runtime_dir
+        env["DBUS_SESSION_BUS_ADDRESS"] = session_bus_address(target.runtime_dir)
+    else:
+        env["DISPLAY"] = target.display
+        env["XAUTHORITY"] = target.xauthority
     try:
         home = pwd.getpwuid(target.uid).pw_dir
     except KeyError:
@@ -183,18 +206,19 @@ async def start_as(argv: Sequence[str], *, uid: int, gid: int, groups: Sequence[
 async def spawn(argv: list[str], target: WorkerTarget, channel_fd: int, *,
                 cgroups: cgroup.Tree | None = None) -> UserProcess:
     """Start `argv` as the target's user, with `channel_fd` as its only extra fd, in a cgroup
-    `worker-N` of `cgroups` with WORKER_LIMITS.
+    `worker-N` of `cgroups` with WORKER_LIMITS (SCREENCAST_WORKER_LIMITS for Wayland).
 
     Raises errors.PermissionDenied when this process cannot become that user, OSError or
     subprocess.SubprocessError when the start fails."""
     check_target(target)
+    limits = cgroup.SCREENCAST_WORKER_LIMITS if target.wayland else cgroup.WORKER_LIMITS
     # stderr is a pipe the service reads (workerlog): inherited, it would be the service's own
     # journal stream, where the worker's user could write lines that pass for the service's.
     # stdout too, and nothing of the service reads it: /dev/null.
     return await start_as(argv, uid=target.uid, gid=target.gid, groups=target.groups,
                           env=worker_env(target), stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, pass_fds=(channel_fd,), kind="worker",
-                          limits=cgroup.WORKER_LIMITS, cgroups=cgroups)
+                          limits=limits, cgroups=cgroups)
 
 
 async def end(proc: asyncio.subprocess.Process, wait: asyncio.Future[int],

@@ -158,6 +158,18 @@ async def main():
                       "org.spice_space.StreamingAgent1", "RegisterSession", "ss", list(c))
                  for c in req["calls"]]
         results = await asyncio.gather(*calls)
+    elif req["op"] == "register_wayland":
+        # Each call's options: {key: string value}, or {"__count__": n} for n keys made here.
+        from dbus_next import Variant
+        def options(spec):
+            if "__count__" in spec:
+                return {"key%d" % i: Variant("s", "") for i in range(spec["__count__"])}
+            return {k: Variant("s", v) for k, v in spec.items()}
+        calls = [call("org.spice_space.StreamingAgent1", "/org/spice_space/StreamingAgent1",
+                      "org.spice_space.StreamingAgent1", "RegisterWaylandSession", "a{sv}",
+                      [options(c)])
+                 for c in req["calls"]]
+        results = await asyncio.gather(*calls)
     elif req["op"] == "own":
         results = [await call("org.freedesktop.DBus", "/org/freedesktop/DBus",
                               "org.freedesktop.DBus", "RequestName", "su", [req["name"], 4])]
@@ -346,6 +358,16 @@ class Stack:
         c = self.client(user, session)
         try:
             return c.send({"op": "register", "calls": [[display, xauthority]]})[0]
+        finally:
+            c.stop()
+
+    def register_wayland(self, user: str, session: str | None, options: dict | None = None
+                         ) -> list:
+        """One RegisterWaylandSession call from a fresh process of `user` (options: {key: str},
+        or {"__count__": n} for n keys); ["ok", vt, t] or ["error", name, text, t]."""
+        c = self.client(user, session)
+        try:
+            return c.send({"op": "register_wayland", "calls": [options or {}]})[0]
         finally:
             c.stop()
 

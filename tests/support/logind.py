@@ -128,6 +128,16 @@ class LogindMock:
         # Property changes without PropertiesChanged: objects is dbusmock's path -> object map.
         self._mock(LOGIND_PATH).AddMethod(QUIET, "SetQuietly", "ssa{sv}", "",
                                           "objects[args[0]].props[args[1]].update(args[2])")
+        # The template's GetUser fails for every uid (it adds an int to a str); logind's answers
+        # for the users it knows.
+        self._mock(LOGIND_PATH).AddMethod(MANAGER, "GetUser", "u", "o", (
+            "p = '/org/freedesktop/login1/user/%d' % args[0]\n"
+            "if p not in objects:\n"
+            "    raise dbus.exceptions.DBusException("
+            "'User ID %d is not logged in or lingering' % args[0], "
+            "name='org.freedesktop.login1.NoSuchUser')\n"
+            "ret = dbus.ObjectPath(p)\n"
+        ))
         users = dict(self._user_pids)
         users.update({pid: self._session_uids[sid] for pid, sid in self._pids.items()})
         self._mock(LOGIND_PATH).AddMethod(MANAGER, "GetUserByPID", "u", "o", (
@@ -160,6 +170,11 @@ class LogindMock:
                  if session_id else dbus.Struct(("", dbus.ObjectPath("/"))))
         self._mock(f"/org/freedesktop/login1/user/{uid}").UpdateProperties(
             "org.freedesktop.login1.User", dbus.Dictionary({"Display": value}, signature="sv"))
+
+    def set_runtime_path(self, uid: int, path: str) -> None:
+        """logind's User.RuntimePath of `uid` (the template says /run/user/UID)."""
+        self._mock(f"/org/freedesktop/login1/user/{uid}").UpdateProperties(
+            "org.freedesktop.login1.User", dbus.Dictionary({"RuntimePath": path}, signature="sv"))
 
     @staticmethod
     def session_path(session_id: str) -> str:

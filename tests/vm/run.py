@@ -64,6 +64,7 @@ BOB_DISPLAY = ":5"
 BOB_XAUTH = "/run/user/1002/Xauthority"
 STREAM_CHANNEL = 1  # QXL's display channel is 0; the stream device's is the next one
 PSNR_MIN = 30.0
+REFERENCE_AGE_S = 1.5  # s4: a picture that matches nothing this long is compared with a fresh shot
 SWITCH_LIMIT_S = 2.0  # issue 7: the stream moves to the new VT's user within 2 s of logind's switch
 # The client's picture is timed on the host from the guest agent's answer to chvt: it adds the
 # agent's round trip, QEMU's SPICE server, the client's decode and the viewer's save request, none
@@ -551,11 +552,14 @@ def _bob_session(ctx: Context) -> tuple:
                      ) from None
 
 
-def _switch(ctx: Context, viewer: Viewer, vt: int, uid: int, reference: Image.Image) -> dict:
+def _switch(ctx: Context, viewer: Viewer, vt: int, uid: int, reference: Image.Image,
+            refresh: Callable[[], Image.Image] | None = None) -> dict:
     """chvt in the guest. A watcher started before it times, in the guest from the kernel's VT
     switch, until the properties follow (ActiveVT, a running worker of `uid`, Streaming on `vt`);
     the host times from the guest agent's answer to `chvt` until the client's picture matches
-    `reference` (an upper bound: the switch happens after that answer)."""
+    `reference` (an upper bound: the switch happens after that answer). The screen may change
+    while it is away (GNOME 43 once showed its overview on the way back): with `refresh`, a
+    picture that does not match after REFERENCE_AGE_S is compared with a fresh screenshot too."""
     vm = ctx.vm
     ready = "/run/vmtest-watch.ready"
     vm.sh(f"rm -f {ready}", quiet=True)
@@ -568,12 +572,18 @@ def _switch(ctx: Context, viewer: Viewer, vt: int, uid: int, reference: Image.Im
     t0 = time.monotonic()
     picture_s = None
     best = 0.0
+    references = [reference]
+    refreshed_at = t0
     while time.monotonic() - t0 < SWITCH_WAIT_S:
-        value = psnr(viewer.save(name="viewer-switching.ppm"), reference)
+        shown = viewer.save(name="viewer-switching.ppm")
+        value = max(psnr(shown, ref) for ref in references)
         best = max(best, value)
         if value >= PSNR_MIN:
             picture_s = round(time.monotonic() - t0, 2)
             break
+        if refresh is not None and time.monotonic() - refreshed_at > REFERENCE_AGE_S:
+            references = [reference, refresh()]
+            refreshed_at = time.monotonic()
     status = wait_until(lambda: (lambda s: s if s.get("exited") else None)(
         vm.qga.command("guest-exec-status", pid=pid)), SWITCH_WAIT_S + 30, "the VT watcher's end",
         interval=0.3)
@@ -602,9 +612,12 @@ def s4_vt_switch(ctx: Context) -> str:
         for vt, uid, ref, who in ((BOB_VT, BOB[0], bob_ref, "bob"),
                                   (ALICE_VT, ALICE[0], alice_ref, "alice")):
             # Both directions are measured and reported, whatever the first one gave.
-            r = _switch(ctx, viewer, vt, uid, ref)
+            r = _switch(ctx, viewer, vt, uid, ref, refresh=(
+                (lambda: ctx.screenshot(ALICE[0], display, xauth, "alice-switching"))
+                if who == "alice" else None))
             seen = r.get("seen", {})
-            report.append(f"chvt {vt} ({who}): {seen}, picture {r['picture_s']} s")
+            report.append(f"chvt {vt} ({who}): {seen}, "
+                          f"picture {r['picture_s']} s")
             # The service's part starts when logind has switched seat0's active session (under
             # TCG logind itself took 0.5-2.2 s after the kernel's switch); the whole, from the
             # kernel's switch, is bounded like the picture.
@@ -620,6 +633,7 @@ def s4_vt_switch(ctx: Context) -> str:
                 problems.append(f"chvt {vt} ({who}) took longer than {SWITCH_LIMIT_S:g} s after "
                                 f"logind's switch (or {PICTURE_LIMIT_S:g} s after the kernel's), "
                                 f"in seconds: " + ", ".join(late)
+                                + f" (all: {seen})"
                                 + ("" if seen.get("streaming") else f"; properties {r.get('props')}"))
             if who == "alice" and seen.get("streaming"):
                 # The picture after switching back still matches a fresh screenshot of alice's.
@@ -883,7 +897,11 @@ def s12_cgroups(ctx: Context) -> str:
         quiet=True).check().out.splitlines(), strict=False))
     check(limits.get("pids.max") == "16" and limits.get("memory.max") == str(256 << 20),
           f"the worker's cgroup limits: {limits}")
-    check(u.get("TasksMax") == "512" and u.get("MemoryMax") == str(6 << 30),
+    # The unit file as shipped says what systemd must have applied (TasksMax=N, MemoryMax=NG).
+    unit_file = (ROOT / "dbus" / "spice-streamd.service").read_text()
+    want_tasks = re.search(r"^TasksMax=(\d+)$", unit_file, re.M).group(1)
+    want_mem = int(re.search(r"^MemoryMax=(\d+)G$", unit_file, re.M).group(1)) << 30
+    check(u.get("TasksMax") == want_tasks and u.get("MemoryMax") == str(want_mem),
           f"the unit's limits: TasksMax={u.get('TasksMax')} MemoryMax={u.get('MemoryMax')}")
     fallback = ctx.vm.sh(f"journalctl -b --no-pager -u {UNIT} | grep -c 'no cgroup of their own'",
                          quiet=True).out.strip()

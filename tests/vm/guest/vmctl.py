@@ -96,56 +96,126 @@ def xauth(display, vt):
     return 1
 
 
-def active_session():
-    """logind's seat0 ActiveSession id ("" when it cannot be read)."""
-    out = subprocess.run(
-        ["busctl", "--json=short", "get-property", "org.freedesktop.login1",
-         "/org/freedesktop/login1/seat/seat0", "org.freedesktop.login1.Seat", "ActiveSession"],
-        capture_output=True, text=True, timeout=30)
-    if out.returncode != 0:
-        return ""
-    return json.loads(out.stdout)["data"][0]
-
-
 def watch(vt, uid, timeout, ready):
     """Times, from the kernel's VT switch to `vt` (/sys/class/tty/tty0/active, polled every 5 ms),
-    until logind's seat0 ActiveSession changes ("logind") and the service's properties follow.
-    Started before the switch; touches `ready` when polling."""
-    active = "/sys/class/tty/tty0/active"
-    before = active_session()
-    with open(ready, "w"):
-        pass
-    t_start = time.monotonic()
-    while True:
-        with open(active) as f:
-            if f.read().strip() == f"tty{vt}":
-                break
-        if time.monotonic() - t_start > timeout:
-            print(json.dumps({"error": f"the VT never became {vt}"}))
-            return
-        time.sleep(0.005)
-    t0 = time.monotonic()
-    seen = {}
-    last = {}
-    polls = 0
-    while time.monotonic() - t0 < timeout:
-        if "logind" not in seen and active_session() not in ("", before):
-            seen["logind"] = round(time.monotonic() - t0, 3)
-        last = props()
-        polls += 1
-        now = round(time.monotonic() - t0, 3)
-        if last.get("ActiveVT") == vt:
-            seen.setdefault("active_vt", now)
-        pid = last.get("WorkerPID") or 0
-        st = status_of(pid) if pid else None
-        if st and int(st["Uid"][0]) == uid and last.get("WorkerState") == "running":
-            seen.setdefault("worker_uid", now)
-        if last.get("Streaming") and last.get("StreamingVT") == vt:
-            seen.setdefault("streaming", now)
-        if len(seen) == 4:
-            break
-        time.sleep(0.02)
-    print(json.dumps({"seen": seen, "polls": polls, "props": last}))
+    until logind's seat0 ActiveSession changes ("logind") and the service's properties follow
+    ("active_vt", "worker_uid", "streaming"). Started before the switch; touches `ready` when
+    listening.
+
+    Each time is when the PropertiesChanged signal saying so reached this watcher (dbus-next, the
+    service's own dependency), not when a poll happened to see it: polling with busctl cost up to
+    a second per round under TCG, and every poll is a call the service answers, competing with
+    the switch it measures. WorkerPID is only invalidated in the signal: it is read on change."""
+    import asyncio
+
+    from dbus_next import BusType, Message, MessageType
+    from dbus_next.aio import MessageBus
+
+    props_if = "org.freedesktop.DBus.Properties"
+    seat = "/org/freedesktop/login1/seat/seat0"
+    rules = [f"type='signal',sender='org.freedesktop.login1',path='{seat}',"
+             f"interface='{props_if}',member='PropertiesChanged'",
+             f"type='signal',sender='{BUS}',path='{PATH}',interface='{props_if}',"
+             "member='PropertiesChanged'"]
+
+    async def get_all(bus, dest, path, iface):
+        reply = await bus.call(Message(destination=dest, path=path, interface=props_if,
+                                       member="GetAll", signature="s", body=[iface]))
+        if reply.message_type != MessageType.METHOD_RETURN:
+            return {}
+        return {k: v.value for k, v in reply.body[0].items()}
+
+    async def run():
+        bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+        for rule in rules:
+            await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                                   interface="org.freedesktop.DBus", member="AddMatch",
+                                   signature="s", body=[rule]))
+        # Unique names: a signal's sender is the owner's unique name, not the well-known one.
+        owners = {}
+        for name in ("org.freedesktop.login1", BUS):
+            reply = await bus.call(Message(destination="org.freedesktop.DBus",
+                                           path="/org/freedesktop/DBus",
+                                           interface="org.freedesktop.DBus", member="GetNameOwner",
+                                           signature="s", body=[name]))
+            owners[reply.body[0] if reply.body else name] = name
+        before = (await get_all(bus, "org.freedesktop.login1", seat,
+                                "org.freedesktop.login1.Seat")).get("ActiveSession", ["", ""])[0]
+        state = await get_all(bus, BUS, PATH, BUS)
+        stamps = {}  # key -> absolute monotonic time it was first seen
+        changed = asyncio.Event()
+        pending_pid = []
+        pending_logind = []
+
+        def on_message(msg):
+            if msg.message_type != MessageType.SIGNAL or msg.member != "PropertiesChanged":
+                return
+            now = time.monotonic()
+            who = owners.get(msg.sender)
+            iface, values, invalidated = msg.body
+            if who == "org.freedesktop.login1" and "ActiveSession" in values:
+                if values["ActiveSession"].value[0] not in ("", before):
+                    stamps.setdefault("logind", now)
+            elif who == "org.freedesktop.login1" and "ActiveSession" in invalidated:
+                pending_logind.append(now)
+            elif who == BUS and iface == BUS:
+                state.update({k: v.value for k, v in values.items()})
+                if "WorkerPID" in invalidated:
+                    pending_pid.append(now)
+                evaluate(now)
+            changed.set()
+
+        def evaluate(now):
+            if state.get("ActiveVT") == vt:
+                stamps.setdefault("active_vt", now)
+            if state.get("Streaming") and state.get("StreamingVT") == vt:
+                stamps.setdefault("streaming", now)
+            pid = state.get("WorkerPID") or 0
+            st = status_of(pid) if pid else None
+            if st and int(st["Uid"][0]) == uid and state.get("WorkerState") == "running":
+                stamps.setdefault("worker_uid", now)
+
+        bus.add_message_handler(on_message)
+        with open(ready, "w"):
+            pass
+        active = "/sys/class/tty/tty0/active"
+        t_start = time.monotonic()
+        while True:
+            with open(active) as f:
+                if f.read().strip() == f"tty{vt}":
+                    break
+            if time.monotonic() - t_start > timeout:
+                return {"error": f"the VT never became {vt}"}
+            await asyncio.sleep(0.005)
+        t0 = time.monotonic()
+        reads = 0
+        while time.monotonic() - t0 < timeout and len(stamps) < 4:
+            try:
+                await asyncio.wait_for(changed.wait(), 1.0)
+            except TimeoutError:
+                pass
+            changed.clear()
+            if pending_logind and "logind" not in stamps:
+                when = pending_logind[0]
+                pending_logind.clear()
+                now_active = (await get_all(bus, "org.freedesktop.login1", seat,
+                                            "org.freedesktop.login1.Seat")).get("ActiveSession")
+                if now_active and now_active[0] not in ("", before):
+                    stamps["logind"] = when
+            if pending_pid or "worker_uid" not in stamps:
+                # WorkerPID changes are only invalidated: read it (stamped with the signal's time
+                # when one said so, else now: a 1 s safety net for a missed signal).
+                when = pending_pid[0] if pending_pid else time.monotonic()
+                pending_pid.clear()
+                state.update(await get_all(bus, BUS, PATH, BUS))
+                reads += 1
+                evaluate(when)
+        bus.disconnect()
+        seen = {k: round(v - t0, 3) for k, v in stamps.items()}
+        plain = {k: v for k, v in state.items() if isinstance(v, (int, float, str, bool, list))}
+        return {"seen": seen, "reads": reads, "props": plain}
+
+    print(json.dumps(asyncio.run(run()), default=str))
 
 
 def main(argv):
