@@ -1586,7 +1586,13 @@ def s17_wayland_vt_switch(ctx: Context) -> str:
         alice_ref = settle_dump(ctx, "alice-wayland-before-switch")
         for vt, uid, ref, who in ((BOB_VT, BOB[0], bob_ref, "bob (X11)"),
                                   (ALICE_VT, ALICE[0], alice_ref, "alice (Wayland)")):
-            r = _switch(ctx, viewer, vt, uid, ref)
+            # alice's desktop may change while away (GNOME 43's overview): a fresh screendump is a
+            # reference too, once it no longer shows bob's screen (QEMU shows the VT in front).
+            def fresh(ref=ref):
+                dump = screendump(ctx, "alice-wayland-switching")
+                return dump if dump.size != bob_ref.size or psnr(dump, bob_ref) < PSNR_MIN else ref
+
+            r = _switch(ctx, viewer, vt, uid, ref, refresh=fresh if vt == ALICE_VT else None)
             seen = r.get("seen", {})
             report.append(f"chvt {vt} ({who}): {seen}, picture {r['picture_s']} s")
             start = seen.get("logind", 0.0)
