@@ -14,7 +14,7 @@ from spice_stream_common import protocol as p
 from spice_stream_common.outbox import Outbox
 from spice_stream_worker.encoder import JpegEncoder
 from spice_stream_worker.sources.x11 import Changes, Rect, Screen
-from spice_stream_worker.streamer import MAX_DAMAGE_RECTS, HostState, Streamer
+from spice_stream_worker.streamer import IDLE_REFRESH_S, MAX_DAMAGE_RECTS, HostState, Streamer
 from tests.support.xserver import Painter, start_xvfb
 
 
@@ -22,6 +22,7 @@ class StillScreen:
     """The few Screen members the streamer reads before any capture (no X server needed here)."""
 
     size = (64, 48)
+    live = True
 
     def pointer_position(self):
         return (0, 0)
@@ -191,3 +192,94 @@ def test_on_the_service_socket_a_small_change_sends_only_its_parts(xscreen):
     finally:
         ours.close()
         theirs.close()
+
+
+# --- a source whose picture comes and goes (a GNOME screen cast on the lock screen) --------------------
+
+class ComingAndGoing:
+    size = (32, 32)
+    live = False
+
+    def grab(self, rects=None):
+        from spice_stream_worker.source import Frame
+
+        return Frame(32, 32, 128, memoryview(bytearray(32 * 32 * 4)), rects)
+
+    def pointer_position(self):
+        return (0, 0)
+
+
+def test_no_frame_and_no_idle_refresh_while_the_source_has_no_picture():
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    fcntl.fcntl(w, 1031, 1 << 20)
+    now = [0.0]
+    source = ComingAndGoing()
+    out = Outbox(w)
+    s = Streamer(source, JpegEncoder(), out, fps=30, host=HostState(codecs=(p.CODEC_MJPEG,)),
+                 clock=lambda: now[0])
+    try:
+        s.start()
+        assert s.streaming
+        assert s.next_deadline() is None  # nothing due: the loop sleeps, no busy wait
+        for now[0] in (0.0, 1.0, 5.0):
+            s.tick()
+        assert out.flush() and sent_types(r) == [p.MsgType.CAPABILITIES]
+        assert s.state()["live"] is False
+        # The picture is back (poll() says resized): a whole frame at once.
+        source.live = True
+        s.on_screen_changes(Changes(resized=True))
+        assert s.next_deadline() is not None
+        s.tick()
+        assert out.flush() and sent_types(r) == [p.MsgType.FORMAT, p.MsgType.DATA]
+        now[0] = 10.0  # a static picture gets its idle refresh while it is current
+        s.tick()
+        assert out.flush() and sent_types(r) == [p.MsgType.DATA]
+        # Gone again: the last frame is not sent again as if it were current.
+        source.live = False
+        assert s.next_deadline() is None
+        for now[0] in (13.0, 20.0):
+            s.tick()
+        assert out.flush() and sent_types(r) == []
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_without_a_picture_the_service_hears_no_picture_and_the_port_nothing():
+    # On the service's socket (frame parts) a worker with no picture says so every
+    # IDLE_REFRESH_S, for the watchdog; written to the port itself it stays silent (the host
+    # knows no such type).
+    from spice_stream_common import frameparts
+
+    for to_service in (True, False):
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        now = [0.0]
+        out = Outbox(w)
+        s = Streamer(ComingAndGoing(), JpegEncoder(), out, fps=30,
+                     host=HostState(codecs=(p.CODEC_MJPEG,)), clock=lambda now=now: now[0],
+                     frame_parts=frameparts.Sender() if to_service else None)
+        try:
+            s.start()
+            parser = p.Parser(frameparts.WORKER_CHANNEL_LIMITS)
+            got = []
+            for now[0] in (0.0, 0.5, 1.0, 2.1, 3.0, 4.3):
+                s.tick()
+                assert out.flush()
+                try:
+                    got += [m.type for m in parser.feed(os.read(r, 1 << 16))
+                            if isinstance(m, p.Message)]
+                except BlockingIOError:
+                    pass
+            if to_service:
+                assert got == [p.MsgType.CAPABILITIES] + [frameparts.NO_PICTURE] * 3, got
+                assert s.next_deadline() == 4.3 + IDLE_REFRESH_S
+            else:
+                assert got == [p.MsgType.CAPABILITIES], got
+                assert s.next_deadline() is None
+        finally:
+            os.close(r)
+            os.close(w)

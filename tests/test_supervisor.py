@@ -78,7 +78,7 @@ def send(data):
     sock.setblocking(True)
     sock.sendall(data)
     sock.setblocking(False)
-if mode in ("chatty", "hostile", "tear", "silent", "flood"):
+if mode in ("chatty", "hostile", "tear", "silent", "flood", "waiting"):
     send(p.capabilities(b"\x01"))
 if mode == "hostile":
     send(p.encode(p.MsgType.DATA, b"\xff\xd8early"))       # DATA before FORMAT: refused
@@ -115,6 +115,12 @@ while True:
         sent.append([frame_no, now])
         record("sent", sent)
         next_frame = now + (0.02 if mode == "flood" else 0.1)
+    if streaming and mode == "waiting" and now >= next_frame:
+        # A locked screen: no picture, only the word that it waits (every 0.2 s here).
+        send(p.header(0xFF02, 0))
+        sent.append(["waiting", now])
+        record("sent", sent)
+        next_frame = now + 0.2
     if streaming and mode == "tear":
         msg = p.encode(p.MsgType.DATA, b"\xff\xd8" + b"\1" * 5000)
         send(msg[: len(msg) // 2])   # half a frame, then nothing more
@@ -502,6 +508,29 @@ def test_worker_that_sends_no_frames_is_restarted(workdir, pty_device):
             assert not alive(first["pid"])
             assert "sent no frame" in sup.status["last_error"]
             assert not sup.status["streaming"]
+        finally:
+            await sup.close()
+
+    asyncio.run(run())
+
+
+def test_a_worker_that_says_it_has_no_picture_is_waiting_not_stuck(workdir, pty_device):
+    # A screen cast on GNOME's lock screen: NO_PICTURE keeps the watchdog off, and nothing of
+    # it reaches the port (the host never hears a type it does not know).
+    _, script, rec = workdir
+    host = Host(pty_device[1])
+
+    async def run():
+        sup, _ = make(script, rec, pty_device[0], "waiting", watchdog_s=1.0)
+        try:
+            first = await first_worker(sup, rec)
+            host.send(p.start_stop([1]))
+            await wait_async(lambda: len(of_pid(rec, "sent", first["pid"]) or []) >= 20,
+                             timeout=15, what="4 s of NO_PICTURE (four watchdog periods)")
+            assert len(records(rec)) == 1 and alive(first["pid"]), "restarted while waiting"
+            assert "sent no frame" not in (sup.status["last_error"] or "")
+            assert not sup.status["streaming"]  # nothing stale is claimed as current
+            assert host.types() == [p.MsgType.CAPABILITIES]  # a stray type would fail read()
         finally:
             await sup.close()
 

@@ -129,9 +129,13 @@ def cpu_per_message(message: bytes, count: int) -> float:
 def test_a_flood_of_frame_parts_costs_what_a_flood_of_cursor_moves_does():
     # A message that changes nothing in a 1088-part frame used to cost a copy of the frame's
     # parts list (about 30 us against 5 us for a CURSOR_MOVE here): its cost must follow its size.
+    # The best of three of each, interleaved: CPU time still varies with what else the machine
+    # runs (other test suites, a VM), and the bug this guards against cost six times as much.
     count = 20_000
-    cursor = cpu_per_message(p.cursor_move(1, 2), count)
-    parts = cpu_per_message(noop_parts(), count)
+    cursor = parts = float("inf")
+    for _ in range(3):
+        cursor = min(cursor, cpu_per_message(p.cursor_move(1, 2), count))
+        parts = min(parts, cpu_per_message(noop_parts(), count))
     assert parts < 2.5 * cursor, (f"{parts * 1e6:.1f} us per FRAME_PARTS message, "
                                   f"{cursor * 1e6:.1f} us per CURSOR_MOVE")
 
@@ -183,5 +187,30 @@ def test_a_standby_channel_reads_only_the_capabilities():
         assert got[1].type == p.MsgType.FORMAT
         channel.close()
         theirs.close()
+
+    asyncio.run(run())
+
+
+def test_no_picture_is_heard_by_the_service_and_never_relayed():
+    # A worker on a locked screen says it has no picture: the channel notes when, for the
+    # watchdog, and hands nothing on; the same type carrying bytes is a violation, dropped.
+    async def run() -> None:
+        delivered: list[int] = []
+        relayed = Relayed(lambda m: delivered.append(m.type))
+        try:
+            assert relayed.channel.last_waiting_at is None
+            before = time.monotonic()
+            relayed.theirs.sendall(p.header(fp.NO_PICTURE, 0) + p.header(fp.NO_PICTURE, 4)
+                                   + b"junk" + p.cursor_move(1, 2))
+            for _ in range(500):
+                if delivered:
+                    break
+                await asyncio.sleep(0.01)
+            assert delivered == [p.MsgType.CURSOR_MOVE]  # the message after them still arrives
+            assert relayed.channel.last_waiting_at is not None
+            assert relayed.channel.last_waiting_at >= before
+            assert relayed.channel.last_frame_at is None
+        finally:
+            relayed.close()
 
     asyncio.run(run())

@@ -17,7 +17,13 @@ import tty
 from spice_stream_common import frameparts, logsetup
 from spice_stream_common import protocol as p
 from spice_stream_common.constants import VERSION
-from spice_stream_common.exitcodes import DeviceLost, DeviceUnavailable, ExitCode, WorkerError
+from spice_stream_common.exitcodes import (
+    DeviceLost,
+    DeviceUnavailable,
+    ExitCode,
+    StoppedByUser,
+    WorkerError,
+)
 from spice_stream_common.outbox import Outbox
 
 from .status import StatusReporter
@@ -28,17 +34,22 @@ log = logging.getLogger("spice-stream-worker")
 READ_CHUNK = 64 * 1024
 STOP_GRACE_S = 2.0
 STATUS_PERIOD_S = 0.5  # how long a stop may wait for the host to take the rest of a message
+SOURCES = ("x11", "screencast")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="spice-stream-worker",
-        description="Capture the X display named by $DISPLAY and stream it as MJPEG on a SPICE stream port.",
+        description="Capture the session's screen (X11: the display named by $DISPLAY; GNOME on Wayland: "
+                    "mutter's ScreenCast on the session bus) and stream it as MJPEG on a SPICE stream port.",
     )
     dev = ap.add_mutually_exclusive_group(required=True)
     dev.add_argument("--device", metavar="PATH",
                      help="the stream port, e.g. /dev/virtio-ports/org.spice-space.stream.0")
     dev.add_argument("--device-fd", metavar="N", type=int, help="an inherited, already open device fd")
+    ap.add_argument("--source", choices=SOURCES, default="x11",
+                    help="what to capture: x11 ($DISPLAY, the default) or screencast (GNOME on Wayland: "
+                         "mutter's ScreenCast on $DBUS_SESSION_BUS_ADDRESS)")
     ap.add_argument("--status-fd", metavar="N", type=int, help="write JSON status lines to this pipe")
     ap.add_argument("--fps", type=int, default=30, help="frame rate cap (1-120, default 30)")
     ap.add_argument("--quality", type=int, default=80, help="JPEG quality (1-100, default 80)")
@@ -115,8 +126,19 @@ def prepare_device(fd: int) -> None:
             raise DeviceUnavailable(f"cannot make the device raw: {exc}") from None
 
 
+def open_source(args: argparse.Namespace):
+    """The capture source the command line chose (its modules are imported only when chosen)."""
+    if args.source == "screencast":
+        from .sources.screencast import ScreenCast
+
+        return ScreenCast(fps=args.fps)
+    from .sources.x11 import Screen
+
+    return Screen(os.environ.get("DISPLAY"))
+
+
 class Worker:
-    """Owns the loop's sources: the device fd, the X connection, the signal pipe."""
+    """Owns the loop's sources: the device fd, the capture source, the signal pipe."""
 
     def __init__(self, args: argparse.Namespace, device_fd: int) -> None:
         self.args = args
@@ -128,9 +150,8 @@ class Worker:
     def run(self) -> ExitCode:
         from .display_info import find_display_device
         from .encoder import JpegEncoder
-        from .sources.x11 import Screen
 
-        screen = Screen(os.environ.get("DISPLAY"))
+        screen = open_source(self.args)
         try:
             log.info("capturing %s, %dx%d, device fd %d", screen.describe(), *screen.size, self.fd)
             outbox = Outbox(self.fd)
@@ -158,7 +179,7 @@ class Worker:
         parser = p.Parser()
         sel = self.selector
         sel.register(self._sig_r, selectors.EVENT_READ, "signal")
-        sel.register(screen.fileno(), selectors.EVENT_READ, "x11")
+        sel.register(screen.fileno(), selectors.EVENT_READ, "source")
         sel.register(self.fd, selectors.EVENT_READ, "device")
         streamer.start()
         writing = False
@@ -185,15 +206,15 @@ class Worker:
             # python-xlib may have read events into its queue already: do not sleep on them.
             if screen.needs_poll():
                 timeout = 0.0
-            x_ready = False
+            source_ready = False
             for key, mask in sel.select(timeout):
                 if key.data == "signal":
                     _drain(self._sig_r)
-                elif key.data == "x11":
-                    x_ready = True
+                elif key.data == "source":
+                    source_ready = True
                 elif mask & selectors.EVENT_READ:
                     self._read_device(streamer, parser)
-            if x_ready or screen.needs_poll():
+            if source_ready or screen.needs_poll():
                 streamer.on_screen_changes(screen.poll())
             deadline = streamer.next_deadline()
             if deadline is not None and time.monotonic() >= deadline:
@@ -240,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
             fd = open_device(args.device)
         prepare_device(fd)
         return int(Worker(args, fd).run())
+    except StoppedByUser as exc:  # the user's own choice, not a fault
+        log.info("%s", exc)
+        return int(exc.exit_code)
     except WorkerError as exc:
         log.error("%s", exc)
         return int(exc.exit_code)

@@ -47,6 +47,14 @@ class CaptureSource(Protocol):
     @property
     def size(self) -> tuple[int, int]: ...
 
+    @property
+    def live(self) -> bool:
+        """Whether there is a current picture to send. A source that can lose its picture for a
+        while (the screen cast closed on the lock screen, between two streams) says False then:
+        the streamer sends nothing, not even the idle refresh of the last frame, and poll() reports
+        `resized` when a picture is back. X11's is always True."""
+        ...
+
     def describe(self) -> str:
         """One phrase for the worker's start line (what it captures and how)."""
         ...

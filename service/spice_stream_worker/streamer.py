@@ -80,6 +80,7 @@ class Streamer:
         self._damage: list[Any] = []
         self._need_full = True
         self._last_frame_at = -1e9
+        self._last_waiting_at = -1e9  # the last NO_PICTURE sent to the service
         self._next_frame_at = -1e9  # frame slots on a fixed grid, so loop latency does not eat the cap
         self._last_jpeg: tuple[bytes, ...] | None = None  # as the encoder's pieces
         self._cursor_dirty = True
@@ -182,11 +183,16 @@ class Streamer:
             deadlines.append(self.clock())
         if self._pointer_dirty:
             deadlines.append(self._last_pointer_at + CURSOR_MOVE_MIN_INTERVAL_S)
-        if self.outbox.frames_queued < MAX_FRAMES_QUEUED:  # else the device's writability wakes us
+        # No picture (the source's stream is gone): no frame and no refresh until it is back, which
+        # poll() reports as a resize; the source's fileno() wakes the loop then.
+        if self.outbox.frames_queued < MAX_FRAMES_QUEUED and self.screen.live:
+            # (else the device's writability wakes us)
             if self._need_full or self._damage:
                 deadlines.append(self._next_frame_at)
             elif self._last_jpeg is not None:
                 deadlines.append(self._last_frame_at + IDLE_REFRESH_S)
+        elif not self.screen.live and self.frame_parts is not None:
+            deadlines.append(self._last_waiting_at + IDLE_REFRESH_S)
         return min(deadlines) if deadlines else None
 
     def tick(self) -> None:
@@ -197,6 +203,12 @@ class Streamer:
             self._send_cursor()
         if self._pointer_dirty and now - self._last_pointer_at >= CURSOR_MOVE_MIN_INTERVAL_S:
             self._send_pointer(now)
+        if not self.screen.live:
+            # Only the service hears it (a type of its socket's own); the port has no such word.
+            if self.frame_parts is not None and now - self._last_waiting_at >= IDLE_REFRESH_S:
+                self.outbox.send(frameparts.no_picture())
+                self._last_waiting_at = now
+            return
         if self.outbox.frames_queued >= MAX_FRAMES_QUEUED:
             return
         if now < self._next_frame_at:
@@ -269,6 +281,8 @@ class Streamer:
         now = self.clock()
         return {
             "streaming": self.streaming,
+            # False while the source has no picture (GNOME's lock screen): no frames, by design.
+            "live": bool(self.screen.live),
             "frames": self.counters.frames,
             "bytes": self.outbox.bytes_written,
             "fps": self.counters.fps(now),

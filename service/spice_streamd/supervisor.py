@@ -25,8 +25,9 @@ log = logging.getLogger(__name__)
 
 STATES = ("idle", "starting", "running", "backoff", "failed", "no-device")
 TICK_S = 1.0
-# A worker resends its last frame every 2 s on a static screen (IDLE_REFRESH_S): one that sends
-# nothing for this long while the host asks for frames is stuck (or stopped by its user).
+# A worker resends its last frame every 2 s on a static screen (IDLE_REFRESH_S), or says it has no
+# picture (NO_PICTURE: a locked screen): one that sends nothing for this long while the host asks
+# for frames is stuck.
 WATCHDOG_S = 10.0
 # "Streaming" means frames reached the host this recently.
 STREAMING_WINDOW_S = 5.0
@@ -405,9 +406,11 @@ class WorkerSupervisor:
             # that never says a word for several periods is stuck.
             return now - w.started > STARTUP_PERIODS * self._watchdog_s
         since = max(self._frames_expected_since, w.first_message_at)
-        last = w.channel.last_frame_at
-        if last is not None:
-            since = max(since, last)
+        # A frame, or the worker's word that it has no picture now (a locked screen), resets it:
+        # such a worker is waiting, not stuck; it still sends nothing stale to the host.
+        for last in (w.channel.last_frame_at, w.channel.last_waiting_at):
+            if last is not None:
+                since = max(since, last)
         return now - since > self._watchdog_s
 
     # ---- worker lifecycle -------------------------------------------------------------------

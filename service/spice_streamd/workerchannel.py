@@ -84,6 +84,7 @@ class WorkerChannel:
         self.caps_seen = False
         self._standby_left = STANDBY_READ_MAX
         self.last_frame_at: float | None = None
+        self.last_waiting_at: float | None = None
         self._log = LogLimiter(log, LOG_INTERVAL_S)
         self._loop = asyncio.get_running_loop()
         self.relay(relayed)
@@ -207,6 +208,10 @@ class WorkerChannel:
             self._log.log(logging.WARNING, "violation",
                           "%s sent invalid data: %s; %d bytes discarded",
                           self.label, item.reason, item.discarded)
+            return
+        if item.type == frameparts.NO_PICTURE:
+            # The worker's own word that it waits with nothing to show: for the watchdog only.
+            self.last_waiting_at = time.monotonic()
             return
         if item.type == frameparts.FRAME_PARTS:
             try:

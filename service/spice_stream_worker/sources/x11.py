@@ -60,6 +60,8 @@ class _RateLimit:
 class Screen:
     """Owns the X connection used by the worker: capture, damage, RandR, cursor/pointer events."""
 
+    live = True  # an X display always has a picture (see source.CaptureSource.live)
+
     def __init__(self, display_name: str | None = None, use_shm: bool | None = None) -> None:
         self.name = display_name or os.environ.get("DISPLAY", "")
         self._closed = False
