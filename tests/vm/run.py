@@ -42,6 +42,7 @@ from pathlib import Path
 
 from PIL import Image, ImageChops
 
+from spice_stream_worker.streamer import IDLE_REFRESH_S
 from tests.support import safedir
 from tests.support.spicehost import build, is_black, psnr
 from tests.support.waiting import stop_process, wait_until
@@ -1680,12 +1681,16 @@ def s18_wayland_static_and_animation(ctx: Context) -> str:
         wait_until(lambda: wayland_streaming(ctx), 30, "Streaming on alice's VT", interval=1.0)
         settle_dump(ctx, "static-wayland")
         static = _measure(ctx, 10.0)
-        check(static["frames"] == 0 and static["cpu_share"] < CPU_STATIC_MAX,
-              f"static Wayland desktop over {static['seconds']} s: {static['frames']} frames, "
-              f"worker CPU {100 * static['cpu_share']:.2f}% of a core (limit "
-              f"{100 * CPU_STATIC_MAX:g}%)")
-        report.append(f"static Wayland desktop: {static['frames']} frames in {static['seconds']} s, "
-                      f"worker CPU {100 * static['cpu_share']:.2f}% of a core")
+        # Nothing new is encoded on a static screen; the worker resends its last frame every
+        # IDLE_REFRESH_S (a client connecting late gets a picture), as on X11: those are all.
+        refreshes = int(static["seconds"] / IDLE_REFRESH_S) + 1
+        check(static["frames"] <= refreshes and static["cpu_share"] < CPU_STATIC_MAX,
+              f"static Wayland desktop over {static['seconds']} s: {static['frames']} frames "
+              f"(the idle refresh every {IDLE_REFRESH_S:g} s allows {refreshes}), worker CPU "
+              f"{100 * static['cpu_share']:.2f}% of a core (limit {100 * CPU_STATIC_MAX:g}%)")
+        report.append(f"static Wayland desktop: {static['frames']} frames in {static['seconds']} s "
+                      f"(idle refreshes every {IDLE_REFRESH_S:g} s), worker CPU "
+                      f"{100 * static['cpu_share']:.2f}% of a core")
         env = dict(ALICE_ENV, WAYLAND_DISPLAY="wayland-0", GDK_BACKEND="wayland")
         m, app = _animate(ctx, ALICE[1], env, 15.0)
         check(m["fps"] >= 1, f"animation on Wayland streamed at {m['fps']} fps: {m}; app {app}")
