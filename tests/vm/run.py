@@ -1452,13 +1452,18 @@ def s14_wayland_pointer(ctx: Context) -> str:
     report = []
     with Viewer(ctx, "pointer") as viewer:
         wait_until(lambda: wayland_streaming(ctx), 30, "Streaming on alice's VT", interval=1.0)
+        before = viewer.save()
         _move_pointer(ctx, 4000, 4000)
-        # QEMU's screendump has no pointer (QXL's cursor plane): the stream itself must settle,
-        # two pictures 1 s apart alike, after the frame of the parked pointer.
-        parked = viewer.save()
+        # QEMU's screendump may lack the pointer (QXL's cursor plane): the stream itself must show
+        # the parked pointer (its frame took over 1 s under TCG: wait for a change, up to 10 s; none
+        # if it was parked already), then settle (two pictures 2 s apart alike).
+        parked = before
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not _changed_box(before, parked):
+            parked = viewer.save()
         deadline = time.monotonic() + 30
         while True:
-            time.sleep(1.0)  # the interval between two pictures compared
+            time.sleep(2.0)  # the interval between two pictures compared
             cur = viewer.save()
             if not _changed_box(parked, cur):
                 break
