@@ -1444,7 +1444,10 @@ def _changed_box(a: Image.Image, b: Image.Image) -> tuple[int, int, int, int] | 
     """The box of pixels that differ clearly (more than JPEG's noise) between two pictures, below
     GNOME's top bar."""
     diff = ImageChops.difference(a, b).convert("L")
-    diff.paste(0, (0, 0, diff.size[0], TOP_BAR))
+    w, h = diff.size
+    diff.paste(0, (0, 0, w, TOP_BAR))
+    # The parked pointer's tip, all of it that shows in the bottom-right corner.
+    diff.paste(0, (w - 48, h - 48, w, h))
     return diff.point(lambda v: 255 if v > 60 else 0).getbbox()
 
 
