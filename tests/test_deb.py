@@ -47,6 +47,8 @@ SYSTEM_FILES = {UNIT, UDEV_RULE, ACTIVATION, POLICY, POLKIT, AUTOSTART, GREETER,
 CONFFILES = ["/" + CONFIG, "/" + AUTOSTART]
 DEPENDS = ["python3 (>= 3.11)", "python3-dbus-next", "python3-pyudev", "python3-xlib", "python3-pil",
            "dbus", "polkitd | policykit-1", "systemd"]
+RECOMMENDS = ["python3-gi", "gir1.2-gstreamer-1.0", "gir1.2-gst-plugins-base-1.0",
+              "gstreamer1.0-plugins-base", "gstreamer1.0-pipewire"]
 MAINTAINER_SCRIPTS = ("postinst", "prerm", "postrm")
 INSTALLER_MANIFEST = "usr/share/spice-streamd/installed-files"
 
@@ -148,6 +150,7 @@ def test_control_fields(deb: Path, listing: dict[str, dict]) -> None:
     assert fields["Maintainer"] == "spice-streamd developers <spice-streamd@localhost>"
     assert fields["Section"] == "admin" and fields["Priority"] == "optional"
     assert [d.strip() for d in fields["Depends"].split(",")] == DEPENDS
+    assert [d.strip() for d in fields["Recommends"].split(",")] == RECOMMENDS
     short, *long = fields["Description"].split("\n")
     assert short and len(short) < 80 and "spice" in short.lower()
     assert len(long) >= 2 and all(line.startswith(" ") for line in long)
@@ -156,7 +159,7 @@ def test_control_fields(deb: Path, listing: dict[str, dict]) -> None:
                    for name, e in listing.items() if name)
     assert int(fields["Installed-Size"]) == expected
     assert set(fields) == {"Package", "Version", "Architecture", "Maintainer", "Installed-Size",
-                           "Depends", "Section", "Priority", "Description"}
+                           "Depends", "Recommends", "Section", "Priority", "Description"}
 
 
 def test_contents_are_exactly_the_expected_files(listing: dict[str, dict]) -> None:
