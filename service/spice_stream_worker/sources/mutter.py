@@ -161,23 +161,11 @@ class Controller:
                 except Exception:  # noqa: BLE001 - gone already, or mutter busy: closing ends it
                     pass
                 self.session = None
-            for sub in self.session_subs + self.bus_subs:
-                self.conn.signal_unsubscribe(sub)
-            self.session_subs, self.bus_subs = [], []
-            try:
-                self.conn.close_sync(None)
-            except Exception:  # noqa: BLE001 - closed by the peer already
-                pass
-            self.conn = None
+            _close_bus(self.conn, self.session_subs + self.bus_subs)
+            self.session_subs, self.bus_subs, self.conn = [], [], None
         if self.system is not None:
-            for sub in self.system_subs:
-                self.system.signal_unsubscribe(sub)
-            self.system_subs = []
-            try:
-                self.system.close_sync(None)
-            except Exception:  # noqa: BLE001 - closed by the peer already
-                pass
-            self.system = None
+            _close_bus(self.system, self.system_subs)
+            self.system_subs, self.system = [], None
 
     def _later(self, seconds: float, fn, *args: object) -> None:
         """The one pending timer: fn(*args) in `seconds`, replacing the previous timer."""
@@ -647,6 +635,16 @@ class Controller:
         bus = pipeline.get_bus()
         bus.remove_signal_watch()
         self._state_change(lambda: pipeline.set_state(self.gi.Gst.State.NULL))
+
+
+def _close_bus(conn: Any, subs: list[int]) -> None:
+    """Drop our signal subscriptions on a connection, then close it (the peer may have already)."""
+    for sub in subs:
+        conn.signal_unsubscribe(sub)
+    try:
+        conn.close_sync(None)
+    except Exception:  # noqa: BLE001 - closed by the peer already
+        pass
 
 
 def _one_line(text: object) -> str:
