@@ -86,8 +86,26 @@ def bare_source() -> ScreenCast:
     src.size, src.frames_received, src._fb, src._live, src._closed = (0, 0), 0, None, False, False
     src._lock = threading.Lock()
     src._slot, src._accept, src._up, src._fatal = None, 1, True, None
+    src._settled = threading.Event()
     src._wake_r, src._wake_w = os.pipe2(os.O_NONBLOCK)
     return src
+
+
+def test_a_new_stream_s_first_frame_is_taken_even_if_it_is_the_only_one():
+    # mutter sends a static screen's picture once, when its stream starts: the worker's loop is
+    # woken by that frame before the screen-cast thread has seen it, and must not drop it.
+    src = bare_source()
+    try:
+        src._stream_started(2, 57)
+        assert not src.poll() and not src.live
+        assert src._publish(2, 64, 32, bytes(frame(64, 32, RED)))
+        changes = src.poll()
+        assert changes.resized and src.live and src.size == (64, 32)
+        assert src._settled.is_set()
+        assert bytes(src.grab(None).pixels[:4]) == pipewire.bgrx(RED)
+    finally:
+        os.close(src._wake_r)
+        os.close(src._wake_w)
 
 
 def test_a_new_size_within_a_stream_is_resized_and_the_whole_frame():
@@ -218,7 +236,14 @@ def start(producers, mutter, opened, **timing):
     fake = mutter(prod.node)
     src = opened(**timing)
     poll_until(src, lambda c: c.resized, what="the first picture")
+    seen_by_thread(src)
     return prod, fake, src
+
+
+def seen_by_thread(src: ScreenCast) -> None:
+    """The screen-cast thread has seen the stream's first frame too (which poll() may take before
+    it): its log line is out, for the tests that count lines."""
+    wait_until(lambda: src._ctl.waiting == "frames", 5, "the screen-cast thread to see the frame")
 
 
 @needs_pipewire
@@ -294,6 +319,7 @@ def test_the_lock_screen_stops_the_stream_and_the_unlock_brings_it_back(producer
     fake.set_node(producers().node)  # mutter makes a new node for each session
     fake.unlock()
     poll_until(src, lambda c: c.resized, timeout=5, what="the picture after the unlock")
+    seen_by_thread(src)
     assert src.live and fake.counts()["CreateSession"] == 2
     # One line per event: closed, locked, unlocked, streaming; no warning, nothing repeated.
     lines = [r.getMessage() for r in caplog.records]

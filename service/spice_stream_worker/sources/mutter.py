@@ -436,7 +436,6 @@ class Controller:
             self.streamed = True
             log.info("GNOME ScreenCast: streaming %dx%d from PipeWire node %d", width, height,
                      self.node)
-            self.out._stream_up(gen)
         return False
 
     def _create_failed(self, what: str, why: str) -> None:

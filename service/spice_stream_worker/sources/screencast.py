@@ -97,23 +97,22 @@ class ScreenCast:
             pass  # full: the loop is woken already; closed: nobody to wake
 
     def _publish(self, gen: int, width: int, height: int, pixels: bytes) -> bool:
+        """A frame of pipeline `gen`; False if that pipeline is no longer the one read. Its first
+        frame is what makes the stream up, here and not later on the screen-cast thread: mutter
+        sends a static screen's picture once, and a frame taken while not up is dropped."""
         with self._lock:
             if gen != self._accept:
                 return False
             self._slot = (width, height, pixels)
+            first, self._up = not self._up, True
         self._wake()
+        if first:
+            self._settled.set()
         return True
 
     def _stream_started(self, gen: int, node: int) -> None:
         with self._lock:
             self._accept, self._node, self._up, self._slot = gen, node, False, None
-
-    def _stream_up(self, gen: int) -> None:
-        with self._lock:
-            if gen != self._accept:
-                return
-            self._up = True
-        self._settled.set()
 
     def _stream_gone(self, waiting: str) -> None:
         with self._lock:
