@@ -74,7 +74,10 @@ def copy_out(gi: Media, sample: Any) -> tuple[int, int, bytes] | None:
     buf = sample.get_buffer()
     if caps is None or buf is None:
         return None
-    info = GstVideo.VideoInfo.new_from_caps(caps)
+    try:
+        info = GstVideo.VideoInfo.new_from_caps(caps)
+    except TypeError:  # PyGObject's word for a NULL (caps that are no video format)
+        return None
     if info is None:
         return None
     width, height = info.width, info.height
@@ -93,7 +96,7 @@ def copy_out(gi: Media, sample: Any) -> tuple[int, int, bytes] | None:
         data = bytes(mapped.data)
     finally:
         buf.unmap(mapped)
-    if stride < row or offset + (height - 1) * stride + row > len(data):
+    if stride < row or offset < 0 or offset + (height - 1) * stride + row > len(data):
         return None
     if stride == row:
         pixels = data if offset == 0 and len(data) == row * height else \
