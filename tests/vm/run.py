@@ -611,6 +611,27 @@ def _qxl_picture(ctx: Context, tag: str) -> Image.Image:
         return im.convert("RGB")
 
 
+def _switch_late(r: dict, vt: int, who: str) -> str | None:
+    """What of a _switch() result was late, in one sentence, or None. The service's part starts
+    when logind has switched seat0's active session (under TCG logind itself took 0.5-2.2 s after
+    the kernel's switch); the whole, from the kernel's switch, is bounded like the picture."""
+    seen = r.get("seen", {})
+    start = seen.get("logind", 0.0)
+    late = [f"{key} {seen.get(key, f'never ({SWITCH_WAIT_S} s)')}"
+            for key in ("logind", "active_vt", "worker_uid", "streaming")
+            if key not in seen or seen[key] > PICTURE_LIMIT_S
+            or (key != "logind" and seen[key] - start > SWITCH_LIMIT_S)]
+    if r["picture_s"] is None or r["picture_s"] > PICTURE_LIMIT_S:
+        late.append(f"picture {r['picture_s'] or f'never ({SWITCH_WAIT_S} s)'} "
+                    f"(best PSNR {r['picture_best_psnr']} dB; limit {PICTURE_LIMIT_S:g} s)")
+    if not late:
+        return None
+    return (f"chvt {vt} ({who}) took longer than {SWITCH_LIMIT_S:g} s after logind's switch (or "
+            f"{PICTURE_LIMIT_S:g} s after the kernel's), in seconds: " + ", ".join(late)
+            + f" (all: {seen})"
+            + ("" if seen.get("streaming") else f"; properties {r.get('props')}"))
+
+
 def s4_vt_switch(ctx: Context) -> str:
     vm = ctx.vm
     check("alice" in ctx.notes, "needs scenario 2 (alice's registration)")
@@ -634,23 +655,9 @@ def s4_vt_switch(ctx: Context) -> str:
             seen = r.get("seen", {})
             report.append(f"chvt {vt} ({who}): {seen}, "
                           f"picture {r['picture_s']} s")
-            # The service's part starts when logind has switched seat0's active session (under
-            # TCG logind itself took 0.5-2.2 s after the kernel's switch); the whole, from the
-            # kernel's switch, is bounded like the picture.
-            start = seen.get("logind", 0.0)
-            late = [f"{key} {seen.get(key, f'never ({SWITCH_WAIT_S} s)')}"
-                    for key in ("logind", "active_vt", "worker_uid", "streaming")
-                    if key not in seen or seen[key] > PICTURE_LIMIT_S
-                    or (key != "logind" and seen[key] - start > SWITCH_LIMIT_S)]
-            if r["picture_s"] is None or r["picture_s"] > PICTURE_LIMIT_S:
-                late.append(f"picture {r['picture_s'] or f'never ({SWITCH_WAIT_S} s)'} "
-                            f"(best PSNR {r['picture_best_psnr']} dB; limit {PICTURE_LIMIT_S:g} s)")
+            late = _switch_late(r, vt, who)
             if late:
-                problems.append(f"chvt {vt} ({who}) took longer than {SWITCH_LIMIT_S:g} s after "
-                                f"logind's switch (or {PICTURE_LIMIT_S:g} s after the kernel's), "
-                                f"in seconds: " + ", ".join(late)
-                                + f" (all: {seen})"
-                                + ("" if seen.get("streaming") else f"; properties {r.get('props')}"))
+                problems.append(late)
             if who == "alice" and seen.get("streaming"):
                 # The picture after switching back still matches a fresh screenshot of alice's.
                 try:
@@ -1641,19 +1648,9 @@ def s17_wayland_vt_switch(ctx: Context) -> str:
             r = _switch(ctx, viewer, vt, uid, ref, refresh=fresh if vt == ALICE_VT else None)
             seen = r.get("seen", {})
             report.append(f"chvt {vt} ({who}): {seen}, picture {r['picture_s']} s")
-            start = seen.get("logind", 0.0)
-            late = [f"{key} {seen.get(key, f'never ({SWITCH_WAIT_S} s)')}"
-                    for key in ("logind", "active_vt", "worker_uid", "streaming")
-                    if key not in seen or seen[key] > PICTURE_LIMIT_S
-                    or (key != "logind" and seen[key] - start > SWITCH_LIMIT_S)]
-            if r["picture_s"] is None or r["picture_s"] > PICTURE_LIMIT_S:
-                late.append(f"picture {r['picture_s'] or f'never ({SWITCH_WAIT_S} s)'} "
-                            f"(best PSNR {r['picture_best_psnr']} dB; limit {PICTURE_LIMIT_S:g} s)")
+            late = _switch_late(r, vt, who)
             if late:
-                problems.append(f"chvt {vt} ({who}) took longer than {SWITCH_LIMIT_S:g} s after "
-                                f"logind's switch (or {PICTURE_LIMIT_S:g} s after the kernel's), "
-                                "in seconds: " + ", ".join(late)
-                                + ("" if seen.get("streaming") else f"; properties {r.get('props')}"))
+                problems.append(late)
         if not problems:
             values = compare_dump(ctx, viewer, "alice-wayland-after-switch")
             report.append(f"alice after switching back: PSNR {values}")
