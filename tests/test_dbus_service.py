@@ -495,18 +495,10 @@ def test_a_refused_call_is_freed_by_its_reply_without_the_garbage_collector(stac
     the per-connection limit and an unexpected exception (Failed). Callers are real processes
     under the test users; the service's parts are the real ones, in this process."""
     import asyncio
-    import gc
-    import weakref
 
-    from spice_stream_common import dbusnext_compat
-    from spice_streamd.dbus_service import RegistrationEndpoint
-    from spice_streamd.polkit import PolkitAuthority
-    from spice_streamd.sessioninfo import open_session_source
-    from spice_streamd.sessions import SessionRegistry
     from spice_streamd.verifier import RegistrationVerifier
-    from tests.support.waiting import wait_async
+    from tests.support.refusals import refused_calls_alive
 
-    dbusnext_compat.install()
     xa = stack.files.xauthority("spice-test-a", ":42")
     xa_b = stack.files.xauthority("spice-test-b", ":43")
     # (user, logind session, calls on one connection, the error names expected)
@@ -521,58 +513,27 @@ def test_a_refused_call_is_freed_by_its_reply_without_the_garbage_collector(stac
         "unexpected": ("spice-test-a", "a", [[":66", xa]], ["Failed"]),
     }
 
-    async def run():
-        loop = asyncio.get_running_loop()
-        from tests.conftest import connect
-        bus = await connect(stack.bus.address)
-        calls: list[weakref.ref] = []
+    class Verifier(RegistrationVerifier):
+        async def verify(self, caller, display, xauthority):
+            if display == ":66":
+                raise RuntimeError("a bug")
+            return await super().verify(caller, display, xauthority)
 
-        def keep_a_weak_reference(msg):
-            if msg.member == "RegisterSession":
-                calls.append(weakref.ref(msg))
-            return False
+    def case(kind, user, session, body, expected):
+        def send() -> int:
+            client = stack.client(user, session)
+            request = {"op": "register", "calls": body} if body != "s" else {
+                "op": "call", "call": [BUS_NAME, PATH, BUS_NAME, "RegisterSession", "s", [":42"]]}
+            results = client.send(request)
+            client.stop()
+            assert sorted(r[1] for r in results) == sorted(ERR + e for e in expected), \
+                (kind, results)
+            return len(results)
+        return kind, send
 
-        class Verifier(RegistrationVerifier):
-            async def verify(self, caller, display, xauthority):
-                if display == ":66":
-                    raise RuntimeError("a bug")
-                return await super().verify(caller, display, xauthority)
-
-        bus.add_message_handler(keep_a_weak_reference)
-        sessions = await open_session_source(bus)
-        endpoint = RegistrationEndpoint(
-            bus, Verifier(authorize=PolkitAuthority(bus).check, sessions=sessions),
-            SessionRegistry(), uid_burst=100.0)
-        await endpoint.start()
-        await bus.request_name(BUS_NAME)
-        leaks: dict[str, int] = {}  # kind -> its refused calls still in memory
-        gc.collect()
-        gc.disable()
-        try:
-            for kind, (user, session, body, expected) in kinds.items():
-                client = stack.client(user, session)
-                before = len(calls)
-                request = {"op": "register", "calls": body} if body != "s" else {
-                    "op": "call", "call": [BUS_NAME, PATH, BUS_NAME, "RegisterSession", "s", [":42"]]}
-                results = await loop.run_in_executor(None, client.send, request)
-                client.stop()
-                assert sorted(r[1] for r in results) == sorted(ERR + e for e in expected), \
-                    (kind, results)
-                assert len(calls) == before + len(results)
-                # Its reply is out (the client has it): only the task's last lines may be left.
-                await wait_async(lambda: endpoint.in_flight == 0, what=f"{kind}: calls ended")
-                await asyncio.sleep(0.05)
-                alive = sum(r() is not None for r in calls[before:])
-                if alive:
-                    leaks[kind] = alive
-        finally:
-            gc.enable()
-            await endpoint.close()
-            await sessions.close()
-            bus.disconnect()
-        assert leaks == {}, "refused calls still in memory after their reply"
-
-    asyncio.run(run())
+    leaks = asyncio.run(refused_calls_alive(stack.bus.address, "RegisterSession", Verifier,
+                                            [case(k, *v) for k, v in kinds.items()]))
+    assert leaks == {}, "refused calls still in memory after their reply"
 
 
 # Run as uid 65534: `n` connections, each sending `per` RegisterSession calls one after the other,

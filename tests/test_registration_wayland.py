@@ -373,19 +373,10 @@ def test_a_refused_wayland_call_is_freed_by_its_reply_without_the_garbage_collec
     an option, polkit (the real one), an X11 session, and the runtime directory's check (which
     runs in a thread of its own and hands its reason over as text)."""
     import asyncio
-    import gc
-    import weakref
 
-    from spice_stream_common import dbusnext_compat
-    from spice_streamd.dbus_service import RegistrationEndpoint
-    from spice_streamd.polkit import PolkitAuthority
-    from spice_streamd.sessioninfo import open_session_source
-    from spice_streamd.sessions import SessionRegistry
     from spice_streamd.verifier import RegistrationVerifier
-    from tests.conftest import connect
-    from tests.support.waiting import wait_async
+    from tests.support.refusals import refused_calls_alive
 
-    dbusnext_compat.install()
     stack.end_test()  # this test is the service: the fixture's must not own the name
     # (user, logind session, the active session, options, the error name expected)
     kinds = {
@@ -395,51 +386,22 @@ def test_a_refused_wayland_call_is_freed_by_its_reply_without_the_garbage_collec
         "no bus socket": (A, "wa", "wa", {}, "NotInSession"),
     }
 
-    async def run():
-        loop = asyncio.get_running_loop()
-        bus = await connect(stack.bus.address)
-        calls: list[weakref.ref] = []
+    def case(kind, user, session, active, options, expected):
+        def send() -> int:
+            stack.logind.activate(active)
+            if kind == "no bus socket":
+                stack.runtime[A].remove_bus()
+            client = stack.client(user, session)
+            results = client.send({"op": "register_wayland", "calls": [options]})
+            client.stop()
+            assert [r[1] for r in results] == [ERR + expected], (kind, results)
+            return 1
+        return kind, send
 
-        def keep_a_weak_reference(msg):
-            if msg.member == "RegisterWaylandSession":
-                calls.append(weakref.ref(msg))
-            return False
-
-        bus.add_message_handler(keep_a_weak_reference)
-        sessions = await open_session_source(bus)
-        endpoint = RegistrationEndpoint(
-            bus, RegistrationVerifier(authorize=PolkitAuthority(bus).check, sessions=sessions),
-            SessionRegistry(), uid_burst=100.0)
-        await endpoint.start()
-        await bus.request_name("org.spice_space.StreamingAgent1")
-        leaks: dict[str, int] = {}
-        gc.collect()
-        gc.disable()
-        try:
-            for kind, (user, session, active, options, expected) in kinds.items():
-                stack.logind.activate(active)
-                if kind == "no bus socket":
-                    stack.runtime[A].remove_bus()
-                client = stack.client(user, session)
-                before = len(calls)
-                results = await loop.run_in_executor(None, client.send, {
-                    "op": "register_wayland", "calls": [options]})
-                client.stop()
-                assert [r[1] for r in results] == [ERR + expected], (kind, results)
-                assert len(calls) == before + 1
-                await wait_async(lambda: endpoint.in_flight == 0, what=f"{kind}: calls ended")
-                await asyncio.sleep(0.05)
-                alive = sum(r() is not None for r in calls[before:])
-                if alive:
-                    leaks[kind] = alive
-        finally:
-            gc.enable()
-            await endpoint.close()
-            await sessions.close()
-            bus.disconnect()
-        assert leaks == {}, "refused calls still in memory after their reply"
-
-    asyncio.run(run())
+    leaks = asyncio.run(refused_calls_alive(stack.bus.address, "RegisterWaylandSession",
+                                            RegistrationVerifier,
+                                            [case(k, *v) for k, v in kinds.items()]))
+    assert leaks == {}, "refused calls still in memory after their reply"
 
 
 def test_a_wayland_registration_ends_with_its_logind_session(stack):
