@@ -440,6 +440,30 @@ def _wait_registration(ctx: Context, uid: int, vt: int, timeout: float, who: str
     return got
 
 
+def _alice_autostart_helpers(ctx: Context) -> list[dict]:
+    """alice's helpers, checked to be the one GNOME started from /etc/xdg/autostart (nobody else
+    ran one): under GNOME 43 and 48 it lives in user@1001.service/app.slice/app-gnome-<name>-<pid>.scope."""
+    helpers = [q for q in ctx.procs() if "spice-stream-helper" in q["cmdline"]
+               and q["Uid"][0] == str(ALICE[0])]
+    check(helpers and all("app-gnome-" in q["cgroup"] for q in helpers),
+          f"alice's helper is not the GNOME autostart's: {helpers}")
+    return helpers
+
+
+def _alice_worker(ctx: Context) -> tuple[dict, dict, list[int]]:
+    """The running worker's properties, /proc status and groups, checked to be alice's uid and gid
+    without the root group."""
+    p = wait_until(lambda: (lambda d: d if d.get("WorkerState") == "running" and d.get("WorkerPID")
+                            else None)(ctx.props()), 60, "the worker to run", interval=1.0)
+    st = ctx.status(p["WorkerPID"])
+    check(st, f"WorkerPID {p['WorkerPID']} is not a process")
+    groups = [int(g) for g in st["Groups"]]
+    check(set(st["Uid"]) == {str(ALICE[0])}, f"worker Uid line {st['Uid']}, expected alice's uid")
+    check(set(st["Gid"]) == {str(ALICE[0])}, f"worker Gid line {st['Gid']}, expected alice's gid")
+    check(0 not in groups, f"the worker has the root group: Groups {groups}")
+    return p, st, groups
+
+
 def s2_autologin(ctx: Context) -> str:
     def alice_session():
         s = ctx.active_session()
@@ -453,23 +477,11 @@ def s2_autologin(ctx: Context) -> str:
     check(sess.get("Type") == "x11" and sess.get("VTNr") == str(ALICE_VT) and sess.get("Remote") == "no",
           f"alice's session is not a local x11 session on VT {ALICE_VT}: {sess}")
     entry = _wait_registration(ctx, ALICE[0], ALICE_VT, GNOME_TIMEOUT, "alice's autostart")
-    # The helper that registered is the one GNOME started from /etc/xdg/autostart (nobody else ran
-    # one): under GNOME 43 and 48 it lives in user@1001.service/app.slice/app-gnome-<name>-<pid>.scope.
-    helpers = [q for q in ctx.procs() if "spice-stream-helper" in q["cmdline"]
-               and q["Uid"][0] == str(ALICE[0])]
-    check(helpers and all("app-gnome-" in q["cgroup"] for q in helpers),
-          f"alice's helper is not the GNOME autostart's: {helpers}")
+    helpers = _alice_autostart_helpers(ctx)
     display = entry[2]
     xauth = ctx.xauthority_of(display, ALICE_VT)
     ctx.notes["alice"] = (display, xauth)
-    p = wait_until(lambda: (lambda d: d if d.get("WorkerState") == "running" and d.get("WorkerPID")
-                            else None)(ctx.props()), 60, "the worker to run", interval=1.0)
-    st = ctx.status(p["WorkerPID"])
-    check(st, f"WorkerPID {p['WorkerPID']} is not a process")
-    groups = [int(g) for g in st["Groups"]]
-    check(set(st["Uid"]) == {str(ALICE[0])}, f"worker Uid line {st['Uid']}, expected alice's uid")
-    check(set(st["Gid"]) == {str(ALICE[0])}, f"worker Gid line {st['Gid']}, expected alice's gid")
-    check(0 not in groups, f"the worker has the root group: Groups {groups}")
+    p, st, groups = _alice_worker(ctx)
     with Viewer(ctx, "alice") as viewer:
         streaming = wait_until(lambda: (lambda d: d if d.get("Streaming") and
                                         d.get("StreamingVT") == ALICE_VT else None)(ctx.props()),
@@ -1400,18 +1412,8 @@ def s13_wayland_autologin(ctx: Context) -> str:
     entry = _wait_registration(ctx, ALICE[0], ALICE_VT, GNOME_TIMEOUT, "alice's Wayland autostart")
     check(entry[2] == WAYLAND_DISPLAY_NAME,
           f"alice's registration is {entry}, not ({ALICE_VT}, {ALICE[0]}, '{WAYLAND_DISPLAY_NAME}')")
-    helpers = [q for q in ctx.procs() if "spice-stream-helper" in q["cmdline"]
-               and q["Uid"][0] == str(ALICE[0])]
-    check(helpers and all("app-gnome-" in q["cgroup"] for q in helpers),
-          f"alice's helper is not the GNOME autostart's: {helpers}")
-    p = wait_until(lambda: (lambda d: d if d.get("WorkerState") == "running" and d.get("WorkerPID")
-                            else None)(ctx.props()), 60, "the worker to run", interval=1.0)
-    st = ctx.status(p["WorkerPID"])
-    check(st, f"WorkerPID {p['WorkerPID']} is not a process")
-    groups = [int(g) for g in st["Groups"]]
-    check(set(st["Uid"]) == {str(ALICE[0])}, f"worker Uid line {st['Uid']}, expected alice's uid")
-    check(set(st["Gid"]) == {str(ALICE[0])}, f"worker Gid line {st['Gid']}, expected alice's gid")
-    check(0 not in groups, f"the worker has the root group: Groups {groups}")
+    helpers = _alice_autostart_helpers(ctx)
+    p, st, groups = _alice_worker(ctx)
     check("screencast" in st["cmdline"], f"the worker does not capture mutter's ScreenCast: "
           f"{st['cmdline']!r}")
     started = wait_shell_started(ctx)
