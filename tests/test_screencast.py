@@ -87,8 +87,28 @@ def bare_source() -> ScreenCast:
     src._lock = threading.Lock()
     src._slot, src._accept, src._up, src._fatal = None, 1, True, None
     src._settled = threading.Event()
+    src._held, src._held_frame = False, None
     src._wake_r, src._wake_w = os.pipe2(os.O_NONBLOCK)
     return src
+
+
+def test_off_the_screen_no_picture_is_current_and_the_one_painted_on_return_is():
+    src = bare_source()
+    try:
+        assert src._publish(1, 64, 32, bytes(frame(64, 32)))
+        assert src.poll().resized and src.live
+        src._hold("the session is not on the screen")  # another VT
+        assert not src.poll() and not src.live
+        with pytest.raises(DisplayLost):
+            src.grab(None)
+        assert src._publish(1, 64, 32, bytes(frame(64, 32, RED)))  # painted on the way back
+        assert not src.poll() and not src.live  # not before logind says it is back
+        src._release()
+        changes = src.poll()
+        assert changes.resized and src.live and bytes(src.grab(None).pixels[:4]) == pipewire.bgrx(RED)
+    finally:
+        os.close(src._wake_r)
+        os.close(src._wake_w)
 
 
 def test_a_new_stream_s_first_frame_is_taken_even_if_it_is_the_only_one():
@@ -352,6 +372,41 @@ def test_the_lock_is_known_from_logind_where_gnome_shell_has_no_screensaver(
         logind.set_property("c7", "LockedHint", False)
         poll_until(src, lambda c: c.resized, timeout=10, what="the picture after the unlock")
         assert src.live and fake.counts()["CreateSession"] == 2
+    finally:
+        src.close()
+
+
+@needs_pipewire
+def test_another_vt_holds_the_picture_and_a_close_meanwhile_is_no_stop_button(
+        producers, mutter, logind, bus, caplog):
+    # A VT switch to another session: logind's Active goes false. The picture held is not claimed
+    # current, frames are not taken while away; mutter closing the cast meanwhile (it does on the
+    # way back, with its monitors) is not the user's Stop: the session is created again when
+    # Active is true again.
+    caplog.set_level(logging.INFO, logger="spice_stream_worker.sources")
+    logind.add_session("c9", os.getuid(), vt=2, type="wayland", active=True)
+    prod = producers()
+    fake = mutter(prod.node, saver=False)
+    src = ScreenCast(fps=30, timing=Timing(settle=0.5), session_id="c9",
+                     system_bus_address=bus.address)
+    try:
+        poll_until(src, lambda c: c.resized, what="the first picture")
+        logind.set_property("c9", "Active", False)
+        poll_until(src, lambda c: not src.live, what="no picture while another VT is in front")
+        frames = src.frames_received
+        assert not any(poll_for(src, 1.0)) and src.frames_received == frames and not src.live
+        fake.stop_button()  # closed, no lock, no layout change: the Stop button if in front
+        poll_until(src, lambda c: "not on the screen" in src.describe(), timeout=5,
+                   what="the source to wait for the session's return")
+        assert not any(poll_for(src, 1.0))  # past the settle: no StoppedByUser, no retry
+        assert fake.counts()["CreateSession"] == 1
+        fake.set_node(producers().node)
+        logind.set_property("c9", "Active", True)
+        poll_until(src, lambda c: c.resized, timeout=10, what="the picture after the return")
+        assert src.live and fake.counts()["CreateSession"] == 2
+        lines = [r.getMessage() for r in caplog.records]
+        assert any("left the screen" in line for line in lines), lines
+        assert any("on the screen again" in line for line in lines), lines
     finally:
         src.close()
 

@@ -95,15 +95,24 @@ class Controller:
         # Wayland did not) or logind's LockedHint of this session, as last signalled or read.
         self.saver_locked = False
         self.hint_locked = False
+        # logind's Active of this session is false: another VT is on the screen. mutter paints
+        # nothing for it then, and the picture held is from before: none is claimed current.
+        self.inactive = False
+        self.was_locked = False  # what the wait for the screen began with (for its log lines)
         self.system: Any = None  # the system bus, for logind (with a session id only)
         self.system_subs: list[int] = []
         self.logind_session: str | None = None  # the session's object path
         self.monitors_changed_at = -1e9
         self.closed_at: float | None = None  # Closed received, the decision pending
         # What is awaited now: connect, create, node, frame, frames (streaming), closed (the node
-        # ended, Closed awaited), settle, check-lock, retry, unlock, mutter.
+        # ended, Closed awaited), settle, check-lock, retry, away (locked or not on the screen),
+        # mutter.
         self.waiting = "connect"
         self.node = 0
+        # When the current creation began and what of it came when (seconds after the start):
+        # the streaming line says where a slow start went.
+        self.began = 0.0
+        self.steps: list[str] = []
         self.changes: list[threading.Thread] = []  # pipeline state changes under way
         self.done = False
 
@@ -190,6 +199,11 @@ class Controller:
     @property
     def locked(self) -> bool:
         return self.saver_locked or self.hint_locked
+
+    @property
+    def away(self) -> bool:
+        """No screen cast can work now: the lock screen, or another VT on the screen."""
+        return self.locked or self.inactive
 
     def _call(self, dest: str, path: str, iface: str, method: str, params: Any, reply,
               error=None, auto_start: bool = True, conn: Any = None,
@@ -329,34 +343,55 @@ class Controller:
                    conn=self.system, any_attempt=True)
 
     def _read_hint(self, then) -> None:
+        """logind's LockedHint and Active of our session, then then()."""
         if self.system is None or self.logind_session is None:
             then()
             return
 
         def reply(value: tuple) -> None:
-            self.hint_locked = bool(value[0])
+            props = value[0]
+            self.hint_locked = bool(props.get("LockedHint", False))
+            self._set_active(bool(props.get("Active", True)))
             then()
 
         # Any attempt's: `then` checks whether it still matters.
-        self._call(LOGIND, self.logind_session, PROPERTIES, "Get",
-                   self.gi.GLib.Variant("(ss)", (LOGIND_SESSION, "LockedHint")), reply,
+        self._call(LOGIND, self.logind_session, PROPERTIES, "GetAll",
+                   self.gi.GLib.Variant("(s)", (LOGIND_SESSION,)), reply,
                    lambda _exc: then(), conn=self.system, any_attempt=True)
 
     def _on_session_props(self, _sender: str, args: tuple) -> None:
         _iface, changed, _invalidated = args
+        if "Active" in changed:
+            self._set_active(bool(changed["Active"]))
         if "LockedHint" in changed:
             self.hint_locked = bool(changed["LockedHint"])
+        if "Active" in changed or "LockedHint" in changed:
             self._lock_changed()
+
+    def _set_active(self, active: bool) -> None:
+        if active == (not self.inactive):
+            return
+        self.inactive = not active
+        if self.inactive:
+            self.out._hold("the session is not on the screen (another VT is)")
+            if self.waiting == "frames":
+                log.info("GNOME ScreenCast: the session left the screen (another VT): no picture "
+                         "until it is back")
+        else:
+            self.out._release()
 
     def _on_lock_changed(self, _sender: str, args: tuple[bool]) -> None:
         self.saver_locked = bool(args[0])
         self._lock_changed()
 
     def _lock_changed(self) -> None:
-        if self.closed_at is not None and self.locked:
+        if self.closed_at is not None and self.away:
             self._decide_after_close()
-        elif not self.locked and self.waiting == "unlock":
-            log.info("GNOME ScreenCast: the screen was unlocked: recording again")
+        elif not self.away and self.waiting == "away":
+            if self.was_locked:
+                log.info("GNOME ScreenCast: the screen was unlocked: recording again")
+            else:
+                log.info("GNOME ScreenCast: the session is on the screen again: recording again")
             self.failures = 0
             self._create()
 
@@ -388,6 +423,7 @@ class Controller:
         self._drop_session()
         self.attempt += 1
         self.waiting = "create"
+        self.began, self.steps = time.monotonic(), []
         self.out._waiting_for("creating a screen-cast session")
         GLib = self.gi.GLib
         self._later(self.timing.node + self.timing.call_ms / 1000 * 3, self._create_failed,
@@ -395,6 +431,7 @@ class Controller:
 
         def created(value: tuple[str]) -> None:
             self.session = value[0]
+            self._step("session")
             self.session_subs.append(self._subscribe(
                 self.owner, SESSION_IFACE, "Closed", self.session, None, self._on_closed))
             props = {"cursor-mode": GLib.Variant("u", CURSOR_EMBEDDED)}
@@ -422,6 +459,7 @@ class Controller:
         if self.waiting != "node":
             return
         node = int(args[0])
+        self._step("node")
         if not self._start_pipeline(node):
             return
         self.waiting = "frame"
@@ -434,9 +472,13 @@ class Controller:
             self.waiting = "frames"
             self.failures = 0
             self.streamed = True
-            log.info("GNOME ScreenCast: streaming %dx%d from PipeWire node %d", width, height,
-                     self.node)
+            self._step("first frame")
+            log.info("GNOME ScreenCast: streaming %dx%d from PipeWire node %d (%s)", width, height,
+                     self.node, ", ".join(self.steps))
         return False
+
+    def _step(self, what: str) -> None:
+        self.steps.append(f"{what} after {time.monotonic() - self.began:.2f} s")
 
     def _create_failed(self, what: str, why: str) -> None:
         """A failure to create: locked (wait for the unlock) or a retry after a backoff."""
@@ -448,8 +490,8 @@ class Controller:
         def decide(locked: bool) -> None:
             if attempt != self.attempt:
                 return
-            if locked:
-                self._wait_for_unlock()
+            if locked or self.inactive:
+                self._wait_until_back()
                 return
             self.failures += 1
             if self.failures > len(self.timing.backoff):
@@ -466,13 +508,21 @@ class Controller:
 
         self._read_lock_state(decide)
 
-    def _wait_for_unlock(self) -> None:
+    def _wait_until_back(self) -> None:
+        """Locked or not on the screen: no session until that ends (no retries meanwhile)."""
         self._drop_session()
         self._cancel_timer()
-        self.waiting = "unlock"
-        log.info("GNOME ScreenCast: the screen is locked: waiting for it to be unlocked")
-        self.out._stream_gone("the screen is locked")
-        self.out._waiting_for("the screen is locked", settled=True)
+        self.waiting = "away"
+        self.was_locked = self.locked
+        if self.was_locked:
+            log.info("GNOME ScreenCast: the screen is locked: waiting for it to be unlocked")
+            why = "the screen is locked"
+        else:
+            log.info("GNOME ScreenCast: the session is not on the screen (another VT is): "
+                     "waiting for it to come back")
+            why = "the session is not on the screen (another VT is)"
+        self.out._stream_gone(why)
+        self.out._waiting_for(why, settled=True)
 
     def _on_closed(self, _sender: str, _args: tuple) -> None:
         if self.session is None:
@@ -496,9 +546,9 @@ class Controller:
             log.info("GNOME ScreenCast: the monitor layout changed: recording again")
             self.failures = 0
             self._create()
-        elif self.locked:
+        elif self.away:
             self.closed_at = None
-            self._wait_for_unlock()
+            self._wait_until_back()
         elif first:
             self._later(self.timing.settle, self._settled_after_close)
 
@@ -508,9 +558,9 @@ class Controller:
         def decide(locked: bool) -> None:
             if attempt != self.attempt or self.closed_at is None:
                 return
-            if locked:
+            if locked or self.inactive:  # not the Stop button: nobody could press it
                 self.closed_at = None
-                self._wait_for_unlock()
+                self._wait_until_back()
                 return
             self.closed_at = None
             self._cancel_timer()

@@ -11,10 +11,14 @@ passes no damage regions). At most two frames are held: the slot and the framebu
 
 Lifecycle (mutter closes a screen cast for several reasons, the Closed signal says none of them):
   - the lock screen: gnome-shell closes every screen cast and refuses new ones while locked; the
-    session is created again when org.gnome.ScreenSaver says the screen is unlocked;
+    session is created again when org.gnome.ScreenSaver (or logind's LockedHint) says the screen
+    is unlocked;
   - a change of the monitor layout (DisplayConfig's MonitorsChanged around the Closed): created
     again at once;
   - mutter leaving the bus (its name's owner gone or changed): created again when it is back;
+  - another VT on the screen (logind's Active of the session false): the picture held is not
+    current any more and none is taken until the session is back; a session that fails or closes
+    meanwhile is created again when it is back (never taken for the Stop button);
   - anything else is the user's Stop in GNOME's screen-sharing indicator: the worker exits with
     STOPPED_BY_USER and the service respects it until the next login;
   - failures to create: retried with backoff, a bounded number of times in a row.
@@ -63,6 +67,8 @@ class ScreenCast:
         self._lock = threading.Lock()
         self._slot: tuple[int, int, bytes] | None = None
         self._accept = 0  # frames are taken from this pipeline generation only (0: none)
+        self._held = False  # the session is not on the screen: frames wait in _held_frame
+        self._held_frame: tuple[int, int, bytes] | None = None
         self._up = False  # a stream is delivering frames
         self._fatal: WorkerError | None = None
         self._node: int | None = None
@@ -103,6 +109,9 @@ class ScreenCast:
         with self._lock:
             if gen != self._accept:
                 return False
+            if self._held:
+                self._held_frame = (width, height, pixels)
+                return True
             self._slot = (width, height, pixels)
             first, self._up = not self._up, True
         self._wake()
@@ -113,10 +122,29 @@ class ScreenCast:
     def _stream_started(self, gen: int, node: int) -> None:
         with self._lock:
             self._accept, self._node, self._up, self._slot = gen, node, False, None
+            self._held_frame = None
+
+    def _hold(self, waiting: str) -> None:
+        """The session left the screen: the picture held is no longer current. Frames are kept
+        aside until _release(): mutter paints none while another VT is on the screen, so one
+        that came meanwhile was painted on the way back, and is current then."""
+        with self._lock:
+            self._held, self._up, self._slot, self._waiting = True, False, None, waiting
+            self._held_frame = None
+        self._wake()
+
+    def _release(self) -> None:
+        with self._lock:
+            self._held, frame, self._held_frame = False, self._held_frame, None
+            if frame is not None:
+                self._slot, self._up = frame, True
+        if frame is not None:
+            self._wake()
 
     def _stream_gone(self, waiting: str) -> None:
         with self._lock:
             self._accept, self._up, self._slot, self._node = 0, False, None, None
+            self._held_frame = None
             self._waiting = waiting
         self._wake()
 
