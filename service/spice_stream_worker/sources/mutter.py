@@ -661,6 +661,9 @@ class Controller:
         elif message.type == Gst.MessageType.EOS:
             why = "end of stream"
         else:
+            if (message.type == Gst.MessageType.ASYNC_DONE and self.waiting == "frame"
+                    and message.src == self.pipeline):
+                self._step("pipeline playing")  # where a slow start went: ours or mutter's paint
             return
         node = self.node
         self._stop_pipeline()
