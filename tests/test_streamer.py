@@ -11,7 +11,7 @@ from Xlib.ext import xtest
 
 from spice_stream_common import frameparts
 from spice_stream_common import protocol as p
-from spice_stream_common.outbox import Outbox
+from spice_stream_common.outbox import MAX_QUEUED, Outbox
 from spice_stream_worker.encoder import JpegEncoder
 from spice_stream_worker.sources.x11 import Changes, Rect, Screen
 from spice_stream_worker.streamer import HEARTBEAT_S, MAX_DAMAGE_RECTS, HostState, Streamer
@@ -360,8 +360,8 @@ def test_a_full_queue_delays_the_frame_instead_of_dropping_it():
                  host=HostState(codecs=(p.CODEC_MJPEG,)), clock=lambda: now[0])
     try:
         s.start()
-        while out.room > 1:  # the host stopped reading: cursor moves pile up
-            out.send(p.cursor_move(1, 1))
+        for _ in range(MAX_QUEUED - 2):  # the host stopped reading: cursor moves pile up
+            out.send(p.cursor_move(1, 1))  # (behind CAPABILITIES: room for one message more)
         assert s.next_deadline() is None  # the device's writability wakes the loop
         s.tick()
         assert out.dropped == 0

@@ -564,7 +564,11 @@ def test_a_static_screen_is_neither_stuck_nor_not_streaming(workdir, pty_device,
             await wait_async(lambda: sup.status["streaming"], timeout=15, what="Streaming")
             since = len(changes)
             seen = []
+            deadline = time.monotonic() + 15
             while len(of_pid(rec, "sent", first["pid"]) or []) < 20:  # 4 s of UNCHANGED
+                assert time.monotonic() < deadline and alive(first["pid"]), \
+                    f"the worker sent {len(of_pid(rec, 'sent', first['pid']) or [])} UNCHANGED " \
+                    f"and is {'alive' if alive(first['pid']) else 'gone'}: {sup.status}"
                 seen.append(sup.status["streaming"])
                 await asyncio.sleep(0.05)
             assert len(records(rec)) == 1 and alive(first["pid"]), "restarted on a static screen"
