@@ -71,8 +71,8 @@ class Frame:
 class Drain:
     """The host: reads the pty master in a thread and splits it into messages.
 
-    Counts DATA messages and those whose JPEG differs from the previous one's (the worker's idle
-    refresh resends the same bytes: not an encode). keep=True keeps every frame with the time it was
+    Counts DATA messages and those whose JPEG differs from the previous one's (the baseline encodes
+    an unchanged screen again, to the same bytes). keep=True keeps every frame with the time it was
     complete, for the latency runs to decode afterwards. pause()/resume() stop and restart reading
     (a host that stops reading); rate= reads at most that many bytes per second (a slow host).
     """

@@ -62,7 +62,7 @@ class Result:
     workload: str
     fps: float
     frames: int  # DATA messages in the window
-    new_frames: int  # frames whose JPEG differs from the one before (not an idle refresh)
+    new_frames: int  # frames whose JPEG differs from the one before (the baseline re-encodes)
     cursor_moves: int  # CURSOR_MOVE messages in the window
     cpu_ms_per_frame: float
     engine_ms_per_frame: float  # every process of the engine (relayed: service + worker)

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from PIL import Image
 from Xlib import X
 
 from spice_stream_common import protocol as proto
+from spice_stream_worker.streamer import HEARTBEAT_S
 from spice_streamd import guestmessages
 from tests.support.spicehost import FakeGuest, SpiceHost, psnr, quadrants
 from tests.support.xserver import Painter, XServer, start_xvfb
@@ -294,7 +296,9 @@ def test_worker_stream_matches_x_screen(
 ) -> None:
     expected = _capture(xserver)
     try:
-        got = host.grab(timeout=30, frames=2).image
+        # One frame: on a static screen the worker sends its picture once (no resend since
+        # issue 16; the second frame this waited for was the 2 s resend of the same picture).
+        got = host.grab(timeout=30, frames=1).image
     except AssertionError as exc:
         raise AssertionError(f"{exc}\nworker: {_worker_log(worker)}") from None
     assert worker.poll() is None, _worker_log(worker)
@@ -332,3 +336,31 @@ def test_worker_cursor_reaches_client(
     assert grab.cursor.tobytes() == expected.tobytes()
     assert host.protocol_errors() == []
     assert worker.poll() is None, _worker_log(worker)
+
+
+@needs_worker
+def test_a_client_connecting_to_a_static_screen_gets_its_picture(
+    host: SpiceHost, xserver: XServer, worker: subprocess.Popen[bytes]
+) -> None:
+    """Issue 16: nothing is sent again on a static screen. A client that connects once the screen
+    has been static for longer than a heartbeat period still gets the current picture: the host
+    tells the worker START_STOP again (a single-client host: stop for the client it drops, start
+    for the new one), and the worker sends FORMAT and a whole frame."""
+    expected = _capture(xserver)
+    with host.viewer() as first:
+        first.wait_line(lambda s: s.startswith("SAVED "), 30)
+        shown, _ = first.save()
+        assert psnr(shown, expected) > MIN_PSNR_DB
+        time.sleep(HEARTBEAT_S + 1.5)  # static: no frame since
+        t0 = time.monotonic()
+        try:
+            got = host.grab(timeout=10).image
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nworker: {_worker_log(worker)}") from None
+        took = time.monotonic() - t0
+    assert psnr(got, expected) > MIN_PSNR_DB
+    assert took < 10, took
+    # How: the host dropped the first client (stop) and streams to the new one (start).
+    assert _worker_log(worker).count("start streaming") >= 2, _worker_log(worker)
+    assert worker.poll() is None, _worker_log(worker)
+    assert host.protocol_errors() == []

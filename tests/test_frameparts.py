@@ -44,7 +44,7 @@ def test_the_service_assembles_every_frame_exactly_from_small_messages():
         sizes.append(sum(map(len, pieces)))
     whole = sum(map(len, parts))
     assert sizes[0] > whole  # the first carries everything
-    assert min(sizes[1:]) < 200  # an unchanged frame (the idle refresh) is a few bytes
+    assert min(sizes[1:]) < 200  # a frame with no part changed is a few bytes
     assert sorted(sizes[1:])[len(sizes) // 2] < whole / 3
 
 

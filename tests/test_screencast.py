@@ -647,7 +647,7 @@ def test_worker_streams_the_screencast_and_sends_nothing_while_locked(env, produ
     fake.lock()
     wait_until(lambda: w.last_status().get("live") is False, what="the worker to have no picture")
     sent = len(w.peer.of_type(p.MsgType.DATA))
-    time.sleep(3.0)  # more than the idle refresh (2 s): a stale frame would be sent again
+    time.sleep(3.0)  # more than a heartbeat period (2 s): a stale frame must not be sent again
     assert len(w.peer.of_type(p.MsgType.DATA)) == sent
     fake.set_node(producers().node)
     fake.unlock()

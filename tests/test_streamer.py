@@ -11,10 +11,10 @@ from Xlib.ext import xtest
 
 from spice_stream_common import frameparts
 from spice_stream_common import protocol as p
-from spice_stream_common.outbox import Outbox
+from spice_stream_common.outbox import MAX_QUEUED, Outbox
 from spice_stream_worker.encoder import JpegEncoder
 from spice_stream_worker.sources.x11 import Changes, Rect, Screen
-from spice_stream_worker.streamer import IDLE_REFRESH_S, MAX_DAMAGE_RECTS, HostState, Streamer
+from spice_stream_worker.streamer import HEARTBEAT_S, MAX_DAMAGE_RECTS, HostState, Streamer
 from tests.support.xserver import Painter, start_xvfb
 
 
@@ -88,20 +88,27 @@ def xscreen(monkeypatch):
 
 
 @pytest.fixture
-def live(xscreen):
-    screen, painter = xscreen
+def device():
+    """A pipe for the device: (read end, write end), both non-blocking, room for a few frames."""
     r, w = os.pipe()
     os.set_blocking(r, False)
     os.set_blocking(w, False)
-    fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ: room for a few frames
-    outbox = Outbox(w)
-    streamer = Streamer(screen, JpegEncoder(), outbox, fps=1000,
-                        host=HostState(codecs=(p.CODEC_MJPEG,)))
+    fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ
     try:
-        yield streamer, screen, painter, outbox, r
+        yield r, w
     finally:
         os.close(r)
         os.close(w)
+
+
+@pytest.fixture
+def live(xscreen, device):
+    screen, painter = xscreen
+    r, w = device
+    outbox = Outbox(w)
+    streamer = Streamer(screen, JpegEncoder(), outbox, fps=1000,
+                        host=HostState(codecs=(p.CODEC_MJPEG,)))
+    yield streamer, screen, painter, outbox, r
 
 
 def step(streamer: Streamer, screen: Screen, painter: Painter, outbox: Outbox) -> None:
@@ -209,47 +216,41 @@ class ComingAndGoing:
         return (0, 0)
 
 
-def test_no_frame_and_no_idle_refresh_while_the_source_has_no_picture():
-    r, w = os.pipe()
-    os.set_blocking(r, False)
-    os.set_blocking(w, False)
-    fcntl.fcntl(w, 1031, 1 << 20)
+def test_no_frame_while_the_source_has_no_picture_nor_while_its_picture_is_static(device):
+    r, w = device
     now = [0.0]
     source = ComingAndGoing()
     out = Outbox(w)
     s = Streamer(source, JpegEncoder(), out, fps=30, host=HostState(codecs=(p.CODEC_MJPEG,)),
                  clock=lambda: now[0])
-    try:
-        s.start()
-        assert s.streaming
-        assert s.next_deadline() is None  # nothing due: the loop sleeps, no busy wait
-        for now[0] in (0.0, 1.0, 5.0):
-            s.tick()
-        assert out.flush() and sent_types(r) == [p.MsgType.CAPABILITIES]
-        assert s.state()["live"] is False
-        # The picture is back (poll() says resized): a whole frame at once.
-        source.live = True
-        s.on_screen_changes(Changes(resized=True))
-        assert s.next_deadline() is not None
+    s.start()
+    assert s.streaming
+    assert s.next_deadline() is None  # nothing due: the loop sleeps, no busy wait
+    for now[0] in (0.0, 1.0, 5.0):
         s.tick()
-        assert out.flush() and sent_types(r) == [p.MsgType.FORMAT, p.MsgType.DATA]
-        now[0] = 10.0  # a static picture gets its idle refresh while it is current
+    assert out.flush() and sent_types(r) == [p.MsgType.CAPABILITIES]
+    assert s.state()["live"] is False
+    # The picture is back (poll() says resized): a whole frame at once.
+    source.live = True
+    s.on_screen_changes(Changes(resized=True))
+    assert s.next_deadline() is not None
+    s.tick()
+    assert out.flush() and sent_types(r) == [p.MsgType.FORMAT, p.MsgType.DATA]
+    now[0] = 10.0  # a static picture is not sent again (to the port: nothing at all)
+    assert s.next_deadline() is None
+    s.tick()
+    assert out.flush() and sent_types(r) == []
+    # Gone again: the last frame is not sent again as if it were current.
+    source.live = False
+    assert s.next_deadline() is None
+    for now[0] in (13.0, 20.0):
         s.tick()
-        assert out.flush() and sent_types(r) == [p.MsgType.DATA]
-        # Gone again: the last frame is not sent again as if it were current.
-        source.live = False
-        assert s.next_deadline() is None
-        for now[0] in (13.0, 20.0):
-            s.tick()
-        assert out.flush() and sent_types(r) == []
-    finally:
-        os.close(r)
-        os.close(w)
+    assert out.flush() and sent_types(r) == []
 
 
 def test_without_a_picture_the_service_hears_no_picture_and_the_port_nothing():
     # On the service's socket (frame parts) a worker with no picture says so every
-    # IDLE_REFRESH_S, for the watchdog; written to the port itself it stays silent (the host
+    # HEARTBEAT_S, for the watchdog; written to the port itself it stays silent (the host
     # knows no such type).
     from spice_stream_common import frameparts
 
@@ -276,10 +277,84 @@ def test_without_a_picture_the_service_hears_no_picture_and_the_port_nothing():
                     pass
             if to_service:
                 assert got == [p.MsgType.CAPABILITIES] + [frameparts.NO_PICTURE] * 3, got
-                assert s.next_deadline() == 4.3 + IDLE_REFRESH_S
+                assert s.next_deadline() == 4.3 + HEARTBEAT_S
             else:
                 assert got == [p.MsgType.CAPABILITIES], got
                 assert s.next_deadline() is None
         finally:
             os.close(r)
             os.close(w)
+
+
+class StaticPicture(ComingAndGoing):
+    live = True
+
+
+def run_for(s: Streamer, out: Outbox, r: int, until: float, now: list[float]) -> list[tuple[float, int]]:
+    """As the worker's loop does: tick whenever next_deadline() has come, in steps of 0.25 s (exact
+    in binary) up to `until`; (time, type) of each message written. Once ticked, the deadline must
+    never be the present: that would be a busy loop."""
+    parser = p.Parser(frameparts.WORKER_CHANNEL_LIMITS)
+    got = []
+    for i in range(round(now[0] * 4) + 1, round(until * 4) + 1):
+        now[0] = i / 4
+        deadline = s.next_deadline()
+        if deadline is not None and deadline <= now[0]:
+            s.tick()
+            assert s.next_deadline() is None or s.next_deadline() > now[0], "busy"
+        assert out.flush()
+        try:
+            got += [(now[0], m.type) for m in parser.feed(os.read(r, 1 << 20))
+                    if isinstance(m, p.Message)]
+        except BlockingIOError:
+            pass
+    return got
+
+
+@pytest.mark.parametrize("to_service", [True, False], ids=["service-socket", "port"])
+def test_a_static_picture_sends_no_frame_after_the_first(to_service, device):
+    # Issue 16: nothing on the wire for a static screen. To the service, only its empty UNCHANGED
+    # every HEARTBEAT_S (the watchdog and Streaming); to the port itself, nothing at all.
+    r, w = device
+    now = [0.0]
+    out = Outbox(w)
+    s = Streamer(StaticPicture(), JpegEncoder(), out, fps=30,
+                 host=HostState(codecs=(p.CODEC_MJPEG,)), clock=lambda: now[0],
+                 frame_parts=frameparts.Sender() if to_service else None)
+    s.start()
+    first = run_for(s, out, r, 0.25, now)
+    frame = frameparts.FRAME_PARTS if to_service else p.MsgType.DATA
+    assert [t for _, t in first] == [p.MsgType.CAPABILITIES, p.MsgType.FORMAT, frame]
+    later = run_for(s, out, r, 10.25, now)
+    if to_service:
+        assert later == [(t, frameparts.UNCHANGED) for t in (2.25, 4.25, 6.25, 8.25, 10.25)]
+        assert s.next_deadline() == 10.25 + HEARTBEAT_S  # it sleeps until then
+    else:
+        assert later == [], later
+        assert s.next_deadline() is None  # nothing due: the loop waits for input only
+    # A change (here a resize) is still sent at once, and the heartbeat counts from it.
+    s.on_screen_changes(Changes(resized=True))
+    assert [t for _, t in run_for(s, out, r, 10.5, now)] == [frame]
+    assert run_for(s, out, r, 12.25, now) == []
+    assert run_for(s, out, r, 12.5, now) == ([(12.5, frameparts.UNCHANGED)] if to_service
+                                             else [])
+
+
+def test_a_full_queue_delays_the_frame_instead_of_dropping_it(device):
+    # A frame the full queue dropped would never be sent again on a static screen (there is no
+    # resend of the last frame): it waits, whole, until the queue has room for it and its FORMAT.
+    r, w = device
+    now = [0.0]
+    out = Outbox(w)
+    s = Streamer(StaticPicture(), JpegEncoder(), out, fps=30,
+                 host=HostState(codecs=(p.CODEC_MJPEG,)), clock=lambda: now[0])
+    s.start()
+    for _ in range(MAX_QUEUED - 2):  # the host stopped reading: cursor moves pile up
+        out.send(p.cursor_move(1, 1))  # (behind CAPABILITIES: room for one message more)
+    assert s.next_deadline() is None  # the device's writability wakes the loop
+    s.tick()
+    assert out.dropped == 0
+    assert out.flush()  # the host reads again
+    assert set(sent_types(r)) == {p.MsgType.CAPABILITIES, p.MsgType.CURSOR_MOVE}
+    got = run_for(s, out, r, 10.0, now)
+    assert [t for _, t in got] == [p.MsgType.FORMAT, p.MsgType.DATA]

@@ -78,7 +78,7 @@ def send(data):
     sock.setblocking(True)
     sock.sendall(data)
     sock.setblocking(False)
-if mode in ("chatty", "hostile", "tear", "silent", "flood", "waiting"):
+if mode in ("chatty", "hostile", "tear", "silent", "flood", "waiting", "still"):
     send(p.capabilities(b"\x01"))
 if mode == "hostile":
     send(p.encode(p.MsgType.DATA, b"\xff\xd8early"))       # DATA before FORMAT: refused
@@ -104,8 +104,11 @@ while True:
                 record("heard", heard)
                 if item.type == p.MsgType.START_STOP:
                     streaming = p.CODEC_MJPEG in p.decode_start_stop(item.payload).codecs
-                    if streaming and mode in ("chatty", "hostile", "tear", "flood"):
+                    if streaming and mode in ("chatty", "hostile", "tear", "flood", "still"):
                         send(p.format_msg(64, 48))
+                    if streaming and mode == "still":  # one frame, then a static screen
+                        send(p.encode(p.MsgType.DATA, b"\xff\xd8" + b"\0" * 100))
+                        next_frame = time.monotonic() + 0.2
     now = time.monotonic()
     if streaming and mode in ("chatty", "hostile", "flood") and now >= next_frame:
         frame_no += 1
@@ -119,6 +122,12 @@ while True:
         # A locked screen: no picture, only the word that it waits (every 0.2 s here).
         send(p.header(0xFF02, 0))
         sent.append(["waiting", now])
+        record("sent", sent)
+        next_frame = now + 0.2
+    if streaming and mode == "still" and now >= next_frame:
+        # A static screen: no frame again, only the word that the last one is still current.
+        send(p.header(0xFF03, 0))
+        sent.append(["unchanged", now])
         record("sent", sent)
         next_frame = now + 0.2
     if streaming and mode == "tear":
@@ -531,6 +540,43 @@ def test_a_worker_that_says_it_has_no_picture_is_waiting_not_stuck(workdir, pty_
             assert "sent no frame" not in (sup.status["last_error"] or "")
             assert not sup.status["streaming"]  # nothing stale is claimed as current
             assert host.types() == [p.MsgType.CAPABILITIES]  # a stray type would fail read()
+        finally:
+            await sup.close()
+
+    asyncio.run(run())
+
+
+def test_a_static_screen_is_neither_stuck_nor_not_streaming(workdir, pty_device, monkeypatch):
+    # Issue 16: one frame, then only UNCHANGED (no frame again). The watchdog sees a live worker,
+    # and Streaming stays true throughout (no PropertiesChanged to false and back): with short
+    # periods, four watchdog periods and four Streaming windows after the only frame.
+    from spice_streamd import supervisor
+
+    monkeypatch.setattr(supervisor, "STREAMING_WINDOW_S", 1.0)
+    _, script, rec = workdir
+    host = Host(pty_device[1])
+
+    async def run():
+        sup, changes = make(script, rec, pty_device[0], "still", watchdog_s=1.0)
+        try:
+            first = await first_worker(sup, rec)
+            host.send(p.start_stop([1]))
+            await wait_async(lambda: sup.status["streaming"], timeout=15, what="Streaming")
+            since = len(changes)
+            seen = []
+            deadline = time.monotonic() + 15
+            while len(of_pid(rec, "sent", first["pid"]) or []) < 20:  # 4 s of UNCHANGED
+                assert time.monotonic() < deadline and alive(first["pid"]), \
+                    f"the worker sent {len(of_pid(rec, 'sent', first['pid']) or [])} UNCHANGED " \
+                    f"and is {'alive' if alive(first['pid']) else 'gone'}: {sup.status}"
+                seen.append(sup.status["streaming"])
+                await asyncio.sleep(0.05)
+            assert len(records(rec)) == 1 and alive(first["pid"]), "restarted on a static screen"
+            assert "sent no frame" not in (sup.status["last_error"] or "")
+            assert all(seen) and sup.status["streaming"], "Streaming went false on a static screen"
+            # What the service told its listeners (PropertiesChanged follows these): never false.
+            assert all(c["streaming"] for c in changes[since:]), changes[since:]
+            assert host.types() == [p.MsgType.CAPABILITIES, p.MsgType.FORMAT, p.MsgType.DATA]
         finally:
             await sup.close()
 

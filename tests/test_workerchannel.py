@@ -214,3 +214,28 @@ def test_no_picture_is_heard_by_the_service_and_never_relayed():
             relayed.close()
 
     asyncio.run(run())
+
+
+def test_unchanged_is_heard_by_the_service_and_never_relayed():
+    # A worker on a static screen says its last frame is still its picture: the channel notes
+    # when (the watchdog, Streaming) and hands nothing on; with bytes it is a violation, dropped.
+    async def run() -> None:
+        delivered: list[int] = []
+        relayed = Relayed(lambda m: delivered.append(m.type))
+        try:
+            assert getattr(relayed.channel, "last_unchanged_at", None) is None
+            before = time.monotonic()
+            relayed.theirs.sendall(fp.unchanged() + p.header(fp.UNCHANGED, 4) + b"junk"
+                                   + p.cursor_move(1, 2))
+            await wait_async(lambda: delivered, what="the message after them")
+            assert delivered == [p.MsgType.CURSOR_MOVE]
+            heard = getattr(relayed.channel, "last_unchanged_at", None)
+            assert heard is not None and heard >= before, "UNCHANGED not heard"
+            assert relayed.channel.last_frame_at is None and relayed.channel.last_waiting_at is None
+            # In standby its word no longer counts: the host's picture is another worker's.
+            relayed.channel.relay(False)
+            assert relayed.channel.last_unchanged_at is None
+        finally:
+            relayed.close()
+
+    asyncio.run(run())

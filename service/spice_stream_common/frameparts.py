@@ -18,9 +18,13 @@ from . import protocol as p
 
 FRAME_PARTS = 0xFF01  # far above the stream-device protocol's types
 # "Alive, with no picture to show" (a locked screen, a stream being created again): sent every
-# IDLE_REFRESH_S while the host wants frames, so the service's watchdog tells a worker that waits
+# HEARTBEAT_S while the host wants frames, so the service's watchdog tells a worker that waits
 # from a stuck one without a stale frame being claimed as current. Empty; never reaches the port.
 NO_PICTURE = 0xFF02
+# "Alive; the picture the host was last sent is still the current one": sent every HEARTBEAT_S on
+# a static screen instead of the frame again, so the watchdog and the Streaming property see a
+# worker that has nothing new to send. Empty; never reaches the port.
+UNCHANGED = 0xFF03
 MAX_PARTS = 1088  # a 16384-row frame has 1024 bands of 16 rows, plus header and EOI
 COUNT = struct.Struct("<I")  # the frame's number of parts
 ENTRY = struct.Struct("<II")  # a changed part: its index, then its length and bytes
@@ -33,14 +37,18 @@ def payload_limit(frame_limit: int) -> int:
 
 MAX_PAYLOAD = payload_limit(p.DATA_MAX_BYTES)
 
-# What the service's end of a worker socket accepts: the port's guest messages, FRAME_PARTS and
-# NO_PICTURE.
+# What the service's end of a worker socket accepts: the port's guest messages, FRAME_PARTS,
+# NO_PICTURE and UNCHANGED.
 WORKER_CHANNEL_LIMITS: dict[int, int] = {**p.GUEST_TO_HOST_LIMITS, FRAME_PARTS: MAX_PAYLOAD,
-                                          NO_PICTURE: 0}
+                                          NO_PICTURE: 0, UNCHANGED: 0}
 
 
 def no_picture() -> bytes:
     return p.header(NO_PICTURE, 0)
+
+
+def unchanged() -> bytes:
+    return p.header(UNCHANGED, 0)
 
 
 def message(parts: Sequence[bytes], changed: Sequence[int]) -> list[bytes]:

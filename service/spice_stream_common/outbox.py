@@ -43,6 +43,11 @@ class Outbox:
         return self._offset > 0
 
     @property
+    def room(self) -> int:
+        """How many more messages send() takes now."""
+        return MAX_QUEUED - len(self._queue)
+
+    @property
     def frames_queued(self) -> int:
         return sum(1 for _, _, is_frame in self._queue if is_frame)
 

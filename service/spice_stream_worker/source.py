@@ -51,8 +51,8 @@ class CaptureSource(Protocol):
     def live(self) -> bool:
         """Whether there is a current picture to send. A source that can lose its picture for a
         while (the screen cast closed on the lock screen, between two streams) says False then:
-        the streamer sends nothing, not even the idle refresh of the last frame, and poll() reports
-        `resized` when a picture is back. X11's is always True."""
+        the streamer sends no frame (to the service only NO_PICTURE, its heartbeat), and poll()
+        reports `resized` when a picture is back. X11's is always True."""
         ...
 
     def describe(self) -> str:

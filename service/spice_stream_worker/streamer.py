@@ -1,4 +1,4 @@
-"""What goes on the wire and when: host requests, frame pacing, size changes, cursor, idle refresh."""
+"""What goes on the wire and when: host requests, frame pacing, size changes, cursor, heartbeat."""
 
 from __future__ import annotations
 
@@ -14,7 +14,11 @@ from spice_stream_common.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
-IDLE_REFRESH_S = 2.0  # a late client gets a picture within this long on a static screen
+# On the service's socket, while there is nothing new to send (a static screen: UNCHANGED; no
+# picture: NO_PICTURE), the service hears that the worker is alive this often, for its watchdog and
+# its Streaming property. Written to the port itself, a static screen sends nothing at all: a
+# client that connects late makes the host send START_STOP again, which brings a whole frame.
+HEARTBEAT_S = 2.0
 CURSOR_MOVE_MIN_INTERVAL_S = 1 / 60
 # One frame being written and one encoded behind it: the next capture and encode overlap the device's
 # drain of the previous frame, and a slow host still never has more than two frames of latency queued.
@@ -80,9 +84,9 @@ class Streamer:
         self._damage: list[Any] = []
         self._need_full = True
         self._last_frame_at = -1e9
+        self._last_unchanged_at = -1e9  # the last UNCHANGED sent to the service
         self._last_waiting_at = -1e9  # the last NO_PICTURE sent to the service
         self._next_frame_at = -1e9  # frame slots on a fixed grid, so loop latency does not eat the cap
-        self._last_jpeg: tuple[bytes, ...] | None = None  # as the encoder's pieces
         self._cursor_dirty = True
         self._pointer_dirty = False
         self._last_pointer: tuple[int, int] | None = None
@@ -183,17 +187,29 @@ class Streamer:
             deadlines.append(self.clock())
         if self._pointer_dirty:
             deadlines.append(self._last_pointer_at + CURSOR_MOVE_MIN_INTERVAL_S)
-        # No picture (the source's stream is gone): no frame and no refresh until it is back, which
-        # poll() reports as a resize; the source's fileno() wakes the loop then.
-        if self.outbox.frames_queued < MAX_FRAMES_QUEUED and self.screen.live:
+        # No picture (the source's stream is gone): no frame until it is back, which poll()
+        # reports as a resize; the source's fileno() wakes the loop then.
+        if self._room_for_a_frame() and self.screen.live:
             # (else the device's writability wakes us)
             if self._need_full or self._damage:
                 deadlines.append(self._next_frame_at)
-            elif self._last_jpeg is not None:
-                deadlines.append(self._last_frame_at + IDLE_REFRESH_S)
+            elif self._heartbeat_due() is not None:
+                deadlines.append(self._heartbeat_due())
         elif not self.screen.live and self.frame_parts is not None:
-            deadlines.append(self._last_waiting_at + IDLE_REFRESH_S)
+            deadlines.append(self._last_waiting_at + HEARTBEAT_S)
         return min(deadlines) if deadlines else None
+
+    def _room_for_a_frame(self) -> bool:
+        # Room for FORMAT and DATA both: with no resend of the last frame any more, a frame the
+        # full queue dropped would leave the host's picture stale on a static screen.
+        return self.outbox.frames_queued < MAX_FRAMES_QUEUED and self.outbox.room >= 2
+
+    def _heartbeat_due(self) -> float | None:
+        """When the service should next hear UNCHANGED: only on its socket, and only once the
+        picture it holds is this worker's current one (a frame went out since the last start)."""
+        if self.frame_parts is None or self._format_sent is None:
+            return None
+        return max(self._last_frame_at, self._last_unchanged_at) + HEARTBEAT_S
 
     def tick(self) -> None:
         if not self.streaming:
@@ -205,20 +221,24 @@ class Streamer:
             self._send_pointer(now)
         if not self.screen.live:
             # Only the service hears it (a type of its socket's own); the port has no such word.
-            if self.frame_parts is not None and now - self._last_waiting_at >= IDLE_REFRESH_S:
+            if self.frame_parts is not None and now - self._last_waiting_at >= HEARTBEAT_S:
                 self.outbox.send(frameparts.no_picture())
                 self._last_waiting_at = now
             return
-        if self.outbox.frames_queued >= MAX_FRAMES_QUEUED:
+        if not self._room_for_a_frame():
             return
         if now < self._next_frame_at:
             return
         if self._need_full or self._damage:
             self._send_frame(now)
-        elif self._last_jpeg is not None and now - self._last_frame_at >= IDLE_REFRESH_S:
-            # Same picture, same bytes: no capture and no encode for the idle refresh.
-            self._send_jpeg(self._last_jpeg)
-            self._last_frame_at = now
+            return
+        due = self._heartbeat_due()
+        if due is not None and now >= due:
+            # A static screen: the service holds this picture already (and the port gets the
+            # newest frame it holds), so nothing goes to the port; the service hears only that
+            # the worker is alive and its picture current.
+            self.outbox.send(frameparts.unchanged())
+            self._last_unchanged_at = now
 
     def _send_frame(self, now: float) -> None:
         if self._need_full:
@@ -239,7 +259,6 @@ class Streamer:
             self._format_sent = (frame.width, frame.height)
         self._damage.clear()
         self._need_full = False
-        self._last_jpeg = jpeg
         self._send_jpeg(jpeg)
         self._last_frame_at = now
         # Keep to the grid when on time; after a pause start a new one (no burst to catch up).

@@ -25,11 +25,12 @@ log = logging.getLogger(__name__)
 
 STATES = ("idle", "starting", "running", "backoff", "failed", "no-device")
 TICK_S = 1.0
-# A worker resends its last frame every 2 s on a static screen (IDLE_REFRESH_S), or says it has no
-# picture (NO_PICTURE: a locked screen): one that sends nothing for this long while the host asks
-# for frames is stuck.
+# With nothing new to send, a worker says so every 2 s (its HEARTBEAT_S): UNCHANGED on a static
+# screen, NO_PICTURE when it has no picture (a locked screen). One that sends neither a frame nor
+# these for this long while the host asks for frames is stuck.
 WATCHDOG_S = 10.0
-# "Streaming" means frames reached the host this recently.
+# "Streaming" means frames reached the host this recently, or, on a static screen, that the worker
+# said this recently that the picture the host has from it is still current (UNCHANGED).
 STREAMING_WINDOW_S = 5.0
 STARTUP_PERIODS = 3
 STOPPED_TEXT = ("stopped by its user (the desktop's Stop for screen sharing): not restarted "
@@ -160,9 +161,12 @@ class WorkerSupervisor:
         w = self._worker
         running = self._state == "running" and w is not None
         age = self.relay.frame_age()
-        # Frames of this worker, not of the one before a switch, reached the host recently.
-        streaming = (running and self.relay.host_wants_frames and age is not None
-                     and age <= STREAMING_WINDOW_S and self.relay.attached_frames > 0)
+        # Frames of this worker, not of the one before a switch, reached the host recently; or
+        # its frames reached the host and it says the last one is still its picture (and has not
+        # said since that it has none).
+        streaming = (running and self.relay.host_wants_frames and self.relay.attached_frames > 0
+                     and ((age is not None and age <= STREAMING_WINDOW_S)
+                          or self._still_current(w)))
         return {
             "state": self._state,
             "vt": t.vt if t else 0,
@@ -175,6 +179,14 @@ class WorkerSupervisor:
             "restarts": self._policy.restarts,
             "last_error": self._policy.last_error,
         }
+
+    @staticmethod
+    def _still_current(w: _Worker | None) -> bool:
+        if w is None:
+            return False
+        said, waiting = w.channel.last_unchanged_at, w.channel.last_waiting_at
+        return (said is not None and time.monotonic() - said <= STREAMING_WINDOW_S
+                and (waiting is None or waiting < said))
 
     @property
     def host_state(self) -> tuple[list[int] | None, bytes | None]:
@@ -406,9 +418,11 @@ class WorkerSupervisor:
             # that never says a word for several periods is stuck.
             return now - w.started > STARTUP_PERIODS * self._watchdog_s
         since = max(self._frames_expected_since, w.first_message_at)
-        # A frame, or the worker's word that it has no picture now (a locked screen), resets it:
-        # such a worker is waiting, not stuck; it still sends nothing stale to the host.
-        for last in (w.channel.last_frame_at, w.channel.last_waiting_at):
+        # A frame, or the worker's word that its picture has not changed (a static screen) or that
+        # it has none now (a locked screen), resets it: such a worker is alive, not stuck; it still
+        # sends nothing stale to the host.
+        for last in (w.channel.last_frame_at, w.channel.last_unchanged_at,
+                     w.channel.last_waiting_at):
             if last is not None:
                 since = max(since, last)
         return now - since > self._watchdog_s

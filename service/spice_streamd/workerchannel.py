@@ -84,7 +84,8 @@ class WorkerChannel:
         self.caps_seen = False
         self._standby_left = STANDBY_READ_MAX
         self.last_frame_at: float | None = None
-        self.last_waiting_at: float | None = None
+        self.last_waiting_at: float | None = None  # its last NO_PICTURE
+        self.last_unchanged_at: float | None = None  # its last UNCHANGED
         self._log = LogLimiter(log, LOG_INTERVAL_S)
         self._loop = asyncio.get_running_loop()
         self.relay(relayed)
@@ -107,6 +108,7 @@ class WorkerChannel:
             if held >= GIVE_BACK_BYTES:
                 heap.give_back()
             self._standby_left = STANDBY_READ_MAX
+            self.last_unchanged_at = None  # its picture is no longer the host's
             for msg_type in frameparts.WORKER_CHANNEL_LIMITS:
                 if msg_type != p.MsgType.CAPABILITIES:
                     self._parser.set_limit(msg_type, 0)
@@ -212,6 +214,12 @@ class WorkerChannel:
         if item.type == frameparts.NO_PICTURE:
             # The worker's own word that it waits with nothing to show: for the watchdog only.
             self.last_waiting_at = time.monotonic()
+            return
+        if item.type == frameparts.UNCHANGED:
+            # Its word that its last frame is still its picture (a static screen): for the
+            # watchdog and the Streaming property, and only while relayed; nothing for the port.
+            if self.relayed:
+                self.last_unchanged_at = time.monotonic()
             return
         if item.type == frameparts.FRAME_PARTS:
             try:

@@ -55,6 +55,8 @@ from PIL import Image, ImageChops, ImageStat
 
 from spice_stream_common import protocol as proto
 
+from .waiting import stop_process
+
 HARNESS_DIR = Path(__file__).resolve().parent.parent / "harness"
 BUILD_DIR = HARNESS_DIR / "build"
 STREAM_PORT_NAME = "org.spice-space.stream.0"
@@ -269,6 +271,10 @@ class SpiceHost:
                 grab.cursor_moves.append((int(parts[1]), int(parts[2])))
         return grab
 
+    def viewer(self, timeout: float = 120.0) -> Viewer:
+        """A client that stays connected (spice_grab --serve) until closed: a viewer left open."""
+        return Viewer(self, timeout)
+
     def screenshot(self, path: str | os.PathLike[str], timeout: float = 20.0) -> Image.Image:
         """spicy-screenshot, retried until its picture is not uniformly black (or AssertionError)."""
         tool = shutil.which("spicy-screenshot")
@@ -319,6 +325,85 @@ class SpiceHost:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class Viewer:
+    """spice_grab --serve connected to a SpiceHost: its output lines, and its picture on demand."""
+
+    def __init__(self, host: SpiceHost, timeout: float) -> None:
+        self._host = host
+        self._cond = threading.Condition()
+        self.lines: list[str] = []
+        self._n = 0
+        args = [str(build("spice_grab")), "-h", "127.0.0.1", "-p", str(host.port),
+                "-o", os.path.join(host._tmpdir, f"viewer-{id(self)}-first.ppm"),
+                "-t", str(max(1, math.ceil(timeout))), "--serve"]
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, bufsize=1)
+        self._reader = threading.Thread(target=self._read, name="spice_grab-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_line(self, predicate: Callable[[str], bool], timeout: float, start: int = 0) -> str:
+        """First output line (from index start) matching predicate; AssertionError after timeout
+        or once the client has exited without one."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines[start:]:
+                    if predicate(line):
+                        return line
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(
+                        f"spice_grab --serve printed no matching line ({self.proc.poll()}): "
+                        f"{self.lines[-10:]}\nhost: {self._host.log_lines[-15:]}")
+                self._cond.wait(min(left, 0.2))
+
+    def save(self, timeout: float = 10.0) -> tuple[Image.Image, int]:
+        """The client's current picture, and how many invalidations (frames) it has had so far."""
+        self._n += 1
+        path = os.path.join(self._host._tmpdir, f"viewer-{id(self)}-{self._n}.ppm")
+        with self._cond:
+            start = len(self.lines)
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(f"save {path}\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            raise AssertionError(f"spice_grab has exited ({self.proc.wait(5)}): "
+                                 f"{self.lines[-10:]}") from None
+        # (SAVED of a save has 5 fields: the one of the first picture, printed by itself, has 4.)
+        line = self.wait_line(lambda s: len(s.split()) == 5 and s.startswith("SAVED ")
+                              or s.startswith("ERROR "), timeout, start)
+        if line.startswith("ERROR"):
+            raise AssertionError(f"spice_grab: {line}")
+        with Image.open(path) as im:
+            return im.convert("RGB"), int(line.split()[-1])
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(3)
+        stop_process(self.proc, timeout=3)
+        self._reader.join(5)
+
+    def __enter__(self) -> Viewer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def quadrants(width: int = 320, height: int = 240) -> Image.Image:

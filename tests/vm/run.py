@@ -42,7 +42,6 @@ from pathlib import Path
 
 from PIL import Image, ImageChops
 
-from spice_stream_worker.streamer import IDLE_REFRESH_S
 from tests.support import safedir
 from tests.support.spicehost import build, is_black, psnr
 from tests.support.waiting import stop_process, wait_until
@@ -1730,16 +1729,15 @@ def s18_wayland_static_and_animation(ctx: Context) -> str:
         wait_until(lambda: wayland_streaming(ctx), 30, "Streaming on alice's VT", interval=1.0)
         settle_dump(ctx, "static-wayland")
         static = _measure(ctx, 10.0)
-        # Nothing new is encoded on a static screen; the worker resends its last frame every
-        # IDLE_REFRESH_S (a client connecting late gets a picture), as on X11: those are all.
-        refreshes = int(static["seconds"] / IDLE_REFRESH_S) + 1
-        check(static["frames"] <= refreshes and static["cpu_share"] < CPU_STATIC_MAX,
+        # A static screen sends no frame (the worker tells the service UNCHANGED instead), as on
+        # X11; GNOME's top-bar clock may tick once a minute: one frame per minute started.
+        ticks = int(static["seconds"] // 60) + 1
+        check(static["frames"] <= ticks and static["cpu_share"] < CPU_STATIC_MAX,
               f"static Wayland desktop over {static['seconds']} s: {static['frames']} frames "
-              f"(the idle refresh every {IDLE_REFRESH_S:g} s allows {refreshes}), worker CPU "
+              f"(at most {ticks}: the top bar's clock), worker CPU "
               f"{100 * static['cpu_share']:.2f}% of a core (limit {100 * CPU_STATIC_MAX:g}%)")
-        report.append(f"static Wayland desktop: {static['frames']} frames in {static['seconds']} s "
-                      f"(idle refreshes every {IDLE_REFRESH_S:g} s), worker CPU "
-                      f"{100 * static['cpu_share']:.2f}% of a core")
+        report.append(f"static Wayland desktop: {static['frames']} frames in {static['seconds']} s, "
+                      f"worker CPU {100 * static['cpu_share']:.2f}% of a core")
         env = dict(ALICE_ENV, WAYLAND_DISPLAY="wayland-0", GDK_BACKEND="wayland")
         # GNOME opens its overview at login; a window shown there only as a thumbnail got no frame
         # callbacks (Debian 13: the app painted 0 frames in 23 s). Escape closes the overview.
