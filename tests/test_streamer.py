@@ -340,6 +340,23 @@ def test_a_static_picture_sends_no_frame_after_the_first(to_service, device):
                                              else [])
 
 
+def test_start_stop_again_while_streaming_starts_over_with_format_and_a_whole_frame(device):
+    # A client joining: the server's START_STOP again, with the same codecs. It gets STREAM_CREATE
+    # only with a FORMAT, and a static screen sends nothing else.
+    r, w = device
+    now = [0.0]
+    out = Outbox(w)
+    s = Streamer(StaticPicture(), JpegEncoder(), out, fps=30,
+                 host=HostState(codecs=(p.CODEC_MJPEG,)), clock=lambda: now[0])
+    s.start()
+    assert [t for _, t in run_for(s, out, r, 5.0, now)] == [
+        p.MsgType.CAPABILITIES, p.MsgType.FORMAT, p.MsgType.DATA]
+    s.on_host_bytes(p.start_stop((p.CODEC_MJPEG,)), p.Parser(p.HOST_TO_GUEST_LIMITS))
+    assert s.streaming
+    assert [t for _, t in run_for(s, out, r, 5.5, now)] == [p.MsgType.FORMAT, p.MsgType.DATA]
+    assert run_for(s, out, r, 10.0, now) == []
+
+
 def test_a_full_queue_delays_the_frame_instead_of_dropping_it(device):
     # A frame the full queue dropped would never be sent again on a static screen (there is no
     # resend of the last frame): it waits, whole, until the queue has room for it and its FORMAT.

@@ -146,6 +146,14 @@ class Streamer:
                 self.outbox.send(p.device_display_info(0, 0, self.display_address))
             if self.host.caps and p.has_cap(self.host.caps, p.Capability.QUALITY_INDICATOR):
                 self.outbox.send(p.quality_indicator(f"mjpeg fps<={round(1 / self.interval)}"))
+        elif want:
+            # Streaming already: libspice-server says START_STOP again when a client connects (a
+            # client gets STREAM_CREATE only with a FORMAT), and the service when the port is read
+            # again after a block. Start over: FORMAT and a whole frame, the cursor again.
+            log.info("start streaming again (%s, codecs %s): a whole frame", how, list(codecs))
+            self._need_full = True
+            self._format_sent = None
+            self._cursor_dirty = True
         elif not want and self.streaming:
             if codecs:
                 log.warning("host asked for codecs %s without MJPEG: stop streaming", list(codecs))
