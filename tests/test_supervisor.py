@@ -78,7 +78,7 @@ def send(data):
     sock.setblocking(True)
     sock.sendall(data)
     sock.setblocking(False)
-if mode in ("chatty", "hostile", "tear", "silent", "flood", "waiting", "still"):
+if mode in ("chatty", "hostile", "tear", "silent", "flood", "waiting", "still", "locks"):
     send(p.capabilities(b"\x01"))
 if mode == "hostile":
     send(p.encode(p.MsgType.DATA, b"\xff\xd8early"))       # DATA before FORMAT: refused
@@ -104,11 +104,12 @@ while True:
                 record("heard", heard)
                 if item.type == p.MsgType.START_STOP:
                     streaming = p.CODEC_MJPEG in p.decode_start_stop(item.payload).codecs
-                    if streaming and mode in ("chatty", "hostile", "tear", "flood", "still"):
+                    if streaming and mode in ("chatty", "hostile", "tear", "flood", "still",
+                                              "locks"):
                         send(p.format_msg(64, 48))
-                    if streaming and mode == "still":  # one frame, then a static screen
+                    if streaming and mode in ("still", "locks"):  # one frame, then static
                         send(p.encode(p.MsgType.DATA, b"\xff\xd8" + b"\0" * 100))
-                        next_frame = time.monotonic() + 0.2
+                        next_frame = time.monotonic() + (0.2 if mode == "still" else 1.5)
     now = time.monotonic()
     if streaming and mode in ("chatty", "hostile", "flood") and now >= next_frame:
         frame_no += 1
@@ -118,7 +119,7 @@ while True:
         sent.append([frame_no, now])
         record("sent", sent)
         next_frame = now + (0.02 if mode == "flood" else 0.1)
-    if streaming and mode == "waiting" and now >= next_frame:
+    if streaming and mode in ("waiting", "locks") and now >= next_frame:
         # A locked screen: no picture, only the word that it waits (every 0.2 s here).
         send(p.header(0xFF02, 0))
         sent.append(["waiting", now])
@@ -540,6 +541,28 @@ def test_a_worker_that_says_it_has_no_picture_is_waiting_not_stuck(workdir, pty_
             assert "sent no frame" not in (sup.status["last_error"] or "")
             assert not sup.status["streaming"]  # nothing stale is claimed as current
             assert host.types() == [p.MsgType.CAPABILITIES]  # a stray type would fail read()
+        finally:
+            await sup.close()
+
+    asyncio.run(run())
+
+
+def test_a_worker_that_says_it_has_no_picture_after_a_frame_is_not_streaming_at_once(
+        workdir, pty_device):
+    # The lock screen 1.5 s after the last frame: Streaming is false from the worker's NO_PICTURE,
+    # not only once that frame is older than STREAMING_WINDOW_S (5 s).
+    _, script, rec = workdir
+    host = Host(pty_device[1])
+
+    async def run():
+        sup, _ = make(script, rec, pty_device[0], "locks")
+        try:
+            await first_worker(sup, rec)
+            host.send(p.start_stop([1]))
+            await wait_async(lambda: sup.status["streaming"], timeout=10,
+                             what="Streaming with the frame")
+            await wait_async(lambda: not sup.status["streaming"], timeout=2.5,
+                             what="Streaming false once the worker says it has no picture")
         finally:
             await sup.close()
 

@@ -165,6 +165,7 @@ class WorkerSupervisor:
         # its frames reached the host and it says the last one is still its picture (and has not
         # said since that it has none).
         streaming = (running and self.relay.host_wants_frames and self.relay.attached_frames > 0
+                     and not self._says_no_picture(w)
                      and ((age is not None and age <= STREAMING_WINDOW_S)
                           or self._still_current(w)))
         return {
@@ -179,6 +180,15 @@ class WorkerSupervisor:
             "restarts": self._policy.restarts,
             "last_error": self._policy.last_error,
         }
+
+    @staticmethod
+    def _says_no_picture(w: _Worker | None) -> bool:
+        """The worker's last word is that it has no picture (a lock screen came after its last
+        frame): what the host shows is no longer current, whatever the frame's age."""
+        if w is None or w.channel.last_waiting_at is None:
+            return False
+        said = [t for t in (w.channel.last_frame_at, w.channel.last_unchanged_at) if t is not None]
+        return not said or w.channel.last_waiting_at > max(said)
 
     @staticmethod
     def _still_current(w: _Worker | None) -> bool:
