@@ -1648,6 +1648,7 @@ def s17_wayland_vt_switch(ctx: Context) -> str:
     vm.sh(f"chvt {ALICE_VT}").check()
     alice_ref = settle_dump(ctx, "alice-wayland-before-switch")
     entry = _bob_session(ctx)
+    ctx.notes["bob_wayland_boot"] = entry  # 18 compares with bob's X11 session, whatever 17 gives
     bob_ref = ctx.screenshot(BOB[0], BOB_DISPLAY, BOB_XAUTH, "bob-ref-wayland")
     apart = _alike(alice_ref, bob_ref)
     check(apart < PSNR_MIN, f"alice's and bob's screens are alike (PSNR {apart:.1f} dB): the "
@@ -1676,7 +1677,6 @@ def s17_wayland_vt_switch(ctx: Context) -> str:
             values = compare_dump(ctx, viewer, "alice-wayland-after-switch")
             report.append(f"alice after switching back: PSNR {values}")
     check(not problems, "; ".join(problems) + "; " + "; ".join(report))
-    ctx.notes["bob_wayland_boot"] = entry
     return f"bob registered {entry}; " + "; ".join(report)
 
 
