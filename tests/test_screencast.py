@@ -321,31 +321,6 @@ def test_a_layout_change_records_again_at_once_with_the_new_size(producers, mutt
     assert fake.counts()["CreateSession"] == 2
 
 
-def our_clients(pw) -> list[int]:
-    """This process's connections to the PipeWire daemon (its client objects' ids)."""
-    return sorted(o["id"] for o in pw.dump() if o.get("type") == "PipeWire:Interface:Client"
-                  and str(o.get("info", {}).get("props", {}).get("pipewire.sec.pid"))
-                  == str(os.getpid()))
-
-
-@needs_pipewire
-def test_a_new_stream_reuses_the_connection_to_pipewire(producers, mutter, opened, env):
-    # A layout change, an unlock, a VT's return: each is a new stream, whose pipeline would set up
-    # a PipeWire context and connection of its own (seconds under TCG) but for the one held open.
-    _prod, fake, src = start(producers, mutter, opened)
-    first = our_clients(env)
-    assert len(first) == 1, first
-    fake.lock()  # the stream ends; its pipeline goes to NULL before the next one starts
-    poll_until(src, lambda c: "locked" in src.describe(), timeout=5, what="the lock")
-    wait_until(lambda: not any(t.is_alive() for t in src._ctl.changes), 10,
-               "the old pipeline's state change to NULL")
-    fake.set_node(producers(256, 192).node)
-    fake.unlock()
-    poll_until(src, lambda c: c.resized and src.size == (256, 192), timeout=6,
-               what="the picture after the unlock")
-    assert our_clients(env) == first
-
-
 @needs_pipewire
 def test_the_lock_screen_stops_the_stream_and_the_unlock_brings_it_back(producers, mutter, opened,
                                                                          caplog):

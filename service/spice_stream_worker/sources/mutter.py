@@ -114,10 +114,6 @@ class Controller:
         self.began = 0.0
         self.steps: list[str] = []
         self.changes: list[threading.Thread] = []  # pipeline state changes under way
-        # A pipewiresrc held in READY for the thread's life: pipewiresrc shares one PipeWire
-        # context and connection per process (keyed by its fd property), so each new stream's
-        # pipeline skips setting them up (a layout change, an unlock, a VT's return).
-        self.keeper: Any = None
         self.done = False
 
     # -- plumbing ---------------------------------------------------------------------------------
@@ -152,9 +148,6 @@ class Controller:
     def _teardown(self) -> None:
         self._cancel_timer()
         self._stop_pipeline()
-        if self.keeper is not None:
-            keeper, self.keeper = self.keeper, None
-            self._state_change(lambda: keeper.set_state(self.gi.Gst.State.NULL))
         # The session first: mutter ending its node also ends a pipewiresrc still waiting for it.
         self._close_connection()
         deadline = time.monotonic() + self.timing.join / 2
@@ -639,13 +632,7 @@ class Controller:
                 self._create_failed(f"reading PipeWire node {node}", "the pipeline would not start")
             return False
 
-        keeper = None
-        if self.keeper is None:
-            keeper = self.keeper = Gst.ElementFactory.make("pipewiresrc", "keeper")
-
         def play() -> None:
-            if keeper is not None:
-                keeper.set_state(Gst.State.READY)  # failing, each pipeline connects on its own
             if pipeline.set_state(Gst.State.PLAYING) == Gst.StateChangeReturn.FAILURE:
                 src = GLib.idle_source_new()
                 src.set_callback(lambda *_: failed_to_start())
