@@ -1803,8 +1803,8 @@ NEEDS = {"9": ["2"], "4": ["2"], "8": ["5"], "7": ["2"], "12": ["2"], "P": ["W"]
 # Scenarios of the Wayland boot: with only these chosen, setup sets GDM for Wayland at once.
 WAYLAND_BOOT = {"W", "P", "13", "14", "15", "16", "17", "18"}
 # Run only when named in --only, never by default (CI): P is a diagnostic of GNOME and PipeWire
-# themselves (13 proves the product's pipeline); 14-18 do not pass yet on both releases, for the
-# product reasons tests/vm/README.md gives (issue 16 stays open until they do).
+# themselves (13 proves the product's pipeline); 14-18 do not pass yet on both releases, on time
+# (tests/vm/README.md gives the figures; issue 16 stays open until they do).
 OPT_IN = {"P", "14", "15", "16", "17", "18"}
 
 # -- running ----------------------------------------------------------------------------------------
