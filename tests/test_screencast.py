@@ -80,7 +80,8 @@ def test_compare_a_large_change_goes_as_whole_bands():
     assert fb == new
 
 
-def bare_source() -> ScreenCast:
+@pytest.fixture
+def bare():
     """poll() and grab() alone, fed by hand as the streaming thread would (no bus, no thread)."""
     src = ScreenCast.__new__(ScreenCast)
     src.size, src.frames_received, src._fb, src._live, src._closed = (0, 0), 0, None, False, False
@@ -89,63 +90,53 @@ def bare_source() -> ScreenCast:
     src._settled = threading.Event()
     src._held, src._held_frame = False, None
     src._wake_r, src._wake_w = os.pipe2(os.O_NONBLOCK)
-    return src
+    yield src
+    os.close(src._wake_r)
+    os.close(src._wake_w)
 
 
-def test_off_the_screen_no_picture_is_current_and_the_one_painted_on_return_is():
-    src = bare_source()
-    try:
-        assert src._publish(1, 64, 32, bytes(frame(64, 32)))
-        assert src.poll().resized and src.live
-        src._hold("the session is not on the screen")  # another VT
-        assert not src.poll() and not src.live
-        with pytest.raises(DisplayLost):
-            src.grab(None)
-        assert src._publish(1, 64, 32, bytes(frame(64, 32, RED)))  # painted on the way back
-        assert not src.poll() and not src.live  # not before logind says it is back
-        src._release()
-        changes = src.poll()
-        assert changes.resized and src.live and bytes(src.grab(None).pixels[:4]) == pipewire.bgrx(RED)
-    finally:
-        os.close(src._wake_r)
-        os.close(src._wake_w)
+def test_off_the_screen_no_picture_is_current_and_the_one_painted_on_return_is(bare):
+    src = bare
+    assert src._publish(1, 64, 32, bytes(frame(64, 32)))
+    assert src.poll().resized and src.live
+    src._hold("the session is not on the screen")  # another VT
+    assert not src.poll() and not src.live
+    with pytest.raises(DisplayLost):
+        src.grab(None)
+    assert src._publish(1, 64, 32, bytes(frame(64, 32, RED)))  # painted on the way back
+    assert not src.poll() and not src.live  # not before logind says it is back
+    src._release()
+    changes = src.poll()
+    assert changes.resized and src.live and bytes(src.grab(None).pixels[:4]) == pipewire.bgrx(RED)
 
 
-def test_a_new_stream_s_first_frame_is_taken_even_if_it_is_the_only_one():
+def test_a_new_stream_s_first_frame_is_taken_even_if_it_is_the_only_one(bare):
     # mutter sends a static screen's picture once, when its stream starts: the worker's loop is
     # woken by that frame before the screen-cast thread has seen it, and must not drop it.
-    src = bare_source()
-    try:
-        src._stream_started(2, 57)
-        assert not src.poll() and not src.live
-        assert src._publish(2, 64, 32, bytes(frame(64, 32, RED)))
-        changes = src.poll()
-        assert changes.resized and src.live and src.size == (64, 32)
-        assert src._settled.is_set()
-        assert bytes(src.grab(None).pixels[:4]) == pipewire.bgrx(RED)
-    finally:
-        os.close(src._wake_r)
-        os.close(src._wake_w)
+    src = bare
+    src._stream_started(2, 57)
+    assert not src.poll() and not src.live
+    assert src._publish(2, 64, 32, bytes(frame(64, 32, RED)))
+    changes = src.poll()
+    assert changes.resized and src.live and src.size == (64, 32)
+    assert src._settled.is_set()
+    assert bytes(src.grab(None).pixels[:4]) == pipewire.bgrx(RED)
 
 
-def test_a_new_size_within_a_stream_is_resized_and_the_whole_frame():
-    src = bare_source()
-    try:
-        assert src._publish(1, 64, 32, bytes(frame(64, 32)))
-        assert src.poll().resized and src.size == (64, 32) and src.live
-        assert not src.poll()  # nothing new
-        assert not src._publish(2, 64, 32, bytes(frame(64, 32, RED)))  # an old pipeline's frame
-        assert src._publish(1, 80, 48, bytes(frame(80, 48, RED)))
-        changes = src.poll()
-        assert changes.resized and not changes.damage and src.size == (80, 48)
-        fr = src.grab(None)
-        assert (fr.width, fr.height, fr.stride) == (80, 48, 320)
-        assert bytes(fr.pixels[:4]) == pipewire.bgrx(RED)
-        src._stream_gone("test")  # the stream ends: nothing held, nothing current
-        assert not src.poll() and not src.live and src._fb is None
-    finally:
-        os.close(src._wake_r)
-        os.close(src._wake_w)
+def test_a_new_size_within_a_stream_is_resized_and_the_whole_frame(bare):
+    src = bare
+    assert src._publish(1, 64, 32, bytes(frame(64, 32)))
+    assert src.poll().resized and src.size == (64, 32) and src.live
+    assert not src.poll()  # nothing new
+    assert not src._publish(2, 64, 32, bytes(frame(64, 32, RED)))  # an old pipeline's frame
+    assert src._publish(1, 80, 48, bytes(frame(80, 48, RED)))
+    changes = src.poll()
+    assert changes.resized and not changes.damage and src.size == (80, 48)
+    fr = src.grab(None)
+    assert (fr.width, fr.height, fr.stride) == (80, 48, 320)
+    assert bytes(fr.pixels[:4]) == pipewire.bgrx(RED)
+    src._stream_gone("test")  # the stream ends: nothing held, nothing current
+    assert not src.poll() and not src.live and src._fb is None
 
 
 # --- a real PipeWire, the fake gnome-shell ------------------------------------------------------------

@@ -290,6 +290,13 @@ class StaticPicture(ComingAndGoing):
     live = True
 
 
+def static_streamer(out: Outbox, now: list[float], frame_parts=None) -> Streamer:
+    """A streamer of a static, live picture, asked for MJPEG, on the clock `now[0]`."""
+    return Streamer(StaticPicture(), JpegEncoder(), out, fps=30,
+                    host=HostState(codecs=(p.CODEC_MJPEG,)), clock=lambda: now[0],
+                    frame_parts=frame_parts)
+
+
 def run_for(s: Streamer, out: Outbox, r: int, until: float, now: list[float]) -> list[tuple[float, int]]:
     """As the worker's loop does: tick whenever next_deadline() has come, in steps of 0.25 s (exact
     in binary) up to `until`; (time, type) of each message written. Once ticked, the deadline must
@@ -318,9 +325,7 @@ def test_a_static_picture_sends_no_frame_after_the_first(to_service, device):
     r, w = device
     now = [0.0]
     out = Outbox(w)
-    s = Streamer(StaticPicture(), JpegEncoder(), out, fps=30,
-                 host=HostState(codecs=(p.CODEC_MJPEG,)), clock=lambda: now[0],
-                 frame_parts=frameparts.Sender() if to_service else None)
+    s = static_streamer(out, now, frameparts.Sender() if to_service else None)
     s.start()
     first = run_for(s, out, r, 0.25, now)
     frame = frameparts.FRAME_PARTS if to_service else p.MsgType.DATA
@@ -346,8 +351,7 @@ def test_start_stop_again_while_streaming_starts_over_with_format_and_a_whole_fr
     r, w = device
     now = [0.0]
     out = Outbox(w)
-    s = Streamer(StaticPicture(), JpegEncoder(), out, fps=30,
-                 host=HostState(codecs=(p.CODEC_MJPEG,)), clock=lambda: now[0])
+    s = static_streamer(out, now)
     s.start()
     assert [t for _, t in run_for(s, out, r, 5.0, now)] == [
         p.MsgType.CAPABILITIES, p.MsgType.FORMAT, p.MsgType.DATA]
@@ -363,8 +367,7 @@ def test_a_full_queue_delays_the_frame_instead_of_dropping_it(device):
     r, w = device
     now = [0.0]
     out = Outbox(w)
-    s = Streamer(StaticPicture(), JpegEncoder(), out, fps=30,
-                 host=HostState(codecs=(p.CODEC_MJPEG,)), clock=lambda: now[0])
+    s = static_streamer(out, now)
     s.start()
     for _ in range(MAX_QUEUED - 2):  # the host stopped reading: cursor moves pile up
         out.send(p.cursor_move(1, 1))  # (behind CAPABILITIES: room for one message more)
