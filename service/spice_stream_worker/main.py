@@ -20,6 +20,7 @@ from spice_stream_common.constants import VERSION
 from spice_stream_common.exitcodes import (
     DeviceLost,
     DeviceUnavailable,
+    DisplayUnavailable,
     ExitCode,
     StoppedByUser,
     WorkerError,
@@ -34,7 +35,7 @@ log = logging.getLogger("spice-stream-worker")
 READ_CHUNK = 64 * 1024
 STOP_GRACE_S = 2.0
 STATUS_PERIOD_S = 0.5  # how long a stop may wait for the host to take the rest of a message
-SOURCES = ("x11", "screencast")
+SOURCES = ("x11", "screencast", "scanout")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,8 +49,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="the stream port, e.g. /dev/virtio-ports/org.spice-space.stream.0")
     dev.add_argument("--device-fd", metavar="N", type=int, help="an inherited, already open device fd")
     ap.add_argument("--source", choices=SOURCES, default="x11",
-                    help="what to capture: x11 ($DISPLAY, the default) or screencast (GNOME on Wayland: "
-                         "mutter's ScreenCast on $DBUS_SESSION_BUS_ADDRESS)")
+                    help="what to capture: x11 ($DISPLAY, the default), screencast (GNOME on Wayland: "
+                         "mutter's ScreenCast on $DBUS_SESSION_BUS_ADDRESS) or scanout (what the "
+                         "display shows, read from the kernel: --card-fd and --grant-fd, or --card)")
+    ap.add_argument("--card-fd", metavar="N", type=int,
+                    help="scanout: an inherited, open DRM device (read-only) the service opened")
+    ap.add_argument("--grant-fd", metavar="N", type=int,
+                    help="scanout: the socket on which the service hands out framebuffer handles")
+    ap.add_argument("--card", metavar="PATH",
+                    help="scanout without the service (as root): open this DRM device and take "
+                         "framebuffer handles directly")
     ap.add_argument("--status-fd", metavar="N", type=int, help="write JSON status lines to this pipe")
     ap.add_argument("--fps", type=int, default=30, help="frame rate cap (1-120, default 30)")
     ap.add_argument("--quality", type=int, default=80, help="JPEG quality (1-100, default 80)")
@@ -60,6 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     ap.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     args = ap.parse_args(argv)
+    if args.source == "scanout" and not (args.card or (args.card_fd is not None
+                                                       and args.grant_fd is not None)):
+        ap.error("--source scanout needs --card-fd and --grant-fd (from the service) or --card")
     if not 1 <= args.fps <= 120:
         ap.error(f"--fps {args.fps}: allowed 1-120")
     if not 1 <= args.quality <= 100:
@@ -132,9 +144,35 @@ def open_source(args: argparse.Namespace):
         from .sources.screencast import ScreenCast
 
         return ScreenCast(fps=args.fps)
+    if args.source == "scanout":
+        return _open_scanout(args)
     from .sources.x11 import Screen
 
     return Screen(os.environ.get("DISPLAY"))
+
+
+def _open_scanout(args: argparse.Namespace):
+    from spice_stream_common.fbgrant import GrantClient
+
+    from .sources import kms
+    from .sources.scanout import Scanout
+
+    try:
+        if args.card:
+            card = kms.Card(args.card)
+            card.drop_master()
+
+            def grant(fb_id: int) -> int:  # as root: the kernel's handle, directly
+                return card.framebuffer(fb_id).handle
+
+            close_grant = None
+        else:
+            card = kms.Card("service's DRM device", fd=args.card_fd)
+            client = GrantClient(args.grant_fd)
+            grant, close_grant = client.handle, client.close
+    except OSError as exc:
+        raise DisplayUnavailable(f"scanout: cannot use the DRM device: {exc}") from None
+    return Scanout(card, grant, fps=args.fps, close_grant=close_grant)
 
 
 class Worker:

@@ -1,0 +1,321 @@
+"""What the display shows, whoever draws it (the login and lock screens, a text console, a session
+nobody registered): the active CRTC's framebuffer and its cursor plane, read through the DRM device
+the service opened, paced by a timer and compared pixel by pixel.
+
+Nothing says when a framebuffer's pixels change (fbcon and a compositor drawing in place use one
+framebuffer for ever: QXL under GNOME 43 did), so the pixels are looked at:
+  - while things change (a change seen in the last ACTIVE_S), the whole picture at the frame rate
+    (at most the display's refresh);
+  - on a static screen, 1/SAMPLE_PHASES of the rows (every SAMPLE_PHASES-th row, a different set
+    each time) at IDLE_RATE: any change taller than SAMPLE_PHASES rows is seen at the next look,
+    any change at all within SAMPLE_PHASES looks, for a fraction of the cost of reading it all.
+A new framebuffer on the CRTC (a page flip, a mode set, a VT switch) is always read whole.
+
+The framebuffer handle comes from the service (fbgrant): the kernel gives it only to the DRM
+master or to CAP_SYS_ADMIN, and this process has neither. Each mapping is read-only; the handle is
+closed once mapped (the mapping keeps the buffer).
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import logging
+import mmap
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from spice_stream_common.exitcodes import DisplayLost, DisplayUnavailable
+
+from ..cursor import CursorImage, cursor_from_pixels
+from ..damage import compare_frames
+from ..geometry import Rect
+from ..source import Changes, Frame
+from ..timerfd import PeriodicTimer
+from . import kms
+
+log = logging.getLogger(__name__)
+
+ACTIVE_S = 1.0
+IDLE_RATE = 10.0  # looks per second at a static screen
+SAMPLE_PHASES = 8
+MAX_MAPPED = 4  # framebuffers kept mapped (a compositor flips between two or three)
+CURSOR_MAX_SIDE = 512
+
+
+@dataclass
+class _Mapped:
+    fb: kms.Framebuffer
+    view: mmap.mmap
+
+
+class Scanout:
+    """The capture source of the display itself (see the module's text)."""
+
+    def __init__(self, card: kms.Card, grant: Callable[[int], int], fps: int = 30,
+                 clock: Callable[[], float] = time.monotonic,
+                 close_grant: Callable[[], None] | None = None) -> None:
+        """Owns `card` (and what `close_grant` closes): close() closes them."""
+        self._card = card
+        self._grant = grant
+        self._close_grant = close_grant
+        self._fps = max(1, fps)
+        self._clock = clock
+        self._timer = PeriodicTimer()
+        self._mapped: dict[int, _Mapped] = {}
+        self._fb: bytearray | None = None
+        self._shown: tuple | None = None  # (fb_id, x, y, width, height) last read
+        self._crtc_id = 0
+        self._cursor_plane = 0
+        self._cursor_key: tuple | None = None
+        self._cursor: CursorImage | None = None
+        self._pointer = (0, 0)
+        self._phase = 0
+        self._last_change = -1e9
+        self._rate = 0.0
+        self._closed = False
+        self.size = (0, 0)
+        self.reads = 0  # whole reads, for the tests and the bench
+        self._find_crtc()
+        self._set_rate(self._fps)
+
+    # -- which CRTC, which framebuffer -------------------------------------------------------------
+
+    def _find_crtc(self) -> kms.Crtc | None:
+        """The CRTC to read: the one read so far while it shows something, else the first that
+        does (a SPICE VM has one display head; QXL offers four CRTCs)."""
+        crtcs = self._card.crtcs()
+        active = [c for c in crtcs if c.fb_id and c.width and c.height]
+        chosen = next((c for c in active if c.crtc_id == self._crtc_id), None) or \
+            (active[0] if active else None)
+        if chosen is None:
+            return None
+        if chosen.crtc_id != self._crtc_id:
+            self._crtc_id = chosen.crtc_id
+            index = [c.crtc_id for c in crtcs].index(chosen.crtc_id)
+            planes = self._card.planes()
+            cursors = [p for p in planes if p.kind == "cursor" and p.possible_crtcs & (1 << index)]
+            self._cursor_plane = cursors[0].plane_id if cursors else 0
+            log.info("scanout: CRTC %d (%dx%d@%d), cursor plane %s", chosen.crtc_id, chosen.width,
+                     chosen.height, chosen.refresh, self._cursor_plane or "none")
+        return chosen
+
+    def _crtc(self) -> kms.Crtc | None:
+        try:
+            c = self._card.crtc(self._crtc_id) if self._crtc_id else None
+        except kms.KmsError:
+            c = None
+        if c is None or not (c.fb_id and c.width and c.height):
+            c = self._find_crtc()
+        return c
+
+    def _map(self, fb_id: int) -> _Mapped:
+        m = self._mapped.get(fb_id)
+        if m is not None:
+            return m
+        fb = self._card.framebuffer(fb_id, handle=False)
+        if fb.pixel_format not in kms.FORMATS_BGRX or fb.modifier not in (kms.MODIFIER_LINEAR,
+                                                                            kms.MODIFIER_INVALID):
+            raise DisplayUnavailable(f"scanout: framebuffer {fb_id} is {fb.format_name} with "
+                                     f"modifier {fb.modifier:#x}: only linear XRGB/ARGB8888 is read")
+        handle = self._grant(fb_id)
+        try:
+            view = self._card.map(fb, handle)
+        finally:
+            self._card.close_handle(handle)
+        while len(self._mapped) >= MAX_MAPPED:
+            self._unmap(next(iter(self._mapped)))
+        m = self._mapped[fb_id] = _Mapped(fb, view)
+        return m
+
+    def _unmap(self, fb_id: int) -> None:
+        m = self._mapped.pop(fb_id, None)
+        if m is not None:
+            m.view.close()
+
+    # -- pacing --------------------------------------------------------------------------------------
+
+    def _set_rate(self, rate: float) -> None:
+        if rate != self._rate:
+            self._rate = rate
+            self._timer.arm(1.0 / rate)
+
+    def _active_rate(self, crtc: kms.Crtc) -> float:
+        return float(min(self._fps, crtc.refresh or 60))
+
+    # -- the worker's loop ---------------------------------------------------------------------------
+
+    @property
+    def live(self) -> bool:
+        return self._fb is not None
+
+    def describe(self) -> str:
+        return f"the display's scanout ({self._card.path}, CRTC {self._crtc_id or 'none'})"
+
+    def fileno(self) -> int:
+        return self._timer.fileno()
+
+    def needs_poll(self) -> bool:
+        return False
+
+    def poll(self) -> Changes:
+        self._check_open()
+        self._timer.read()
+        changes = Changes()
+        now = self._clock()
+        try:
+            crtc = self._crtc()
+            if crtc is None:
+                if self._fb is not None:
+                    log.info("scanout: no CRTC shows a picture")
+                self._fb, self._shown = None, None
+                self._set_rate(IDLE_RATE)
+                return changes
+            self._poll_cursor(crtc, changes)
+            shown = (crtc.fb_id, crtc.x, crtc.y, crtc.width, crtc.height)
+            m = self._map(crtc.fb_id)
+            if shown != self._shown or self._fb is None:
+                self._read_new(m, crtc, shown, changes)
+                self._last_change = now
+            elif now - self._last_change <= ACTIVE_S or self._sample_differs(m, crtc):
+                changes.damage = compare_frames(self._fb, self._read(m, crtc), *self.size)
+                if changes.damage:
+                    self._last_change = now
+        except kms.KmsError as exc:
+            # The framebuffer went between two ioctls (a mode set, a VT switch): the next look
+            # finds the new one; a lasting failure is the same error at each look, logged once.
+            self._forget(str(exc))
+            return changes
+        self._set_rate(self._active_rate(crtc) if now - self._last_change <= ACTIVE_S
+                       else IDLE_RATE)
+        return changes
+
+    def _forget(self, why: str) -> None:
+        if self._fb is not None:
+            log.info("scanout: picture lost (%s)", why)
+        for fb_id in list(self._mapped):
+            self._unmap(fb_id)
+        self._fb, self._shown = None, None
+        self._set_rate(IDLE_RATE)
+
+    def _read_new(self, m: _Mapped, crtc: kms.Crtc, shown: tuple, changes: Changes) -> None:
+        size = (crtc.width, crtc.height)
+        if crtc.x + crtc.width > m.fb.width or crtc.y + crtc.height > m.fb.height:
+            raise kms.KmsError(0, f"CRTC {crtc.crtc_id} shows {size} at ({crtc.x}, {crtc.y}) of a "
+                                  f"{m.fb.width}x{m.fb.height} framebuffer")
+        pixels = self._read(m, crtc)
+        if self._fb is None or size != self.size:
+            if self._fb is not None:
+                log.info("scanout: the picture is now %dx%d (was %dx%d)", *size, *self.size)
+            self.size = size
+            self._fb = bytearray(pixels)
+            changes.resized = True
+        else:
+            changes.damage = compare_frames(self._fb, pixels, *size)
+        self._shown = shown
+        # Framebuffers no longer shown after a mode set are not kept mapped.
+        for fb_id in [f for f, mm in self._mapped.items()
+                      if (mm.fb.width, mm.fb.height) != (m.fb.width, m.fb.height)]:
+            self._unmap(fb_id)
+
+    def _read(self, m: _Mapped, crtc: kms.Crtc) -> bytes:
+        """The visible part of the framebuffer, rows packed (width * 4 bytes each)."""
+        self.reads += 1
+        fb, view = m.fb, m.view
+        row = crtc.width * 4
+        start = fb.offset + crtc.y * fb.pitch + crtc.x * 4
+        if fb.pitch == row:
+            return view[start:start + row * crtc.height]
+        return b"".join(view[start + y * fb.pitch:start + y * fb.pitch + row]
+                        for y in range(crtc.height))
+
+    def _sample_differs(self, m: _Mapped, crtc: kms.Crtc) -> bool:
+        """Whether one of this look's rows (every SAMPLE_PHASES-th, from a phase that turns)
+        differs from the picture held."""
+        assert self._fb is not None
+        fb, view, held = m.fb, m.view, self._fb
+        row = crtc.width * 4
+        start = fb.offset + crtc.y * fb.pitch + crtc.x * 4
+        self._phase = (self._phase + 1) % SAMPLE_PHASES
+        for y in range(self._phase, crtc.height, SAMPLE_PHASES):
+            a = start + y * fb.pitch
+            if view[a:a + row] != held[y * row:(y + 1) * row]:
+                return True
+        return False
+
+    def _poll_cursor(self, crtc: kms.Crtc, changes: Changes) -> None:
+        if not self._cursor_plane:
+            return
+        plane = self._card.plane(self._cursor_plane)
+        if plane.crtc_id != crtc.crtc_id or not plane.fb_id:
+            key: tuple = ()
+        else:
+            key = (plane.fb_id, plane.hot_x, plane.hot_y)
+            pointer = (plane.crtc_x + plane.hot_x, plane.crtc_y + plane.hot_y)
+            if pointer != self._pointer:
+                self._pointer = pointer
+                changes.pointer_moved = True
+        if key != self._cursor_key:
+            self._cursor_key = key
+            self._cursor = self._read_cursor(plane) if key else None
+            changes.cursor_changed = True
+
+    def _read_cursor(self, plane: kms.Plane) -> CursorImage | None:
+        """The cursor plane's image; its contents are read once per framebuffer (a compositor
+        that draws a new cursor into the same buffer is not followed: none seen does)."""
+        try:
+            fb = self._card.framebuffer(plane.fb_id, handle=False)
+            if fb.pixel_format != kms.fourcc("AR24") or not 0 < fb.width <= CURSOR_MAX_SIDE \
+                    or not 0 < fb.height <= CURSOR_MAX_SIDE:
+                return None
+            handle = self._grant(plane.fb_id)
+            try:
+                with self._card.map(fb, handle) as view:
+                    data = b"".join(view[fb.offset + y * fb.pitch:fb.offset + y * fb.pitch + fb.width * 4]
+                                    for y in range(fb.height))
+            finally:
+                self._card.close_handle(handle)
+        except (kms.KmsError, OSError) as exc:
+            log.info("scanout: cursor plane %d not read: %s", plane.plane_id, exc)
+            return None
+        words = array.array("I", data)
+        return cursor_from_pixels(fb.width, fb.height, plane.hot_x, plane.hot_y, words)
+
+    def grab(self, rects: list[Rect] | None = None) -> Frame:
+        self._check_open()
+        if self._fb is None:
+            raise DisplayLost("scanout: no picture to capture")
+        width, height = self.size
+        changed = None if rects is None else [
+            c for r in rects if (c := r.clip(width, height)) is not None]
+        return Frame(width, height, width * 4, memoryview(self._fb), changed)
+
+    def pointer_position(self) -> tuple[int, int]:
+        return self._pointer
+
+    def cursor_image(self) -> CursorImage | None:
+        return self._cursor
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DisplayLost("scanout: the source is closed")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for fb_id in list(self._mapped):
+            with contextlib.suppress(OSError, ValueError):
+                self._unmap(fb_id)
+        self._timer.close()
+        self._card.close()
+        if self._close_grant is not None:
+            self._close_grant()
+        self._fb = None
+
+    def __enter__(self) -> Scanout:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
