@@ -152,9 +152,9 @@ def open_source(args: argparse.Namespace):
 
 
 def _open_scanout(args: argparse.Namespace):
+    from spice_stream_common import kms
     from spice_stream_common.fbgrant import GrantClient
 
-    from .sources import kms
     from .sources.scanout import Scanout
 
     try:

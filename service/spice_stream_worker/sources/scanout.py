@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from spice_stream_common import kms
 from spice_stream_common.exitcodes import DisplayLost, DisplayUnavailable
 
 from ..cursor import CursorImage, cursor_from_pixels
@@ -33,7 +34,6 @@ from ..damage import compare_frames
 from ..geometry import Rect
 from ..source import Changes, Frame
 from ..timerfd import PeriodicTimer
-from . import kms
 
 log = logging.getLogger(__name__)
 

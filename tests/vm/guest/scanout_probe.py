@@ -13,7 +13,7 @@ import time
 
 from PIL import Image
 
-from spice_stream_worker.sources import kms
+from spice_stream_common import kms
 
 READS = 10
 
