@@ -25,6 +25,7 @@ BAD = {
     "max_sessions": [0, 1025, "16"],
     "max_sessions_per_uid": [0, 1025, "4"],
     "log_level": ["verbose", 3, ""],
+    "scanout": ["on", "dev/dri/card0", "", True, 0],
 }
 GOOD = {
     "device": "/dev/vport1p2",
@@ -34,6 +35,7 @@ GOOD = {
     "max_sessions": 1024,
     "max_sessions_per_uid": 1,
     "log_level": "debug",
+    "scanout": "off",
 }
 
 

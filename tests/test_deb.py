@@ -41,9 +41,11 @@ SCRIPTS = {"usr/bin/" + name: target for name, target in PROJECT["project"]["scr
 # Debian 12 and 13 are /usr-merged: one place for both (see UNITDIR in packaging/build-deb).
 UNIT = "usr/lib/systemd/system/spice-streamd.service"
 UDEV_RULE = "usr/lib/udev/rules.d/70-spice-streamd.rules"
+SYSUSERS = "usr/lib/sysusers.d/spice-streamd.conf"
 INTERFACE = "usr/share/dbus-1/interfaces/org.spice_space.StreamingAgent1.xml"
 DOC = "usr/share/doc/spice-streamd/"
-SYSTEM_FILES = {UNIT, UDEV_RULE, ACTIVATION, POLICY, POLKIT, AUTOSTART, GREETER, CONFIG, INTERFACE}
+SYSTEM_FILES = {UNIT, UDEV_RULE, ACTIVATION, POLICY, POLKIT, AUTOSTART, GREETER, CONFIG, INTERFACE,
+                SYSUSERS}
 CONFFILES = ["/" + CONFIG, "/" + AUTOSTART]
 DEPENDS = ["python3 (>= 3.11)", "python3-dbus-next", "python3-pyudev", "python3-xlib", "python3-pil",
            "dbus", "polkitd | policykit-1", "systemd"]
@@ -227,6 +229,7 @@ def test_system_files_point_at_usr_bin(tree: Path) -> None:
     for rel, source in ((POLICY, "dbus/org.spice_space.StreamingAgent1.conf"),
                         (POLKIT, "polkit/org.spice_space.streaming-agent.policy"),
                         (UDEV_RULE, "dbus/70-spice-streamd.rules"),
+                        (SYSUSERS, "dbus/spice-streamd.sysusers"),
                         (INTERFACE, "dbus/org.spice_space.StreamingAgent1.xml"),
                         (CONFIG, "service/spice_streamd/data/spice-streamd.conf")):
         assert (tree / rel).read_bytes() == (REPO / source).read_bytes(), rel

@@ -297,8 +297,10 @@ def test_unit_keeps_what_the_service_needs() -> None:
     text = (REPO / "dbus" / "spice-streamd.service").read_text()
     settings = dict(re.findall(r"(?m)^(\w+)=(.*)$", text))
     assert settings["Type"] == "dbus" and settings["BusName"] == constants.BUS_NAME
+    # CAP_SYS_ADMIN: the kernel's framebuffer handles for the scanout reader (framebuffers.py).
     assert set(settings["CapabilityBoundingSet"].split()) == {"CAP_SETUID", "CAP_SETGID",
-                                                              "CAP_KILL"}
+                                                              "CAP_KILL", "CAP_SYS_ADMIN"}
+    assert "char-drm r" in re.findall(r"(?m)^DeviceAllow=(.*)$", text)
     assert settings["ProtectHome"] == "read-only"  # workers read the user's Xauthority
     assert settings["RestrictAddressFamilies"].split() == ["AF_UNIX", "AF_NETLINK"]
     assert settings["NoNewPrivileges"] == "yes" and settings["ProtectSystem"] == "strict"

@@ -184,3 +184,23 @@ def test_coordinator_hands_over_the_node_the_watch_found_and_survives_a_refused_
     assert sup.targets == []  # refused, and the coordinator went on
     assert "not streaming uid 1000 on VT 2" in caplog.text
     assert c.properties()["Sessions"] == [[2, 1000, ":2"]]
+
+
+def test_coordinator_streams_the_fallback_when_no_registered_session_is_in_front():
+    """The scanout reader's target: relayed while nobody's session is in front (from the very
+    first update), kept in standby while one is."""
+    registry = SessionRegistry()
+    vt, dev, sup = FakeSource(2), FakeSource(True), FakeSupervisor()
+    c = Coordinator(registry, vt, dev, sup, make_target=lambda r: r and (r.uid, r.vt),
+                    fallback="scanout")
+    c.update()
+    assert sup.targets == ["scanout"] and sup.standby == []
+    registry.add(reg(":1.1", 1000, 2))
+    assert sup.targets == ["scanout", (1000, 2)] and sup.standby == ["scanout"]
+    vt.set(6)  # a text console
+    assert sup.targets[-1] == "scanout" and sup.standby == [(1000, 2)]
+    # The scanout's status has no VT of its own: the properties say the VT in front.
+    sup.status = {"state": "running", "streaming": True, "vt": 0, "pid": 7}
+    assert c.properties()["StreamingVT"] == 6
+    sup.status = {"state": "running", "streaming": False, "vt": 0, "pid": 7}
+    assert c.properties()["StreamingVT"] == 0

@@ -44,6 +44,27 @@ def test_logind_follows_seat0(bus, logind):
     asyncio.run(run())
 
 
+def test_logind_without_a_session_in_front_says_the_kernels_vt(bus, logind, tmp_path):
+    """A text console's login prompt has no logind session: the VT in front is the kernel's."""
+    active = tmp_path / "active"
+    active.write_text("tty6\n")
+    logind.add_session("c2", uid=1000, vt=2, active=True)
+
+    async def run():
+        conn = await connect(bus.address)
+        src = await open_vt_source(conn, sysfs_path=str(active))
+        try:
+            assert (src.active_vt, src.active_session) == (2, "c2")
+            await asyncio.to_thread(logind.remove_session, "c2")
+            await wait_async(lambda: src.active_vt == 6, what="the kernel's VT 6")
+            assert src.active_session is None
+        finally:
+            await src.close()
+            conn.disconnect()
+
+    asyncio.run(run())
+
+
 def test_a_new_session_on_the_same_vt_is_a_change(bus, logind):
     """A logout and another user's login on the same VT leave the VT as it was: the session id
     tells them apart, and the callbacks hear of it."""

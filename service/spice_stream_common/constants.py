@@ -45,3 +45,8 @@ LOGIND_SEAT = "org.freedesktop.login1.Seat"
 LOGIND_USER = "org.freedesktop.login1.User"
 LOGIND_SEAT0_PATH = "/org/freedesktop/login1/seat/seat0"
 LOGIND_TIMEOUT_S = 5.0
+
+# The system user the scanout reader runs as (the package's sysusers.d file creates it): not root,
+# not a session's user, nobody else's processes.
+SCANOUT_USER = "spice-streamd"
+SYSUSERS_FILE = "spice-streamd.conf"

@@ -32,7 +32,11 @@ class GrantClient:
         self._pending = b""
 
     def handle(self, fb_id: int) -> int:
-        os.write(self.fd, REQUEST.pack(fb_id))
+        try:
+            os.write(self.fd, REQUEST.pack(fb_id))
+        except OSError as exc:
+            raise GrantRefused(exc.errno, f"cannot ask the service for framebuffer {fb_id}: "
+                                          f"{exc.strerror}") from None
         while len(self._pending) < REPLY.size:
             ready, _, _ = select.select([self.fd], [], [], ANSWER_TIMEOUT_S)
             if not ready:

@@ -260,6 +260,11 @@ class Worker:
             if streamer.streaming != reported_streaming:
                 reported_streaming = streamer.streaming
                 next_report = 0.0  # start and stop are reported at once
+                # A source that looks at the screen on a timer (the scanout) rests while nothing
+                # is streamed: a worker in standby costs no CPU.
+                set_wanted = getattr(screen, "set_wanted", None)
+                if set_wanted is not None:
+                    set_wanted(streamer.streaming)
         if self.stop_signal is not None:
             log.info("stopping on signal %d", self.stop_signal)
         torn = not outbox.finish_current(STOP_GRACE_S)

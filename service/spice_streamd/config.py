@@ -34,6 +34,7 @@ class Config:
     max_sessions: int = 16
     max_sessions_per_uid: int = 4
     log_level: str = "info"
+    scanout: str = "auto"
 
     def summary(self) -> str:
         """One log line with every effective value."""
@@ -72,6 +73,12 @@ def _log_level(value: Any) -> str:
     return value.lower()
 
 
+def _scanout(value: Any) -> str:
+    if isinstance(value, str) and value.lower() in ("auto", "off"):
+        return value.lower()
+    return _device(value)
+
+
 KEYS: dict[str, _Key] = {
     "device": _Key("an absolute path to the stream port, e.g. " + DEFAULT_DEVICE, _device),
     "fps": _Key("an integer from 1 to 120 (frames per second)", _int_in(1, 120)),
@@ -84,6 +91,8 @@ KEYS: dict[str, _Key] = {
         "an integer from 1 to 1024, not above max_sessions", _int_in(1, 1024)
     ),
     "log_level": _Key("one of " + ", ".join(LOG_LEVELS), _log_level),
+    "scanout": _Key('"auto", "off" or an absolute path to a DRM device such as /dev/dri/card0',
+                    _scanout),
 }
 _INT_KEYS = frozenset(k for k, v in dataclasses.asdict(Config()).items() if isinstance(v, int))
 _INT_TEXT = re.compile(r"[+-]?[0-9]{1,12}")

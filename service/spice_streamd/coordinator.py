@@ -11,6 +11,7 @@ from .errors import ServiceError
 from .sessions import Registration, SessionRegistry
 
 log = logging.getLogger(__name__)
+_UNSET = object()
 
 
 class _VT(Protocol):
@@ -53,13 +54,18 @@ def target_of(reg: Registration | None):
 class Coordinator:
     def __init__(self, registry: SessionRegistry, vt_source: _VT, device: _Device,
                  supervisor: _Supervisor,
-                 make_target: Callable[[Registration | None], Any] = target_of) -> None:
+                 make_target: Callable[[Registration | None], Any] = target_of,
+                 fallback: Any = None) -> None:
+        """fallback: the target when no registered session is in front (the scanout reader's),
+        or None (nothing is streamed then)."""
         self.registry = registry
+        self._fallback = fallback
         self.vt_source = vt_source
         self.device = device
         self.supervisor = supervisor
         self._make_target = make_target
-        self._target_reg: Registration | None = None
+        # _UNSET until the first update: with a fallback, "no session in front" is a target too.
+        self._target_reg: Registration | None | object = _UNSET
         self._device_present: tuple[bool, str | None] | None = None
         self._listeners: list[Callable[[], None]] = []
         registry.on_change(self.update)
@@ -79,22 +85,37 @@ class Coordinator:
             self.supervisor.set_device_present(present, path=node)
         reg = self._in_front()
         if reg != self._target_reg:
+            first = self._target_reg is _UNSET
             self._target_reg = reg
-            if reg is None:
-                log.info("no registered session in front (VT %s, session %s): worker stopped",
-                         self.vt_source.active_vt, self.vt_source.active_session or "-")
-            else:
-                log.info("active VT %d: streaming uid %d display %s (session %s)", reg.vt,
-                         reg.uid, reg.label, reg.session_id or "-")
-            try:
-                self.supervisor.set_target(self._make_target(reg))
-            except ServiceError as exc:
-                # A target the supervisor refuses (e.g. a root group) must not stop the service.
-                log.warning("not streaming uid %d on VT %d: %s", reg.uid, reg.vt, exc)
+            # Nothing streamed before and nothing now: the supervisor starts with no target.
+            if not (first and reg is None and self._fallback is None):
+                self._set_target(reg)
         # The other registered sessions' workers are kept started: a switch then costs no start.
-        self.supervisor.set_standby([self._make_target(r) for r in self.registry.all()
-                                     if r is not reg])
+        # The scanout reader too, while a session is in front: a switch to a text console or the
+        # login screen costs no process start either.
+        standby = [self._make_target(r) for r in self.registry.all() if r is not reg]
+        if reg is not None and self._fallback is not None:
+            standby.append(self._fallback)
+        self.supervisor.set_standby(standby)
         self.notify()
+
+    def _set_target(self, reg: Registration | None) -> None:
+        if reg is None:
+            log.info("no registered session in front (VT %s, session %s): %s",
+                     self.vt_source.active_vt, self.vt_source.active_session or "-",
+                     "streaming the display's scanout" if self._fallback else "worker stopped")
+        else:
+            log.info("active VT %d: streaming uid %d display %s (session %s)", reg.vt,
+                     reg.uid, reg.label, reg.session_id or "-")
+        try:
+            self.supervisor.set_target(self._make_target(reg) if reg is not None
+                                       else self._fallback)
+        except ServiceError as exc:
+            # A target the supervisor refuses (e.g. a root group) must not stop the service.
+            if reg is None:
+                log.warning("not streaming the display's scanout: %s", exc)
+            else:
+                log.warning("not streaming uid %d on VT %d: %s", reg.uid, reg.vt, exc)
 
     def _in_front(self) -> Registration | None:
         """The registration of the session in front of seat0."""
@@ -125,7 +146,9 @@ class Coordinator:
             "WorkerState": state,
             "WorkerPID": int(status.get("pid") or 0),
             "Streaming": streaming,
-            "StreamingVT": int(status.get("vt") or 0) if streaming else 0,
+            # The scanout shows whatever VT is in front.
+            "StreamingVT": int(status.get("vt") or self.vt_source.active_vt or 0)
+            if streaming else 0,
             "LastError": str(status.get("last_error") or ""),
             "WorkerStats": {
                 "frames": int(status.get("frames") or 0),

@@ -51,6 +51,7 @@ class Layout:
     sysconfdir: str
     unitdir: str
     udevrulesdir: str
+    sysusersdir: str = ""
 
     @property
     def manifest(self) -> str:
@@ -89,6 +90,8 @@ ITEMS: tuple[Item, ...] = (
     Item("system/helper/" + GREETER_DESKTOP, _share("gdm", "greeter", "autostart"),
          HELPER_DESKTOP),
     Item(CONFIG_NAME, lambda lo: lo.sysconfdir, CONFIG_NAME, admin_owned=True),
+    Item("system/dbus/spice-streamd.sysusers", lambda lo: lo.sysusersdir,
+         constants.SYSUSERS_FILE),
 )
 
 
@@ -109,12 +112,14 @@ def layout_for(prefix: str, sysconfdir: str = "/etc") -> Layout:
     prefix = os.path.normpath(prefix)
     unitdir = os.path.join(prefix, "lib", "systemd", "system")
     udevrules = os.path.join(prefix, "lib", "udev", "rules.d")
+    sysusers = os.path.join(prefix, "lib", "sysusers.d")
     if prefix == "/usr":
         unitdir = _pkgconfig("systemd", "systemdsystemunitdir") or unitdir
+        sysusers = _pkgconfig("systemd", "sysusersdir") or sysusers
         udevdir = _pkgconfig("udev", "udevdir")
         if udevdir:
             udevrules = os.path.join(udevdir, "rules.d")
-    return Layout(prefix, os.path.normpath(sysconfdir), unitdir, udevrules)
+    return Layout(prefix, os.path.normpath(sysconfdir), unitdir, udevrules, sysusers)
 
 
 def _under(destdir: str, path: str) -> str:
@@ -361,8 +366,28 @@ def install(
             "from /usr/share/polkit-1/actions"
         )
     if not destdir:
+        _create_system_user(os.path.join(layout.sysusersdir, constants.SYSUSERS_FILE), report)
         report.say("next: systemctl daemon-reload; udevadm control --reload")
     return report
+
+
+def _create_system_user(path: str, report: Report) -> None:
+    """The scanout reader's system user, from our sysusers.d file (as a package's postinst does)."""
+    if os.geteuid() != 0:
+        report.say(f"note: not root: run `systemd-sysusers {path}` to create the scanout reader's "
+                   f"user {constants.SCANOUT_USER}")
+        return
+    try:
+        res = subprocess.run(["systemd-sysusers", path], capture_output=True, text=True,
+                             timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        report.say(f"could not run systemd-sysusers {path}: {exc}; the display's scanout is not "
+                   f"streamed without the user {constants.SCANOUT_USER}", problem=True)
+        return
+    if res.returncode != 0:
+        report.say(f"systemd-sysusers {path} failed: {res.stderr.strip()}", problem=True)
+    else:
+        report.say(f"system user {constants.SCANOUT_USER}: present (systemd-sysusers)")
 
 
 def uninstall(prefix: str = "/usr", destdir: str = "", *, sysconfdir: str = "/etc") -> Report:

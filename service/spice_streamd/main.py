@@ -86,6 +86,7 @@ class Service:
     async def run(self) -> int:
         # Imported here: these are C2's modules and pull in pyudev; the CLI's --help needs none.
         from .devicewatch import DeviceWatch
+        from .scanouttarget import scanout_target
         from .seat import open_vt_source
         from .sessionexpiry import SessionExpiry
         from .sessioninfo import open_session_source
@@ -118,7 +119,8 @@ class Service:
             registry = SessionRegistry(max_sessions=self.config.max_sessions,
                                        max_sessions_per_uid=self.config.max_sessions_per_uid)
 
-            coordinator = Coordinator(registry, vt_source, device, supervisor)
+            coordinator = Coordinator(registry, vt_source, device, supervisor,
+                                      fallback=scanout_target(self.config.scanout))
             expiry = SessionExpiry(registry, session_source, vt_source)
             expiry.start()
             closers.append(("session expiry", expiry.close))

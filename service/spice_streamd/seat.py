@@ -82,10 +82,12 @@ class LogindVTSource(_Notifier):
 
     has_sessions = True
 
-    def __init__(self, bus: MessageBus, timeout: float = constants.LOGIND_TIMEOUT_S) -> None:
+    def __init__(self, bus: MessageBus, timeout: float = constants.LOGIND_TIMEOUT_S,
+                 kernel_vt_path: str = SYSFS_ACTIVE) -> None:
         super().__init__()
         self._bus = bus
         self._timeout = timeout
+        self._kernel_vt_path = kernel_vt_path
         self._owner = OwnerTracker(bus)
         self._rule = (
             f"type='signal',sender='{constants.LOGIND_NAME}',"
@@ -158,15 +160,23 @@ class LogindVTSource(_Notifier):
         try:
             session_id, path = seat["ActiveSession"]
         except (KeyError, TypeError, ValueError):
-            return None, None
+            return self._kernel_vt(), None
         if not isinstance(session_id, str) or not session_id or path in ("", "/"):
-            return None, None
+            # No session in front (a text console's login prompt): the VT is the kernel's.
+            return self._kernel_vt(), None
         props = await get_properties(self._bus, path, constants.LOGIND_SESSION, self._timeout)
         try:
             vt = int(props.get("VTNr", 0))
         except (TypeError, ValueError):
             return None, session_id
         return (vt if 1 <= vt <= MAX_VT else None), session_id
+
+    def _kernel_vt(self) -> int | None:
+        try:
+            with open(self._kernel_vt_path, "rb") as f:
+                return parse_active_vt(f.read(64))
+        except OSError:
+            return None
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -280,7 +290,7 @@ async def open_vt_source(
     """logind's seat0 when org.freedesktop.login1 has an owner on the bus, else sysfs."""
     if await logind_present(bus):
         assert bus is not None
-        source: LogindVTSource | SysfsVTSource = LogindVTSource(bus, timeout)
+        source: LogindVTSource | SysfsVTSource = LogindVTSource(bus, timeout, sysfs_path)
         await source.start()
         log.info("active VT comes from logind seat0: %s", source.active_vt)
         return source

@@ -15,6 +15,7 @@ from spice_stream_common import protocol as p
 from spice_stream_common.exitcodes import ExitCode
 
 from . import cgroup, errors, guestmessages, workerprocess
+from .framebuffers import FramebufferGrants
 from .portrelay import PortRelay
 from .restartpolicy import RestartPolicy
 from .workerchannel import WorkerChannel, socket_pair
@@ -42,12 +43,14 @@ __all__ = ["STATES", "WorkerSupervisor", "WorkerTarget", "check_target"]
 class _Worker:
     """One running worker: its process and the service's end of its socket."""
 
-    def __init__(self, target: WorkerTarget, child: UserProcess, channel: WorkerChannel) -> None:
+    def __init__(self, target: WorkerTarget, child: UserProcess, channel: WorkerChannel,
+                 grants: FramebufferGrants | None = None) -> None:
         self.target = target
         self.child = child
         self.proc = child.proc
         self.pid = child.pid
         self.channel = channel
+        self.grants = grants  # a scanout reader's device and handle grants
         self.started = time.monotonic()
         loop = asyncio.get_running_loop()
         self.log_task = loop.create_task(relay_stderr(self.proc.stderr, str(self))) \
@@ -70,7 +73,16 @@ class _Worker:
         self.child.close_pipes()
         return rc
 
+    def close_io(self) -> None:
+        """The service's ends of what the worker was given: its socket (and a scanout reader's
+        device and grant socket)."""
+        self.channel.close()
+        if self.grants is not None:
+            self.grants.close()
+
     def __str__(self) -> str:
+        if self.target.scanout:
+            return f"scanout uid={self.target.uid} pid={self.pid}"
         return f"uid={self.target.uid} vt={self.target.vt} pid={self.pid}"
 
 
@@ -377,7 +389,7 @@ class WorkerSupervisor:
     async def _stop_standby_worker(self, sw: _Worker, reason: str) -> None:
         sw.detached = True
         rc, _ = await workerprocess.end(sw.proc, sw.wait_task, self._grace_s)
-        sw.channel.close()
+        sw.close_io()
         log.info("standby worker stopped %s (%s): %s", sw, reason, exit_text(rc))
 
     def _promote(self, w: _Worker, fresh: bool = False) -> None:
@@ -446,23 +458,49 @@ class WorkerSupervisor:
             argv += ["--source", "screencast"]
         return argv
 
+    @staticmethod
+    def _open_grants(target: WorkerTarget) -> FramebufferGrants | None:
+        """A scanout reader's device and grant socket (None for a session's worker)."""
+        if not target.scanout:
+            return None
+        try:
+            return FramebufferGrants(target.card)
+        except OSError as e:
+            raise errors.ServiceError(f"cannot open the DRM device {target.card} for the "
+                                      f"scanout reader: {e}") from None
+
     async def _spawn(self, target: WorkerTarget) -> _Worker | None:
         """A started worker with its socket, relayed to nothing yet; None (logged) on failure."""
-        ours, theirs = socket_pair()
         try:
-            child = await workerprocess.spawn(self._worker_argv(theirs.fileno(), target), target,
-                                              theirs.fileno(),
+            grants = self._open_grants(target)
+        except errors.ServiceError as e:
+            self._spawn_error = str(e)
+            return None
+        ours, theirs = socket_pair()
+        argv = self._worker_argv(theirs.fileno(), target)
+        extra: tuple[int, ...] = ()
+        if grants is not None:
+            extra = grants.reader_fds()
+            argv += ["--source", "scanout", "--card-fd", str(extra[0]), "--grant-fd", str(extra[1])]
+        try:
+            child = await workerprocess.spawn(argv, target, theirs.fileno(), extra_fds=extra,
                                               cgroups=cgroup.resolve(self._cgroups))
         except errors.ServiceError as e:
             ours.close()
+            if grants is not None:
+                grants.close()
             self._spawn_error = str(e)
             return None
         except (OSError, ValueError, subprocess.SubprocessError) as e:
             ours.close()
+            if grants is not None:
+                grants.close()
             self._spawn_error = f"cannot start worker: {e}"
             return None
         finally:
             theirs.close()
+        if grants is not None:
+            grants.started()
         label = f"worker uid={target.uid} vt={target.vt} pid={child.pid}"
         holder: list[_Worker] = []
         channel = WorkerChannel(
@@ -471,7 +509,7 @@ class WorkerSupervisor:
                                                     self.relay.format_sent),
             deliver=lambda msg: self._from_worker(holder[0], msg),
             on_closed=self._wake.set)
-        worker = _Worker(target, child, channel)
+        worker = _Worker(target, child, channel, grants)
         worker.detached = True
         holder.append(worker)
         return worker
@@ -524,7 +562,7 @@ class WorkerSupervisor:
         rc = await w.wait_task
         ran = time.monotonic() - w.started
         self._detach(w)
-        w.channel.close()
+        w.close_io()
         if self._worker is w:
             self._worker = None
         if rc == ExitCode.STOPPED_BY_USER:
@@ -552,7 +590,7 @@ class WorkerSupervisor:
         # The socket closes after the worker has gone: closed first, a worker would take the
         # end of its stream for a lost device and say so as an error.
         rc, killed = await workerprocess.end(w.proc, w.wait_task, self._grace_s)
-        w.channel.close()
+        w.close_io()
         if killed:
             log.warning("worker %s ignored SIGTERM for %.1f s: killed", w, self._grace_s)
         if self._worker is w:

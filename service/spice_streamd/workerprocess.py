@@ -31,7 +31,7 @@ class WorkerTarget:
     display: str  # X11 only ("" for Wayland)
     xauthority: str  # X11 only ("" for Wayland)
     vt: int
-    kind: str = "x11"  # "x11" or "wayland" (the worker's --source screencast)
+    kind: str = "x11"  # "x11", "wayland" (--source screencast) or "scanout" (the display itself)
     runtime_dir: str = ""  # Wayland: logind's RuntimePath of the uid, checked by the verifier
     # Wayland: the registration's helper connection. Its user can stop the capture (GNOME's Stop:
     # exit STOPPED_BY_USER) and only a new registration starts it again, so a Wayland target is
@@ -40,15 +40,22 @@ class WorkerTarget:
     # Wayland: the logind session the registration was verified for; the worker reads its
     # LockedHint (gnome-shell closes screen casts on the lock screen, and Closed says not why).
     session_id: str = ""
+    # Scanout: the DRM device the service opens for the reader (which runs as the service's own
+    # unprivileged user, not a session's).
+    card: str = ""
 
     @property
     def wayland(self) -> bool:
         return self.kind == "wayland"
 
     @property
+    def scanout(self) -> bool:
+        return self.kind == "scanout"
+
+    @property
     def label(self) -> str:
-        """What log lines show for it: the display, or "wayland"."""
-        return "wayland" if self.wayland else self.display
+        """What log lines show for it: the display, "wayland" or "scanout"."""
+        return self.kind if self.wayland or self.scanout else self.display
 
 
 def check_target(target: WorkerTarget) -> None:
@@ -83,6 +90,8 @@ def worker_env(target: WorkerTarget) -> dict[str, str]:
     are) and its logind session (XDG_SESSION_ID), no DISPLAY (GNOME's Xwayland is not what is
     captured); the user's home."""
     env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8"}
+    if target.scanout:
+        return env | {"HOME": "/"}
     if target.wayland:
         env["XDG_RUNTIME_DIR"] = target.runtime_dir
         env["DBUS_SESSION_BUS_ADDRESS"] = session_bus_address(target.runtime_dir)
@@ -210,9 +219,10 @@ async def start_as(argv: Sequence[str], *, uid: int, gid: int, groups: Sequence[
 
 
 async def spawn(argv: list[str], target: WorkerTarget, channel_fd: int, *,
-                cgroups: cgroup.Tree | None = None) -> UserProcess:
-    """Start `argv` as the target's user, with `channel_fd` as its only extra fd, in a cgroup
-    `worker-N` of `cgroups` with WORKER_LIMITS (SCREENCAST_WORKER_LIMITS for Wayland).
+                cgroups: cgroup.Tree | None = None, extra_fds: Sequence[int] = ()) -> UserProcess:
+    """Start `argv` as the target's user, with `channel_fd` (and `extra_fds`: the scanout
+    reader's device and grant socket) as its only extra fds, in a cgroup `worker-N` of `cgroups`
+    with WORKER_LIMITS (SCREENCAST_WORKER_LIMITS for Wayland).
 
     Raises errors.PermissionDenied when this process cannot become that user, OSError or
     subprocess.SubprocessError when the start fails."""
@@ -223,7 +233,7 @@ async def spawn(argv: list[str], target: WorkerTarget, channel_fd: int, *,
     # stdout too, and nothing of the service reads it: /dev/null.
     return await start_as(argv, uid=target.uid, gid=target.gid, groups=target.groups,
                           env=worker_env(target), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, pass_fds=(channel_fd,), kind="worker",
+                          stderr=subprocess.PIPE, pass_fds=(channel_fd, *extra_fds), kind="worker",
                           limits=limits, cgroups=cgroups)
 
 

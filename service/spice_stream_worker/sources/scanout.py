@@ -74,6 +74,7 @@ class Scanout:
         self._phase = 0
         self._last_change = -1e9
         self._rate = 0.0
+        self._wanted = True
         self._closed = False
         self.size = (0, 0)
         self.reads = 0  # whole reads, for the tests and the bench
@@ -139,7 +140,20 @@ class Scanout:
     def _set_rate(self, rate: float) -> None:
         if rate != self._rate:
             self._rate = rate
-            self._timer.arm(1.0 / rate)
+            if self._wanted:
+                self._timer.arm(1.0 / rate)
+
+    def set_wanted(self, wanted: bool) -> None:
+        """Look at the screen only while frames are wanted (the worker's loop says when); the
+        next look after a rest reads the picture whole."""
+        if wanted == self._wanted:
+            return
+        self._wanted = wanted
+        if wanted:
+            self._shown = None  # whatever changed meanwhile: read it whole
+            self._timer.arm(1.0 / (self._rate or IDLE_RATE))
+        else:
+            self._timer.arm(0)
 
     def _active_rate(self, crtc: kms.Crtc) -> float:
         return float(min(self._fps, crtc.refresh or 60))

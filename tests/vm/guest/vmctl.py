@@ -37,7 +37,7 @@ def status_of(pid):
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key in ("Name", "Uid", "Gid", "Groups", "PPid"):
+                if key in ("Name", "Uid", "Gid", "Groups", "PPid", "CapEff", "CapPrm", "NoNewPrivs"):
                     fields[key] = value.split()
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             fields["cmdline"] = f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
