@@ -44,6 +44,8 @@ if "/" in mode:  # "A/B": mode A as nobody, B as any other uid
     mode = mode.split("/")[0 if os.getuid() == 65534 else 1]
 args = sys.argv[4:]
 opt = dict(zip(args[::2], args[1::2]))
+if opt.get("--source") == "scanout":  # the display's scanout reader: always a picture
+    mode = "scanout"
 dev = int(opt["--device-fd"])
 st = os.fstat(dev)
 info = {
@@ -72,13 +74,15 @@ sock.setblocking(False)
 parser = p.Parser()
 heard = []
 streaming = False
+need_format = True
 frame_no = 0
 sent = []
 def send(data):
     sock.setblocking(True)
     sock.sendall(data)
     sock.setblocking(False)
-if mode in ("chatty", "hostile", "tear", "silent", "flood", "waiting", "still", "locks"):
+if mode in ("chatty", "hostile", "tear", "silent", "flood", "waiting", "still", "locks",
+            "covered", "scanout"):
     send(p.capabilities(b"\x01"))
 if mode == "hostile":
     send(p.encode(p.MsgType.DATA, b"\xff\xd8early"))       # DATA before FORMAT: refused
@@ -104,6 +108,7 @@ while True:
                 record("heard", heard)
                 if item.type == p.MsgType.START_STOP:
                     streaming = p.CODEC_MJPEG in p.decode_start_stop(item.payload).codecs
+                    need_format = True
                     if streaming and mode in ("chatty", "hostile", "tear", "flood", "still",
                                               "locks"):
                         send(p.format_msg(64, 48))
@@ -119,6 +124,27 @@ while True:
         sent.append([frame_no, now])
         record("sent", sent)
         next_frame = now + (0.02 if mode == "flood" else 0.1)
+    if streaming and mode == "scanout" and now >= next_frame:
+        if not sent or sent[-1][0] != "format":
+            send(p.format_msg(32, 24))
+            sent.append(["format", now])
+        send(p.encode(p.MsgType.DATA, b"\xff\xd8S" + b"\0" * 50))
+        sent.append(["scanout", now])
+        record("sent", sent)
+        next_frame = now + 0.1
+    if mode == "scanout" and not streaming and sent and sent[-1][0] != "format":
+        sent.append(["format", now])  # a new start sends FORMAT again
+    if streaming and mode == "covered" and now >= next_frame:
+        # No picture until the test says it is back; then FORMAT (on a new START_STOP only) and
+        # frames marked W.
+        if not os.path.exists(os.path.join(rec, "back")):
+            send(p.header(0xFF02, 0))
+        else:
+            if need_format:  # after each START_STOP, as the real streamer does
+                send(p.format_msg(64, 48))
+                need_format = False
+            send(p.encode(p.MsgType.DATA, b"\xff\xd8W" + b"\0" * 50))
+        next_frame = now + 0.1
     if streaming and mode in ("waiting", "locks") and now >= next_frame:
         # A locked screen: no picture, only the word that it waits (every 0.2 s here).
         send(p.header(0xFF02, 0))
@@ -139,6 +165,8 @@ while True:
 '''
 
 NOBODY = WorkerTarget(uid=65534, gid=65534, groups=(), display=":91", xauthority="/tmp/xa-n", vt=2)
+SCANOUT = WorkerTarget(uid=12345, gid=12346, groups=(), display="", xauthority="", vt=0,
+                       kind="scanout", card="/dev/dri/card-none")
 OTHER = WorkerTarget(uid=12345, gid=12346, groups=(12347, 12348), display=":92",
                      xauthority="/tmp/xa-o", vt=3)
 SERVICE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "service")
@@ -932,6 +960,8 @@ from spice_streamd.supervisor import WorkerSupervisor, WorkerTarget
 from tests.support.waiting import wait_async
 mode, script, rec, size, width, height, worker = sys.argv[2:9]
 NOBODY = WorkerTarget(uid=65534, gid=65534, groups=(), display=":91", xauthority="/tmp/xa-n", vt=2)
+SCANOUT = WorkerTarget(uid=12345, gid=12346, groups=(), display="", xauthority="", vt=0,
+                       kind="scanout", card="/dev/dri/card-none")
 OTHER = WorkerTarget(uid=12345, gid=12346, groups=(), display=":92", xauthority="/tmp/xa-o", vt=3)
 
 def rss(field="VmRSS"):  # VmHWM: the peak, of this program only (ru_maxrss counts the parent's)
@@ -1313,3 +1343,80 @@ def user_site_file(user: pwd.struct_passwd, site_dir: str, name: str, text: str)
                 f.write(saved)
         if missing:
             shutil.rmtree(missing[-1], ignore_errors=True)
+
+
+class FakeGrants:
+    """FramebufferGrants without a DRM device: a device fd (/dev/null) and a grant socket."""
+
+    opened: list[FakeGrants] = []
+
+    def __init__(self, path: str) -> None:
+        import socket
+        self.path = path
+        self.card_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        self.ours, self.theirs = socket.socketpair()
+        self.closed = False
+        FakeGrants.opened.append(self)
+
+    def reader_fds(self) -> tuple[int, int]:
+        return self.card_fd, self.theirs.fileno()
+
+    def started(self) -> None:
+        self.theirs.close()
+
+    def close(self) -> None:
+        self.closed = True
+        os.close(self.card_fd)
+        self.ours.close()
+        self.theirs.close()
+
+
+def test_the_scanout_covers_for_a_worker_without_a_picture(workdir, pty_device):
+    """A relayed worker that says NO_PICTURE (a locked Wayland screen): the scanout reader waiting
+    in standby is relayed meanwhile (FORMAT first, Streaming true, its pid); once the worker has
+    its picture again it is relayed again, starting with its FORMAT, and the reader rests. Nothing
+    on the port is torn, and no frame of one goes under the other's FORMAT."""
+    _, script, rec = workdir
+    host = Host(pty_device[1])
+    FakeGrants.opened.clear()
+
+    async def run():
+        sup, _ = make(script, rec, pty_device[0], "covered", open_grants=FakeGrants)
+        try:
+            sup.set_standby([SCANOUT])
+            await wait_async(lambda: len(records(rec)) == 1, what="the reader in standby")
+            reader = records(rec)[0]
+            assert "--card-fd" in reader["argv"] and reader["resuid"][0] == SCANOUT.uid
+            assert FakeGrants.opened and FakeGrants.opened[0].path == SCANOUT.card
+            sup.set_target(NOBODY)
+            first = (await wait_async(lambda: [r for r in records(rec)
+                                               if r["pid"] != reader["pid"]], what="worker"))[0]
+            host.send(p.start_stop([1]))
+            await wait_async(lambda: sup.status["streaming"], timeout=15,
+                             what="Streaming with the scanout's frames")
+            assert sup.status["pid"] == reader["pid"] and sup.status["vt"] == NOBODY.vt
+            # Its picture is back: the worker is relayed again.
+            open(os.path.join(rec, "back"), "w").close()
+            await wait_async(lambda: [m for t, m in host.read()
+                                      if t == p.MsgType.DATA and m[2:3] == b"W"],
+                             timeout=15, what="the worker's own frames")
+            await wait_async(lambda: sup.status["pid"] == first["pid"], what="its pid again")
+            msgs = host.read()
+            kinds = [(t, m[2:3] if t == p.MsgType.DATA else p.decode_format(m).width
+                      if t == p.MsgType.FORMAT else None) for t, m in msgs
+                     if t in (p.MsgType.FORMAT, p.MsgType.DATA)]
+            first_s = next(i for i, k in enumerate(kinds) if k[1] == b"S")
+            first_w = next(i for i, k in enumerate(kinds) if k[1] == b"W")
+            # The scanout's frames under its own FORMAT (32 wide), the worker's under its (64): the
+            # FORMAT and frame it sent before it was told to start over are not on the port.
+            assert kinds[first_s - 1] == (p.MsgType.FORMAT, 32), kinds
+            assert kinds[first_w - 1] == (p.MsgType.FORMAT, 64), kinds
+            assert kinds.count((p.MsgType.FORMAT, 64)) == 1, kinds
+            assert all(k[1] == b"W" for k in kinds[first_w:] if k[0] == p.MsgType.DATA), kinds
+            assert sup.status["streaming"]
+            assert not FakeGrants.opened[0].closed  # the reader still waits in standby
+        finally:
+            await sup.close()
+        assert FakeGrants.opened[0].closed
+
+    asyncio.run(run())

@@ -60,6 +60,9 @@ class _Worker:
         self.detached = False
         self.caps: Any = None  # its CAPABILITIES, kept while it waits in standby
         self.first_message_at: float | None = None
+        # Relayed again after the scanout covered for it: its frames are dropped until the FORMAT
+        # its new START_STOP makes it send (those before were sent for a stream it no longer has).
+        self.awaiting_format = False
 
     async def _wait(self) -> int:
         """Its exit status once it has exited and everything it started has ended too."""
@@ -111,6 +114,7 @@ class WorkerSupervisor:
         watchdog_s: float = WATCHDOG_S,
         pause_after_s: float | None = None,
         cgroups: cgroup.Tree | None | Literal["auto"] = "auto",
+        open_grants: Callable[[str], FramebufferGrants] = FramebufferGrants,
     ) -> None:
         """cgroups: where each worker gets a cgroup of its own; "auto" is the service's own
         delegated cgroup when there is one (cgroup.service_tree()), None is none at all."""
@@ -120,6 +124,7 @@ class WorkerSupervisor:
         # (usercustomize.py, a spice_stream_worker of their own there) would run inside it.
         self._argv = list(worker_argv or [sys.executable, "-I", "-m", "spice_stream_worker"])
         self._cgroups = cgroups
+        self._open_grants_for = open_grants
         self._on_change = on_change
         self._grace_s = grace_s
         self._watchdog_s = watchdog_s
@@ -137,6 +142,9 @@ class WorkerSupervisor:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._worker: _Worker | None = None
+        # The scanout reader's standby worker while it is relayed in place of the target's worker,
+        # which says it has no picture (a locked or just recreated Wayland screen cast).
+        self._cover: _Worker | None = None
         # Workers of the other registered sessions, started ahead and holding only their socket:
         # switching to one of them costs no process start (seconds on a slow guest).
         self._standby_targets: frozenset[WorkerTarget] = frozenset()
@@ -170,7 +178,8 @@ class WorkerSupervisor:
         """state, vt (0: none), uid (-1: none), pid (0: none), what reached the host from this
         worker (frames, bytes, fps, streaming), restarts, last_error."""
         t = self._target
-        w = self._worker
+        # What the host is shown: the target's worker, or the scanout covering for it.
+        w = self._cover or self._worker
         running = self._state == "running" and w is not None
         age = self.relay.frame_age()
         # Frames of this worker, not of the one before a switch, reached the host recently; or
@@ -387,6 +396,8 @@ class WorkerSupervisor:
         await self._stop_standby_worker(sw, reason)
 
     async def _stop_standby_worker(self, sw: _Worker, reason: str) -> None:
+        if sw is self._cover:
+            self._end_cover(self._worker, f"the scanout reader stopped: {reason}")
         sw.detached = True
         rc, _ = await workerprocess.end(sw.proc, sw.wait_task, self._grace_s)
         sw.close_io()
@@ -409,6 +420,7 @@ class WorkerSupervisor:
     def _demote(self, w: _Worker) -> None:
         """The relayed worker's session is no longer active but still registered: it stops
         streaming and waits in standby for its session to come back."""
+        self._end_cover(None, "")
         self.relay.detach()
         self._worker = None
         w.channel.send(p.start_stop(()))
@@ -458,13 +470,12 @@ class WorkerSupervisor:
             argv += ["--source", "screencast"]
         return argv
 
-    @staticmethod
-    def _open_grants(target: WorkerTarget) -> FramebufferGrants | None:
+    def _open_grants(self, target: WorkerTarget) -> FramebufferGrants | None:
         """A scanout reader's device and grant socket (None for a session's worker)."""
         if not target.scanout:
             return None
         try:
-            return FramebufferGrants(target.card)
+            return self._open_grants_for(target.card)
         except OSError as e:
             raise errors.ServiceError(f"cannot open the DRM device {target.card} for the "
                                       f"scanout reader: {e}") from None
@@ -505,10 +516,10 @@ class WorkerSupervisor:
         holder: list[_Worker] = []
         channel = WorkerChannel(
             ours, label=label,
-            check=lambda msg: guestmessages.refusal(msg, self.relay.host_caps,
-                                                    self.relay.format_sent),
+            check=lambda msg: self._refusal(holder[0], msg),
             deliver=lambda msg: self._from_worker(holder[0], msg),
-            on_closed=self._wake.set)
+            on_closed=self._wake.set,
+            on_no_picture=lambda: self._on_no_picture(holder[0]))
         worker = _Worker(target, child, channel, grants)
         worker.detached = True
         holder.append(worker)
@@ -527,24 +538,81 @@ class WorkerSupervisor:
                  target.uid, target.vt, worker.pid, target.label)
         self._promote(worker, fresh=True)
 
+    def _refusal(self, w: _Worker, msg: Any) -> str | None:
+        if w.awaiting_format and msg.type == p.MsgType.DATA:
+            return None  # not refused: dropped in _from_worker, quietly
+        return guestmessages.refusal(msg, self.relay.host_caps, self.relay.format_sent)
+
     def _from_worker(self, w: _Worker, msg: Any) -> None:
         if msg.type == p.MsgType.CAPABILITIES:
             w.caps = msg  # sent once at its start: kept for when it is relayed
         first, w.reported = not w.reported, True
         if first:
             w.first_message_at = time.monotonic()
+        if w is self._cover:
+            self.relay.submit(msg)
+            return
         if self._worker is not w or w.detached:
             return
         if first:
             log.info("worker running %s", w)
             self._set_state("running")
+        if self._cover is not None:
+            if msg.type in (p.MsgType.FORMAT, p.MsgType.DATA):
+                self._end_cover(w, "its picture is back")
+            return  # said for the stream it had before the cover: FORMAT and a frame follow
+        if w.awaiting_format:
+            if msg.type == p.MsgType.DATA:
+                return
+            if msg.type == p.MsgType.FORMAT:
+                w.awaiting_format = False
         self.relay.submit(msg)
+
+    # ---- the scanout covering for a worker without a picture --------------------------------
+
+    def _on_no_picture(self, w: _Worker) -> None:
+        """The relayed worker has no picture (a lock screen, a screen cast being created again):
+        the display's scanout is relayed meanwhile, if its reader waits in standby."""
+        if self._worker is not w or w.detached or self._cover is not None or w.target.scanout:
+            return
+        if not self.relay.host_wants_frames:
+            return
+        cover = next((sw for t, sw in self._standby.items()
+                      if t.scanout and not sw.wait_task.done()), None)
+        if cover is None:
+            return
+        self._cover = cover
+        cover.channel.relay(True)
+        self.relay.attach(cover.channel.send)  # the host's state: it starts with FORMAT
+        if cover.caps is not None:
+            self.relay.submit(cover.caps)
+        log.info("worker %s has no picture: the display's scanout (%s) is shown meanwhile", w, cover)
+        self._notify()
+
+    def _end_cover(self, w: _Worker | None, why: str) -> None:
+        """The scanout goes back to standby; `w` (still the relayed worker) is attached again and
+        starts over with FORMAT and a whole frame."""
+        cover, self._cover = self._cover, None
+        if cover is None:
+            return
+        self.relay.detach()
+        if not cover.channel.closed:
+            cover.channel.send(p.start_stop(()))
+            cover.channel.relay(False)
+        if w is not None and self._worker is w and not w.detached:
+            w.awaiting_format = True
+            self.relay.attach(w.channel.send)
+            if w.caps is not None:
+                self.relay.submit(w.caps)
+            log.info("worker %s relayed again (%s)", w, why)
+        self._notify()
 
     def _detach(self, w: _Worker) -> None:
         """From here on nothing the worker sends reaches the port, and the next worker is relayed
         only after: the relay forgets it before anything else happens."""
         w.detached = True
         if self._worker is w:
+            self._end_cover(None, "")
             self.relay.detach()
 
     def _failure(self, target: WorkerTarget, error: str, ran_s: float) -> None:

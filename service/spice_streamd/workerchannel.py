@@ -66,6 +66,7 @@ class WorkerChannel:
                  check: Callable[[p.Message], str | None],
                  deliver: Callable[[p.Message], None],
                  on_closed: Callable[[], None] | None = None,
+                 on_no_picture: Callable[[], None] | None = None,
                  relayed: bool = False) -> None:
         self._sock = sock
         self._fd = sock.fileno()
@@ -73,6 +74,7 @@ class WorkerChannel:
         self._check = check
         self._deliver = deliver
         self._on_closed = on_closed
+        self._on_no_picture = on_no_picture
         self._parser = p.Parser(frameparts.WORKER_CHANNEL_LIMITS, skip_oversized=True)
         self._frame = frameparts.Assembler()
         self._out = bytearray()
@@ -212,8 +214,11 @@ class WorkerChannel:
                           self.label, item.reason, item.discarded)
             return
         if item.type == frameparts.NO_PICTURE:
-            # The worker's own word that it waits with nothing to show: for the watchdog only.
+            # The worker's own word that it waits with nothing to show: for the watchdog, and for
+            # the supervisor (which may show the display's scanout meanwhile).
             self.last_waiting_at = time.monotonic()
+            if self._on_no_picture is not None:
+                self._on_no_picture()
             return
         if item.type == frameparts.UNCHANGED:
             # Its word that its last frame is still its picture (a static screen): for the
