@@ -7,6 +7,8 @@ captured pixels with the framebuffer turns that into no encode at all.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 from .geometry import Grid, Rect, areas, bounding, spans
 
 ALIGN = 16  # captures cover whole MCUs: the encoder never needs a pixel outside them
@@ -117,4 +119,30 @@ def compare_frames(fb: bytearray, new: bytes, width: int, height: int) -> list[R
             tile = Rect(x, y, min(TILE_WIDTH, width - x), rows)
             if refresh(view, stride, tile, src[y * stride + x * 4:], stride):
                 cells.setdefault(y // band, []).append(column)
+    return [grid.rect(a) for a in areas(cells)]
+
+
+def compare_bands(fb: bytearray, read: Callable[[int, int], bytes], width: int, height: int,
+                  bands: Iterable[int]) -> list[Rect]:
+    """compare_frames for some bands only (their first rows, multiples of ALIGN), where reading
+    the new pixels costs (a framebuffer mapped from the kernel): `read(y, rows)` gives rows y to
+    y + rows - 1, packed. Each band is read once, compared whole against `fb` without copying it,
+    then tile by tile if it differs; `fb` is brought up to date."""
+    stride = width * 4
+    grid = Grid(width, height, TILE_WIDTH, ALIGN)
+    view = memoryview(fb)
+    cells: dict[int, list[int]] = {}
+    for y in sorted(set(bands)):
+        rows = min(ALIGN, height - y)
+        if rows <= 0:
+            continue
+        new = read(y, rows)
+        if fb.startswith(new, y * stride):
+            continue
+        src = memoryview(new)
+        for column in range(grid.columns):
+            x = column * TILE_WIDTH
+            tile = Rect(x, y, min(TILE_WIDTH, width - x), rows)
+            if refresh(view, stride, tile, src[x * 4:], stride):
+                cells.setdefault(y // ALIGN, []).append(column)
     return [grid.rect(a) for a in areas(cells)]

@@ -3,12 +3,14 @@ nobody registered): the active CRTC's framebuffer and its cursor plane, read thr
 the service opened, paced by a timer and compared pixel by pixel.
 
 Nothing says when a framebuffer's pixels change (fbcon and a compositor drawing in place use one
-framebuffer for ever: QXL under GNOME 43 did), so the pixels are looked at:
-  - while things change (a change seen in the last ACTIVE_S), the whole picture at the frame rate
-    (at most the display's refresh);
-  - on a static screen, 1/SAMPLE_PHASES of the rows (every SAMPLE_PHASES-th row, a different set
-    each time) at IDLE_RATE: any change taller than SAMPLE_PHASES rows is seen at the next look,
-    any change at all within SAMPLE_PHASES looks, for a fraction of the cost of reading it all.
+framebuffer for ever: QXL under GNOME 43 and 48 did), so the pixels are looked at, never all of them
+on a screen that stands still:
+  - each look compares every SAMPLE_PHASES-th row (a different set each time): a change taller than
+    SAMPLE_PHASES rows is seen at once, any change within SAMPLE_PHASES looks;
+  - the bands (damage.ALIGN rows) where a sampled row differs, and those that changed in the last
+    HOT_S (a blinking cursor, a moving window), are read and compared whole, tile by tile;
+  - looks come IDLE_RATE times a second, more while the screen changes (twice the changes seen in
+    the last second), up to the frame rate and the display's refresh.
 A new framebuffer on the CRTC (a page flip, a mode set, a VT switch) is always read whole.
 
 The framebuffer handle comes from the service (fbgrant): the kernel gives it only to the DRM
@@ -23,6 +25,7 @@ import contextlib
 import logging
 import mmap
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,15 +33,15 @@ from spice_stream_common import kms
 from spice_stream_common.exitcodes import DisplayLost, DisplayUnavailable
 
 from ..cursor import CursorImage, cursor_from_pixels
-from ..damage import compare_frames
+from ..damage import ALIGN, compare_bands, compare_frames
 from ..geometry import Rect
 from ..source import Changes, Frame
 from ..timerfd import PeriodicTimer
 
 log = logging.getLogger(__name__)
 
-ACTIVE_S = 1.0
-IDLE_RATE = 10.0  # looks per second at a static screen
+HOT_S = 1.0
+IDLE_RATE = 5.0  # looks per second at a static screen
 SAMPLE_PHASES = 8
 MAX_MAPPED = 4  # framebuffers kept mapped (a compositor flips between two or three)
 CURSOR_MAX_SIDE = 512
@@ -72,7 +75,8 @@ class Scanout:
         self._cursor: CursorImage | None = None
         self._pointer = (0, 0)
         self._phase = 0
-        self._last_change = -1e9
+        self._hot: dict[int, float] = {}  # band -> when it last changed
+        self._changes: deque[float] = deque()  # looks that found a change, the last second
         self._rate = 0.0
         self._wanted = True
         self._closed = False
@@ -191,19 +195,32 @@ class Scanout:
             m = self._map(crtc.fb_id)
             if shown != self._shown or self._fb is None:
                 self._read_new(m, crtc, shown, changes)
-                self._last_change = now
-            elif now - self._last_change <= ACTIVE_S or self._sample_differs(m, crtc):
-                changes.damage = compare_frames(self._fb, self._read(m, crtc), *self.size)
-                if changes.damage:
-                    self._last_change = now
+            else:
+                bands = {y for y, t in self._hot.items() if now - t <= HOT_S}
+                bands |= self._sampled_bands(m, crtc, bands)
+                if bands:
+                    changes.damage = compare_bands(
+                        self._fb, lambda y, rows: self._rows(m, crtc, y, rows), *self.size, bands)
         except kms.KmsError as exc:
             # The framebuffer went between two ioctls (a mode set, a VT switch): the next look
             # finds the new one; a lasting failure is the same error at each look, logged once.
             self._forget(str(exc))
             return changes
-        self._set_rate(self._active_rate(crtc) if now - self._last_change <= ACTIVE_S
-                       else IDLE_RATE)
+        self._pace(now, crtc, changes)
         return changes
+
+    def _pace(self, now: float, crtc: kms.Crtc, changes: Changes) -> None:
+        """Remember what changed; look again sooner the more often the screen changes."""
+        if changes.damage or changes.resized:
+            self._changes.append(now)
+        for r in changes.damage:
+            for y in range(r.y // ALIGN * ALIGN, r.y + r.height, ALIGN):
+                self._hot[y] = now
+        while self._changes and now - self._changes[0] > 1.0:
+            self._changes.popleft()
+        if len(self._hot) > 4096 // ALIGN:  # a tall screen that changed all over: forget the old
+            self._hot = {y: t for y, t in self._hot.items() if now - t <= HOT_S}
+        self._set_rate(min(self._active_rate(crtc), max(IDLE_RATE, 2.0 * len(self._changes))))
 
     def _forget(self, why: str) -> None:
         if self._fb is not None:
@@ -211,6 +228,7 @@ class Scanout:
         for fb_id in list(self._mapped):
             self._unmap(fb_id)
         self._fb, self._shown = None, None
+        self._hot.clear()
         self._set_rate(IDLE_RATE)
 
     def _read_new(self, m: _Mapped, crtc: kms.Crtc, shown: tuple, changes: Changes) -> None:
@@ -236,27 +254,35 @@ class Scanout:
     def _read(self, m: _Mapped, crtc: kms.Crtc) -> bytes:
         """The visible part of the framebuffer, rows packed (width * 4 bytes each)."""
         self.reads += 1
+        return self._rows(m, crtc, 0, crtc.height)
+
+    @staticmethod
+    def _rows(m: _Mapped, crtc: kms.Crtc, y: int, rows: int) -> bytes:
+        """Rows y to y + rows - 1 of the visible part, packed."""
         fb, view = m.fb, m.view
         row = crtc.width * 4
-        start = fb.offset + crtc.y * fb.pitch + crtc.x * 4
+        start = fb.offset + (crtc.y + y) * fb.pitch + crtc.x * 4
         if fb.pitch == row:
-            return view[start:start + row * crtc.height]
-        return b"".join(view[start + y * fb.pitch:start + y * fb.pitch + row]
-                        for y in range(crtc.height))
+            return view[start:start + row * rows]
+        return b"".join(view[start + i * fb.pitch:start + i * fb.pitch + row] for i in range(rows))
 
-    def _sample_differs(self, m: _Mapped, crtc: kms.Crtc) -> bool:
-        """Whether one of this look's rows (every SAMPLE_PHASES-th, from a phase that turns)
-        differs from the picture held."""
+    def _sampled_bands(self, m: _Mapped, crtc: kms.Crtc, skip: set[int]) -> set[int]:
+        """The bands in which one of this look's rows (every SAMPLE_PHASES-th, from a phase that
+        turns) differs from the picture held; rows of the bands in `skip` are not looked at."""
         assert self._fb is not None
         fb, view, held = m.fb, m.view, self._fb
         row = crtc.width * 4
         start = fb.offset + crtc.y * fb.pitch + crtc.x * 4
         self._phase = (self._phase + 1) % SAMPLE_PHASES
+        found = set()
         for y in range(self._phase, crtc.height, SAMPLE_PHASES):
+            band = y // ALIGN * ALIGN
+            if band in skip or band in found:
+                continue
             a = start + y * fb.pitch
-            if view[a:a + row] != held[y * row:(y + 1) * row]:
-                return True
-        return False
+            if not held.startswith(view[a:a + row], y * row):
+                found.add(band)
+        return found
 
     def _poll_cursor(self, crtc: kms.Crtc, changes: Changes) -> None:
         if not self._cursor_plane:
