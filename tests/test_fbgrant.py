@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import signal
 import socket
 import threading
 import time
@@ -11,6 +12,22 @@ import pytest
 
 from spice_stream_common import fbgrant
 from spice_stream_common.fbgrant import REPLY, REQUEST, GrantClient, GrantRefused
+
+
+@pytest.fixture(autouse=True)
+def deadline():
+    """A client stuck in its read loop fails the test instead of hanging the run."""
+
+    def expired(signum, frame):
+        raise TimeoutError("the grant client is still waiting")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, 3.0)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture

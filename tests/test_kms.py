@@ -40,6 +40,27 @@ def test_struct_sizes_are_the_kernels():
     assert ctypes.sizeof(kms._Plane) == 32
 
 
+# Field offsets in the uapi structs (drm_mode.h): a field dropped or swapped before a 64-bit one
+# can keep the size (padding) and the ioctl number, not these.
+KERNEL_OFFSETS = [
+    ("_Crtc", "fb_id", 16), ("_Crtc", "x", 20), ("_Crtc", "y", 24), ("_Crtc", "mode_valid", 32),
+    ("_Crtc", "mode", 36),
+    ("_ModeInfo", "hdisplay", 4), ("_ModeInfo", "vdisplay", 14), ("_ModeInfo", "vrefresh", 24),
+    ("_FbCmd2", "pixel_format", 12), ("_FbCmd2", "handles", 20), ("_FbCmd2", "pitches", 36),
+    ("_FbCmd2", "offsets", 52), ("_FbCmd2", "modifier", 72),
+    ("_CardRes", "count_crtcs", 36),
+    ("_Plane", "crtc_id", 4), ("_Plane", "fb_id", 8), ("_Plane", "possible_crtcs", 12),
+    ("_ObjProps", "count_props", 16), ("_ObjProps", "obj_id", 20), ("_ObjProps", "obj_type", 24),
+    ("_Property", "prop_id", 16), ("_Property", "name", 24), ("_Property", "count_values", 56),
+    ("_MapDumb", "offset", 8),
+]
+
+
+@pytest.mark.parametrize(("struct", "field", "offset"), KERNEL_OFFSETS)
+def test_field_offsets_are_the_kernels(struct, field, offset):
+    assert getattr(getattr(kms, struct), field).offset == offset
+
+
 def test_fourcc():
     assert kms.fourcc("XR24") == 0x34325258
     assert kms.fourcc("AR24") == 0x34325241
