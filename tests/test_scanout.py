@@ -572,6 +572,39 @@ def test_the_layouts_read(env, fmt, modifier):
     assert frame_bytes(src) == fb.visible(0, 0, W, H)
 
 
+@pytest.mark.parametrize("refusal", [
+    GrantRefused(errno.ENOENT, "not shown"),
+    GrantRefused(errno.ETIMEDOUT, "no answer"),
+    BrokenPipeError(errno.EPIPE, "the service is gone"),
+])
+def test_a_refused_grant_is_no_picture(env, refusal):
+    fb = env.card.add_fb(1, tag=1)
+    env.card.show(1)
+    src = env.source()
+    env.grant.refuse = refusal
+    src.poll()
+    assert not src.live
+    env.grant.refuse = None
+    env.clock.advance(0.1)
+    assert src.poll().resized
+    assert frame_bytes(src) == fb.visible(0, 0, W, H)
+
+
+def test_a_refused_grant_on_a_flip_loses_the_picture_until_the_next_look(env, shown):
+    src, _ = shown
+    fb2 = env.card.add_fb(2, tag=2)
+    env.card.show(2)
+    env.grant.refuse = GrantRefused(errno.ETIMEDOUT, "no answer")
+    env.clock.advance(0.1)
+    assert not src.poll()
+    assert not src.live
+    assert not env.card.open_maps()
+    env.grant.refuse = None
+    env.clock.advance(0.1)
+    assert src.poll().resized
+    assert frame_bytes(src) == fb2.visible(0, 0, W, H)
+
+
 # -- the cursor plane ------------------------------------------------------------------------------
 
 

@@ -201,9 +201,10 @@ class Scanout:
                 if bands:
                     changes.damage = compare_bands(
                         self._fb, lambda y, rows: self._rows(m, crtc, y, rows), *self.size, bands)
-        except kms.KmsError as exc:
-            # The framebuffer went between two ioctls (a mode set, a VT switch): the next look
-            # finds the new one; a lasting failure is the same error at each look, logged once.
+        except OSError as exc:  # KmsError, or the grant's GrantRefused / a broken grant socket
+            # The framebuffer went between two ioctls (a mode set, a VT switch), or the service
+            # refused its handle (no longer shown, no answer in time): the next look finds the new
+            # one; a lasting failure is the same error at each look, logged once.
             self._forget(str(exc))
             return changes
         self._pace(now, crtc, changes)
