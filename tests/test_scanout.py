@@ -796,3 +796,26 @@ def test_close_without_close_grant(tmp_path):
     assert card.closed
     with pytest.raises(OSError):
         os.fstat(timer_fd)
+def test_a_framebuffer_id_used_again_after_a_mode_change(env, shown):
+    # The kernel gives a removed framebuffer's id to the next one made (idr_alloc, lowest free).
+    src, old = shown
+    os.close(old.fd)
+    new = env.card.add_fb(1, 32, 24, tag=7)  # RMFB then ADDFB: the same id, another buffer
+    env.card.show(1, 32, 24)
+    env.clock.advance(0.1)
+    assert src.poll().resized
+    assert frame_bytes(src) == new.visible(0, 0, 32, 24)
+    first_mapping = env.card.maps[0]
+    assert first_mapping[0] == 1 and first_mapping[1].closed  # the old buffer's is let go
+
+
+@pytest.mark.xfail(strict=True, reason="known limitation: a new buffer with the same layout under "
+                   "a used id looks the same to GETFB2 without a handle")
+def test_a_framebuffer_id_used_again_with_the_same_layout(env, shown):
+    src, old = shown
+    os.close(old.fd)
+    new = env.card.add_fb(1, tag=7)  # RMFB and ADDFB between two looks
+    env.card.show(1)
+    env.clock.advance(0.1)
+    src.poll()
+    assert frame_bytes(src) == new.visible(0, 0, W, H)

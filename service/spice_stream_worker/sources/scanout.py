@@ -115,11 +115,23 @@ class Scanout:
             c = self._find_crtc()
         return c
 
-    def _map(self, fb_id: int) -> _Mapped:
+    def _map(self, fb_id: int, check: bool = False) -> _Mapped:
+        """The framebuffer's mapping, kept from before if it is; with `check` (a framebuffer
+        newly shown) only if GETFB2 still says the same of it: the kernel gives a removed
+        framebuffer's id to the next one made, after a mode set another size (a new buffer
+        with the same layout under the same id is not seen: GETFB2 without a handle says
+        nothing of which buffer it is)."""
         m = self._mapped.get(fb_id)
+        fb = None
         if m is not None:
-            return m
-        fb = self._card.framebuffer(fb_id, handle=False)
+            if not check:
+                return m
+            fb = self._card.framebuffer(fb_id, handle=False)
+            if fb == m.fb:
+                return m
+            self._unmap(fb_id)
+        if fb is None:
+            fb = self._card.framebuffer(fb_id, handle=False)
         if fb.pixel_format not in kms.FORMATS_BGRX or fb.modifier not in (kms.MODIFIER_LINEAR,
                                                                             kms.MODIFIER_INVALID):
             raise DisplayUnavailable(f"scanout: framebuffer {fb_id} is {fb.format_name} with "
@@ -192,7 +204,7 @@ class Scanout:
                 return changes
             self._poll_cursor(crtc, changes)
             shown = (crtc.fb_id, crtc.x, crtc.y, crtc.width, crtc.height)
-            m = self._map(crtc.fb_id)
+            m = self._map(crtc.fb_id, check=shown != self._shown)
             if shown != self._shown or self._fb is None:
                 self._read_new(m, crtc, shown, changes)
             else:
