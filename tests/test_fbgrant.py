@@ -114,7 +114,7 @@ def test_the_service_closing_after_the_request(pair):
 def test_the_service_gone_before_the_request(pair):
     client, theirs = pair
     theirs.close()
-    with pytest.raises(OSError) as info:
+    with pytest.raises(GrantRefused) as info:  # the write's EPIPE, as a refusal
         client.handle(42)
     assert info.value.errno == errno.EPIPE
 
@@ -151,3 +151,31 @@ def test_close_is_idempotent(pair):
     client.close()
     client.close()
     assert client.fd == -1
+
+
+def test_a_late_answer_is_not_taken_for_the_next_requests(pair, monkeypatch):
+    client, theirs = pair
+    monkeypatch.setattr(fbgrant, "ANSWER_TIMEOUT_S", 0.1)
+    with pytest.raises(GrantRefused):
+        client.handle(42)  # the service is slow: no answer in time
+    theirs.sendall(REPLY.pack(42, 7, 0))  # ... then answers it, late
+    theirs.sendall(REPLY.pack(42, 8, 0))  # and the same framebuffer asked again
+    assert client.handle(42) == 8  # not 7: that answer was the first request's
+    theirs.sendall(REPLY.pack(43, 9, 0))
+    assert client.handle(43) == 9
+    assert theirs.recv(64) == REQUEST.pack(42) * 2 + REQUEST.pack(43)
+
+
+def test_late_answers_of_several_timeouts_are_all_dropped(pair, monkeypatch):
+    client, theirs = pair
+    monkeypatch.setattr(fbgrant, "ANSWER_TIMEOUT_S", 0.05)
+    for fb_id in (42, 43):
+        with pytest.raises(GrantRefused) as info:
+            client.handle(fb_id)
+        assert info.value.errno == errno.ETIMEDOUT
+    theirs.sendall(REPLY.pack(42, 7, 0) + REPLY.pack(43, 0, errno.EPERM))
+    with pytest.raises(GrantRefused) as info:
+        client.handle(44)  # only the two late answers came: this one's is still owed
+    assert info.value.errno == errno.ETIMEDOUT
+    theirs.sendall(REPLY.pack(44, 10, 0) + REPLY.pack(45, 11, 0))
+    assert client.handle(45) == 11
