@@ -486,6 +486,22 @@ def test_a_crtc_window_past_its_framebuffer_is_no_picture(env):
 # -- no picture, errors --------------------------------------------------------------------------------
 
 
+def test_crtcs_failing_at_the_start_is_unavailable_and_closes_what_it_owns(env, monkeypatch):
+    timers = []
+
+    def timer():
+        timers.append(timerfd.PeriodicTimer())
+        return timers[-1]
+
+    monkeypatch.setattr(scanout, "PeriodicTimer", timer)
+    env.card.fail["crtcs"] = 1
+    with pytest.raises(DisplayUnavailable, match="faked failure"):
+        env.source()
+    assert env.card.closed
+    assert env.grant_closed == 1
+    assert timers[0].fd == -1
+
+
 def test_no_framebuffer_on_the_crtc(env):
     src = env.source()
     assert not src.poll()

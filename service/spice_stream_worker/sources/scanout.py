@@ -59,13 +59,13 @@ class Scanout:
     def __init__(self, card: kms.Card, grant: Callable[[int], int], fps: int = 30,
                  clock: Callable[[], float] = time.monotonic,
                  close_grant: Callable[[], None] | None = None) -> None:
-        """Owns `card` (and what `close_grant` closes): close() closes them."""
+        """Owns `card` (and what `close_grant` closes): close() closes them, and so does a
+        failure here (DisplayUnavailable: the device lists no CRTCs, no timer)."""
         self._card = card
         self._grant = grant
         self._close_grant = close_grant
         self._fps = max(1, fps)
         self._clock = clock
-        self._timer = PeriodicTimer()
         self._mapped: dict[int, _Mapped] = {}
         self._fb: bytearray | None = None
         self._shown: tuple | None = None  # (fb_id, x, y, width, height) last read
@@ -82,8 +82,18 @@ class Scanout:
         self._closed = False
         self.size = (0, 0)
         self.reads = 0  # whole reads, for the tests and the bench
-        self._find_crtc()
-        self._set_rate(self._fps)
+        timer = None
+        try:
+            timer = self._timer = PeriodicTimer()
+            self._find_crtc()  # GETRESOURCES refused (EACCES), the device gone (ENODEV)
+            self._set_rate(self._fps)
+        except OSError as exc:
+            if timer is not None:
+                timer.close()
+            card.close()
+            if close_grant is not None:
+                close_grant()
+            raise DisplayUnavailable(f"scanout: cannot use {card.path}: {exc}") from None
 
     # -- which CRTC, which framebuffer -------------------------------------------------------------
 
