@@ -157,6 +157,8 @@ def _open_scanout(args: argparse.Namespace):
 
     from .sources.scanout import Scanout
 
+    card: kms.Card | None = None
+    client: GrantClient | None = None
     try:
         if args.card:
             card = kms.Card(args.card)
@@ -167,12 +169,18 @@ def _open_scanout(args: argparse.Namespace):
 
             close_grant = None
         else:
-            card = kms.Card("service's DRM device", fd=args.card_fd)
             client = GrantClient(args.grant_fd)
+            card = kms.Card("service's DRM device", fd=args.card_fd)
             grant, close_grant = client.handle, client.close
+        # The Scanout owns the card and the client: it closes them when it fails (its
+        # DisplayUnavailable goes on to main(), one line and the exit code).
+        return Scanout(card, grant, fps=args.fps, close_grant=close_grant)
     except OSError as exc:
+        if card is not None:
+            card.close()
+        if client is not None:
+            client.close()
         raise DisplayUnavailable(f"scanout: cannot use the DRM device: {exc}") from None
-    return Scanout(card, grant, fps=args.fps, close_grant=close_grant)
 
 
 class Worker:

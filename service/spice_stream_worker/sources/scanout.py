@@ -59,13 +59,13 @@ class Scanout:
     def __init__(self, card: kms.Card, grant: Callable[[int], int], fps: int = 30,
                  clock: Callable[[], float] = time.monotonic,
                  close_grant: Callable[[], None] | None = None) -> None:
-        """Owns `card` (and what `close_grant` closes): close() closes them."""
+        """Owns `card` (and what `close_grant` closes): close() closes them, and so does a
+        failure here (DisplayUnavailable: the device lists no CRTCs, no timer)."""
         self._card = card
         self._grant = grant
         self._close_grant = close_grant
         self._fps = max(1, fps)
         self._clock = clock
-        self._timer = PeriodicTimer()
         self._mapped: dict[int, _Mapped] = {}
         self._fb: bytearray | None = None
         self._shown: tuple | None = None  # (fb_id, x, y, width, height) last read
@@ -82,8 +82,18 @@ class Scanout:
         self._closed = False
         self.size = (0, 0)
         self.reads = 0  # whole reads, for the tests and the bench
-        self._find_crtc()
-        self._set_rate(self._fps)
+        timer = None
+        try:
+            timer = self._timer = PeriodicTimer()
+            self._find_crtc()  # GETRESOURCES refused (EACCES), the device gone (ENODEV)
+            self._set_rate(self._fps)
+        except OSError as exc:
+            if timer is not None:
+                timer.close()
+            card.close()
+            if close_grant is not None:
+                close_grant()
+            raise DisplayUnavailable(f"scanout: cannot use {card.path}: {exc}") from None
 
     # -- which CRTC, which framebuffer -------------------------------------------------------------
 
@@ -115,11 +125,23 @@ class Scanout:
             c = self._find_crtc()
         return c
 
-    def _map(self, fb_id: int) -> _Mapped:
+    def _map(self, fb_id: int, check: bool = False) -> _Mapped:
+        """The framebuffer's mapping, kept from before if it is; with `check` (a framebuffer
+        newly shown) only if GETFB2 still says the same of it: the kernel gives a removed
+        framebuffer's id to the next one made, after a mode set another size (a new buffer
+        with the same layout under the same id is not seen: GETFB2 without a handle says
+        nothing of which buffer it is)."""
         m = self._mapped.get(fb_id)
+        fb = None
         if m is not None:
-            return m
-        fb = self._card.framebuffer(fb_id, handle=False)
+            if not check:
+                return m
+            fb = self._card.framebuffer(fb_id, handle=False)
+            if fb == m.fb:
+                return m
+            self._unmap(fb_id)
+        if fb is None:
+            fb = self._card.framebuffer(fb_id, handle=False)
         if fb.pixel_format not in kms.FORMATS_BGRX or fb.modifier not in (kms.MODIFIER_LINEAR,
                                                                             kms.MODIFIER_INVALID):
             raise DisplayUnavailable(f"scanout: framebuffer {fb_id} is {fb.format_name} with "
@@ -192,7 +214,7 @@ class Scanout:
                 return changes
             self._poll_cursor(crtc, changes)
             shown = (crtc.fb_id, crtc.x, crtc.y, crtc.width, crtc.height)
-            m = self._map(crtc.fb_id)
+            m = self._map(crtc.fb_id, check=shown != self._shown)
             if shown != self._shown or self._fb is None:
                 self._read_new(m, crtc, shown, changes)
             else:
@@ -201,9 +223,10 @@ class Scanout:
                 if bands:
                     changes.damage = compare_bands(
                         self._fb, lambda y, rows: self._rows(m, crtc, y, rows), *self.size, bands)
-        except kms.KmsError as exc:
-            # The framebuffer went between two ioctls (a mode set, a VT switch): the next look
-            # finds the new one; a lasting failure is the same error at each look, logged once.
+        except OSError as exc:  # KmsError, or the grant's GrantRefused / a broken grant socket
+            # The framebuffer went between two ioctls (a mode set, a VT switch), or the service
+            # refused its handle (no longer shown, no answer in time): the next look finds the new
+            # one; a lasting failure is the same error at each look, logged once.
             self._forget(str(exc))
             return changes
         self._pace(now, crtc, changes)
