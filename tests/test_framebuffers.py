@@ -23,7 +23,6 @@ class FakeCard:
         self.shown = {"crtc": 70, "cursor": 80}
         self.handles = handles
         self.master = master
-        self.next_handle = 1
         self.open_handles: set[int] = set()
         self.closed = False
         self.fail: OSError | None = None
@@ -43,7 +42,7 @@ class FakeCard:
             raise self.fail
         h = 0
         if handle and self.handles:
-            h, self.next_handle = self.next_handle, self.next_handle + 1
+            h = min(set(range(1, len(self.open_handles) + 2)) - self.open_handles)  # as the kernel
             self.open_handles.add(h)
         return kms.Framebuffer(fb_id, 1024, 768, kms.fourcc("XR24"), 4096, 0, 0, h)
 
@@ -97,7 +96,11 @@ def test_grants_are_rate_limited(card: FakeCard) -> None:
     now = [0.0]
     g = grants_for(card, now)
     try:
-        answers = [g.grant(70)[1] for _ in range(framebuffers.GRANT_BURST + 5)]
+        answers = []
+        for _ in range(framebuffers.GRANT_BURST + 5):
+            handle, err = g.grant(70)
+            answers.append(err)
+            card.open_handles.discard(handle)  # the reader closes each one once mapped
         assert answers.count(0) == framebuffers.GRANT_BURST
         assert answers[-1] == errno.EAGAIN
         now[0] += 1.0
@@ -106,14 +109,31 @@ def test_grants_are_rate_limited(card: FakeCard) -> None:
         g.close()
 
 
-def test_outstanding_handles_are_bounded_and_closed_with_the_grants(card: FakeCard) -> None:
-    g = grants_for(card)
-    for _ in range(framebuffers.MAX_OUTSTANDING + 3):
-        g.grant(70)
-    assert len(card.open_handles) == framebuffers.MAX_OUTSTANDING
-    assert min(card.open_handles) == 4  # the three oldest were closed
-    g.close()
-    assert card.open_handles == set() and card.closed
+def test_a_reader_that_keeps_its_handles_gets_no_more(card: FakeCard, caplog) -> None:
+    """The kernel gives the lowest free number: a reader that closes each handle gets the same
+    number again and again; one that keeps them gets new numbers, and past MAX_OUTSTANDING none
+    (the one just made is closed). A granted handle is never closed by the service."""
+    now = [0.0]
+    g = grants_for(card, now)
+    try:
+        for _ in range(framebuffers.MAX_OUTSTANDING + 5):  # the reader closes each one
+            now[0] += 1.0  # within the rate limit
+            handle, err = g.grant(70)
+            assert (handle, err) == (1, 0)
+            card.open_handles.discard(handle)
+        for _ in range(framebuffers.MAX_OUTSTANDING):  # now it keeps them: 1, 2, 3, ...
+            now[0] += 1.0
+            assert g.grant(70)[1] == 0
+        kept = set(card.open_handles)
+        assert kept == set(range(1, framebuffers.MAX_OUTSTANDING + 1))
+        now[0] += 1.0
+        with caplog.at_level(logging.WARNING):
+            assert g.grant(70) == (0, errno.EMFILE)
+        assert card.open_handles == kept  # the refused one was closed, the granted ones not
+        assert "keeps 8 handles open" in caplog.text
+    finally:
+        g.close()
+    assert card.closed
 
 
 def test_dropping_master_is_said(card: FakeCard, caplog) -> None:

@@ -9,7 +9,6 @@ import errno
 import logging
 import socket
 import time
-from collections import deque
 from collections.abc import Callable
 
 from spice_stream_common import fbgrant, kms
@@ -22,8 +21,11 @@ log = logging.getLogger(__name__)
 # set or a VT switch. Past this rate the reader is not reading a display, it is asking for handles.
 GRANTS_PER_S = 10.0
 GRANT_BURST = 20
-# Handles the reader has not closed: past this many, the oldest is closed by the service (the reader
-# closes each one once it has mapped it, and a mapping outlives its handle).
+# Handles the reader keeps open: it closes each one once it has mapped it (a mapping outlives its
+# handle), and the kernel gives out the lowest free number, so the numbers granted stay few. A reader
+# that keeps them grows the set: past this many distinct numbers it gets no more. The service never
+# closes a granted handle itself: the reader may have closed it and the number may be another
+# buffer's by now.
 MAX_OUTSTANDING = 8
 MAX_PENDING_BYTES = 64 * fbgrant.REQUEST.size
 
@@ -64,7 +66,7 @@ class FramebufferGrants:
         self._ours.setblocking(False)
         self._bucket = TokenBucket(GRANTS_PER_S, GRANT_BURST, clock=clock)
         self._refusals = LogLimiter(log)
-        self._outstanding: deque[int] = deque()
+        self._numbers: set[int] = set()  # handle numbers granted
         self._pending = b""
         self._reading = False
         self.granted = 0
@@ -119,9 +121,11 @@ class FramebufferGrants:
             return self._refuse(fb_id, exc.errno or errno.EIO, str(exc))
         if not handle:
             return self._refuse(fb_id, errno.EPERM, "the kernel gave no handle (no CAP_SYS_ADMIN)")
-        self._outstanding.append(handle)
-        while len(self._outstanding) > MAX_OUTSTANDING:
-            self.card.close_handle(self._outstanding.popleft())
+        if handle not in self._numbers and len(self._numbers) >= MAX_OUTSTANDING:
+            # Just made, not yet the reader's: ours to close.
+            self.card.close_handle(handle)
+            return self._refuse(fb_id, errno.EMFILE, f"it keeps {len(self._numbers)} handles open")
+        self._numbers.add(handle)
         self.granted += 1
         return handle, 0
 
@@ -149,8 +153,6 @@ class FramebufferGrants:
         for s in (self._ours, self._theirs):
             s.close()
         if self.card.fd >= 0:
-            for h in self._outstanding:
-                self.card.close_handle(h)
-            self._outstanding.clear()
+            # The handles go with the open file, once the reader's copy of it is closed too.
             self.card.close()
 
