@@ -835,3 +835,21 @@ def test_a_framebuffer_id_used_again_with_the_same_layout(env, shown):
     env.clock.advance(0.1)
     src.poll()
     assert frame_bytes(src) == new.visible(0, 0, W, H)
+
+
+def test_a_change_back_to_an_older_picture_is_seen(env, shown):
+    """A blinking cursor that stops where it started: A, then B (seen, its band hot), then A again
+    once the band has cooled. The rows sampled on the still screen are compared with the picture
+    held now (B), not with a copy taken before B: A is seen."""
+    src, fb = shown
+    for _ in range(2 * SAMPLE_PHASES):  # every phase's rows looked at on the still screen (A)
+        env.clock.advance(1 / IDLE_RATE)
+        assert not src.poll()
+    before = fb.visible(0, 0, W, H)
+    fb.write(0, 5, pixel(3, 3, 200))  # B
+    assert env.look(src).damage
+    env.settle(src)  # the band cools
+    fb.write(0, 5, before[5 * W * 4:5 * W * 4 + 4])  # A again
+    changes = env.look(src)
+    assert covers(changes.damage, 0, 5), changes
+    assert frame_bytes(src) == fb.visible(0, 0, W, H)

@@ -53,6 +53,20 @@ class _Mapped:
     view: mmap.mmap
 
 
+def _strided(buffer: mmap.mmap | bytearray, start: int, row: int, height: int, phase: int) -> bytes:
+    """Rows phase, phase + SAMPLE_PHASES, ... of the `height` rows of `row` bytes from `start`,
+    packed, in one copy."""
+    views: list[memoryview] = []
+    try:
+        views.append(memoryview(buffer))
+        views.append(views[-1][start:start + row * height])
+        views.append(views[-1].cast("B", (height, row)))
+        return views[-1][phase::SAMPLE_PHASES].tobytes()
+    finally:
+        for v in reversed(views):
+            v.release()
+
+
 class Scanout:
     """The capture source of the display itself (see the module's text)."""
 
@@ -76,6 +90,7 @@ class Scanout:
         self._pointer = (0, 0)
         self._phase = 0
         self._hot: dict[int, float] = {}  # band -> when it last changed
+        self._samples: dict[int, bytes] = {}  # phase -> the held picture's rows of that phase
         self._changes: deque[float] = deque()  # looks that found a change, the last second
         self._rate = 0.0
         self._wanted = True
@@ -236,6 +251,7 @@ class Scanout:
         """Remember what changed; look again sooner the more often the screen changes."""
         if changes.damage or changes.resized:
             self._changes.append(now)
+            self._samples.clear()  # the held picture changed
         for r in changes.damage:
             for y in range(r.y // ALIGN * ALIGN, r.y + r.height, ALIGN):
                 self._hot[y] = now
@@ -252,6 +268,7 @@ class Scanout:
             self._unmap(fb_id)
         self._fb, self._shown = None, None
         self._hot.clear()
+        self._samples.clear()
         self._set_rate(IDLE_RATE)
 
     def _read_new(self, m: _Mapped, crtc: kms.Crtc, shown: tuple, changes: Changes) -> None:
@@ -297,6 +314,8 @@ class Scanout:
         row = crtc.width * 4
         start = fb.offset + crtc.y * fb.pitch + crtc.x * 4
         self._phase = (self._phase + 1) % SAMPLE_PHASES
+        if fb.pitch == row:
+            return self._sampled_bands_packed(view, start, crtc, held)
         found = set()
         for y in range(self._phase, crtc.height, SAMPLE_PHASES):
             band = y // ALIGN * ALIGN
@@ -305,6 +324,26 @@ class Scanout:
             a = start + y * fb.pitch
             if not held.startswith(view[a:a + row], y * row):
                 found.add(band)
+        return found
+
+    def _sampled_bands_packed(self, view: mmap.mmap, start: int, crtc: kms.Crtc,
+                              held: bytearray) -> set[int]:
+        """_sampled_bands for rows with no gap between them (the usual layout): this look's rows
+        taken in one strided copy from each side and compared at once; a Python step per row
+        only where they differ. Under TCG a look cost 6 ms with a step per row (3% of a core at
+        5 looks a second), most of it the interpreter's."""
+        row, height, phase = crtc.width * 4, crtc.height, self._phase
+        new = _strided(view, start, row, height, phase)
+        # The held picture's rows of this phase, copied once while it does not change.
+        old = self._samples.get(phase)
+        if old is None:
+            old = self._samples[phase] = _strided(held, 0, row, height, phase)
+        if new == old:
+            return set()
+        found = set()
+        for i, y in enumerate(range(phase, height, SAMPLE_PHASES)):
+            if new[i * row:(i + 1) * row] != old[i * row:(i + 1) * row]:
+                found.add(y // ALIGN * ALIGN)
         return found
 
     def _poll_cursor(self, crtc: kms.Crtc, changes: Changes) -> None:
