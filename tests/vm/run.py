@@ -1722,6 +1722,14 @@ def s15_wayland_resize(ctx: Context) -> str:
     return "; ".join(report) + f"; WorkerStats {worker_stats(p)}"
 
 
+def _wait_screen_leaves(ctx: Context, picture: Image.Image, tag: str,
+                        timeout: float = 60.0) -> Image.Image:
+    """QEMU's screendump once it no longer shows `picture` and has settled."""
+    wait_until(lambda: _alike(screendump(ctx, f"{tag}-leaving"), picture) < PSNR_MIN, timeout,
+               f"the display to change ({tag})", interval=1.0)
+    return settle_dump(ctx, tag)
+
+
 def _reader_uid(ctx: Context) -> int:
     return int(ctx.vm.sh("id -u spice-streamd", quiet=True).check().out.strip())
 
@@ -1755,6 +1763,9 @@ def s16_wayland_lock(ctx: Context) -> str:
                                      quiet=True).out.strip() == "yes", 30,
                        "gnome-shell to lock (LockedHint=yes)", interval=0.5)
             locked_s = time.monotonic() - t0
+            # gnome-shell says it is locked before it has drawn the lock screen (GNOME 43 under
+            # TCG: the desktop stood still for seconds after LockedHint).
+            _wait_screen_leaves(ctx, desktop, "lock-screen")
             covered = wait_until(lambda: (lambda d: d if d.get("Streaming") and _relayed_uid(ctx, d)
                                           == reader else None)(ctx.props()), 30,
                                  "the display's scanout relayed while locked", interval=0.5)
@@ -2038,14 +2049,14 @@ def sK_scanout_probe(ctx: Context) -> str:
     sid = ctx.notes["wayland"]["Id"]
     report = []
     vm.sh(f"chvt {ALICE_VT}").check()
-    settle_dump(ctx, "scanout-desktop")
+    desktop = settle_dump(ctx, "scanout-desktop")
     report.append(_scanout_probe(ctx, "desktop"))
     vm.sh(f"loginctl lock-session {sid}").check()
     try:
         wait_until(lambda: vm.sh(f"loginctl show-session {sid} -p LockedHint --value",
                                  quiet=True).out.strip() == "yes", 60,
                    "gnome-shell to lock (LockedHint=yes)", interval=0.5)
-        settle_dump(ctx, "scanout-lock")
+        _wait_screen_leaves(ctx, desktop, "scanout-lock")
         report.append(_scanout_probe(ctx, "lock"))
     finally:
         vm.sh(f"loginctl unlock-session {sid}")
