@@ -853,3 +853,18 @@ def test_a_change_back_to_an_older_picture_is_seen(env, shown):
     changes = env.look(src)
     assert covers(changes.damage, 0, 5), changes
     assert frame_bytes(src) == fb.visible(0, 0, W, H)
+
+
+def test_nothing_mapped_is_kept_across_a_rest(env, shown):
+    """A framebuffer freed and made again under the same id and layout while the reader rested
+    (not streaming: a lock screen's cover ended) is mapped anew when it streams again."""
+    src, fb = shown
+    asked = len(env.grant.asked)
+    src.set_wanted(False)
+    assert src._mapped == {}
+    new = env.card.add_fb(1, tag=9)  # the same id, another buffer
+    src.set_wanted(True)
+    env.clock.advance(1 / IDLE_RATE)
+    src.poll()
+    assert frame_bytes(src) == new.visible(0, 0, W, H)
+    assert len(env.grant.asked) == asked + 1

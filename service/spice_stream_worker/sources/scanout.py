@@ -195,6 +195,11 @@ class Scanout:
             self._timer.arm(1.0 / (self._rate or IDLE_RATE))
         else:
             self._timer.arm(0)
+            # While it rests, compositors may free their framebuffers and make new ones under the
+            # same ids (the kernel gives out the lowest free id; a lock, a VT switch): nothing
+            # mapped is kept across a rest, each framebuffer is granted and mapped anew.
+            for fb_id in list(self._mapped):
+                self._unmap(fb_id)
 
     def _active_rate(self, crtc: kms.Crtc) -> float:
         return float(min(self._fps, crtc.refresh or 60))
