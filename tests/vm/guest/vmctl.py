@@ -172,7 +172,7 @@ def watch(vt, uid, timeout, ready):
                 stamps.setdefault("streaming", now)
             pid = state.get("WorkerPID") or 0
             st = status_of(pid) if pid else None
-            if st and int(st["Uid"][0]) == uid and state.get("WorkerState") == "running":
+            if st and int(st["Uid"][0]) in uid and state.get("WorkerState") == "running":
                 stamps.setdefault("worker_uid", now)
 
         bus.add_message_handler(on_message)
@@ -229,7 +229,9 @@ def main(argv):
     elif cmd == "xauth":
         return xauth(argv[2], argv[3])
     elif cmd == "watch":
-        watch(int(argv[2]), int(argv[3]), float(argv[4]), argv[5])
+        # uid: one, or several separated by commas (a Wayland session's worker, or the display's
+        # scanout reader covering for it while its screen cast is being created again).
+        watch(int(argv[2]), {int(u) for u in argv[3].split(",")}, float(argv[4]), argv[5])
     elif cmd == "status":
         print(json.dumps(status_of(int(argv[2]))))
     else:
