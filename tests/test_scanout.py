@@ -868,3 +868,41 @@ def test_nothing_mapped_is_kept_across_a_rest(env, shown):
     src.poll()
     assert frame_bytes(src) == new.visible(0, 0, W, H)
     assert len(env.grant.asked) == asked + 1
+
+
+def test_a_screen_blanked_and_back_under_a_used_id_is_read_anew(env, shown):
+    """GNOME 43's lock screen: the CRTC shows nothing (blanked), then a new buffer under the old
+    framebuffer's id and layout. Nothing mapped was kept across the blank: the new picture is
+    read, not the old buffer's."""
+    src, old = shown
+    env.card.show(0, 0, 0)  # blanked
+    env.clock.advance(0.2)
+    src.poll()
+    assert not src.live
+    os.close(old.fd)
+    new = env.card.add_fb(1, tag=8)  # the same id and layout, another buffer
+    env.card.show(1)
+    env.clock.advance(0.2)
+    assert src.poll().resized
+    assert frame_bytes(src) == new.visible(0, 0, W, H)
+
+
+def test_a_framebuffer_not_shown_for_a_while_is_mapped_anew(env, shown):
+    """A flip to another framebuffer for longer than MAPPING_KEPT_S, then back to the first id,
+    which is now a new buffer of the same layout: read from the new buffer."""
+    from spice_stream_worker.sources.scanout import MAPPING_KEPT_S
+
+    src, old = shown
+    env.card.add_fb(2, tag=2)
+    env.card.show(2)
+    env.clock.advance(0.2)
+    src.poll()
+    env.clock.advance(MAPPING_KEPT_S + 0.1)
+    src.poll()
+    assert 1 not in src._mapped
+    os.close(old.fd)
+    new = env.card.add_fb(1, tag=9)
+    env.card.show(1)
+    env.clock.advance(0.2)
+    src.poll()
+    assert frame_bytes(src) == new.visible(0, 0, W, H)

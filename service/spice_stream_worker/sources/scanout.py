@@ -44,6 +44,7 @@ HOT_S = 1.0
 IDLE_RATE = 5.0  # looks per second at a static screen
 SAMPLE_PHASES = 8
 MAX_MAPPED = 4  # framebuffers kept mapped (a compositor flips between two or three)
+MAPPING_KEPT_S = 1.0
 CURSOR_MAX_SIDE = 512
 
 
@@ -51,6 +52,7 @@ CURSOR_MAX_SIDE = 512
 class _Mapped:
     fb: kms.Framebuffer
     view: mmap.mmap
+    shown_at: float = 0.0  # when a look last found it on the CRTC
 
 
 def _strided(buffer: mmap.mmap | bytearray, start: int, row: int, height: int, phase: int) -> bytes:
@@ -171,6 +173,14 @@ class Scanout:
         m = self._mapped[fb_id] = _Mapped(fb, view)
         return m
 
+    def _drop_unshown(self, now: float, current: int) -> None:
+        """Mappings of framebuffers not shown for MAPPING_KEPT_S go: a compositor flipping
+        between its buffers shows each of them often; one not seen for that long may be freed and
+        its id given to a new buffer of the same layout, which nothing would tell apart."""
+        for fb_id in [f for f, m in self._mapped.items()
+                      if f != current and now - m.shown_at > MAPPING_KEPT_S]:
+            self._unmap(fb_id)
+
     def _unmap(self, fb_id: int) -> None:
         m = self._mapped.pop(fb_id, None)
         if m is not None:
@@ -229,12 +239,15 @@ class Scanout:
             if crtc is None:
                 if self._fb is not None:
                     log.info("scanout: no CRTC shows a picture")
-                self._fb, self._shown = None, None
-                self._set_rate(IDLE_RATE)
+                # Nothing kept: what comes back (a screen unblanked) may be new buffers under the
+                # ids of the old ones (GNOME 43's lock screen was: its picture stayed black).
+                self._forget("")
                 return changes
             self._poll_cursor(crtc, changes)
             shown = (crtc.fb_id, crtc.x, crtc.y, crtc.width, crtc.height)
+            self._drop_unshown(now, crtc.fb_id)
             m = self._map(crtc.fb_id, check=shown != self._shown)
+            m.shown_at = now
             if shown != self._shown or self._fb is None:
                 self._read_new(m, crtc, shown, changes)
             else:
@@ -267,7 +280,7 @@ class Scanout:
         self._set_rate(min(self._active_rate(crtc), max(IDLE_RATE, 2.0 * len(self._changes))))
 
     def _forget(self, why: str) -> None:
-        if self._fb is not None:
+        if self._fb is not None and why:
             log.info("scanout: picture lost (%s)", why)
         for fb_id in list(self._mapped):
             self._unmap(fb_id)
