@@ -403,6 +403,32 @@ def test_another_vt_holds_the_picture_and_a_close_meanwhile_is_no_stop_button(
 
 
 @needs_pipewire
+def test_back_from_another_vt_with_no_frame_records_again(producers, mutter, logind, bus, caplog):
+    # The session comes back to the screen with its stream still up, and mutter paints nothing
+    # (a static desktop: no frame came in 30 s in a Debian 12 guest): after Timing.back_frame a
+    # new stream gives the current picture.
+    caplog.set_level(logging.INFO, logger="spice_stream_worker.sources")
+    logind.add_session("c7", os.getuid(), vt=2, type="wayland", active=True)
+    prod = producers()
+    fake = mutter(prod.node, saver=False)
+    src = ScreenCast(fps=30, timing=Timing(settle=0.5, back_frame=0.3), session_id="c7",
+                     system_bus_address=bus.address)
+    try:
+        poll_until(src, lambda c: c.resized, what="the first picture")
+        logind.set_property("c7", "Active", False)
+        poll_until(src, lambda c: not src.live, what="no picture while another VT is in front")
+        prod.pause()
+        fake.set_node(producers().node)
+        logind.set_property("c7", "Active", True)
+        poll_until(src, lambda c: c.resized, timeout=10, what="the picture after the return")
+        assert src.live and fake.counts()["CreateSession"] == 2
+        assert any("no picture since the session came back" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        src.close()
+
+
+@needs_pipewire
 def test_without_a_lock_from_anyone_a_closed_cast_is_the_stop_button(producers, mutter, logind,
                                                                       bus):
     # The same session without LockedHint: after the settle it is the user's Stop.

@@ -160,6 +160,10 @@ class Producer:
     def rect(self, x: int, y: int, w: int, h: int, rgb: tuple[int, int, int]) -> None:
         self.send(f"rect {x} {y} {w} {h} {rgb[0]} {rgb[1]} {rgb[2]}")
 
+    def pause(self) -> None:
+        """No more frames (mutter sends none while nothing is painted)."""
+        self.send("pause")
+
     def stop(self) -> None:
         if self.proc.stdin:
             try:
@@ -215,6 +219,8 @@ def produce(name: str, width: int, height: int) -> None:
                 for prop, value in (("xpos", x), ("ypos", y), ("width", w), ("height", h)):
                     rect_pad.set_property(prop, value)
                 rect_pad.set_property("alpha", 1.0)
+            elif words[0] == "pause":  # as mutter on a static screen: no frame until painted
+                pipeline.set_state(Gst.State.PAUSED)
             sys.stdout.write("ok\n")
             sys.stdout.flush()
         GLib.idle_add(loop.quit)

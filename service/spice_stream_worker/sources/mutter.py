@@ -58,6 +58,9 @@ class Timing:
     # 5 s to answer CreateSession and Start (VM, Debian 12), six times in a row.
     call_ms: int = 25000
     join: float = 5.0  # close(): the thread's end
+    # Back on the screen with the stream still up: a frame painted on the way back, or a new
+    # stream after this long.
+    back_frame: float = 1.0
 
 
 class Controller:
@@ -379,6 +382,18 @@ class Controller:
                          "until it is back")
         else:
             self.out._release()
+            if self.waiting == "frames" and not self.out._is_up():
+                # mutter paints nothing on the way back when nothing changed (a static desktop:
+                # no frame came in 30 s, VM, Debian 12), and a stream sends a picture only when
+                # painted: without one soon, a new stream starts with the current picture.
+                attempt = self.attempt
+                self._later(self.timing.back_frame, self._no_frame_since_back, attempt)
+
+    def _no_frame_since_back(self, attempt: int) -> None:
+        if attempt != self.attempt or self.waiting != "frames" or self.away or self.out._is_up():
+            return
+        log.info("GNOME ScreenCast: no picture since the session came back: recording again")
+        self._create()
 
     def _on_lock_changed(self, _sender: str, args: tuple[bool]) -> None:
         self.saver_locked = bool(args[0])

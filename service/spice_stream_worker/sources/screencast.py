@@ -133,6 +133,11 @@ class ScreenCast:
             self._held_frame = None
         self._wake()
 
+    def _is_up(self) -> bool:
+        """Whether the current stream has given a frame (since it started or came back)."""
+        with self._lock:
+            return self._up
+
     def _release(self) -> None:
         with self._lock:
             self._held, frame, self._held_frame = False, self._held_frame, None
