@@ -1605,6 +1605,21 @@ def _changed_box(a: Image.Image, b: Image.Image) -> tuple[int, int, int, int] | 
     return diff.point(lambda v: 255 if v > 60 else 0).getbbox()
 
 
+def _settled_picture(viewer: Viewer, first: Image.Image, name: str, interval: float,
+                     what: str, timeout: float = 30.0) -> Image.Image:
+    """The client's picture once two in a row `interval` apart show no clear change."""
+    deadline = time.monotonic() + timeout
+    prev = first
+    while True:
+        time.sleep(interval)  # the interval between two pictures compared
+        cur = viewer.save(name=name)
+        if not _changed_box(prev, cur):
+            return cur
+        check(time.monotonic() < deadline, f"the client's picture did not settle in "
+              f"{timeout:g} s {what}")
+        prev = cur
+
+
 def s14_wayland_pointer(ctx: Context) -> str:
     """The pointer, moved by QMP input events, moves in the client's picture: parked in the
     bottom-right corner (its image off the screen; no hot corner there), moved up-left (it appears),
@@ -1623,15 +1638,8 @@ def s14_wayland_pointer(ctx: Context) -> str:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not _changed_box(before, parked):
             parked = viewer.save(name="viewer-pointer.ppm")
-        deadline = time.monotonic() + 30
-        while True:
-            time.sleep(2.0)  # the interval between two pictures compared
-            cur = viewer.save(name="viewer-pointer.ppm")
-            if not _changed_box(parked, cur):
-                break
-            check(time.monotonic() < deadline, "the client's picture did not settle in 30 s "
-                  "after the pointer was parked")
-            parked = cur
+        parked = _settled_picture(viewer, parked, "viewer-pointer.ppm", 2.0,
+                                  "after the pointer was parked")
         w, h = parked.size
 
         def next_picture(prev: Image.Image, what: str) -> tuple[Image.Image, float]:
@@ -1997,15 +2005,8 @@ def s20_wayland_greeter(ctx: Context) -> str:
         report.append(f"login screen PSNR {values} (reader pid {p['WorkerPID']})")
         # The pointer: parked bottom-right, then moved up-left; the client's picture changes.
         _move_pointer(ctx, 4000, 4000)
-        parked = viewer.save(name="viewer-greeter-parked.ppm")
-        deadline = time.monotonic() + 30
-        while True:
-            time.sleep(1.0)  # the interval between two pictures compared
-            cur = viewer.save(name="viewer-greeter-parked.ppm")
-            if not _changed_box(parked, cur):
-                break
-            check(time.monotonic() < deadline, "the login screen did not settle in 30 s")
-            parked = cur
+        parked = _settled_picture(viewer, viewer.save(name="viewer-greeter-parked.ppm"),
+                                  "viewer-greeter-parked.ppm", 1.0, "on the login screen")
         _move_pointer(ctx, -600, -400)
         t1 = time.monotonic()
         moved = None
