@@ -377,7 +377,7 @@ def test_a_blinking_spot_keeps_its_band_hot_and_the_looks_quick(env, shown, monk
     rows = RowReads(src, monkeypatch)
     on, t, seen = False, 0.0, 0
     blink = 0.3
-    while t < 12.0:  # a 2-row change is found within SAMPLE_PHASES looks (3.2 s), then followed
+    while t < 20.0:  # a 2-row change is found within SAMPLE_PHASES looks (6.4 s), then followed
         if int(t / blink) % 2 != on:
             on = not on
             fb.paint_rows(30, 32, tag=200 if on else 1)
@@ -390,8 +390,10 @@ def test_a_blinking_spot_keeps_its_band_hot_and_the_looks_quick(env, shown, monk
             assert all(r.y >= 16 and r.y + r.height <= 32 for r in changes.damage)
         if seen:  # once found, its band is read at each look: the picture is kept up
             assert frame_bytes(src) == fb.visible(0, 0, W, H)
-    assert seen >= 15  # each blink once the band is hot (26 of the 40 at least)
-    assert rows.bands() == {16}  # only the cursor's band is ever read whole
+    assert seen >= 15  # each blink once the band is hot (45 of the 66 at least)
+    # Only the cursor's band is read whole at each look; its neighbours once, when it was found.
+    assert rows.bands() <= {0, 16, 32}
+    assert sum(1 for y, _ in rows.calls if y != 16) <= 2
     assert src.reads == 1
     assert timer_interval(src.fileno()) < 1 / IDLE_RATE - 1e-6
     # It stops blinking: back to IDLE_RATE, the band cools.
