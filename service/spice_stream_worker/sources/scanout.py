@@ -40,10 +40,10 @@ from ..timerfd import PeriodicTimer
 
 log = logging.getLogger(__name__)
 
-HOT_S = 1.0
+HOT_S = 1.5  # three still looks: a cursor blinking slower than the looks stays followed
 # Looks per second at a still screen (VM, Debian 12, still console: 2.9% of a core at 5 a second,
-# 1.5% at 2.5 with every 8th row).
-IDLE_RATE = 2.5
+# 1.5% at 2.5 with every 8th row, 1.07% at 2.5 with every 16th).
+IDLE_RATE = 2.0
 # A still look compares every SAMPLE_PHASES-th row: under TCG copying and comparing the rows is
 # most of a look's cost (every 8th row of 1024x768, 393 KB a side: 5.8 ms, 1.5% of a core at 2.5
 # looks a second, VM, Debian 12), so 16: a glyph of fbcon's 16-row font is found within a few
