@@ -926,9 +926,12 @@ def s7_kill(ctx: Context) -> str:
         wait_until(lambda: ctx.props().get("Streaming"), 30, "Streaming again", interval=1.0)
         display, xauth = ctx.notes["alice"]
         values = compare(ctx, viewer, ALICE[0], display, xauth, "after-kill")
+    # Every worker is the new service's child (the relayed one and those in standby, the scanout
+    # reader among them); none of the killed service's is left.
+    main_pid = int(ctx.unit(UNIT, "MainPID")["MainPID"])
     workers = [q for q in ctx.procs() if "worker" in q["cmdline"]]
-    stale = [q for q in workers if q["pid"] != p["WorkerPID"]]
-    check(not stale, f"old workers left: {stale}")
+    stale = [q for q in workers if int(q["PPid"][0]) != main_pid]
+    check(not stale, f"old workers left (the service is pid {main_pid}): {stale}")
     check(not ctx.status(old_worker) or old_worker == p["WorkerPID"],
           f"the old worker {old_worker} still exists")
     after = sorted((s[0], s[1]) for s in ctx.sessions())
@@ -968,7 +971,9 @@ def s6_activation(ctx: Context) -> str:
     u = ctx.unit(UNIT, "ActiveState")
     check(u["ActiveState"] in ("inactive", "failed"), f"after stop: {u}")
     # Nothing of it is left: no worker, no scanout reader (its user runs nothing else).
-    left = vm.sh("pgrep -a -u spice-streamd; pgrep -af spice-stream-worker", quiet=True).out.strip()
+    # (The bracket: the pattern does not match the shell that runs pgrep with it.)
+    left = vm.sh("pgrep -a -u spice-streamd; pgrep -af 'spice_stream_worke[r]'",
+                 quiet=True).out.strip()
     check(not left, f"after stop, still running: {left}")
     since = ctx.monotonic_us()
     r = vm.sh(f"busctl --json=short get-property {BUS} {OBJ} {BUS} ActiveVT", timeout=90)
@@ -1188,10 +1193,13 @@ def s11_session_ends(ctx: Context) -> str:
             why.append(f"Sessions {p.get('Sessions')}")
         if p.get("WorkerState") == "running" and worker_uid(p) == ALICE[0]:
             why.append(f"worker {p.get('WorkerPID')} of alice {p.get('WorkerState')}")
-        if p.get("Streaming") and p.get("StreamingVT") == vt:
+        # bob's tty session is nobody's registration: the display's scanout shows it, which is
+        # not alice's picture (the client's picture is compared with hers below too).
+        if p.get("Streaming") and p.get("StreamingVT") == vt and worker_uid(p) != reader:
             why.append(f"Streaming on VT {vt}")
         return why
 
+    reader = _reader_uid(ctx)
     # GDM's autologin takes the VT it starts on: let it finish first (scenario 2 may not have run).
     wait_until(lambda: (lambda s: s if s.get("Name") == ALICE[1] and s.get("VTNr") == str(ALICE_VT)
                         else None)(ctx.active_session()), GNOME_TIMEOUT,
@@ -1527,6 +1535,9 @@ UNLOCK_LIMIT_S = 3.0
 CPU_STATIC_MAX = 0.01  # of one core, on a static desktop
 
 
+STALE_WAIT_S = 75.0  # a minute: gnome-shell paints its top bar's clock at least this often
+
+
 def compare_dump(ctx: Context, viewer: Viewer, tag: str, tries: int = 3) -> list[str]:
     """The streamed picture against QEMU's screendump taken right after it (the Wayland desktop is
     not an X screen the suite could read in the guest); both PSNRs, whole and content box, must
@@ -1585,7 +1596,21 @@ def s13_wayland_autologin(ctx: Context) -> str:
         t0 = time.monotonic()
         streaming = wait_until(lambda: wayland_streaming(ctx), 30,
                                "Streaming on alice's VT with a client connected", interval=1.0)
-        values = compare_dump(ctx, viewer, "wayland")
+        # mutter 43 (Debian 12) under TCG can leave out a stream's last frame of an animation
+        # (gnome-shell's overview at login: the stream kept a picture from its middle); it sends
+        # the next when it paints again, at the latest when the top bar's clock changes. The
+        # picture must match by then; how long it took is reported.
+        t1 = time.monotonic()
+        while True:
+            try:
+                values = compare_dump(ctx, viewer, "wayland")
+                break
+            except Failed:
+                if time.monotonic() - t1 > STALE_WAIT_S:
+                    raise
+        stale_s = time.monotonic() - t1
+        if stale_s > 15:
+            values.append(f"matched only after {stale_s:.0f} s (a frame left out by mutter)")
         size = viewer.save().size
     ctx.notes["wayland_streamed"] = True
     return (f"session {sess.get('Id')} wayland VT {ALICE_VT}; registered {entry} by the autostart "
