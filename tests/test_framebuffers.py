@@ -165,3 +165,35 @@ def test_the_reader_client_gets_its_handles_over_the_socket(card: FakeCard) -> N
             client.close()
 
     asyncio.run(run())
+
+
+def test_a_reader_that_floods_requests_and_reads_no_answer_is_no_longer_read(card, caplog):
+    """A hostile reader writes requests without end and never reads the answers: the service
+    stops reading its grant socket once its answers no longer fit, holds a bounded amount of its
+    requests, and keeps running."""
+    async def run() -> None:
+        g = grants_for(card)
+        reader_end = os.dup(g.reader_fds()[1])
+        g.started()
+        os.set_blocking(reader_end, False)
+        request = fbgrant.REQUEST.pack(70) * 1024
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        try:
+            while g._reading:
+                assert loop.time() < deadline, "the service still reads the flooding reader"
+                try:
+                    os.write(reader_end, request)
+                except BlockingIOError:
+                    pass
+                await asyncio.sleep(0.001)
+                # at most one read (4 KiB) past the limit: then it is no longer read
+                assert len(g._pending) <= framebuffers.MAX_PENDING_BYTES + 4096
+                for h in list(card.open_handles):  # as a reader that maps and closes them
+                    card.open_handles.discard(h)
+        finally:
+            g.close()
+            os.close(reader_end)
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(run())
