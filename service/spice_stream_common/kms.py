@@ -299,21 +299,30 @@ class Card:
             with contextlib.suppress(KmsError):
                 _ioctl(self.fd, IOCTL_GEM_CLOSE, _GemClose(handle=handle), "GEM_CLOSE")
 
-    def map(self, fb: Framebuffer, handle: int) -> mmap.mmap:
-        """A read-only mapping of the framebuffer's first buffer (`handle`, a handle to it in this
-        open file), from the buffer's start to the framebuffer's last row."""
+    def buffer_offset(self, handle: int, what: str = "") -> int:
+        """The buffer's place in this device's mmap space (MAP_DUMB): fixed for the buffer's
+        life and never another buffer's while a mapping of it exists, so it tells a buffer apart
+        from a new one under the same framebuffer id."""
         if not handle:
-            raise KmsError(errno.EPERM, f"no handle for framebuffer {fb.fb_id} "
+            raise KmsError(errno.EPERM, f"no handle for {what or 'the buffer'} "
                                         "(the kernel gives one only to DRM master or CAP_SYS_ADMIN)")
+        q = _MapDumb(handle=handle)
+        _ioctl(self.fd, IOCTL_MODE_MAP_DUMB, q, f"MAP_DUMB({what or handle})")
+        return q.offset
+
+    def map(self, fb: Framebuffer, handle: int, offset: int | None = None) -> mmap.mmap:
+        """A read-only mapping of the framebuffer's first buffer (`handle`, a handle to it in this
+        open file, at `offset` if buffer_offset() said already), from the buffer's start to the
+        framebuffer's last row."""
         length = fb.offset + fb.pitch * fb.height
         if fb.pitch < fb.width * 4 or not 0 < length <= MAX_MAP_BYTES:
             raise KmsError(errno.EINVAL, f"framebuffer {fb.fb_id}: pitch {fb.pitch} for width "
                                          f"{fb.width}, {length} bytes")
-        q = _MapDumb(handle=handle)
-        _ioctl(self.fd, IOCTL_MODE_MAP_DUMB, q, f"MAP_DUMB({fb.fb_id})")
+        if offset is None:
+            offset = self.buffer_offset(handle, f"framebuffer {fb.fb_id}")
         try:
             return mmap.mmap(self.fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ,
-                             offset=q.offset)
+                             offset=offset)
         except (OSError, ValueError) as exc:
             raise KmsError(getattr(exc, "errno", None) or errno.EINVAL,
                            f"mmap of framebuffer {fb.fb_id}: {exc}") from None

@@ -51,6 +51,11 @@ IDLE_RATE = 2.0
 SAMPLE_PHASES = 16
 MAX_MAPPED = 4  # framebuffers kept mapped (a compositor flips between two or three)
 MAPPING_KEPT_S = 1.0
+# How often a kept mapping is checked against the buffer the framebuffer id names now (a grant and
+# MAP_DUMB's offset): a compositor may free a framebuffer and make a new one of the same layout
+# under the same id while it is shown (Debian 13's mutter after a mode set), and the old mapping
+# then shows a picture that no longer changes. One grant a second per framebuffer shown.
+IDENTITY_CHECK_S = 1.0
 CURSOR_MAX_SIDE = 512
 
 
@@ -58,7 +63,10 @@ CURSOR_MAX_SIDE = 512
 class _Mapped:
     fb: kms.Framebuffer
     view: mmap.mmap
+    key: int  # the buffer's MAP_DUMB offset: which buffer this is
+    checked_at: float  # when the id last named this buffer
     shown_at: float = 0.0  # when a look last found it on the CRTC
+    read: bool = False  # read whole since it was mapped
 
 
 def _strided(buffer: mmap.mmap | bytearray, start: int, row: int, height: int, phase: int) -> bytes:
@@ -148,21 +156,21 @@ class Scanout:
             c = self._find_crtc()
         return c
 
-    def _map(self, fb_id: int, check: bool = False) -> _Mapped:
-        """The framebuffer's mapping, kept from before if it is; with `check` (a framebuffer
-        newly shown) only if GETFB2 still says the same of it: the kernel gives a removed
-        framebuffer's id to the next one made, after a mode set another size (a new buffer
-        with the same layout under the same id is not seen: GETFB2 without a handle says
-        nothing of which buffer it is)."""
+    def _map(self, fb_id: int, now: float, check: bool = False) -> _Mapped:
+        """The framebuffer's mapping, kept from before if it still is that framebuffer's buffer:
+        with `check` (a framebuffer newly shown) GETFB2 must say the same of it (the kernel gives a
+        removed framebuffer's id to the next one made, after a mode set another size), and every
+        IDENTITY_CHECK_S the buffer the id names is asked for and compared (a new buffer of the
+        same layout under the same id)."""
         m = self._mapped.get(fb_id)
         fb = None
-        if m is not None:
-            if not check:
-                return m
+        if m is not None and check:
             fb = self._card.framebuffer(fb_id, handle=False)
-            if fb == m.fb:
-                return m
-            self._unmap(fb_id)
+            if fb != m.fb:
+                self._unmap(fb_id)
+                m = None
+        if m is not None and now - m.checked_at < IDENTITY_CHECK_S:
+            return m
         if fb is None:
             fb = self._card.framebuffer(fb_id, handle=False)
         if fb.pixel_format not in kms.FORMATS_BGRX or fb.modifier not in (kms.MODIFIER_LINEAR,
@@ -171,12 +179,19 @@ class Scanout:
                                      f"modifier {fb.modifier:#x}: only linear XRGB/ARGB8888 is read")
         handle = self._grant(fb_id)
         try:
-            view = self._card.map(fb, handle)
+            key = self._card.buffer_offset(handle, f"framebuffer {fb_id}")
+            if m is not None:
+                if key == m.key and fb == m.fb:
+                    m.checked_at = now
+                    return m
+                log.info("scanout: framebuffer %d is another buffer now: read anew", fb_id)
+                self._unmap(fb_id)
+            view = self._card.map(fb, handle, offset=key)
         finally:
             self._card.close_handle(handle)
         while len(self._mapped) >= MAX_MAPPED:
             self._unmap(next(iter(self._mapped)))
-        m = self._mapped[fb_id] = _Mapped(fb, view)
+        m = self._mapped[fb_id] = _Mapped(fb, view, key, now)
         return m
 
     def _drop_unshown(self, now: float, current: int) -> None:
@@ -252,9 +267,9 @@ class Scanout:
             self._poll_cursor(crtc, changes)
             shown = (crtc.fb_id, crtc.x, crtc.y, crtc.width, crtc.height)
             self._drop_unshown(now, crtc.fb_id)
-            m = self._map(crtc.fb_id, check=shown != self._shown)
+            m = self._map(crtc.fb_id, now, check=shown != self._shown)
             m.shown_at = now
-            if shown != self._shown or self._fb is None:
+            if shown != self._shown or self._fb is None or not m.read:
                 self._read_new(m, crtc, shown, changes)
             else:
                 bands = {y for y, t in self._hot.items() if now - t <= HOT_S}
@@ -305,6 +320,7 @@ class Scanout:
             raise kms.KmsError(0, f"CRTC {crtc.crtc_id} shows {size} at ({crtc.x}, {crtc.y}) of a "
                                   f"{m.fb.width}x{m.fb.height} framebuffer")
         pixels = self._read(m, crtc)
+        m.read = True
         if self._fb is None or size != self.size:
             if self._fb is not None:
                 log.info("scanout: the picture is now %dx%d (was %dx%d)", *size, *self.size)
