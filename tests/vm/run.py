@@ -572,14 +572,17 @@ def _alike(a: Image.Image, b: Image.Image) -> float:
 
 def _switch(ctx: Context, viewer: Viewer, vt: int, uid: int | str, reference: Image.Image,
             refresh: Callable[[], Image.Image] | None = None,
-            previous: Image.Image | None = None) -> dict:
+            previous: Image.Image | None = None, follow_display: bool = False) -> dict:
     """chvt in the guest. A watcher started before it times, in the guest from the kernel's VT
     switch, until the properties follow (ActiveVT, a running worker of `uid`, Streaming on `vt`);
     the host times from the guest agent's answer to `chvt` until the client's picture matches
     `reference` (an upper bound: the switch happens after that answer). The screen may change
     while it is away (GNOME 43 showed its overview on the way back): with `refresh`, a picture
     that does not match after REFERENCE_AGE_S is compared with a fresh one of the display too,
-    unless that one still shows `previous` (the screen switched from)."""
+    unless that one still shows `previous` (the screen switched from). With `follow_display`,
+    QEMU's own picture is taken between the client's until it matches `reference` as well:
+    "display_s" is when it first did, "display_not_yet_s" the picture before (the display showed
+    it in between; Debian 13's mutter took 4 s under TCG to paint again after a VT switch)."""
     vm = ctx.vm
     ready = "/run/vmtest-watch.ready"
     vm.sh(f"rm -f {ready}", quiet=True)
@@ -594,6 +597,7 @@ def _switch(ctx: Context, viewer: Viewer, vt: int, uid: int | str, reference: Im
     best = 0.0
     references = [reference]
     refreshed_at = t0
+    display_s = display_not_yet_s = None
     while time.monotonic() - t0 < SWITCH_WAIT_S:
         shown = viewer.save(name="viewer-switching.ppm")
         value = max(_alike(shown, ref) for ref in references)
@@ -601,6 +605,12 @@ def _switch(ctx: Context, viewer: Viewer, vt: int, uid: int | str, reference: Im
         if value >= PSNR_MIN:
             picture_s = round(time.monotonic() - t0, 2)
             break
+        if follow_display and display_s is None:
+            taken = time.monotonic() - t0
+            if _alike(_qxl_picture(ctx, f"switching-{vt}"), reference) >= PSNR_MIN:
+                display_s = round(taken, 2)
+            else:
+                display_not_yet_s = round(taken, 2)
         if refresh is not None and time.monotonic() - refreshed_at > REFERENCE_AGE_S:
             fresh = refresh()
             # Right after chvt the display may still show the other VT's screen: such a picture
@@ -616,6 +626,8 @@ def _switch(ctx: Context, viewer: Viewer, vt: int, uid: int | str, reference: Im
         status.get("err-data", "")).decode()}
     result["picture_s"] = picture_s
     result["picture_best_psnr"] = round(best, 1)
+    if follow_display:
+        result["display_s"], result["display_not_yet_s"] = display_s, display_not_yet_s
     return result
 
 
@@ -638,9 +650,19 @@ def _switch_late(r: dict, vt: int, who: str) -> str | None:
             for key in ("logind", "active_vt", "worker_uid", "streaming")
             if key not in seen or seen[key] > PICTURE_LIMIT_S
             or (key != "logind" and seen[key] - start > SWITCH_LIMIT_S)]
-    if r["picture_s"] is None or r["picture_s"] > PICTURE_LIMIT_S:
+    # The client cannot show what the display has not painted yet: with the display followed
+    # (_switch's follow_display), a picture later than PICTURE_LIMIT_S passes if it came within
+    # SWITCH_LIMIT_S of the last look at the display that did not show it yet.
+    behind = (r["picture_s"] - r["display_not_yet_s"]
+              if r["picture_s"] is not None and r.get("display_s") is not None
+              and r.get("display_not_yet_s") is not None else None)
+    if r["picture_s"] is None or (r["picture_s"] > PICTURE_LIMIT_S
+                                  and (behind is None or behind > SWITCH_LIMIT_S)):
         late.append(f"picture {r['picture_s'] or f'never ({SWITCH_WAIT_S} s)'} "
-                    f"(best PSNR {r['picture_best_psnr']} dB; limit {PICTURE_LIMIT_S:g} s)")
+                    f"(best PSNR {r['picture_best_psnr']} dB; limit {PICTURE_LIMIT_S:g} s"
+                    + (f", or {SWITCH_LIMIT_S:g} s after the display, which showed it between "
+                       f"{r['display_not_yet_s']} and {r['display_s']} s)"
+                       if "display_s" in r else ")"))
     if not late:
         return None
     return (f"chvt {vt} ({who}) took longer than {SWITCH_LIMIT_S:g} s after logind's switch (or "
@@ -1913,9 +1935,11 @@ def s17_wayland_vt_switch(ctx: Context) -> str:
             # Back on alice's VT mutter's screen cast is made again (seconds under TCG): the
             # display's scanout covers for it meanwhile, and either is alice's screen.
             who_uid = f"{uid},{_reader_uid(ctx)}" if vt == ALICE_VT else uid
-            r = _switch(ctx, viewer, vt, who_uid, ref, refresh=fresh if vt == ALICE_VT else None)
+            r = _switch(ctx, viewer, vt, who_uid, ref, refresh=fresh if vt == ALICE_VT else None,
+                        follow_display=True)
             seen = r.get("seen", {})
-            report.append(f"chvt {vt} ({who}): {seen}, picture {r['picture_s']} s")
+            report.append(f"chvt {vt} ({who}): {seen}, picture {r['picture_s']} s (the display "
+                          f"showed it between {r['display_not_yet_s']} and {r['display_s']} s)")
             late = _switch_late(r, vt, who)
             if late:
                 problems.append(late)
