@@ -1,16 +1,19 @@
 #!/usr/bin/python3
 """Runs INSIDE the VM in a graphical session (Wayland: WAYLAND_DISPLAY and XDG_RUNTIME_DIR; X11:
 DISPLAY and XAUTHORITY): a GTK 3 window of 480x270 whose yellow square moves on every frame of the
-toolkit's frame clock, for SECONDS seconds; prints JSON with how many frames it painted.
+toolkit's frame clock, for SECONDS seconds; prints JSON with how many frames it painted. With
+COUNT_FILE, it also writes "frames monotonic-seconds" there every 0.2 s (replaced whole), so the
+host can count the frames painted within its own measuring window.
 
 No cairo drawing of its own: PyGObject hands a "draw" handler its cairo context only with
 python3-gi-cairo, which the guests lack (the handler was never called: 0 frames). The square is a
 widget with a CSS background, moved in a Gtk.Fixed; the frame clock's after-paint counts the frames.
 
-    animate.py SECONDS
+    animate.py SECONDS [COUNT_FILE]
 """
 
 import json
+import os
 import sys
 import time
 
@@ -62,6 +65,17 @@ def main(argv):
     win.show_all()
     t0 = time.monotonic()
     GLib.timeout_add(int(seconds * 1000), Gtk.main_quit)
+    if len(argv) > 2:
+        path = argv[2]
+
+        def write_count():
+            with open(path + ".new", "w") as f:
+                f.write(f"{painted['n']} {time.monotonic():.3f}\n")
+            os.replace(path + ".new", path)
+            return True
+
+        write_count()
+        GLib.timeout_add(200, write_count)
     Gtk.main()
     elapsed = time.monotonic() - (painted["first"] or t0)
     print(json.dumps({"frames": painted["n"], "seconds": round(elapsed, 2),
