@@ -183,7 +183,8 @@ class VM:
     """A running guest. Use as a context manager: QEMU is always killed at the end."""
 
     def __init__(self, image, logdir: Path, share: Path, results: Path, log=print,
-                 memory_mb: int = 4096, cpus: int = 2) -> None:
+                 memory_mb: int = 4096, cpus: int = 2, vga: str = "qxl") -> None:
+        """`vga`: QEMU's -vga adapter, "qxl" or "virtio" (virtio-vga: virtio-gpu's 2D device)."""
         self.image = image
         self.logdir = logdir
         self.share = share
@@ -199,6 +200,7 @@ class VM:
         self.kvm = kvm_usable()
         self.memory_mb = memory_mb
         self.cpus = cpus
+        self.vga = vga
         self.proc: subprocess.Popen | None = None
         self.qmp: QMP | None = None
         self.qga: GuestAgent | None = None
@@ -224,7 +226,7 @@ class VM:
                        "panic=1",
             "-drive", f"file={self.image.rootfs},format=raw,if=virtio,cache=unsafe",
             "-snapshot",
-            "-vga", "qxl",
+            "-vga", self.vga,
             "-display", "none",
             "-nic", "none",
             "-device", "virtio-rng-pci",

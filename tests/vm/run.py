@@ -1,9 +1,10 @@
 """The real-VM end-to-end suite (issue 7): `.ci/dev vm-test`, as root.
 
-    python -m tests.vm.run [--release bookworm|trixie] [--deb PATH | --no-build] [--only N,N...]
-                           [--logdir DIR]
+    python -m tests.vm.run [--release bookworm|trixie[-virtio],...] [--deb PATH | --no-build]
+                           [--only N,N...] [--logdir DIR]
 
-Each Debian release in turn (12 bookworm, then 13 trixie; --release picks one): its guest
+Each Debian release in turn (12 bookworm, then 13 trixie; --release picks; "trixie-virtio" boots
+with virtio-vga in place of QXL): its guest
 (tests/vm/image.py, cached per release) boots once in QEMU with QXL, QEMU's SPICE server and the
 SPICE stream port, and every scenario runs in that one boot. The project goes in as an
 administrator installs it: `apt-get install` of the .deb (dist/spice-streamd_<version>_all.deb) in
@@ -124,6 +125,7 @@ class Context:
     grab_bin: Path
     say: Callable[[str], None]
     release: str = "bookworm"  # the guest's Debian release (tests/vm/image.py RELEASES)
+    adapter: str = "qxl"  # the display adapter (ADAPTERS)
     notes: dict = field(default_factory=dict)
     shots: int = 0
 
@@ -362,11 +364,12 @@ def setup_install(ctx: Context, deb: Path) -> None:
     # GNOME on Xorg for the X11 scenarios; GNOME on Wayland at once when only Wayland-boot scenarios
     # were chosen (--only W,P,13...: the reboot of scenario W is then not needed).
     wayland = bool(ctx.notes.get("wayland_at_setup"))
-    # QXL's DRM driver loaded early in every boot (systemd-modules-load, before udev's coldplug):
-    # GDM 48 falls back to Xorg when seat0 is not graphical within 10 s of its start, and under TCG
-    # on a busy host udev loaded qxl 18 s after GDM started (Debian 13: alice got Type=x11 with
-    # WaylandEnable left as shipped). Not named *spice*stream*: scenario 10 looks for such files.
-    vm.sh("echo qxl > /etc/modules-load.d/vmtest-qxl.conf").check()
+    # The adapter's DRM driver loaded early in every boot (systemd-modules-load, before udev's
+    # coldplug): GDM 48 falls back to Xorg when seat0 is not graphical within 10 s of its start, and
+    # under TCG on a busy host udev loaded qxl 18 s after GDM started (Debian 13: alice got
+    # Type=x11 with WaylandEnable left as shipped). Not named *spice*stream*: scenario 10 looks for
+    # such files.
+    vm.sh(f"echo {ADAPTERS[ctx.adapter]} > /etc/modules-load.d/vmtest-drm.conf").check()
     vm.sh(f"cat > /etc/gdm3/daemon.conf <<'EOF'\n{gdm_conf(True, wayland)}EOF")
     ctx.notes["gdm"] = "wayland" if wayland else "x11"
     vm.sh("systemctl set-default graphical.target").check()
@@ -1364,10 +1367,12 @@ def wait_shell_started(ctx: Context) -> float:
 
 
 def _drm_and_gdm(ctx: Context) -> str:
-    """When the kernel initialised QXL's DRM device and when GDM started, in this boot's journal."""
-    drm = ctx.journal_text("-b -k --grep 'Initialized qxl'", tail=1)
+    """When the kernel initialised the adapter's DRM device and when GDM started, in this boot's
+    journal."""
+    driver = ADAPTERS[ctx.adapter]
+    drm = ctx.journal_text(f"-b -k --grep 'Initialized {driver}'", tail=1)
     gdm = ctx.journal_text("-b -u gdm.service --grep '^Start'", tail=2)
-    return f"kernel: {drm.strip() or 'no qxl DRM device'}; {' / '.join(gdm.splitlines())}"
+    return f"kernel: {drm.strip() or f'no {driver} DRM device'}; {' / '.join(gdm.splitlines())}"
 
 
 def wayland_session(ctx: Context) -> dict:
@@ -2309,21 +2314,40 @@ def print_table(rows: list[Row], out) -> None:
     print(f"{passed} passed, {len(rows) - passed} failed", file=out)
 
 
-def _releases(arg: str | None) -> list[str]:
-    """--release: one name, or several separated by commas; default every release, oldest first."""
+# QEMU's display adapters a boot may have (-vga), and their kernel DRM drivers: QXL, what SPICE VMs
+# have had for years, and virtio-vga (virtio-gpu in 2D), the default of newer VM managers.
+ADAPTERS = {"qxl": "qxl", "virtio": "virtio_gpu"}
+
+
+def _boots(arg: str | None) -> list[tuple[str, str]]:
+    """--release: names separated by commas, each a release with "-virtio" after it for a boot
+    with virtio-vga (QXL otherwise); default every release with QXL, oldest first. Returns
+    (release, adapter) pairs."""
     if not arg:
-        return list(RELEASES)
-    chosen = [r.strip() for r in arg.split(",") if r.strip()]
-    unknown = [r for r in chosen if r not in RELEASES]
-    if unknown or not chosen:
-        raise SystemExit(f"vm-test: unknown release {unknown or arg!r}; known: {', '.join(RELEASES)}")
-    return chosen
+        return [(r, "qxl") for r in RELEASES]
+    boots, unknown = [], []
+    for name in (r.strip() for r in arg.split(",")):
+        if not name:
+            continue
+        release, _, adapter = name.partition("-")
+        if release not in RELEASES or (adapter or "qxl") not in ADAPTERS:
+            unknown.append(name)
+        boots.append((release, adapter or "qxl"))
+    if unknown or not boots:
+        raise SystemExit(f"vm-test: unknown release {unknown or arg!r}; known: "
+                         f"{', '.join(RELEASES)}, each with -{' or -'.join(ADAPTERS)} after it")
+    return boots
+
+
+def _boot_name(release: str, adapter: str) -> str:
+    return release if adapter == "qxl" else f"{release}-{adapter}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="spice-streamd real-VM end-to-end suite")
     parser.add_argument("--release", help="the Debian release(s) to boot, comma-separated: "
-                        f"{', '.join(RELEASES)} (default: all, one after the other)")
+                        f"{', '.join(RELEASES)} (QXL), or with -virtio after the name "
+                        "(virtio-vga); default: all with QXL, one after the other")
     parser.add_argument("--deb", help="the .deb to install (default: build it from this tree with "
                         "packaging/build-deb, into dist/)")
     parser.add_argument("--no-build", action="store_true",
@@ -2333,7 +2357,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{','.join(sorted(OPT_IN))}, which run only when named")
     parser.add_argument("--logdir", help=f"log directory (default: a new one under {LOG_ROOT})")
     args = parser.parse_args(argv)
-    releases = _releases(args.release)
+    boots = _boots(args.release)
     if os.geteuid() != 0:
         print("vm-test: run as root (debootstrap, QEMU, 9p shares)", file=sys.stderr)
         return 2
@@ -2369,7 +2393,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt()
 
     signal.signal(signal.SIGTERM, on_term)
-    say(f"logs: {logdir}; releases: {', '.join(releases)}")
+    say(f"logs: {logdir}; boots: {', '.join(_boot_name(*b) for b in boots)}")
     rows: list[Row] = []
     only = set(args.only.split(",")) if args.only else (
         {number for number, _, _ in SCENARIOS} - OPT_IN)
@@ -2397,8 +2421,9 @@ def main(argv: list[str] | None = None) -> int:
             row("-", "setup: .deb, client", False, t0, str(exc))
             raise _Abort() from None
         row("-", "setup: .deb, client", True, t0, deb.name)
-        for release in releases:
-            run_release(release, logdir / release, share, deb, grab_bin, only, row, say)
+        for release, adapter in boots:
+            run_release(release, adapter, logdir / _boot_name(release, adapter), share, deb,
+                        grab_bin, only, row, say)
     except _Abort:
         pass
     except KeyboardInterrupt:
@@ -2411,10 +2436,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if rows and all(r.ok for r in rows) else 1
 
 
-def run_release(release: str, logdir: Path, share: Path, deb: Path, grab_bin: Path,
+def run_release(release: str, adapter: str, logdir: Path, share: Path, deb: Path, grab_bin: Path,
                 only: set[str] | None, row: Callable[..., Row], say: Callable[[str], None]) -> None:
-    """One release: its image, one boot (install, reboot into GDM), then every chosen scenario in
-    that boot. A failed setup skips this release's scenarios, not the next release."""
+    """One release with one display adapter: its image, one boot (install, reboot into GDM), then
+    every chosen scenario in that boot. A failed setup skips this boot's scenarios, not the next
+    boot's. Rows name the boot (the release, "-virtio" after it for virtio-vga)."""
+    boot = _boot_name(release, adapter)
     # logdir is <checked log directory>/<release>: made here, checked, with results/ (1777) in it.
     results = logdir / "results"
     fd = safedir.open_checked(logdir.parent)
@@ -2428,30 +2455,30 @@ def run_release(release: str, logdir: Path, share: Path, deb: Path, grab_bin: Pa
     finally:
         os.close(fd)
     release_t0 = time.monotonic()
-    say(f"== {release} (Debian {RELEASES[release]}): logs in {logdir}")
+    say(f"== {boot} (Debian {RELEASES[release]}, {adapter}): logs in {logdir}")
     t0 = time.monotonic()
     try:
         image = ensure_image(release, log=lambda s: say(f"   {s}"))
     except (SystemExit, Exception) as exc:
-        row(release, "setup: image", False, t0, str(exc))
+        row(boot, "setup: image", False, t0, str(exc))
         return
-    row(release, "setup: image", True, t0, f"image {image.key}")
+    row(boot, "setup: image", True, t0, f"image {image.key}")
 
     vm = None
     try:
         t0 = time.monotonic()
-        vm = VM(image, logdir, share, results, log=lambda s: say(f"   {s}"))
+        vm = VM(image, logdir, share, results, log=lambda s: say(f"   {s}"), vga=adapter)
         ctx = Context(vm=vm, logdir=logdir, results=results, grab_bin=grab_bin, say=say,
-                      release=release)
+                      release=release, adapter=adapter)
         ctx.notes["wayland_at_setup"] = bool(only) and only <= WAYLAND_BOOT | {"10"}
         try:
             vm.start()
             setup_install(ctx, deb)
         except (Failed, AssertionError, GuestError) as exc:
-            row(release, "setup: boot, install .deb, GDM autologin, reboot", False, t0,
+            row(boot, "setup: boot, install .deb, GDM autologin, reboot", False, t0,
                 f"{exc}\n{collect_evidence(ctx, 'setup')}")
             return
-        row(release, "setup: boot, install .deb, GDM autologin, reboot", True, t0,
+        row(boot, "setup: boot, install .deb, GDM autologin, reboot", True, t0,
             _panic_note(vm))
 
         for number, title, fn in SCENARIOS:
@@ -2459,16 +2486,16 @@ def run_release(release: str, logdir: Path, share: Path, deb: Path, grab_bin: Pa
                 continue
             name = f"{number:>2} {title}"
             t0 = time.monotonic()
-            say(f"-- [{release}] {name}")
+            say(f"-- [{boot}] {name}")
             try:
                 detail = fn(ctx)
-                row(release, name, True, t0, f"   {detail}")
+                row(boot, name, True, t0, f"   {detail}")
             except (Failed, AssertionError, GuestError) as exc:
                 evidence = collect_evidence(ctx, f"s{number}")
-                row(release, name, False, t0, f"   {exc}\n   evidence:\n      "
+                row(boot, name, False, t0, f"   {exc}\n   evidence:\n      "
                     + evidence.replace("\n", "\n      "))
             except Exception as exc:
-                row(release, name, False, t0,
+                row(boot, name, False, t0,
                     "   " + "".join(traceback.format_exception(exc))[-3000:])
     finally:
         if vm is not None:
@@ -2478,8 +2505,8 @@ def run_release(release: str, logdir: Path, share: Path, deb: Path, grab_bin: Pa
                         vm.sh("journalctl -b --no-pager -o short-monotonic", timeout=60, quiet=True).out)
             vm.stop()
             if vm.panics():
-                say(f"   {release}: {_panic_note(vm)}")
-        say(f"== {release} finished in {time.monotonic() - release_t0:.0f} s")
+                say(f"   {boot}: {_panic_note(vm)}")
+        say(f"== {boot} finished in {time.monotonic() - release_t0:.0f} s")
 
 
 def _panic_note(vm: VM) -> str:
