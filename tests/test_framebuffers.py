@@ -33,9 +33,13 @@ class FakeCard:
     def crtcs(self) -> list[kms.Crtc]:
         return [kms.Crtc(40, self.shown["crtc"], 0, 0, 1024, 768, 60), kms.Crtc(41, 0, 0, 0, 0, 0, 0)]
 
-    def planes(self) -> list[kms.Plane]:
-        return [kms.Plane(30, 40, self.shown["crtc"], 1, "primary", 0, 0),
-                kms.Plane(31, 40, self.shown["cursor"], 1, "cursor", 10, 20)]
+    def plane_ids(self) -> list[int]:
+        return [30, 31]
+
+    def plane(self, plane_id: int, props: bool = True) -> kms.Plane:
+        assert not props  # GETPLANE alone: the grant needs no more
+        fb = self.shown["crtc" if plane_id == 30 else "cursor"]
+        return kms.Plane(plane_id, 40, fb, 1, "", 0, 0)
 
     def framebuffer(self, fb_id: int, handle: bool = True) -> kms.Framebuffer:
         if self.fail is not None:

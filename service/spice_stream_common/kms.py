@@ -236,13 +236,16 @@ class Card:
         return Crtc(crtc_id, c.fb_id, c.x, c.y, c.mode.hdisplay if valid else 0,
                     c.mode.vdisplay if valid else 0, c.mode.vrefresh if valid else 0)
 
-    def planes(self) -> list[Plane]:
+    def plane_ids(self) -> list[int]:
         res = _PlaneRes()
         _ioctl(self.fd, IOCTL_MODE_GETPLANERESOURCES, res, "GETPLANERESOURCES")
         ids = _ids(res.count_planes)
         res2 = _PlaneRes(plane_id_ptr=ctypes.addressof(ids), count_planes=res.count_planes)
         _ioctl(self.fd, IOCTL_MODE_GETPLANERESOURCES, res2, "GETPLANERESOURCES")
-        return [self.plane(plane_id) for plane_id in ids[:min(res.count_planes, res2.count_planes)]]
+        return list(ids[:min(res.count_planes, res2.count_planes)])
+
+    def planes(self) -> list[Plane]:
+        return [self.plane(plane_id) for plane_id in self.plane_ids()]
 
     def plane(self, plane_id: int, props: bool = True) -> Plane:
         """A plane, with what its properties say: its kind, where on the CRTC, its hotspot

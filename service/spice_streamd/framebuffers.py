@@ -113,8 +113,7 @@ class FramebufferGrants:
         if not self._bucket.allow("grant"):
             return self._refuse(fb_id, errno.EAGAIN, f"more than {GRANTS_PER_S:g} grants a second")
         try:
-            shown = self._shown()
-            if fb_id not in shown:
+            if not self._is_shown(fb_id):
                 return self._refuse(fb_id, errno.EPERM, "not on the display now")
             handle = self.card.framebuffer(fb_id).handle
         except kms.KmsError as exc:
@@ -129,11 +128,12 @@ class FramebufferGrants:
         self.granted += 1
         return handle, 0
 
-    def _shown(self) -> set[int]:
-        """The framebuffers on a CRTC or a plane now."""
-        shown = {c.fb_id for c in self.card.crtcs() if c.fb_id}
-        shown |= {p.fb_id for p in self.card.planes() if p.fb_id}
-        return shown
+    def _is_shown(self, fb_id: int) -> bool:
+        """Whether a CRTC or a plane shows the framebuffer now. The CRTCs first (the picture: the
+        reader asks for it about once a second), then the planes by GETPLANE alone (a cursor)."""
+        if any(c.fb_id == fb_id for c in self.card.crtcs()):
+            return True
+        return any(self.card.plane(p, props=False).fb_id == fb_id for p in self.card.plane_ids())
 
     def _refuse(self, fb_id: int, err: int, why: str) -> tuple[int, int]:
         self.refused += 1
