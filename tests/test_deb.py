@@ -330,7 +330,9 @@ def test_packaged_tree_imports_with_debian_python(tree: Path, tmp_path: Path) ->
     assert p.stdout.strip() == str(tree / PYDIR / "spice_streamd" / "main.py")
 
     # Debian's Pillow (9.4 in Debian 12) lacks restart markers and memoryview input: the
-    # packaged encoder must still make a JPEG of a captured frame (a memoryview, as capture gives).
+    # packaged encoder must still make a JPEG of a captured frame (a memoryview, as capture gives),
+    # and a frame changed in part is spliced from bands (markers put in by the encoder: DRI), its
+    # pixels those of a whole encode.
     encode = (
         "import io, PIL\n"
         "from PIL import Image\n"
@@ -343,6 +345,9 @@ def test_packaged_tree_imports_with_debian_python(tree: Path, tmp_path: Path) ->
         "buf[:4 * w * 8] = bytes([250, 0, 0, 0]) * (w * 8)\n"
         "second = enc.encode(Frame(w, h, w * 4, memoryview(buf)), [Rect(0, 0, w, 8)])\n"
         "img = Image.open(io.BytesIO(second)).convert('RGB')\n"
+        "whole = Image.open(io.BytesIO(JpegEncoder().encode(Frame(w, h, w * 4, memoryview(buf)))))\n"
+        "assert img.tobytes() == whole.convert('RGB').tobytes()\n"
+        "assert b'\\xff\\xdd' in second\n"
         "import json\n"
         "print(PIL.__version__, json.dumps([img.size, img.getpixel((5, 2)), img.getpixel((5, 40))]))\n"
     )

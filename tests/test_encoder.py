@@ -199,20 +199,41 @@ def test_frame_with_padded_stride():
     assert psnr(img, direct(tight, w, h)) > 35
 
 
-def test_without_restart_markers_every_changed_frame_is_encoded_whole():
-    """Pillow older than 11.1 (Debian 12's 9.4) writes no restart markers: no splicing, whole
-    encodes of every changed frame, the cached bytes for an unchanged one."""
-    w, h = 160, 96
+def test_without_restart_markers_changed_bands_are_spliced_byte_for_byte():
+    """Pillow older than 11.1 (Debian 12's 9.4) writes no restart markers: a whole changed frame is
+    one encode without markers; a frame changed in part is spliced from bands encoded one by one
+    (all of them once after a whole encode), with the markers put in between: byte for byte what
+    Pillow writes with a restart marker after each band."""
+    w, h = 160, 100  # 10 MCUs a row; the last band 4 rows high
     buf = bgrx(picture(w, h, 5))
-    enc = JpegEncoder(splice=False)
+    enc = JpegEncoder(markers=False)
     first = enc.encode(frame_of(buf, w, h))
     assert b"\xff\xdd" not in first and decode(first).size == (w, h)
     assert enc.encode(frame_of(buf, w, h), []) is first
     other = bgrx(picture(w, h, 6))
-    paste(buf, w, other, Rect(0, 40, w, 20))
-    second = enc.encode(frame_of(buf, w, h), [Rect(0, 40, w, 20)])
-    assert second is not first
-    assert psnr(decode(second), direct(buf, w, h)) > 35
+
+    def with_band_markers() -> bytes:
+        out = io.BytesIO()
+        Image.frombytes("RGB", (w, h), bytes(buf), "raw", "BGRX").save(
+            out, "JPEG", quality=80, subsampling=2, optimize=False, progressive=False,
+            restart_marker_blocks=10)
+        return out.getvalue()
+
+    encoded = enc.tiles_encoded
+    paste(buf, w, other, Rect(3, 40, 20, 2))
+    second = enc.encode(frame_of(buf, w, h), [Rect(3, 40, 20, 2)])
+    assert second == with_band_markers()
+    assert enc.tiles_encoded - encoded == 7  # every band, once, after the whole encode
+    for rect in (Rect(150, 98, 10, 2), Rect(0, 0, 1, 1), Rect(20, 30, 30, 40)):
+        encoded = enc.tiles_encoded
+        paste(buf, w, other, rect)
+        spliced = enc.encode(frame_of(buf, w, h), [rect])
+        assert spliced == with_band_markers(), rect
+        assert enc.tiles_encoded - encoded == (rect.y + rect.height - 1) // 16 - rect.y // 16 + 1
+    big = Rect(0, 0, w, 90)
+    paste(buf, w, bgrx(picture(w, h, 7)), big)
+    whole = enc.encode(frame_of(buf, w, h), [big])  # most bands changed: one encode
+    assert b"\xff\xdd" not in whole and psnr(decode(whole), direct(buf, w, h)) > 35
     set_size = enc.encode(frame_of(bgrx(picture(80, 48, 7)), 80, 48), [Rect(0, 0, 1, 1)])
     assert decode(set_size).size == (80, 48)
 

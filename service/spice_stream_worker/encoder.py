@@ -45,14 +45,14 @@ class EncoderError(Exception):
 def restart_markers_supported() -> bool:
     """Whether this Pillow writes a restart marker every N blocks (restart_marker_blocks).
 
-    Older ones (Debian 12 has 9.4) ignore the option: without markers no tile can be spliced,
-    so every changed frame is encoded whole, which works everywhere, only slower."""
+    Older ones (Debian 12 has 9.4) ignore the option: each band (16 rows) is then encoded on its
+    own where a frame changed in part, and the bands are spliced with markers put in between."""
     out = io.BytesIO()
     Image.new("RGB", (32, 32)).save(out, "JPEG", restart_marker_blocks=1)
     found = b"\xff\xdd" in out.getvalue()
     if not found:
-        log.info("Pillow %s writes no JPEG restart markers: each changed frame is encoded "
-                 "whole (with Pillow 11 or later only the changed tiles are)",
+        log.info("Pillow %s writes no JPEG restart markers: a frame that changed in part is "
+                 "re-encoded by whole bands of 16 rows (with Pillow 11.1 or later by tiles)",
                  PIL.__version__)
     return found
 
@@ -66,10 +66,10 @@ def tile_mcus(width: int) -> int:
 
 class TileGrid(Grid):
     """A frame's tiles: bands of 16 rows (the grid's rows), each cut into tiles of
-    tile_mcus(width) MCUs (its columns)."""
+    tile_mcus(width) MCUs (its columns), or with `whole_bands` one tile per band."""
 
-    def __init__(self, width: int, height: int) -> None:
-        self.mcus = tile_mcus(width)
+    def __init__(self, width: int, height: int, whole_bands: bool = False) -> None:
+        self.mcus = (max(1, (width + MCU - 1) // MCU) if whole_bands else tile_mcus(width))
         super().__init__(width, height, self.mcus * MCU, BAND_ROWS)
 
 
@@ -116,8 +116,11 @@ def _split_jpeg(data: bytes) -> tuple[bytes, list[bytes]]:
     return data[:pos], _RST.split(data[pos:end])
 
 
-def _patch_header(header: bytes, width: int, height: int, restart: int) -> bytes:
-    """Set SOF0's size to the full frame and check DRI holds the expected restart interval."""
+def _patch_header(header: bytes, width: int, height: int, restart: int,
+                  add_dri: bool = False) -> bytes:
+    """Set SOF0's size to the full frame and check DRI holds the expected restart interval; with
+    `add_dri` (a JPEG written without restart markers) put DRI in, just before SOS, where libjpeg
+    writes it."""
     out = bytearray(header)
     pos = 2
     seen_sof = seen_dri = False
@@ -132,6 +135,10 @@ def _patch_header(header: bytes, width: int, height: int, restart: int) -> bytes
             if interval != restart:
                 raise EncoderError(f"restart interval {interval}, expected {restart}")
             seen_dri = True
+        elif marker == _SOS and add_dri and not seen_dri:
+            out[pos:pos] = struct.pack(">BBHH", 0xFF, _DRI, 4, restart)
+            seen_dri = True
+            break
         pos += 2 + length
     if not (seen_sof and seen_dri):
         raise EncoderError("encoder output lacks SOF0 or DRI")
@@ -143,13 +150,16 @@ class JpegEncoder:
 
     With a restart marker after every tile, each tile's segment depends on its own pixels only
     (4:2:0 downsampling stays inside an MCU, and the DC predictor restarts), so a tile encoded
-    on its own is byte for byte the one a whole-frame encode would write.
+    on its own is byte for byte the one a whole-frame encode would write. The same holds for a
+    whole band encoded as a JPEG of its own, with no marker at all: its scan is what one restart
+    interval of a band would be (the predictor starts at 0, the last byte is padded alike). So
+    where Pillow writes no restart markers (`markers` False; None: Pillow is asked), the tiles
+    are whole bands, encoded one call each, and the markers are put in between here.
     """
 
-    def __init__(self, quality: int = 80, splice: bool | None = None) -> None:
+    def __init__(self, quality: int = 80, markers: bool | None = None) -> None:
         self._quality = quality
-        # splice=False: whole-frame encodes only (what an old Pillow allows); None: probe Pillow.
-        self._splice = restart_markers_supported() if splice is None else splice
+        self._markers = restart_markers_supported() if markers is None else markers
         self._grid: TileGrid | None = None
         self._header = b""
         # Each band's tiles with the restart marker after each (none after the frame's last):
@@ -201,8 +211,10 @@ class JpegEncoder:
         if not dirty:
             return self._last
         ndirty = sum(len(t) for t in dirty.values())
-        if not self._splice or ndirty >= FULL_ENCODE_SHARE * grid.count:
+        if ndirty >= FULL_ENCODE_SHARE * grid.count:
             return (self._encode_full(frame),)
+        if not self._markers:
+            return self._encode_bands(frame, grid, dirty)
         todo = plan_encodes(dirty)
         tiles = self._split_last(grid)
         touched: set[int] = set()
@@ -248,12 +260,40 @@ class JpegEncoder:
             subsampling=2,
             optimize=False,
             progressive=False,
-            **({"restart_marker_blocks": restart_blocks} if self._splice else {}),
+            **({"restart_marker_blocks": restart_blocks} if self._markers else {}),
         )
         return out.getvalue()
 
+    def _encode_bands(self, frame: Frame, grid: TileGrid, dirty: dict[int, list[int]]
+                      ) -> tuple[bytes, ...]:
+        """Without restart markers from Pillow: each changed band encoded on its own and spliced
+        between the others'. After a whole-frame encode (no markers in it, nothing to splice
+        into) every band is encoded so, once: about one whole-frame encode more."""
+        todo = range(grid.rows) if self._tiles is None else sorted(dirty)
+        pieces = {}
+        header = b""
+        for band in todo:
+            y = band * BAND_ROWS
+            header, scan = _split_jpeg(self._encode_area(frame, 0, y, frame.width,
+                                                         min(y + BAND_ROWS, frame.height), grid.mcus))
+            if len(scan) != 1:
+                raise EncoderError(f"{len(scan)} restart pieces in band {band}, written without markers")
+            pieces[band] = scan[0]
+        self.tiles_encoded += len(pieces)
+        if self._tiles is None:
+            self._header = _patch_header(header, grid.width, grid.height, grid.mcus, add_dri=True)
+            self._tiles = [[pieces[b], _RST_MARKERS[b & 7] if b < grid.rows - 1 else b""]
+                           for b in range(grid.rows)]
+            self._bands = [b"".join(t) for t in self._tiles]
+        else:
+            for band, piece in pieces.items():
+                self._tiles[band][0] = piece
+                self._bands[band] = b"".join(self._tiles[band])
+        self._last = (self._header, *self._bands, _EOI)
+        return self._last
+
     def _encode_full(self, frame: Frame) -> bytes:
-        grid = TileGrid(frame.width, frame.height)
+        grid = TileGrid(frame.width, frame.height, whole_bands=not self._markers)
         data = self._encode_area(frame, 0, 0, frame.width, frame.height, grid.mcus)
         self.tiles_encoded += grid.count
         self._grid = grid
