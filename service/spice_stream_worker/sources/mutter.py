@@ -34,6 +34,21 @@ PROPERTIES = "org.freedesktop.DBus.Properties"
 CURSOR_EMBEDDED = 1  # RecordMonitor's cursor-mode: 0 hidden, 1 embedded, 2 metadata
 
 
+def _rates(sample: Any) -> str:
+    """The frame rates the stream was negotiated with ("framerate", mutter's "max-framerate"), as
+    the first sample's caps say: mutter records at most max-framerate frames a second."""
+    caps = sample.get_caps()
+    if caps is None or caps.get_size() == 0:
+        return ""
+    st = caps.get_structure(0)
+    found = []
+    for field in ("framerate", "max-framerate"):
+        ok, num, den = st.get_fraction(field)
+        if ok:
+            found.append(f"{field} {num}/{den}")
+    return ", ".join(found)
+
+
 @dataclass
 class Timing:
     """How long the source waits for what (the tests shorten them)."""
@@ -481,15 +496,15 @@ class Controller:
         self._later(self.timing.frame, self._create_failed, f"reading PipeWire node {node}",
                     f"no frame within {self.timing.frame:g} s")
 
-    def _on_first_frame(self, gen: int, width: int, height: int) -> bool:
+    def _on_first_frame(self, gen: int, width: int, height: int, rates: str = "") -> bool:
         if gen == self.gen and self.waiting == "frame" and not self.done:
             self._cancel_timer()
             self.waiting = "frames"
             self.failures = 0
             self.streamed = True
             self._step("first frame")
-            log.info("GNOME ScreenCast: streaming %dx%d from PipeWire node %d (%s)", width, height,
-                     self.node, ", ".join(self.steps))
+            log.info("GNOME ScreenCast: streaming %dx%d%s from PipeWire node %d (%s)", width, height,
+                     f" ({rates})" if rates else "", self.node, ", ".join(self.steps))
         return False
 
     def _step(self, what: str) -> None:
@@ -625,6 +640,7 @@ class Controller:
             if sample is None:
                 return Gst.FlowReturn.OK
             got = copy_out(self.gi, sample)
+            rates = _rates(sample) if first[0] else ""
             del sample  # the buffer goes back to pipewiresrc now
             if got is None:
                 return Gst.FlowReturn.OK
@@ -632,7 +648,7 @@ class Controller:
             if self.out._publish(gen, width, height, pixels) and first[0]:
                 first[0] = False
                 src = GLib.idle_source_new()
-                src.set_callback(lambda *_: self._on_first_frame(gen, width, height))
+                src.set_callback(lambda *_: self._on_first_frame(gen, width, height, rates))
                 src.attach(self.ctx)
             return Gst.FlowReturn.OK
 
