@@ -2083,6 +2083,7 @@ def s20_wayland_greeter(ctx: Context) -> str:
     check(ctx.notes.get("wayland"), "needs scenario W (the Wayland boot)")
     reader = _reader_uid(ctx)
     vm.sh(f"cat > /etc/gdm3/daemon.conf <<'EOF'\n{gdm_conf(False, wayland=True)}EOF").check()
+    restarted = float(vm.sh("cut -d' ' -f1 /proc/uptime", quiet=True).check().out)
     vm.sh("systemctl restart gdm.service", timeout=120).check()
     t0 = time.monotonic()
 
@@ -2093,6 +2094,19 @@ def s20_wayland_greeter(ctx: Context) -> str:
     sess = wait_until(greeter, GNOME_TIMEOUT, "the GDM greeter session to be active", interval=3.0)
     report = [f"greeter session {sess.get('Id')} Type {sess.get('Type')} VT {sess.get('VTNr')} "
               f"after {time.monotonic() - t0:.0f} s"]
+    # The session is active seconds before its gnome-shell paints anything under TCG: the display
+    # showed VT 1's text console (Debian 12) or black (Debian 13) meanwhile, and the scanout
+    # rightly showed that. The login screen is there once the greeter's gnome-shell has started.
+    uid = vm.sh(f"id -u {shlex.quote(sess.get('Name', ''))}", quiet=True).check().out.strip()
+
+    def greeter_shell_started():
+        return [e for e in ctx.journal_json(f"-b _UID={uid} _COMM=gnome-shell "
+                                            "--grep 'GNOME Shell started at'")
+                if int(e["__MONOTONIC_TIMESTAMP"]) / 1e6 > restarted]
+
+    wait_until(greeter_shell_started, GNOME_TIMEOUT, "the greeter's gnome-shell to start",
+               interval=3.0)
+    report.append(f"its gnome-shell started after {time.monotonic() - t0:.0f} s")
     with Viewer(ctx, "wayland-greeter", timeout=120) as viewer:
         p = wait_until(lambda: (lambda d: d if d.get("Streaming") and _relayed_uid(ctx, d)
                                 == reader else None)(ctx.props()), GNOME_TIMEOUT,
