@@ -9,8 +9,9 @@ on a screen that stands still:
     SAMPLE_PHASES rows is seen at once, any change within SAMPLE_PHASES looks;
   - the bands (damage.ALIGN rows) where a sampled row differs, and those that changed in the last
     HOT_S (a blinking cursor, a moving window), are read and compared whole, tile by tile;
-  - looks come IDLE_RATE times a second, more while the screen changes (twice the changes seen in
-    the last second), up to the frame rate and the display's refresh.
+  - looks come IDLE_RATE times a second, more while the screen changes or the pointer moves (twice
+    the looks that found either in the last second), up to the frame rate and the display's
+    refresh.
 A new framebuffer on the CRTC (a page flip, a mode set, a VT switch) is always read whole.
 
 The framebuffer handle comes from the service (fbgrant): the kernel gives it only to the DRM
@@ -42,8 +43,9 @@ log = logging.getLogger(__name__)
 
 HOT_S = 1.5  # three still looks: a cursor blinking slower than the looks stays followed
 # Looks per second at a still screen (VM, Debian 12, still console: 2.9% of a core at 5 a second,
-# 1.5% at 2.5 with every 8th row, 1.07% at 2.5 with every 16th).
-IDLE_RATE = 2.0
+# 1.5% at 2.5 with every 8th row, 1.07% at 2.5 with every 16th; 0.98% / 1.07% on Debian 12 / 13
+# at 2, with the buffer checked once a second).
+IDLE_RATE = 1.5
 # A still look compares every SAMPLE_PHASES-th row: under TCG copying and comparing the rows is
 # most of a look's cost (every 8th row of 1024x768, 393 KB a side: 5.8 ms, 1.5% of a core at 2.5
 # looks a second, VM, Debian 12), so 16: a glyph of fbcon's 16-row font is found within a few
@@ -293,8 +295,9 @@ class Scanout:
     def _pace(self, now: float, crtc: kms.Crtc, changes: Changes) -> None:
         """Remember what changed; look again sooner the more often the screen changes."""
         if changes.damage or changes.resized:
-            self._changes.append(now)
             self._samples.clear()  # the held picture changed
+        if changes.damage or changes.resized or changes.pointer_moved:
+            self._changes.append(now)  # the pointer too: it is followed at the pace it moves
         for r in changes.damage:
             for y in range(r.y // ALIGN * ALIGN, r.y + r.height, ALIGN):
                 self._hot[y] = now
