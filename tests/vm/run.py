@@ -1795,17 +1795,34 @@ def s15_wayland_resize(ctx: Context) -> str:
                      f"{size[0]}x{size[1]}").check()
             t0 = time.monotonic()
             got = None
+            # QEMU's display is looked at between the client's pictures: mutter 48 answered the
+            # call seconds before its KMS thread set the mode under TCG, and the stream cannot
+            # have the size before the display does. The limit runs from the later of the two.
+            display = display_not_yet = None
             while time.monotonic() - t0 < SWITCH_WAIT_S:
                 if viewer.save(name="viewer-resizing.ppm").size == size:
                     got = round(time.monotonic() - t0, 2)
                     break
-            if got is None or got > RESIZE_LIMIT_S:
+                if display is None:
+                    taken = round(time.monotonic() - t0, 2)
+                    if _qxl_picture(ctx, "resizing").size == size:
+                        display = taken
+                    else:
+                        display_not_yet = taken
+            shown = (f"the display had it between {display_not_yet} and {display} s"
+                     if display is not None and display_not_yet is not None else
+                     f"the display had it at {display} s" if display is not None else
+                     "the display had it after the stream")
+            since = display_not_yet if display is not None and display_not_yet is not None else 0.0
+            if got is None or got - since > RESIZE_LIMIT_S:
                 problems.append(f"{size[0]}x{size[1]}: the stream had that size "
                                 f"{f'after {got} s' if got else f'never in {SWITCH_WAIT_S} s'} "
-                                f"(limit {RESIZE_LIMIT_S:g} s); {ctx.props().get('WorkerState')}")
+                                f"({shown}; limit {RESIZE_LIMIT_S:g} s after the display); "
+                                f"{ctx.props().get('WorkerState')}")
                 continue
             values = compare_dump(ctx, viewer, f"resize-{size[0]}x{size[1]}")
-            report.append(f"-> {size[0]}x{size[1]}: the stream's size after {got} s, PSNR {values}")
+            report.append(f"-> {size[0]}x{size[1]}: the stream's size after {got} s ({shown}), "
+                          f"PSNR {values}")
     p = ctx.props()
     check(not problems, "; ".join(problems) + f"; properties {p}")
     return "; ".join(report) + f"; WorkerStats {worker_stats(p)}"
