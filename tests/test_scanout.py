@@ -885,20 +885,42 @@ def test_a_framebuffer_id_used_again_with_the_same_layout(env, shown):
 
 
 def test_a_kept_mapping_costs_a_grant_a_second_and_no_read(env, shown, monkeypatch):
-    """On a still screen the buffer behind the id is asked for once per IDENTITY_CHECK_S; the
-    same buffer keeps its mapping and nothing is read whole."""
+    """The buffer behind the id is asked for once per IDENTITY_CHECK_S while the screen has
+    changed in the last ACTIVE_S, then once per IDENTITY_CHECK_STILL_S; the same buffer keeps its
+    mapping and nothing is read whole."""
     src, fb = shown
     env.settle(src)
-    reads, asked, maps = src.reads, len(env.grant.asked), len(env.card.maps)
-    looks = int(10 * IDLE_RATE)
-    for _ in range(looks):
-        env.clock.advance(1 / IDLE_RATE)
-        assert not src.poll()
-    checks = len(env.grant.asked) - asked
+    reads, maps = src.reads, len(env.card.maps)
+
+    def checks_over(seconds: float) -> int:
+        asked = len(env.grant.asked)
+        for _ in range(int(seconds * IDLE_RATE)):
+            env.clock.advance(1 / IDLE_RATE)
+            assert not src.poll()
+        return len(env.grant.asked) - asked
+
     # At the first look IDENTITY_CHECK_S after the last check.
     every = math.ceil(scanout.IDENTITY_CHECK_S * IDLE_RATE - 1e-9) / IDLE_RATE
-    assert 10 / every - 1 <= checks <= 10 / every + 1
+    active = checks_over(10)
+    assert 10 / every - 1 <= active <= 10 / every + 1
+    checks_over(scanout.ACTIVE_S)
+    still = checks_over(20)
+    every = math.ceil(scanout.IDENTITY_CHECK_STILL_S * IDLE_RATE - 1e-9) / IDLE_RATE
+    assert 20 / every - 1 <= still <= 20 / every + 1
     assert src.reads == reads and len(env.card.maps) == maps
+
+
+def test_a_still_screen_s_buffer_replaced_under_its_id_is_read_within_the_still_check(env, shown):
+    src, old = shown
+    env.clock.advance(scanout.ACTIVE_S + 1)
+    assert not src.poll()
+    env.settle(src)
+    os.close(old.fd)
+    new = env.card.add_fb(1, tag=7)
+    env.card.show(1)
+    changes = env.look(src, looks=int(scanout.IDENTITY_CHECK_STILL_S * IDLE_RATE) + 1)
+    assert covers(changes.damage, 0, 0) and covers(changes.damage, W - 1, H - 1), changes
+    assert frame_bytes(src) == new.visible(0, 0, W, H)
 
 
 def test_a_change_back_to_an_older_picture_is_seen(env, shown):

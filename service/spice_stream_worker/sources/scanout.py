@@ -56,8 +56,13 @@ MAPPING_KEPT_S = 1.0
 # How often a kept mapping is checked against the buffer the framebuffer id names now (a grant and
 # MAP_DUMB's offset): a compositor may free a framebuffer and make a new one of the same layout
 # under the same id while it is shown (Debian 13's mutter after a mode set), and the old mapping
-# then shows a picture that no longer changes. One grant a second per framebuffer shown.
+# then shows a picture that no longer changes. That comes with a compositor's own changes (a
+# mode set, flips, a start): each second for ACTIVE_S after the screen or its framebuffer last
+# changed, then every IDENTITY_CHECK_STILL_S on a screen that stands still (the cost of a still
+# login screen or console: a grant is a round trip to the service).
 IDENTITY_CHECK_S = 1.0
+IDENTITY_CHECK_STILL_S = 4.0
+ACTIVE_S = 15.0
 CURSOR_MAX_SIDE = 512
 
 
@@ -110,6 +115,7 @@ class Scanout:
         self._hot: dict[int, float] = {}  # band -> when it last changed
         self._samples: dict[int, bytes] = {}  # phase -> the held picture's rows of that phase
         self._changes: deque[float] = deque()  # looks that found a change, the last second
+        self._active_at = clock()  # when the picture or the framebuffer shown last changed
         self._rate = 0.0
         self._wanted = True
         self._closed = False
@@ -162,8 +168,8 @@ class Scanout:
         """The framebuffer's mapping, kept from before if it still is that framebuffer's buffer:
         with `check` (a framebuffer newly shown) GETFB2 must say the same of it (the kernel gives a
         removed framebuffer's id to the next one made, after a mode set another size), and every
-        IDENTITY_CHECK_S the buffer the id names is asked for and compared (a new buffer of the
-        same layout under the same id)."""
+        IDENTITY_CHECK_S (IDENTITY_CHECK_STILL_S on a still screen) the buffer the id names is
+        asked for and compared (a new buffer of the same layout under the same id)."""
         m = self._mapped.get(fb_id)
         fb = None
         if m is not None and check:
@@ -171,7 +177,8 @@ class Scanout:
             if fb != m.fb:
                 self._unmap(fb_id)
                 m = None
-        if m is not None and now - m.checked_at < IDENTITY_CHECK_S:
+        every = IDENTITY_CHECK_S if now - self._active_at < ACTIVE_S else IDENTITY_CHECK_STILL_S
+        if m is not None and now - m.checked_at < every:
             return m
         if fb is None:
             fb = self._card.framebuffer(fb_id, handle=False)
@@ -296,6 +303,7 @@ class Scanout:
         """Remember what changed; look again sooner the more often the screen changes."""
         if changes.damage or changes.resized:
             self._samples.clear()  # the held picture changed
+            self._active_at = now
         if changes.damage or changes.resized or changes.pointer_moved:
             self._changes.append(now)  # the pointer too: it is followed at the pace it moves
         for r in changes.damage:
@@ -318,6 +326,7 @@ class Scanout:
         self._set_rate(IDLE_RATE)
 
     def _read_new(self, m: _Mapped, crtc: kms.Crtc, shown: tuple, changes: Changes) -> None:
+        self._active_at = self._clock()  # another framebuffer (or buffer) shown: a flip, a mode set
         size = (crtc.width, crtc.height)
         if crtc.x + crtc.width > m.fb.width or crtc.y + crtc.height > m.fb.height:
             raise kms.KmsError(0, f"CRTC {crtc.crtc_id} shows {size} at ({crtc.x}, {crtc.y}) of a "
