@@ -2132,12 +2132,14 @@ def s20_wayland_greeter(ctx: Context) -> str:
               f"after {time.monotonic() - t0:.0f} s"]
     # The session is active seconds before its gnome-shell paints anything under TCG: the display
     # showed VT 1's text console (Debian 12) or black (Debian 13) meanwhile, and the scanout
-    # rightly showed that. The login screen is there once the greeter's gnome-shell has started.
+    # rightly showed that. The login screen is there once the greeter's gnome-shell has started:
+    # its last startup line is "Registering session with GDM" (GNOME 43 and 48; the greeter logs
+    # no "GNOME Shell started at").
     uid = vm.sh(f"id -u {shlex.quote(sess.get('Name', ''))}", quiet=True).check().out.strip()
 
     def greeter_shell_started():
         return [e for e in ctx.journal_json(f"-b _UID={uid} _COMM=gnome-shell "
-                                            "--grep 'GNOME Shell started at'")
+                                            "--grep 'Registering session with GDM'")
                 if int(e["__MONOTONIC_TIMESTAMP"]) / 1e6 > restarted]
 
     wait_until(greeter_shell_started, GNOME_TIMEOUT, "the greeter's gnome-shell to start",
