@@ -207,3 +207,42 @@ def test_real_sysfs_is_watched_without_spinning():
             await src.close()
 
     asyncio.run(run())
+
+
+def test_overlapping_lookups_publish_the_first_answer_and_never_an_older_one_after_a_newer():
+    """Two lookups of seat0 in flight (a PropertiesChanged, then the periodic re-check): the
+    first answer is published at once, not held back until the newer lookup answers; an answer
+    to an older lookup that comes after a newer one's is dropped."""
+
+    async def run():
+        src = LogindVTSource(bus=object())  # type: ignore[arg-type]  # _read_active stands in
+        answers: list[asyncio.Future] = []
+
+        async def read_active():
+            fut = asyncio.get_running_loop().create_future()
+            answers.append(fut)
+            return await fut
+
+        src._read_active = read_active  # type: ignore[method-assign]
+        seen: list[int | None] = []
+        src.on_change(seen.append)
+        older = asyncio.create_task(src._refresh("seat0 ActiveSession changed"))
+        newer = asyncio.create_task(src._refresh("periodic re-check"))
+        await wait_async(lambda: len(answers) == 2, what="both lookups")
+        answers[0].set_result((2, "1"))  # the older lookup answers first: published
+        await older
+        assert (src.active_vt, src.active_session) == (2, "1")
+        answers[1].set_result((3, "3"))  # then the newer one: published
+        await newer
+        assert seen == [2, 3]
+        # The other way round: the newer answers first, the older one's answer is dropped.
+        older = asyncio.create_task(src._refresh("seat0 ActiveSession changed"))
+        newer = asyncio.create_task(src._refresh("periodic re-check"))
+        await wait_async(lambda: len(answers) == 4, what="both lookups")
+        answers[3].set_result((5, "5"))
+        await newer
+        answers[2].set_result((4, "4"))
+        await older
+        assert (src.active_vt, src.active_session) == (5, "5") and seen == [2, 3, 5]
+
+    asyncio.run(run())
