@@ -2151,6 +2151,13 @@ def s20_wayland_greeter(ctx: Context) -> str:
     wait_until(greeter_shell_started, GNOME_TIMEOUT, "the greeter's gnome-shell to start",
                interval=3.0)
     report.append(f"its gnome-shell started after {time.monotonic() - t0:.0f} s")
+    # GDM 48's greeter kept the display black after its start (QXL and virtio-vga) until the
+    # pointer moved, as a lock screen does: a user at the console touches the mouse first.
+    def woken() -> bool:
+        _move_pointer(ctx, 40, 40)
+        return not is_black(screendump(ctx, "wayland-greeter-woken"))
+
+    wait_until(woken, 60, "the login screen on the display after a pointer motion", interval=2.0)
     with Viewer(ctx, "wayland-greeter", timeout=120) as viewer:
         p = wait_until(lambda: (lambda d: d if d.get("Streaming") and _relayed_uid(ctx, d)
                                 == reader else None)(ctx.props()), GNOME_TIMEOUT,
