@@ -877,13 +877,20 @@ def test_a_framebuffer_id_used_again_with_the_same_layout(env, shown):
     new picture is read within IDENTITY_CHECK_S and a look, its differences as damage."""
     src, old = shown
     env.settle(src)
+    replace_buffer_and_look(env, src, old, scanout.IDENTITY_CHECK_S)
+    assert [f for f, m in env.card.maps if not m.closed] == [1]  # the old buffer's mapping went
+
+
+def replace_buffer_and_look(env, src: Scanout, old: FakeFb, within: float) -> None:
+    """Framebuffer 1's buffer freed and a new one of the same layout made under its id (RMFB and
+    ADDFB between two looks): the looks of `within` seconds (and one more) read the new picture
+    whole, its differences as damage."""
     os.close(old.fd)
     new = env.card.add_fb(1, tag=7)
     env.card.show(1)
-    changes = env.look(src, looks=int(scanout.IDENTITY_CHECK_S * IDLE_RATE) + 1)
+    changes = env.look(src, looks=int(within * IDLE_RATE) + 1)
     assert covers(changes.damage, 0, 0) and covers(changes.damage, W - 1, H - 1), changes
     assert frame_bytes(src) == new.visible(0, 0, W, H)
-    assert [f for f, m in env.card.maps if not m.closed] == [1]  # the old buffer's mapping went
 
 
 def test_a_kept_mapping_costs_a_grant_a_second_and_no_read(env, shown, monkeypatch):
@@ -917,12 +924,7 @@ def test_a_still_screen_s_buffer_replaced_under_its_id_is_read_within_the_still_
     env.clock.advance(scanout.ACTIVE_S + 1)
     assert not src.poll()
     env.settle(src)
-    os.close(old.fd)
-    new = env.card.add_fb(1, tag=7)
-    env.card.show(1)
-    changes = env.look(src, looks=int(scanout.IDENTITY_CHECK_STILL_S * IDLE_RATE) + 1)
-    assert covers(changes.damage, 0, 0) and covers(changes.damage, W - 1, H - 1), changes
-    assert frame_bytes(src) == new.visible(0, 0, W, H)
+    replace_buffer_and_look(env, src, old, scanout.IDENTITY_CHECK_STILL_S)
 
 
 def test_a_change_back_to_an_older_picture_is_seen(env, shown):
