@@ -46,11 +46,9 @@ class PeriodicTimer:
     def fileno(self) -> int:
         return self.fd
 
-    def arm(self, interval: float, first: float | None = None) -> None:
-        """Every `interval` seconds from now, the first time after `first` seconds if given
-        (0 disarms)."""
-        spec = _Itimerspec(_timespec(interval),
-                           _timespec(first if first is not None and interval else interval))
+    def arm(self, interval: float) -> None:
+        """Every `interval` seconds from now (0 disarms)."""
+        spec = _Itimerspec(_timespec(interval), _timespec(interval))
         if _libc.timerfd_settime(self.fd, 0, ctypes.byref(spec), None) < 0:
             err = ctypes.get_errno()
             raise OSError(err, f"timerfd_settime: {os.strerror(err)}")

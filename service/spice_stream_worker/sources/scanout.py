@@ -44,10 +44,8 @@ log = logging.getLogger(__name__)
 HOT_S = 1.5  # three still looks: a cursor blinking slower than the looks stays followed
 # Looks per second at a still screen (VM, Debian 12, still console: 2.9% of a core at 5 a second,
 # 1.5% at 2.5 with every 8th row, 1.07% at 2.5 with every 16th; 0.98% / 1.07% on Debian 12 / 13
-# at 2 with the buffer checked once a second; at 1.5 with it checked every 4 s, 0.78% / 1.17%).
-# A rest ends with a look at once, whatever the rate: a switch to the console is not held back.
-IDLE_RATE = 1.0
-FIRST_LOOK_S = 0.001
+# at 2, with the buffer checked once a second).
+IDLE_RATE = 1.5
 # A still look compares every SAMPLE_PHASES-th row: under TCG copying and comparing the rows is
 # most of a look's cost (every 8th row of 1024x768, 393 KB a side: 5.8 ms, 1.5% of a core at 2.5
 # looks a second, VM, Debian 12), so 16: a glyph of fbcon's 16-row font is found within a few
@@ -234,7 +232,7 @@ class Scanout:
         self._wanted = wanted
         if wanted:
             self._shown = None  # whatever changed meanwhile: read it whole
-            self._timer.arm(1.0 / (self._rate or IDLE_RATE), first=FIRST_LOOK_S)
+            self._timer.arm(1.0 / (self._rate or IDLE_RATE))
         else:
             self._timer.arm(0)
             # While it rests, compositors may free their framebuffers and make new ones under the
