@@ -917,6 +917,24 @@ def test_a_kept_mapping_costs_a_grant_a_second_and_no_read(env, shown, monkeypat
     assert src.reads == reads and len(env.card.maps) == maps
 
 
+def test_pixels_changing_in_place_keep_the_still_pace_of_buffer_checks(env, shown):
+    """A cursor blinking in the one framebuffer shown (fbcon; a compositor drawing in place) is
+    not a change of buffer: past ACTIVE_S since the framebuffer was new, the buffer is asked for
+    every IDENTITY_CHECK_STILL_S however often the pixels change (a grant is a round trip to the
+    service: a third of a still console's cost at one a second under TCG)."""
+    src, fb = shown
+    env.clock.advance(scanout.ACTIVE_S + 1)
+    asked = len(env.grant.asked)
+    seen = 0
+    for i in range(int(20 * IDLE_RATE)):
+        fb.paint_rows(30, 32, tag=200 if i % 2 else 1)
+        env.clock.advance(1 / IDLE_RATE)
+        seen += bool(src.poll().damage)
+    every = math.ceil(scanout.IDENTITY_CHECK_STILL_S * IDLE_RATE - 1e-9) / IDLE_RATE
+    assert seen >= 20 * IDLE_RATE / 2  # the blinks were seen
+    assert len(env.grant.asked) - asked <= 20 / every + 1
+
+
 def test_a_still_screen_s_buffer_replaced_under_its_id_is_read_within_the_still_check(env, shown):
     src, old = shown
     env.clock.advance(scanout.ACTIVE_S + 1)

@@ -56,10 +56,11 @@ MAPPING_KEPT_S = 1.0
 # How often a kept mapping is checked against the buffer the framebuffer id names now (a grant and
 # MAP_DUMB's offset): a compositor may free a framebuffer and make a new one of the same layout
 # under the same id while it is shown (Debian 13's mutter after a mode set), and the old mapping
-# then shows a picture that no longer changes. That comes with a compositor's own changes (a
-# mode set, flips, a start): each second for ACTIVE_S after the screen or its framebuffer last
-# changed, then every IDENTITY_CHECK_STILL_S on a screen that stands still (the cost of a still
-# login screen or console: a grant is a round trip to the service).
+# then shows a picture that no longer changes. That comes with a compositor's own changes of
+# framebuffer (a mode set, flips, a start): each second for ACTIVE_S after the framebuffer shown
+# last changed, then every IDENTITY_CHECK_STILL_S, also while pixels change in place (fbcon's
+# blinking cursor, a compositor drawing into the one buffer it shows): a grant is a round trip to
+# the service, a third of a still console's cost at one a second (Debian 13, TCG).
 IDENTITY_CHECK_S = 1.0
 IDENTITY_CHECK_STILL_S = 4.0
 ACTIVE_S = 15.0
@@ -115,7 +116,7 @@ class Scanout:
         self._hot: dict[int, float] = {}  # band -> when it last changed
         self._samples: dict[int, bytes] = {}  # phase -> the held picture's rows of that phase
         self._changes: deque[float] = deque()  # looks that found a change, the last second
-        self._active_at = clock()  # when the picture or the framebuffer shown last changed
+        self._active_at = clock()  # when the framebuffer shown (or its buffer) last changed
         self._rate = 0.0
         self._wanted = True
         self._closed = False
@@ -303,7 +304,6 @@ class Scanout:
         """Remember what changed; look again sooner the more often the screen changes."""
         if changes.damage or changes.resized:
             self._samples.clear()  # the held picture changed
-            self._active_at = now
         if changes.damage or changes.resized or changes.pointer_moved:
             self._changes.append(now)  # the pointer too: it is followed at the pace it moves
         for r in changes.damage:
