@@ -8,7 +8,7 @@ import pytest
 from spice_stream_worker.sources import gstmedia
 
 try:
-    MEDIA = gstmedia.Media()
+    MEDIA = gstmedia.screencast_media()
 except Exception as exc:  # noqa: BLE001 - any reason GStreamer is not usable here is a skip reason
     MEDIA = None
     WHY = str(exc)

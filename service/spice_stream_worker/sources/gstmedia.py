@@ -1,58 +1,25 @@
-"""PyGObject and GStreamer for the screen cast: imported only when one is opened (each missing
-piece named by its Debian package), the pipeline that reads a PipeWire node, and a sample's pixels
-copied out of GStreamer's buffer."""
+"""GStreamer for the screen cast: the elements it needs, the pipeline that reads a PipeWire node,
+and a sample's pixels copied out of GStreamer's buffer."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from spice_stream_common.exitcodes import DisplayUnavailable
+from ..gstreamer import Media
 
 MAX_SIDE = 16384  # a frame larger than this is refused (a broken caps negotiation)
 
-# What each missing piece is called in Debian.
-PACKAGE_GI = "python3-gi"
-PACKAGE_GST = "gir1.2-gstreamer-1.0"
-PACKAGE_GST_BASE_GIR = "gir1.2-gst-plugins-base-1.0"
 PACKAGE_GST_BASE = "gstreamer1.0-plugins-base"
 PACKAGE_PIPEWIRE = "gstreamer1.0-pipewire"
 ELEMENTS = (("pipewiresrc", PACKAGE_PIPEWIRE), ("videoconvert", PACKAGE_GST_BASE),
             ("appsink", PACKAGE_GST_BASE))
+PURPOSE = "GNOME ScreenCast capture"
 
 
-class Media:
-    """The PyGObject modules, imported when a screen cast is opened, never before."""
-
-    def __init__(self) -> None:
-        try:
-            import gi
-        except ImportError:
-            raise DisplayUnavailable(
-                f"GNOME ScreenCast capture needs PyGObject: install the Debian package {PACKAGE_GI}"
-            ) from None
-        try:
-            gi.require_version("Gst", "1.0")
-            from gi.repository import Gst
-        except (ValueError, ImportError):
-            raise DisplayUnavailable(
-                f"GNOME ScreenCast capture needs GStreamer's introspection data: install the "
-                f"Debian package {PACKAGE_GST}") from None
-        try:
-            gi.require_version("GstVideo", "1.0")
-            from gi.repository import GstVideo
-        except (ValueError, ImportError):
-            raise DisplayUnavailable(
-                f"GNOME ScreenCast capture needs GStreamer's video library data: install the "
-                f"Debian package {PACKAGE_GST_BASE_GIR}") from None
-        from gi.repository import Gio, GLib
-
-        Gst.init(None)
-        for element, package in ELEMENTS:
-            if Gst.ElementFactory.find(element) is None:
-                raise DisplayUnavailable(
-                    f"GNOME ScreenCast capture needs the GStreamer element {element}: install "
-                    f"the Debian package {package}")
-        self.GLib, self.Gio, self.Gst, self.GstVideo = GLib, Gio, Gst, GstVideo
+def screencast_media() -> Media:
+    """PyGObject and GStreamer with what a screen cast's pipeline needs (DisplayUnavailable
+    names the Debian package of what is missing)."""
+    return Media(PURPOSE, ELEMENTS)
 
 
 def pipeline_description(node: int, fps: int) -> str:

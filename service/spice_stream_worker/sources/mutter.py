@@ -13,7 +13,8 @@ from typing import Any
 
 from spice_stream_common.exitcodes import DisplayLost, DisplayUnavailable, StoppedByUser
 
-from .gstmedia import Media, copy_out, pipeline_description
+from ..gstreamer import Media
+from .gstmedia import copy_out, pipeline_description
 
 log = logging.getLogger(__name__)
 

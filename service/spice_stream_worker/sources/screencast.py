@@ -40,7 +40,7 @@ from ..cursor import CursorImage
 from ..damage import compare_frames
 from ..geometry import Rect
 from ..source import Changes, Frame
-from .gstmedia import Media
+from .gstmedia import screencast_media
 from .mutter import Controller, Timing
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class ScreenCast:
     def __init__(self, fps: int = 30, bus_address: str | None = None,
                  timing: Timing | None = None, session_id: str | None = None,
                  system_bus_address: str | None = None) -> None:
-        gi = Media()
+        gi = screencast_media()
         address = bus_address or os.environ.get("DBUS_SESSION_BUS_ADDRESS", "")
         if not address:
             raise DisplayUnavailable(

@@ -1,0 +1,201 @@
+"""H.264, VP8 and VP9 through GStreamer: a frame in, one access unit out, keyframes on demand and at
+an interval, each output checked to be what was asked for."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from spice_stream_common.exitcodes import DisplayUnavailable
+
+from .codecs import COMMON_ELEMENTS, H264_PARSER, Candidate, Codec
+from .gstreamer import Media
+from .source import Frame
+
+log = logging.getLogger(__name__)
+
+# How long one frame may take through the pipeline before the encoder is deemed stuck: a 4K frame
+# through x264's ultrafast preset takes about 60 ms on one core, far more under TCG.
+ENCODE_TIMEOUT_S = 5.0
+MAX_SIDE = 8192  # H.264 level 6.2 and VP8/VP9 all stop near here
+NO_KEY_INTERVAL = 2 ** 31 - 1  # x264enc's key-int-max: no keyframe of its own accord
+# H.264 in full-range YUV (BT.601 matrix), said in its VUI: limited range alone, the conversion
+# there and back, costs a desktop picture 4-6 dB (37.5 dB where full range keeps 43, and the
+# JPEG path, full range too, 37.3). VP8 has no way to say it and decoders of VP9 took it as
+# limited (28 dB): those two stay limited.
+FULL_RANGE = ",colorimetry=1:4:0:0"
+PURPOSE = "video encoding"
+
+
+class VideoEncoderError(Exception):
+    """The pipeline failed, stalled, or gave something other than one access unit for a frame."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the stream asks of the encoder."""
+
+    fps: int = 30
+    quality: int = 80  # 1-100, the scale of the JPEG path's quality
+    keyframe_interval_s: float = 10.0  # a keyframe at least this often (0: only when asked)
+
+
+def _quantizer(quality: int) -> int:
+    """x264's constant-quality factor and libvpx's cq-level for a JPEG-like quality, straight
+    lines through 100 -> 10, 80 -> 23 (x264's own default) and 1 -> 50."""
+    q = max(1, min(100, quality))
+    return round(10 + (100 - q) * 13 / 20) if q >= 80 else round(23 + (80 - q) * 27 / 79)
+
+
+def encoder_description(codec: Codec, candidate: Candidate, settings: Settings) -> str:
+    """The encoder's part of the pipeline, and what follows it up to the appsink: tuned for a
+    desktop stream that must start at once (no lookahead, no B-frames, one output a frame), as
+    libspice-server's own (server/gstreamer-encoder.c), but by quality, not bitrate: the host
+    sends no bandwidth feedback, and a still desktop must come out sharp. Keyframes are the
+    VideoEncoder's to ask for (on demand, at its interval), not the encoder's own choice."""
+    q = _quantizer(settings.quality)
+    name = candidate.element
+    if codec == Codec.H264:
+        caps = "video/x-h264,stream-format=byte-stream,alignment=au"
+        if name == "x264enc":
+            return (f"x264enc name=enc byte-stream=true aud=true tune=zerolatency "
+                    f"speed-preset=ultrafast pass=qual quantizer={q} bframes=0 "
+                    f"key-int-max={NO_KEY_INTERVAL} ! {caps},profile=constrained-baseline")
+        # VA-API: its own rate control; h264parse makes it Annex-B, one access unit a buffer.
+        return f"{name} name=enc ! {H264_PARSER[0]} config-interval=-1 ! {caps}"
+    if codec in (Codec.VP8, Codec.VP9):
+        if name in ("vp8enc", "vp9enc"):
+            # By quality, with the bitrate's cap out of reach (GStreamer 1.22's libvpx elements
+            # have no constant-quality mode of their own): VP8 by its cq-level (a typed word
+            # 350 bytes); vp9enc kept one quality whatever cq-level said, so a quality floor,
+            # the quantizer's cap (VP8 that way sent 3 KB for the same word).
+            rate = (f"end-usage=cq cq-level={q} max-quantizer=63" if codec == Codec.VP8
+                    else f"end-usage=vbr max-quantizer={q}")
+            return (f"{name} name=enc deadline=1 cpu-used={4 if codec == Codec.VP8 else 8} "
+                    f"lag-in-frames=0 {rate} target-bitrate=200000000 min-quantizer=0 "
+                    f"error-resilient=default keyframe-mode=disabled threads=2")
+        return f"{name} name=enc"
+    raise ValueError(f"no video encoder for {codec.label}")
+
+
+class VideoEncoder:
+    """One stream's encoder for one size: encode() takes a frame (BGRx) and gives its access unit
+    (H.264 in Annex-B with SPS and PPS before each keyframe; a VP8/VP9 frame) and whether it is a
+    keyframe. Synchronous: a frame is pushed and its output awaited before the next, so that
+    nothing waits inside the pipeline (the stream never has an encoded frame it did not send)."""
+
+    def __init__(self, codec: Codec, candidate: Candidate, width: int, height: int,
+                 settings: Settings, media: Media | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
+            raise VideoEncoderError(f"{codec.label}: a {width}x{height} frame cannot be encoded")
+        if codec == Codec.H264 and (width % 2 or height % 2):
+            # x264 refuses odd sides at 4:2:0; a screen of that size is streamed another way.
+            raise VideoEncoderError(f"h264: a {width}x{height} frame has an odd side")
+        elements = (*COMMON_ELEMENTS, (candidate.element, candidate.package))
+        if codec == Codec.H264 and candidate.element != "x264enc":
+            elements += (H264_PARSER,)
+        self.media = media or Media(PURPOSE, elements)
+        self.codec, self.candidate, self.settings = codec, candidate, settings
+        self.size = (width, height)
+        self._clock = clock
+        self._last_key_at = -math.inf
+        Gst = self.media.Gst
+        desc = (f"appsrc name=src is-live=false format=time block=false emit-signals=false "
+                f"caps=video/x-raw,format=BGRx,width={width},height={height},"
+                f"framerate={settings.fps}/1 ! videoconvert ! "
+                f"video/x-raw,format=I420{FULL_RANGE if codec == Codec.H264 else ''} ! "
+                f"{encoder_description(codec, candidate, settings)} ! "
+                "appsink name=sink sync=false emit-signals=false max-buffers=0")
+        try:
+            self._pipeline = Gst.parse_launch(desc)
+        except Exception as exc:  # noqa: BLE001 - GLib.Error: the description did not build
+            raise DisplayUnavailable(f"{codec.label} through {candidate.element}: {exc}") from None
+        self._src = self._pipeline.get_by_name("src")
+        self._sink = self._pipeline.get_by_name("sink")
+        self._enc = self._pipeline.get_by_name("enc")
+        self._bus = self._pipeline.get_bus()
+        self._frames = 0
+        self._closed = False
+        if self._pipeline.set_state(Gst.State.PLAYING) == Gst.StateChangeReturn.FAILURE:
+            self._fail("the pipeline did not start")
+
+    def encode(self, frame: Frame, keyframe: bool = False) -> tuple[bytes, bool]:
+        """The frame's access unit and whether it is a keyframe. The first frame, one asked with
+        `keyframe`, and the first once the last keyframe is keyframe_interval_s old are keyframes
+        (checked: VideoEncoderError otherwise)."""
+        if self._closed:
+            raise VideoEncoderError("the encoder is closed")
+        if (frame.width, frame.height) != self.size:
+            raise VideoEncoderError(f"a {frame.width}x{frame.height} frame for a "
+                                    f"{self.size[0]}x{self.size[1]} encoder")
+        Gst, GstVideo = self.media.Gst, self.media.GstVideo
+        now = self._clock()
+        interval = self.settings.keyframe_interval_s
+        want_key = keyframe or self._frames == 0 or (interval > 0 and now - self._last_key_at >= interval)
+        duration = Gst.SECOND // self.settings.fps
+        pts = self._frames * duration
+        if want_key and self._frames:
+            event = GstVideo.video_event_new_downstream_force_key_unit(
+                pts, pts, pts, True, self._frames)
+            # The pipeline is idle between two frames (each output is awaited): the event
+            # reaches the encoder before the frame's buffer.
+            self._enc.get_static_pad("sink").send_event(event)
+        buf = Gst.Buffer.new_wrapped(_packed(frame))
+        buf.pts, buf.dts, buf.duration = pts, pts, duration
+        if self._src.emit("push-buffer", buf) != Gst.FlowReturn.OK:
+            self._fail("the pipeline refused a frame")
+        sample = self._sink.emit("try-pull-sample", int(ENCODE_TIMEOUT_S * Gst.SECOND))
+        if sample is None:
+            self._fail(f"no output within {ENCODE_TIMEOUT_S:g} s")
+        out = sample.get_buffer()
+        is_key = not out.has_flags(Gst.BufferFlags.DELTA_UNIT)
+        ok, info = out.map(Gst.MapFlags.READ)
+        if not ok:
+            self._fail("an output buffer could not be read")
+        try:
+            data = bytes(info.data)
+        finally:
+            out.unmap(info)
+        self._frames += 1
+        if is_key:
+            self._last_key_at = now
+        if want_key and not is_key:
+            raise VideoEncoderError(f"{self.candidate.element} gave a delta frame where a "
+                                    f"keyframe was asked for (frame {self._frames})")
+        return data, is_key
+
+    def _fail(self, what: str) -> None:
+        msg = self._bus.pop_filtered(self.media.Gst.MessageType.ERROR)
+        detail = ""
+        if msg is not None:
+            err, debug = msg.parse_error()
+            detail = f": {err.message}"
+        raise VideoEncoderError(f"{self.codec.label} ({self.candidate.element}): {what}{detail}")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._pipeline.set_state(self.media.Gst.State.NULL)
+        self._pipeline = self._src = self._sink = self._enc = None
+
+    def __enter__(self) -> VideoEncoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _packed(frame: Frame) -> bytes:
+    """The frame's pixels with rows width * 4 bytes apart, copied (GStreamer keeps the buffer
+    while it converts; the frame's pixels may change under it)."""
+    row = frame.width * 4
+    if frame.stride == row:
+        return bytes(frame.pixels[:row * frame.height])
+    return b"".join(bytes(frame.pixels[y * frame.stride:y * frame.stride + row])
+                    for y in range(frame.height))
+
