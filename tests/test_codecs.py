@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from spice_stream_common.codecnames import Codec, parse_preference
 from spice_stream_worker import codecs
-from spice_stream_worker.codecs import Codec
 
 BASE = {"appsrc", "videoconvert", "appsink"}
 
@@ -18,15 +18,15 @@ def registry(*elements: str):
 
 
 def test_preference_is_read_in_order_with_mjpeg_last_when_left_out():
-    assert codecs.parse_preference("h264 vp8") == (Codec.H264, Codec.VP8, Codec.MJPEG)
-    assert codecs.parse_preference("VP9, mjpeg,h264") == (Codec.VP9, Codec.MJPEG, Codec.H264)
-    assert codecs.parse_preference("vp8 vp8") == (Codec.VP8, Codec.MJPEG)
-    assert codecs.parse_preference("") == (Codec.MJPEG,)
+    assert parse_preference("h264 vp8") == (Codec.H264, Codec.VP8, Codec.MJPEG)
+    assert parse_preference("VP9, mjpeg,h264") == (Codec.VP9, Codec.MJPEG, Codec.H264)
+    assert parse_preference("vp8 vp8") == (Codec.VP8, Codec.MJPEG)
+    assert parse_preference("") == (Codec.MJPEG,)
 
 
 def test_an_unknown_codec_is_named():
     with pytest.raises(ValueError, match="unknown codec 'av1'"):
-        codecs.parse_preference("h264 av1")
+        parse_preference("h264 av1")
 
 
 def test_a_hardware_encoder_is_chosen_before_software_when_it_registers():
@@ -69,7 +69,7 @@ def test_without_the_base_elements_or_gstreamer_only_mjpeg():
 ])
 def test_the_first_preferred_codec_the_host_offers_and_the_guest_encodes(preference, offered, expected):
     found = codecs.probe(registry(*BASE, "x264enc", "vp8enc"))
-    assert codecs.choose(codecs.parse_preference(preference), offered, found) == expected
+    assert codecs.choose(parse_preference(preference), offered, found) == expected
 
 
 def test_codec_ids_are_spice_s():

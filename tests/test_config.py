@@ -26,6 +26,7 @@ BAD = {
     "max_sessions_per_uid": [0, 1025, "4"],
     "log_level": ["verbose", 3, ""],
     "scanout": ["on", "dev/dri/card0", "", True, 0],
+    "codecs": ["av1", "h264 theora", 3, ["h264"], "h264 " * 50],
 }
 GOOD = {
     "device": "/dev/vport1p2",
@@ -36,6 +37,7 @@ GOOD = {
     "max_sessions_per_uid": 1,
     "log_level": "debug",
     "scanout": "off",
+    "codecs": "h264 vp8 mjpeg",
 }
 
 
@@ -203,3 +205,9 @@ def test_service_command_line_overrides_every_key_and_refuses_bad_values(capsys,
     assert "command line: fps = 500 is refused: allowed is an integer from 1 to 120" in err
     assert main(["--config", str(empty), "--max-sessions-per-uid", "0", "--bus", "unix:path=/x"]) == 2
     assert "max_sessions_per_uid" in capsys.readouterr().err
+
+
+def test_codecs_are_written_back_in_one_form_with_mjpeg_last_when_left_out(tmp_path) -> None:
+    path = write(tmp_path, 'codecs = "VP8,h264"\n')
+    assert config.load(path, environ=NO_ENV).codecs == "vp8 h264 mjpeg"
+    assert config.load(None, {"codecs": "mjpeg vp9"}, environ={}).codecs == "mjpeg vp9"

@@ -184,3 +184,43 @@ def test_the_format_bound_holds_the_largest_jpeg_of_that_size(width, height):
     # And the bound is no more than a few times the picture's raw size, and never past DATA's.
     assert guestmessages.frame_limit(width, height) < 6 * 16 * 16 * width * height + 70_000
     assert guestmessages.frame_limit(16384, 16384) == p.DATA_MAX_BYTES
+
+
+VP8_KEY = b"\x50\x42\x00\x9d\x01\x2a" + b"\x40\x00\xf0\x00"  # a frame tag, then the start code
+VP8_DELTA = b"\x31\x0b\x00" + b"\x11" * 8  # bit 0 set: an inter frame
+
+
+@pytest.mark.parametrize("codec, key, delta", [
+    (p.CODEC_H264, b"\x00\x00\x00\x01\x09\x10" + b"x" * 9, b"\x00\x00\x01\x41" + b"y" * 6),
+    (p.CODEC_VP8, VP8_KEY, VP8_DELTA),
+    (p.CODEC_VP9, b"\x82\x49\x83\x42\x00" + b"z" * 6, b"\x86\x00" + b"z" * 6),
+], ids=["h264", "vp8", "vp9"])
+def test_video_frames_are_checked_as_their_stream_s_codec(codec, key, delta):
+    # Issue 18: DATA (a keyframe) and DELTA frames are checked by the codec of the FORMAT
+    # relayed; a JPEG is no frame of a video stream, nor a video frame one of an MJPEG stream.
+    assert guestmessages.refusal(p.Message(p.MsgType.DATA, key), None, True, codec) is None
+    assert guestmessages.refusal(p.Message(p.MsgType.DATA, delta, delta=True), None, True,
+                                 codec) is None
+    jpeg = p.Message(p.MsgType.DATA, b"\xff\xd8\xff\xe0" + b"j" * 8)
+    assert guestmessages.refusal(jpeg, None, True, codec).startswith("DATA that is not a")
+    assert guestmessages.refusal(p.Message(p.MsgType.DATA, key), None, True) == \
+        "DATA that is not a JPEG"
+    assert guestmessages.refusal(p.Message(p.MsgType.DATA, jpeg.payload, delta=True), None,
+                                 True) == "a delta frame in an MJPEG stream"
+
+
+def test_a_format_names_a_codec_the_host_offers():
+    fmt = p.Message(p.MsgType.FORMAT, p.format_msg(640, 480, p.CODEC_H264)[p.HEADER_SIZE:])
+    assert guestmessages.refusal(fmt, None, False, host_codecs=(1, 3)) is None
+    assert guestmessages.refusal(fmt, None, False, host_codecs=(1, 2)) == \
+        "FORMAT with codec 3, which the host does not offer"
+    h265 = p.Message(p.MsgType.FORMAT, p.format_msg(640, 480, 5)[p.HEADER_SIZE:])
+    assert guestmessages.refusal(h265, None, False, host_codecs=(1, 5)) == \
+        "FORMAT with codec 5: not one this service streams"
+
+
+def test_frame_parts_go_only_in_an_mjpeg_stream():
+    held = fp.Assembler().apply(entries(1, (0, 8, b"\x00\x00\x00\x01\x09\x10xx")))
+    msg = p.Message(p.MsgType.DATA, b"", held)
+    assert guestmessages.refusal(msg, None, True, p.CODEC_H264) == \
+        "frame parts in a stream that is not MJPEG"

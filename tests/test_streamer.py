@@ -14,6 +14,7 @@ from spice_stream_common import protocol as p
 from spice_stream_common.outbox import MAX_QUEUED, Outbox
 from spice_stream_worker.encoder import JpegEncoder
 from spice_stream_worker.sources.x11 import Changes, Rect, Screen
+from spice_stream_worker.streamcodec import StreamCodec
 from spice_stream_worker.streamer import HEARTBEAT_S, MAX_DAMAGE_RECTS, HostState, Streamer
 from tests.support.xserver import Painter, start_xvfb
 
@@ -106,7 +107,7 @@ def live(xscreen, device):
     screen, painter = xscreen
     r, w = device
     outbox = Outbox(w)
-    streamer = Streamer(screen, JpegEncoder(), outbox, fps=1000,
+    streamer = Streamer(screen, StreamCodec(JpegEncoder()), outbox, fps=1000,
                         host=HostState(codecs=(p.CODEC_MJPEG,)))
     yield streamer, screen, painter, outbox, r
 
@@ -163,7 +164,7 @@ def test_on_the_service_socket_a_small_change_sends_only_its_parts(xscreen):
     ours.setblocking(False)
     theirs.setblocking(False)
     outbox = Outbox(theirs.fileno())
-    streamer = Streamer(screen, JpegEncoder(), outbox, fps=1000,
+    streamer = Streamer(screen, StreamCodec(JpegEncoder()), outbox, fps=1000,
                         host=HostState(codecs=(p.CODEC_MJPEG,)), frame_parts=frameparts.Sender())
     parser = p.Parser(frameparts.WORKER_CHANNEL_LIMITS)
     assembler = frameparts.Assembler()
@@ -221,7 +222,7 @@ def test_no_frame_while_the_source_has_no_picture_nor_while_its_picture_is_stati
     now = [0.0]
     source = ComingAndGoing()
     out = Outbox(w)
-    s = Streamer(source, JpegEncoder(), out, fps=30, host=HostState(codecs=(p.CODEC_MJPEG,)),
+    s = Streamer(source, StreamCodec(JpegEncoder()), out, fps=30, host=HostState(codecs=(p.CODEC_MJPEG,)),
                  clock=lambda: now[0])
     s.start()
     assert s.streaming
@@ -260,7 +261,7 @@ def test_without_a_picture_the_service_hears_no_picture_and_the_port_nothing():
         os.set_blocking(w, False)
         now = [0.0]
         out = Outbox(w)
-        s = Streamer(ComingAndGoing(), JpegEncoder(), out, fps=30,
+        s = Streamer(ComingAndGoing(), StreamCodec(JpegEncoder()), out, fps=30,
                      host=HostState(codecs=(p.CODEC_MJPEG,)), clock=lambda now=now: now[0],
                      frame_parts=frameparts.Sender() if to_service else None)
         try:
@@ -292,7 +293,7 @@ class StaticPicture(ComingAndGoing):
 
 def static_streamer(out: Outbox, now: list[float], frame_parts=None) -> Streamer:
     """A streamer of a static, live picture, asked for MJPEG, on the clock `now[0]`."""
-    return Streamer(StaticPicture(), JpegEncoder(), out, fps=30,
+    return Streamer(StaticPicture(), StreamCodec(JpegEncoder()), out, fps=30,
                     host=HostState(codecs=(p.CODEC_MJPEG,)), clock=lambda: now[0],
                     frame_parts=frame_parts)
 

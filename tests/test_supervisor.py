@@ -333,7 +333,7 @@ def test_switch_sigterms_first_and_runs_second_as_its_uid(workdir, pty_device):
             assert first["cwd"] == "/" and first["sid_leader"]
             # The worker holds a socket end, never the port.
             assert first["dev_is_socket"] and not first["dev_is_chr"]
-            assert first["argv"][2:] == ["--fps", "30", "--quality", "80"]
+            assert first["argv"][2:] == ["--fps", "30", "--quality", "80", "--codecs", "mjpeg"]
             fds = {os.readlink(f"/proc/{first['pid']}/fd/{fd}")
                    for fd in os.listdir(f"/proc/{first['pid']}/fd")}
             assert pty_device[0] not in fds

@@ -8,8 +8,8 @@ import io
 import pytest
 from PIL import Image, ImageDraw
 
+from spice_stream_common.codecnames import Codec
 from spice_stream_worker import codecs
-from spice_stream_worker.codecs import Codec
 from spice_stream_worker.gstreamer import Media
 from spice_stream_worker.source import Frame
 from spice_stream_worker.videoencoder import Settings, VideoEncoder, VideoEncoderError

@@ -52,7 +52,7 @@ def test_a_wayland_worker_runs_as_the_user_with_the_screencast_source_and_sessio
         try:
             sup.set_target(WAYLAND)
             first = (await wait_async(lambda: records(rec), what="the Wayland worker"))[0]
-            assert first["argv"][2:] == ["--fps", "30", "--quality", "80",
+            assert first["argv"][2:] == ["--fps", "30", "--quality", "80", "--codecs", "mjpeg",
                                          "--source", "screencast"]
             assert first["env"] == {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
                                     "XDG_RUNTIME_DIR": RUNTIME,

@@ -25,6 +25,12 @@ NO_PICTURE = 0xFF02
 # a static screen instead of the frame again, so the watchdog and the Streaming property see a
 # worker that has nothing new to send. Empty; never reaches the port.
 UNCHANGED = 0xFF03
+# A video codec's delta frame: a DATA payload whose frame needs every frame since the last
+# keyframe. The service writes it to the port as DATA, after those frames, or never: a frame it
+# cannot write in turn breaks the chain, and the worker is asked for a keyframe (KEYFRAME).
+DELTA = 0xFF04
+# From the service: "a frame of your chain was lost: the next frame must be a keyframe". Empty.
+KEYFRAME = 0xFF05
 MAX_PARTS = 1088  # a 16384-row frame has 1024 bands of 16 rows, plus header and EOI
 COUNT = struct.Struct("<I")  # the frame's number of parts
 ENTRY = struct.Struct("<II")  # a changed part: its index, then its length and bytes
@@ -38,9 +44,11 @@ def payload_limit(frame_limit: int) -> int:
 MAX_PAYLOAD = payload_limit(p.DATA_MAX_BYTES)
 
 # What the service's end of a worker socket accepts: the port's guest messages, FRAME_PARTS,
-# NO_PICTURE and UNCHANGED.
+# DELTA, NO_PICTURE and UNCHANGED.
 WORKER_CHANNEL_LIMITS: dict[int, int] = {**p.GUEST_TO_HOST_LIMITS, FRAME_PARTS: MAX_PAYLOAD,
-                                          NO_PICTURE: 0, UNCHANGED: 0}
+                                          DELTA: p.DATA_MAX_BYTES, NO_PICTURE: 0, UNCHANGED: 0}
+# What a worker accepts from the service: the host's messages, and KEYFRAME.
+SERVICE_TO_WORKER_LIMITS: dict[int, int] = {**p.HOST_TO_GUEST_LIMITS, KEYFRAME: 0}
 
 
 def no_picture() -> bytes:
@@ -49,6 +57,10 @@ def no_picture() -> bytes:
 
 def unchanged() -> bytes:
     return p.header(UNCHANGED, 0)
+
+
+def keyframe() -> bytes:
+    return p.header(KEYFRAME, 0)
 
 
 def message(parts: Sequence[bytes], changed: Sequence[int]) -> list[bytes]:

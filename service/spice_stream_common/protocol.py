@@ -17,6 +17,9 @@ HEADER = struct.Struct("<BBHI")  # protocol_version, padding, type, size
 HEADER_SIZE = HEADER.size
 
 CODEC_MJPEG = 1  # SpiceVideoCodecType
+CODEC_VP8 = 2
+CODEC_H264 = 3
+CODEC_VP9 = 4
 _VERSION_BYTE = bytes([PROTOCOL_VERSION])  # where a resynchronising parser looks for a header
 
 
@@ -207,6 +210,9 @@ class Message:
     # A frame the service assembled from a worker's parts (payload is then empty): it knows its
     # size and its start, and gives its parts only when the port writer takes it.
     frame: Frame | None = None
+    # A video codec's delta frame (a DATA that needs the frames before it): written after them
+    # or not at all.
+    delta: bool = False
 
     @property
     def size(self) -> int:

@@ -1,28 +1,15 @@
-"""Which codec the stream uses: SPICE's codec ids and names, what this guest can encode (GStreamer's
-registry, looked at once), and the choice for what the host offers."""
+"""Which codec the stream uses: what this guest can encode (GStreamer's registry, looked at once),
+and the choice for what the host offers."""
 
 from __future__ import annotations
 
-import enum
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from spice_stream_common.codecnames import Codec
+
 log = logging.getLogger(__name__)
-
-
-class Codec(enum.IntEnum):
-    """SpiceVideoCodecType (spice/enums.h): what START_STOP lists and FORMAT names."""
-
-    MJPEG = 1
-    VP8 = 2
-    H264 = 3
-    VP9 = 4
-    H265 = 5
-
-    @property
-    def label(self) -> str:
-        return self.name.lower()
 
 
 @dataclass(frozen=True)
@@ -53,25 +40,6 @@ COMMON_ELEMENTS = (("appsrc", "gstreamer1.0-plugins-base"), ("videoconvert", "gs
                    ("appsink", "gstreamer1.0-plugins-base"))
 # A hardware H.264 encoder's output is made Annex-B, one access unit a buffer, by h264parse.
 H264_PARSER = ("h264parse", "gstreamer1.0-plugins-bad")
-
-def parse_preference(text: str) -> tuple[Codec, ...]:
-    """A preference list as written in the configuration ("h264 vp8 mjpeg", commas or spaces);
-    ValueError names what is not a codec. MJPEG is added at the end when missing: the host always
-    accepts it, and a stream must have some codec."""
-    names = [w for w in text.replace(",", " ").split() if w]
-    known = {c.label: c for c in Codec}
-    unknown = [w for w in names if w.lower() not in known]
-    if unknown:
-        raise ValueError(f"unknown codec {unknown[0]!r} (known: {', '.join(known)})")
-    chosen: list[Codec] = []
-    for w in names:
-        c = known[w.lower()]
-        if c not in chosen:
-            chosen.append(c)
-    if Codec.MJPEG not in chosen:
-        chosen.append(Codec.MJPEG)
-    return tuple(chosen)
-
 
 @dataclass(frozen=True)
 class Encodable:

@@ -16,6 +16,7 @@ import tty
 
 from spice_stream_common import frameparts, logsetup
 from spice_stream_common import protocol as p
+from spice_stream_common.codecnames import parse_preference
 from spice_stream_common.constants import VERSION
 from spice_stream_common.exitcodes import (
     DeviceLost,
@@ -61,7 +62,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "framebuffer handles directly")
     ap.add_argument("--status-fd", metavar="N", type=int, help="write JSON status lines to this pipe")
     ap.add_argument("--fps", type=int, default=30, help="frame rate cap (1-120, default 30)")
-    ap.add_argument("--quality", type=int, default=80, help="JPEG quality (1-100, default 80)")
+    ap.add_argument("--quality", type=int, default=80,
+                    help="picture quality (1-100, default 80): JPEG's, and the video codecs' from it")
+    ap.add_argument("--codecs", metavar="LIST", default="mjpeg",
+                    help="codecs in order of preference, from mjpeg, h264, vp8, vp9 (default mjpeg; "
+                         "the first the host offers and this guest encodes is used)")
+    ap.add_argument("--keyframe-interval", metavar="S", type=float, default=10.0,
+                    help="a video codec's keyframe at least every S seconds (0: only when needed)")
     ap.add_argument("--start-codecs", metavar="LIST", default=None,
                     help="host state handed over: the last START_STOP codecs, comma separated, or 'none'")
     ap.add_argument("--host-caps", metavar="HEX", default=None,
@@ -76,6 +83,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--fps {args.fps}: allowed 1-120")
     if not 1 <= args.quality <= 100:
         ap.error(f"--quality {args.quality}: allowed 1-100")
+    if not 0 <= args.keyframe_interval <= 3600:
+        ap.error(f"--keyframe-interval {args.keyframe_interval}: allowed 0-3600")
+    try:
+        args.codecs = parse_preference(args.codecs)
+    except ValueError as exc:
+        ap.error(f"--codecs: {exc}")
     try:
         args.host = HostState(
             codecs=_parse_codecs(args.start_codecs),
@@ -196,33 +209,43 @@ class Worker:
     def run(self) -> ExitCode:
         from .display_info import find_display_device
         from .encoder import JpegEncoder
+        from .streamcodec import StreamCodec
+        from .videoencoder import Settings
 
         screen = open_source(self.args)
         try:
             log.info("capturing %s, %dx%d, device fd %d", screen.describe(), *screen.size, self.fd)
             outbox = Outbox(self.fd)
             to_service = stat.S_ISSOCK(os.fstat(self.fd).st_mode)  # else the port itself
+            codec = StreamCodec(JpegEncoder(self.args.quality), self.args.codecs, Settings(
+                fps=self.args.fps, quality=self.args.quality,
+                keyframe_interval_s=self.args.keyframe_interval))
             streamer = Streamer(
-                screen, JpegEncoder(self.args.quality), outbox,
+                screen, codec, outbox,
                 fps=self.args.fps, host=self.args.host,
                 display_address=find_display_device(),
                 read_cursor=screen.cursor_image,
                 frame_parts=frameparts.Sender() if to_service else None,
             )
             status = StatusReporter(self.args.status_fd)
-            return self._loop(screen, streamer, outbox, status)
+            # On the service's socket the service's own word comes too (KEYFRAME).
+            parser = p.Parser(frameparts.SERVICE_TO_WORKER_LIMITS if to_service else None)
+            try:
+                return self._loop(screen, streamer, outbox, status, parser)
+            finally:
+                codec.close()
         finally:
             screen.close()
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.stop_signal = signum
 
-    def _loop(self, screen, streamer: Streamer, outbox: Outbox, status: StatusReporter) -> ExitCode:
+    def _loop(self, screen, streamer: Streamer, outbox: Outbox, status: StatusReporter,
+              parser: p.Parser) -> ExitCode:
         signal.set_wakeup_fd(self._sig_w, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-        parser = p.Parser()
         sel = self.selector
         sel.register(self._sig_r, selectors.EVENT_READ, "signal")
         sel.register(screen.fileno(), selectors.EVENT_READ, "source")

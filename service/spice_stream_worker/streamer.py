@@ -10,7 +10,11 @@ from typing import Any
 
 from spice_stream_common import frameparts
 from spice_stream_common import protocol as p
+from spice_stream_common.codecnames import Codec
 from spice_stream_common.outbox import Outbox
+
+from .streamcodec import Encoded, StreamCodec
+from .videoencoder import VideoEncoderError
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +63,7 @@ class Streamer:
     def __init__(
         self,
         screen: Any,
-        encoder: Any,
+        encoder: StreamCodec | None,
         outbox: Outbox,
         *,
         fps: int,
@@ -93,7 +97,7 @@ class Streamer:
         self._last_pointer_at = -1e9
         self._violations = 0
         self._violation_logged_at = -1e9
-        self._format_sent: tuple[int, int] | None = None
+        self._format_sent: tuple[int, int, int] | None = None  # width, height, codec
 
     # --- host side ---------------------------------------------------------------------------------
 
@@ -117,6 +121,12 @@ class Streamer:
                 log.info("host capabilities: %s", msg.payload.hex() or "none")
             elif msg.type == p.MsgType.START_STOP:
                 self._apply_start_stop(p.decode_start_stop(msg.payload).codecs)
+            elif msg.type == frameparts.KEYFRAME and self.frame_parts is not None:
+                # The service lost a frame of the chain: a keyframe now, even on a still screen
+                # (the host's picture misses what the lost frame changed).
+                if self.encoder is not None and self.encoder.video:
+                    self.encoder.want_keyframe()
+                    self._need_full = True
             elif msg.type == p.MsgType.NOTIFY_ERROR:
                 err = p.decode_notify_error(msg.payload)
                 log.error("host reported error %d: %s", err.code, err.text)
@@ -134,34 +144,48 @@ class Streamer:
 
     def _apply_start_stop(self, codecs: tuple[int, ...], inherited: bool = False) -> None:
         self.host.codecs = tuple(codecs)
-        want = p.CODEC_MJPEG in codecs
+        codec = self._choose(self.host.codecs)
+        want = codec is not None
         how = "handed over" if inherited else "from host"
         if want and not self.streaming:
-            log.info("start streaming (%s, codecs %s)", how, list(codecs))
+            log.info("start streaming %s (%s, codecs %s)", _label(codec), how, list(codecs))
             self.streaming = True
             self._need_full = True
             self._format_sent = None
             self._cursor_dirty = True
             if self.display_address:
                 self.outbox.send(p.device_display_info(0, 0, self.display_address))
-            if self.host.caps and p.has_cap(self.host.caps, p.Capability.QUALITY_INDICATOR):
-                self.outbox.send(p.quality_indicator(f"mjpeg fps<={round(1 / self.interval)}"))
+            self._send_quality_indicator(codec)
         elif want:
             # Streaming already: libspice-server says START_STOP again when a client connects (a
             # client gets STREAM_CREATE only with a FORMAT), and the service when the port is read
-            # again after a block. Start over: FORMAT and a whole frame, the cursor again.
-            log.info("start streaming again (%s, codecs %s): a whole frame", how, list(codecs))
+            # again after a block. Start over: FORMAT and a whole frame (a keyframe), the cursor
+            # again; in another codec if the clients now decode other ones.
+            log.info("start streaming %s again (%s, codecs %s): a whole frame", _label(codec), how,
+                     list(codecs))
             self._need_full = True
             self._format_sent = None
             self._cursor_dirty = True
+            self._send_quality_indicator(codec)
         elif not want and self.streaming:
             if codecs:
-                log.warning("host asked for codecs %s without MJPEG: stop streaming", list(codecs))
+                log.warning("host asked for codecs %s, none this worker can send: stop streaming",
+                            list(codecs))
             else:
                 log.info("stop streaming (%s)", how)
             self.streaming = False
         elif not want and codecs:
-            log.warning("host offers codecs %s, none of them MJPEG: not streaming", list(codecs))
+            log.warning("host offers codecs %s, none this worker can send: not streaming",
+                        list(codecs))
+
+    def _choose(self, codecs: tuple[int, ...]) -> int | None:
+        if self.encoder is None:  # tests of the host side: MJPEG as offered
+            return p.CODEC_MJPEG if p.CODEC_MJPEG in codecs else None
+        return self.encoder.choose(codecs) if codecs else None
+
+    def _send_quality_indicator(self, codec: int | None) -> None:
+        if self.host.caps and p.has_cap(self.host.caps, p.Capability.QUALITY_INDICATOR):
+            self.outbox.send(p.quality_indicator(f"{_label(codec)} fps<={round(1 / self.interval)}"))
 
     # --- screen side --------------------------------------------------------------------------------
 
@@ -249,34 +273,53 @@ class Streamer:
             self._last_unchanged_at = now
 
     def _send_frame(self, now: float) -> None:
+        assert self.encoder is not None and self.encoder.codec is not None
+        codec = int(self.encoder.codec)
         if self._need_full:
             frame = self.screen.grab(None)
-            jpeg = self.encoder.encode_parts(frame, None)
+            changed = None
         else:
             damage, self._damage = self._damage, []
             frame = self.screen.grab(damage)
-            if frame.changed == [] and self._format_sent == (frame.width, frame.height):
+            if frame.changed == [] and self._format_sent == (frame.width, frame.height, codec):
                 # Drawn but not changed (the same pixels again): nothing to encode or send.
                 self.counters.false_damage += 1
                 return
-            jpeg = self.encoder.encode_parts(frame, frame.changed)
+            changed = frame.changed
+        try:
+            encoded = self.encoder.encode(frame, changed)
+        except VideoEncoderError:
+            # Logged by the encoder, which gives that codec up: start over in the next one the
+            # host offers (MJPEG at the latest).
+            self._apply_start_stop(self.host.codecs or ())
+            return
         # The size comes from the frame itself: a resize can land between poll() and grab() (the encoder
         # then encodes the new size whole).
-        if self._format_sent != (frame.width, frame.height):
-            self.outbox.send(p.format_msg(frame.width, frame.height))
-            self._format_sent = (frame.width, frame.height)
+        if self._format_sent != (frame.width, frame.height, codec):
+            self.outbox.send(p.format_msg(frame.width, frame.height, codec))
+            self._format_sent = (frame.width, frame.height, codec)
         self._damage.clear()
         self._need_full = False
-        self._send_jpeg(jpeg)
+        self._send_encoded(encoded)
         self._last_frame_at = now
         # Keep to the grid when on time; after a pause start a new one (no burst to catch up).
         slot = self._next_frame_at if now - self._next_frame_at < self.interval else now
         self._next_frame_at = slot + self.interval
         self.counters.add_frame(now)
 
-    def _send_jpeg(self, parts: tuple[bytes, ...]) -> None:
-        if self.frame_parts is None:
-            self.outbox.send(p.data_header(sum(map(len, parts))), *parts, frame=True)
+    def _send_encoded(self, encoded: Encoded) -> None:
+        parts = encoded.parts
+        size = sum(map(len, parts))
+        if self.encoder is not None and self.encoder.video:
+            # A video frame goes whole: a keyframe as DATA, a delta marked as such for the
+            # service, which writes it after the frames before it or not at all (and then asks for
+            # a keyframe). Parts are the JPEG's (latest wins, replaced in place).
+            kind = p.MsgType.DATA if encoded.key or self.frame_parts is None else frameparts.DELTA
+            if not self.outbox.send(p.header(kind, size), *parts, frame=True):
+                self.encoder.want_keyframe()  # the chain is cut here: start a new one
+                self._need_full = True
+        elif self.frame_parts is None:
+            self.outbox.send(p.data_header(size), *parts, frame=True)
         elif self.outbox.send(*self.frame_parts.message(parts), frame=True):
             self.frame_parts.sent(parts)
         else:
@@ -318,3 +361,10 @@ class Streamer:
             "codecs": list(self.host.codecs) if self.host.codecs is not None else None,
             "host_caps": self.host.caps.hex() if self.host.caps is not None else None,
         }
+
+
+def _label(codec: int | None) -> str:
+    try:
+        return Codec(codec).label if codec is not None else "nothing"
+    except ValueError:
+        return f"codec {codec}"

@@ -9,9 +9,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from spice_stream_common.codecnames import Codec
 from spice_stream_common.exitcodes import DisplayUnavailable
 
-from .codecs import COMMON_ELEMENTS, H264_PARSER, Candidate, Codec
+from .codecs import COMMON_ELEMENTS, H264_PARSER, Candidate
 from .gstreamer import Media
 from .source import Frame
 

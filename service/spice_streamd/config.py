@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from spice_stream_common.codecnames import Codec, parse_preference
 from spice_stream_common.constants import DEFAULT_DEVICE
 
 from .errors import ConfigError
@@ -35,6 +36,7 @@ class Config:
     max_sessions_per_uid: int = 4
     log_level: str = "info"
     scanout: str = "auto"
+    codecs: str = "mjpeg"
 
     def summary(self) -> str:
         """One log line with every effective value."""
@@ -73,6 +75,13 @@ def _log_level(value: Any) -> str:
     return value.lower()
 
 
+def _codecs(value: Any) -> str:
+    """A preference list of codec names, written back normalized ("h264 vp8 mjpeg")."""
+    if not isinstance(value, str) or len(value) > 200:
+        raise ValueError
+    return " ".join(c.label for c in parse_preference(value))
+
+
 def _scanout(value: Any) -> str:
     if isinstance(value, str) and value.lower() in ("auto", "off"):
         return value.lower()
@@ -93,6 +102,8 @@ KEYS: dict[str, _Key] = {
     "log_level": _Key("one of " + ", ".join(LOG_LEVELS), _log_level),
     "scanout": _Key('"auto", "off" or an absolute path to a DRM device such as /dev/dri/card0',
                     _scanout),
+    "codecs": _Key("codec names in order of preference, from " + ", ".join(c.label for c in Codec)
+                   + ' (e.g. "h264 vp8 mjpeg"; mjpeg is added last when missing)', _codecs),
 }
 _INT_KEYS = frozenset(k for k, v in dataclasses.asdict(Config()).items() if isinstance(v, int))
 _INT_TEXT = re.compile(r"[+-]?[0-9]{1,12}")

@@ -29,8 +29,10 @@ def frame_limit(width: int, height: int) -> int:
     return min(bound, p.DATA_MAX_BYTES)
 
 
-def refusal(msg: p.Message, host_caps: bytes | None, format_sent: bool) -> str | None:
-    """Why `msg` from a worker must not be written to the port, or None when it may.
+def refusal(msg: p.Message, host_caps: bytes | None, format_sent: bool,
+            codec: int = p.CODEC_MJPEG, host_codecs: tuple[int, ...] | None = None) -> str | None:
+    """Why `msg` from a worker must not be written to the port, or None when it may. `codec` is
+    the stream's, from the FORMAT relayed last; `host_codecs` the host's last offer.
 
     The worker runs as the session's user, who controls it: anything the host would reject
     (and then ignore the port until it is reopened) is stopped here instead."""
@@ -39,13 +41,21 @@ def refusal(msg: p.Message, host_caps: bytes | None, format_sent: bool) -> str |
             fmt = p.decode_format(msg.payload)
             if not (0 < fmt.width <= MAX_SIDE and 0 < fmt.height <= MAX_SIDE):
                 return f"FORMAT {fmt.width}x{fmt.height} outside 1..{MAX_SIDE}"
-            if fmt.codec != p.CODEC_MJPEG:
-                return f"FORMAT with codec {fmt.codec}: only MJPEG is streamed"
+            if fmt.codec not in FRAME_CHECKS:
+                return f"FORMAT with codec {fmt.codec}: not one this service streams"
+            if fmt.codec != p.CODEC_MJPEG and host_codecs is not None and fmt.codec not in host_codecs:
+                return f"FORMAT with codec {fmt.codec}, which the host does not offer"
         elif msg.type == p.MsgType.DATA:
             if not format_sent:
                 return "DATA before any FORMAT"
-            if msg.head(len(JPEG_SOI)) != JPEG_SOI:
-                return "DATA that is not a JPEG"
+            if msg.delta and codec == p.CODEC_MJPEG:
+                return "a delta frame in an MJPEG stream"
+            if msg.frame is not None and codec != p.CODEC_MJPEG:
+                # Parts are JPEG's (latest wins, held in place): a video frame comes whole.
+                return "frame parts in a stream that is not MJPEG"
+            name, check = FRAME_CHECKS[codec]
+            if not check(msg.head(HEAD_BYTES)):
+                return f"DATA that is not {name}"
         elif msg.type == p.MsgType.CURSOR_SET:
             p.decode_cursor_set(msg.payload)
         elif msg.type == p.MsgType.CURSOR_MOVE:
@@ -61,6 +71,33 @@ def refusal(msg: p.Message, host_caps: bytes | None, format_sent: bool) -> str |
     except p.MessageError as exc:
         return str(exc)
     return None
+
+
+def _h264(head: bytes) -> bool:
+    """Annex-B: an access unit starts with a start code."""
+    return head.startswith((b"\x00\x00\x01", b"\x00\x00\x00\x01"))
+
+
+def _vp8(head: bytes) -> bool:
+    """RFC 6386 9.1: a frame tag of version 0-3; a keyframe's start code after it."""
+    if len(head) < 3 or (head[0] >> 1) & 0x07 > 3:
+        return False
+    return bool(head[0] & 1) or head[3:6] == b"\x9d\x01\x2a"
+
+
+def _vp9(head: bytes) -> bool:
+    """VP9 bitstream 6.2: every frame starts with the frame marker, binary 10."""
+    return len(head) > 0 and head[0] >> 6 == 0b10
+
+
+HEAD_BYTES = 6  # what the checks look at of a frame's start
+# What a frame of each codec must start with, and the codec's name in a refusal.
+FRAME_CHECKS = {
+    p.CODEC_MJPEG: ("a JPEG", lambda head: head.startswith(JPEG_SOI)),
+    p.CODEC_VP8: ("a VP8 frame", _vp8),
+    p.CODEC_H264: ("an H.264 access unit", _h264),
+    p.CODEC_VP9: ("a VP9 frame", _vp9),
+}
 
 
 def _display_info_refusal(payload: bytes) -> str | None:

@@ -113,7 +113,8 @@ class Service:
             await device.start()
             closers.append(("device watch", device.close))
             supervisor = WorkerSupervisor(device_path=self.config.device, fps=self.config.fps,
-                                          quality=self.config.quality, on_change=self._changed)
+                                          quality=self.config.quality, codecs=self.config.codecs,
+                                          on_change=self._changed)
             closers.append(("worker", supervisor.close))
 
             registry = SessionRegistry(max_sessions=self.config.max_sessions,

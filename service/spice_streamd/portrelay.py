@@ -13,6 +13,7 @@ import tty
 from collections import deque
 from collections.abc import Callable
 
+from spice_stream_common import frameparts
 from spice_stream_common import protocol as p
 
 from .portwriter import PortWriter
@@ -57,7 +58,7 @@ class PortRelay:
         self._writer: PortWriter | None = None
         self._dropped_before = 0
         self.paused = False
-        self.format_sent = False
+        self.format_codec: int | None = None
         self._caps_written: bytes | None = None
         self.frames = 0
         self.bytes = 0
@@ -136,7 +137,8 @@ class PortRelay:
 
         writer = PortWriter(fd, loop=loop, stall_s=self._pause_after_s,
                             on_written=mine(self._written), on_stalled=mine(self._stalled),
-                            on_drained=mine(self._drained), on_failed=mine(self._failed))
+                            on_drained=mine(self._drained), on_failed=mine(self._failed),
+                            on_chain_broken=mine(self._chain_broken))
         self._writer = writer
         loop.add_reader(fd, self._on_readable)
         log.info("stream port %s opened", self.path)
@@ -170,7 +172,7 @@ class PortRelay:
         os.close(fd)
         self.host_caps = None
         self.host_codecs = None
-        self.format_sent = False
+        self.format_codec = None
         log.info("stream port %s closed (%s)", self.path, why)
         if self._sink is not None:
             # The host forgets the stream: stopping the worker now makes it send FORMAT and a
@@ -246,7 +248,7 @@ class PortRelay:
         self.attached_frames = self.attached_bytes = 0
         if self._writer is not None:
             self._writer.drop_waiting()
-        self.format_sent = False
+        self.format_codec = None
         self.paused = False
         self._caps_written = None  # each worker announces itself
         if self.host_caps is not None:
@@ -260,7 +262,7 @@ class PortRelay:
         self._generation += 1
         if self._writer is not None:
             self._writer.drop_waiting()
-        self.format_sent = False
+        self.format_codec = None
         self.paused = False
 
     def _tell_worker(self, data: bytes) -> None:
@@ -274,10 +276,16 @@ class PortRelay:
         if msg.type == p.MsgType.CAPABILITIES and msg.payload == self._caps_written:
             return
         if msg.type == p.MsgType.FORMAT:
-            self.format_sent = True
+            self.format_codec = p.decode_format(msg.payload).codec
         # A frame held in parts goes as its handle: its parts are taken when the port takes it.
         body = msg.payload if msg.frame is None else msg.frame
-        self._writer.submit(msg.type, (p.header(msg.type, msg.size), body), self._generation)
+        self._writer.submit(msg.type, (p.header(msg.type, msg.size), body), self._generation,
+                            delta=msg.delta)
+
+    @property
+    def format_sent(self) -> bool:
+        """Whether the attached worker's stream has a FORMAT (its frames may go)."""
+        return self.format_codec is not None
 
     @property
     def dropped_frames(self) -> int:
@@ -299,6 +307,14 @@ class PortRelay:
                 self._changed()
         elif msg_type == p.MsgType.CAPABILITIES:
             self._caps_written = b"".join(message)[p.HEADER_SIZE:]
+
+    def _chain_broken(self, generation: int) -> None:
+        # A delta frame could not be written in turn: the attached worker's next frame must be a
+        # keyframe (one of an earlier worker's is nobody's concern now).
+        if generation == self._generation and self._sink is not None:
+            self._host_log.log(logging.INFO, "chain", "the port did not take the frames in turn: "
+                               "a keyframe asked for")
+            self._sink(frameparts.keyframe())
 
     def _stalled(self, waited_s: float) -> None:
         if not self.paused and self._sink is not None:

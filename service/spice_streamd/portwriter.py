@@ -7,6 +7,7 @@ import os
 import select
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 from spice_stream_common import protocol as p
@@ -14,9 +15,12 @@ from spice_stream_common.outbox import unwritten
 
 # Latest state wins, written in this order: what describes a frame goes before the frame. At most
 # the message being written and one message of each type wait, so a host that stops reading costs
-# one stale frame, never a queue of them.
+# one stale frame, never a queue of them. A video codec's delta frames are the exception: each
+# needs the ones before it, so they wait in turn, up to MAX_WAITING_DELTAS; one more breaks the
+# chain (it and the deltas after it are dropped until a keyframe, which the worker is asked for).
 ORDER = (p.MsgType.CAPABILITIES, p.MsgType.DEVICE_DISPLAY_INFO, p.MsgType.QUALITY_INDICATOR,
          p.MsgType.FORMAT, p.MsgType.CURSOR_SET, p.MsgType.CURSOR_MOVE, p.MsgType.DATA)
+MAX_WAITING_DELTAS = 4
 POLL_MS = 100  # how often a waiting writer looks at its stop flag
 
 
@@ -33,7 +37,8 @@ class PortWriter:
                  on_written: Callable[[int, tuple[bytes, ...], int], None],
                  on_stalled: Callable[[float], None],
                  on_drained: Callable[[], None],
-                 on_failed: Callable[[str], None]) -> None:
+                 on_failed: Callable[[str], None],
+                 on_chain_broken: Callable[[int], None] | None = None) -> None:
         self._fd = fd
         self._loop = loop
         self._stall_s = stall_s
@@ -41,47 +46,76 @@ class PortWriter:
         self._on_stalled = on_stalled
         self._on_drained = on_drained
         self._on_failed = on_failed
+        self._on_chain_broken = on_chain_broken
         self._cond = threading.Condition()
-        self._pending: dict[int, tuple[tuple[bytes | p.Frame, ...], int]] = {}
+        self._pending: dict[int, tuple[tuple[bytes | p.Frame, ...], int]] = {}  # but DATA
+        self._frames: deque[tuple[tuple[bytes | p.Frame, ...], int]] = deque()  # DATA, in turn
+        self._broken = False  # a delta was dropped (or its chain's start): none until a keyframe
+        self._key_asked = False  # on_chain_broken said so since the chain broke
         self._stop = False
         self._stalled = False  # the writer thread's own: told the loop, not yet drained
         self.dropped_frames = 0
         self._thread = threading.Thread(target=self._run, name="stream port writer", daemon=True)
         self._thread.start()
 
-    def submit(self, msg_type: int, message: tuple[bytes | p.Frame, ...], tag: int = 0) -> None:
+    def submit(self, msg_type: int, message: tuple[bytes | p.Frame, ...], tag: int = 0,
+               delta: bool = False) -> None:
         """Queue a whole message, as its pieces (header and payload, written with one writev; a
         frame the channel holds as a worker's parts, a p.Frame after the header, is taken and
         joined when its turn comes); it
-        replaces a waiting one of its type (a FORMAT also drops the waiting frame: it has the old
-        size, and the worker sends one of the new). `tag` comes back with on_written (whose
-        message it was)."""
+        replaces a waiting one of its type (a FORMAT also drops the waiting frames: they have the
+        old size or codec, and the worker sends a keyframe of the new). A `delta` frame waits
+        behind the frames before it instead, or breaks the chain (see ORDER). `tag` comes back
+        with on_written (whose message it was) and on_chain_broken."""
         with self._cond:
-            if msg_type == p.MsgType.FORMAT:
-                if self._pending.pop(p.MsgType.DATA, None) is not None:
+            if msg_type == p.MsgType.DATA:
+                if not delta:
+                    self._drop_frames()
+                    self._broken = self._key_asked = False
+                elif self._broken or len(self._frames) >= MAX_WAITING_DELTAS:
                     self.dropped_frames += 1
-            elif msg_type == p.MsgType.DATA and p.MsgType.DATA in self._pending:
-                self.dropped_frames += 1
-            self._pending[msg_type] = (message, tag)
+                    self._broken = True
+                    if not self._key_asked and self._on_chain_broken is not None:
+                        self._key_asked = True
+                        self._loop.call_soon_threadsafe(self._on_chain_broken, tag)
+                    return
+                self._frames.append((message, tag))
+            else:
+                if msg_type == p.MsgType.FORMAT:
+                    self._drop_frames()
+                    # What follows a FORMAT starts with a keyframe (asked for if a delta comes).
+                    self._broken, self._key_asked = True, False
+                self._pending[msg_type] = (message, tag)
             self._cond.notify()
+
+    def _drop_frames(self) -> None:
+        self.dropped_frames += len(self._frames)
+        self._frames.clear()
 
     def drop_waiting(self) -> None:
         """Forget what waits; the message being written still ends whole."""
         with self._cond:
             self._pending.clear()
+            self._frames.clear()
+            # The next worker (or this one again) starts with a keyframe.
+            self._broken, self._key_asked = True, False
 
     def stop(self) -> None:
         """Stop at once, even mid-message (the port is being closed: the host resets)."""
         with self._cond:
             self._stop = True
             self._pending.clear()
+            self._frames.clear()
             self._cond.notify()
         self._thread.join()
 
     def _next(self) -> tuple[int, tuple[tuple[bytes | p.Frame, ...], int]] | None:
         with self._cond:
             while not self._stop:
-                nxt = next((t for t in ORDER if t in self._pending), None)
+                nxt = next((t for t in ORDER if t in self._pending
+                            or (t == p.MsgType.DATA and self._frames)), None)
+                if nxt == p.MsgType.DATA:
+                    return nxt, self._frames.popleft()
                 if nxt is not None:
                     return nxt, self._pending.pop(nxt)
                 if self._stalled:

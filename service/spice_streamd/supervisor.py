@@ -103,6 +103,7 @@ class WorkerSupervisor:
         device_path: str,
         fps: int,
         quality: int,
+        codecs: str = "mjpeg",
         worker_argv: list[str] | None = None,
         on_change: Callable[[], None] | None = None,
         grace_s: float = 2.0,
@@ -120,6 +121,7 @@ class WorkerSupervisor:
         delegated cgroup when there is one (cgroup.service_tree()), None is none at all."""
         self._fps = int(fps)
         self._quality = int(quality)
+        self._codecs = codecs
         # -I: the worker runs with its user's HOME; without it, the user's site-packages
         # (usercustomize.py, a spice_stream_worker of their own there) would run inside it.
         self._argv = list(worker_argv or [sys.executable, "-I", "-m", "spice_stream_worker"])
@@ -465,7 +467,8 @@ class WorkerSupervisor:
 
     def _worker_argv(self, channel_fd: int, target: WorkerTarget) -> list[str]:
         argv = [*self._argv, "--device-fd", str(channel_fd),
-                "--fps", str(self._fps), "--quality", str(self._quality)]
+                "--fps", str(self._fps), "--quality", str(self._quality),
+                "--codecs", self._codecs]
         if target.wayland:
             argv += ["--source", "screencast"]
         return argv
@@ -541,7 +544,8 @@ class WorkerSupervisor:
     def _refusal(self, w: _Worker, msg: Any) -> str | None:
         if w.awaiting_format and msg.type == p.MsgType.DATA:
             return None  # not refused: dropped in _from_worker, quietly
-        return guestmessages.refusal(msg, self.relay.host_caps, self.relay.format_sent)
+        return guestmessages.refusal(msg, self.relay.host_caps, self.relay.format_sent,
+                                     self.relay.format_codec or p.CODEC_MJPEG, self.relay.host_codecs)
 
     def _from_worker(self, w: _Worker, msg: Any) -> None:
         if msg.type == p.MsgType.CAPABILITIES:

@@ -125,6 +125,7 @@ class WorkerChannel:
             guestmessages.frame_limit(fmt.width, fmt.height)
         self._frame.max_size = limit
         self._parser.set_limit(p.MsgType.DATA, limit)
+        self._parser.set_limit(frameparts.DELTA, limit)
         self._parser.set_limit(frameparts.FRAME_PARTS, frameparts.payload_limit(limit) if limit else 0)
 
     def _wants_input(self) -> bool:
@@ -233,6 +234,8 @@ class WorkerChannel:
                 self._log.log(logging.WARNING, "refused", "%s: message refused: %s",
                               self.label, e)
                 return
+        elif item.type == frameparts.DELTA:
+            item = p.Message(p.MsgType.DATA, item.payload, delta=True)
         reason = self._check(item)
         if reason is not None:
             self._log.log(logging.WARNING, "refused", "%s: message refused: %s",

@@ -1,0 +1,181 @@
+"""The streamer with video codecs (real vp8enc through GStreamer): the codec chosen on each
+START_STOP, FORMAT naming it, keyframes as DATA and delta frames marked for the service, a keyframe
+when the service asks, MJPEG again when the offer or the encoder says so."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+import pytest
+
+from spice_stream_common import frameparts
+from spice_stream_common import protocol as p
+from spice_stream_common.codecnames import Codec, parse_preference
+from spice_stream_common.outbox import Outbox
+from spice_stream_worker.encoder import JpegEncoder
+from spice_stream_worker.geometry import Rect
+from spice_stream_worker.source import Changes, Frame
+from spice_stream_worker.streamcodec import StreamCodec, probe_registry
+from spice_stream_worker.streamer import HostState, Streamer
+from spice_stream_worker.videoencoder import Settings, VideoEncoderError
+
+FOUND = probe_registry()
+pytestmark = pytest.mark.skipif(Codec.VP8 not in FOUND.encoders,
+                                reason=f"no vp8enc here: {FOUND.missing.get(Codec.VP8)}")
+W, H = 64, 48
+
+
+class Picture:
+    """A live picture the test paints on."""
+
+    size = (W, H)
+    live = True
+
+    def __init__(self) -> None:
+        self.pixels = bytearray(W * H * 4)
+
+    def paint(self, value: int) -> Changes:
+        self.pixels[: W * 4 * 4] = bytes([value]) * (W * 4 * 4)
+        return Changes(damage=[Rect(0, 0, W, 4)])
+
+    def grab(self, rects=None):
+        return Frame(W, H, W * 4, memoryview(bytes(self.pixels)), rects)
+
+    def pointer_position(self):
+        return (0, 0)
+
+
+@pytest.fixture
+def wire():
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ
+    yield r, w
+    os.close(r)
+    os.close(w)
+
+
+def make(w: int, preference: str, now: list[float], video=None) -> tuple[Streamer, Picture, StreamCodec]:
+    picture = Picture()
+    kwargs = {} if video is None else {"video": video}
+    codec = StreamCodec(JpegEncoder(), parse_preference(preference), Settings(fps=30),
+                        probe=lambda: FOUND, **kwargs)
+    s = Streamer(picture, codec, Outbox(w), fps=30, host=HostState(), clock=lambda: now[0],
+                 frame_parts=frameparts.Sender())
+    s.start()
+    return s, picture, codec
+
+
+def sent(s: Streamer, r: int, now: list[float], parser: p.Parser) -> list[p.Message]:
+    """Tick the streamer once the next frame's time has come; the messages it wrote."""
+    now[0] += 1.0
+    s.tick()
+    assert s.outbox.flush()
+    try:
+        return [m for m in parser.feed(os.read(r, 1 << 20)) if isinstance(m, p.Message)]
+    except BlockingIOError:
+        return []
+
+
+def host(s: Streamer, *messages: bytes) -> None:
+    s.on_host_bytes(b"".join(messages), s._host_parser)
+
+
+@pytest.fixture(autouse=True)
+def host_parser(monkeypatch):
+    # The worker's parser on the service's socket takes KEYFRAME too.
+    monkeypatch.setattr(Streamer, "_host_parser", p.Parser(frameparts.SERVICE_TO_WORKER_LIMITS),
+                        raising=False)
+
+
+def kinds(messages: list[p.Message]) -> list:
+    return [m.type if m.type != p.MsgType.FORMAT else ("FORMAT", p.decode_format(m.payload).codec)
+            for m in messages if m.type != p.MsgType.CAPABILITIES]
+
+
+def test_the_preferred_codec_the_host_offers_keyframe_as_data_then_marked_deltas(wire):
+    r, w = wire
+    now = [0.0]
+    parser = p.Parser(frameparts.WORKER_CHANNEL_LIMITS)
+    s, picture, codec = make(w, "vp8 mjpeg", now)
+    try:
+        host(s, p.start_stop((p.CODEC_MJPEG, p.CODEC_VP8)))
+        first = sent(s, r, now, parser)
+        assert kinds(first) == [("FORMAT", Codec.VP8), p.MsgType.DATA]
+        assert first[-1].payload[3:6] == b"\x9d\x01\x2a"  # a VP8 keyframe's start code
+        s.on_screen_changes(picture.paint(200))
+        delta = sent(s, r, now, parser)
+        assert kinds(delta) == [frameparts.DELTA]
+        assert delta[0].payload[0] & 1  # VP8's frame tag: not a keyframe
+        # Nothing changed: nothing sent (UNCHANGED only, for the service's watchdog).
+        assert frameparts.DELTA not in kinds(sent(s, r, now, parser))
+        # The service lost a frame of the chain: a keyframe at once, with nothing changed.
+        host(s, frameparts.keyframe())
+        again = sent(s, r, now, parser)
+        assert kinds(again) == [p.MsgType.DATA] and again[0].payload[3:6] == b"\x9d\x01\x2a"
+    finally:
+        codec.close()
+
+
+def test_a_new_offer_without_the_codec_moves_the_stream_to_mjpeg_and_back(wire):
+    r, w = wire
+    now = [0.0]
+    parser = p.Parser(frameparts.WORKER_CHANNEL_LIMITS)
+    s, picture, codec = make(w, "vp8", now)
+    try:
+        host(s, p.start_stop((p.CODEC_MJPEG, p.CODEC_VP8)))
+        assert kinds(sent(s, r, now, parser))[0] == ("FORMAT", Codec.VP8)
+        # A client that decodes only MJPEG joined.
+        host(s, p.start_stop((p.CODEC_MJPEG,)))
+        got = sent(s, r, now, parser)
+        assert kinds(got)[0] == ("FORMAT", Codec.MJPEG) and frameparts.FRAME_PARTS in kinds(got)
+        # It left: VP8 again, from a keyframe.
+        host(s, p.start_stop((p.CODEC_MJPEG, p.CODEC_VP8)))
+        got = sent(s, r, now, parser)
+        assert kinds(got) == [("FORMAT", Codec.VP8), p.MsgType.DATA]
+    finally:
+        codec.close()
+
+
+def test_a_restart_in_the_same_codec_starts_with_format_and_a_keyframe(wire):
+    # libspice-server says START_STOP again when a client connects: it needs both.
+    r, w = wire
+    now = [0.0]
+    parser = p.Parser(frameparts.WORKER_CHANNEL_LIMITS)
+    s, picture, codec = make(w, "vp8", now)
+    try:
+        host(s, p.start_stop((p.CODEC_MJPEG, p.CODEC_VP8)))
+        sent(s, r, now, parser)
+        s.on_screen_changes(picture.paint(90))
+        assert kinds(sent(s, r, now, parser)) == [frameparts.DELTA]
+        host(s, p.start_stop((p.CODEC_MJPEG, p.CODEC_VP8)))
+        assert kinds(sent(s, r, now, parser)) == [("FORMAT", Codec.VP8), p.MsgType.DATA]
+    finally:
+        codec.close()
+
+
+def test_a_failing_video_encoder_gives_way_to_mjpeg_for_good(wire, caplog):
+    r, w = wire
+    now = [0.0]
+    parser = p.Parser(frameparts.WORKER_CHANNEL_LIMITS)
+
+    def broken(*args):
+        raise VideoEncoderError("no output within 5 s")
+
+    s, picture, codec = make(w, "vp8", now, video=broken)
+    host(s, p.start_stop((p.CODEC_MJPEG, p.CODEC_VP8)))
+    got = sent(s, r, now, parser) + sent(s, r, now, parser)
+    assert kinds(got)[0] == ("FORMAT", Codec.MJPEG), kinds(got)
+    assert "vp8: no output within 5 s: streaming without it" in caplog.text
+    # Offered again later, it is not tried again in this worker.
+    host(s, p.start_stop((p.CODEC_MJPEG, p.CODEC_VP8)))
+    assert kinds(sent(s, r, now, parser))[0] == ("FORMAT", Codec.MJPEG)
+
+
+def test_mjpeg_only_never_loads_gstreamer():
+    probed = []
+    codec = StreamCodec(JpegEncoder(), (Codec.MJPEG,), probe=lambda: probed.append(1) or FOUND)
+    assert codec.choose((p.CODEC_MJPEG, p.CODEC_H264)) == Codec.MJPEG
+    assert probed == []
