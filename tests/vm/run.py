@@ -602,11 +602,14 @@ def _switch(ctx: Context, viewer: Viewer, vt: int, uid: int | str, reference: Im
     refreshed_at = t0
     display_s = display_not_yet_s = None
     displayed: list[tuple[float, Image.Image]] = []  # QEMU's pictures meanwhile (follow_display)
+    seen: list[tuple[float, float, tuple[int, int]]] = []  # the client's: when, best PSNR, size
     while time.monotonic() - t0 < SWITCH_WAIT_S:
         shown = viewer.save(name="viewer-switching.ppm")
         value, i = max((_alike(shown, ref), i) for i, ref in enumerate(references))
         matched = references[i]
         best = max(best, value)
+        if len(seen) < 200:
+            seen.append((round(time.monotonic() - t0, 2), round(value, 1), shown.size))
         if value >= PSNR_MIN:
             picture_s = round(time.monotonic() - t0, 2)
             # When the display first showed the picture the client matched (a fresh reference
@@ -638,6 +641,9 @@ def _switch(ctx: Context, viewer: Viewer, vt: int, uid: int | str, reference: Im
         status.get("err-data", "")).decode()}
     result["picture_s"] = picture_s
     result["picture_best_psnr"] = round(best, 1)
+    # What the client showed meanwhile, each picture once (when it changed), for a late one.
+    result["client_pictures"] = [(t, v, size) for k, (t, v, size) in enumerate(seen)
+                                 if k == 0 or (v, size) != seen[k - 1][1:]]
     if follow_display:
         result["display_s"], result["display_not_yet_s"] = display_s, display_not_yet_s
     return result
@@ -674,7 +680,8 @@ def _switch_late(r: dict, vt: int, who: str) -> str | None:
                     f"(best PSNR {r['picture_best_psnr']} dB; limit {PICTURE_LIMIT_S:g} s"
                     + (f", or {SWITCH_LIMIT_S:g} s after the display, which showed it between "
                        f"{r['display_not_yet_s']} and {r['display_s']} s)"
-                       if "display_s" in r else ")"))
+                       if "display_s" in r else ")")
+                    + f"; the client's pictures (s, PSNR, size): {r.get('client_pictures', [])[:20]}")
     if not late:
         return None
     return (f"chvt {vt} ({who}) took longer than {SWITCH_LIMIT_S:g} s after logind's switch (or "
