@@ -179,3 +179,24 @@ def test_mjpeg_only_never_loads_gstreamer():
     codec = StreamCodec(JpegEncoder(), (Codec.MJPEG,), probe=lambda: probed.append(1) or FOUND)
     assert codec.choose((p.CODEC_MJPEG, p.CODEC_H264)) == Codec.MJPEG
     assert probed == []
+
+
+@pytest.mark.skipif(Codec.H264 not in FOUND.encoders, reason="no x264enc here")
+def test_an_h264_frame_is_followed_by_the_same_picture_once(wire):
+    # spice-gtk's h264parse shows a frame only once the next one starts: a still screen's last
+    # frame is followed by the picture again (all skipped: a few bytes), once.
+    r, w = wire
+    now = [0.0]
+    parser = p.Parser(frameparts.WORKER_CHANNEL_LIMITS)
+    s, picture, codec = make(w, "h264", now)
+    try:
+        host(s, p.start_stop((p.CODEC_MJPEG, p.CODEC_H264)))
+        assert kinds(sent(s, r, now, parser)) == [("FORMAT", Codec.H264), p.MsgType.DATA]
+        repeat = sent(s, r, now, parser)
+        assert kinds(repeat) == [frameparts.DELTA] and len(repeat[0].payload) < 100
+        assert frameparts.DELTA not in kinds(sent(s, r, now, parser) + sent(s, r, now, parser))
+        s.on_screen_changes(picture.paint(120))
+        assert kinds(sent(s, r, now, parser)) == [frameparts.DELTA]
+        assert kinds(sent(s, r, now, parser)) == [frameparts.DELTA]  # its repeat
+    finally:
+        codec.close()

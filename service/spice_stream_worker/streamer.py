@@ -91,6 +91,7 @@ class Streamer:
         self._last_unchanged_at = -1e9  # the last UNCHANGED sent to the service
         self._last_waiting_at = -1e9  # the last NO_PICTURE sent to the service
         self._next_frame_at = -1e9  # frame slots on a fixed grid, so loop latency does not eat the cap
+        self._repeat_due = False  # the last frame must be followed by another (StreamCodec.held_back)
         self._cursor_dirty = True
         self._pointer_dirty = False
         self._last_pointer: tuple[int, int] | None = None
@@ -223,7 +224,7 @@ class Streamer:
         # reports as a resize; the source's fileno() wakes the loop then.
         if self._room_for_a_frame() and self.screen.live:
             # (else the device's writability wakes us)
-            if self._need_full or self._damage:
+            if self._need_full or self._damage or self._repeat_due:
                 deadlines.append(self._next_frame_at)
             elif self._heartbeat_due() is not None:
                 deadlines.append(self._heartbeat_due())
@@ -264,6 +265,9 @@ class Streamer:
         if self._need_full or self._damage:
             self._send_frame(now)
             return
+        if self._repeat_due:
+            self._send_frame(now, repeat=True)
+            return
         due = self._heartbeat_due()
         if due is not None and now >= due:
             # A static screen: the service holds this picture already (and the port gets the
@@ -272,10 +276,13 @@ class Streamer:
             self.outbox.send(frameparts.unchanged())
             self._last_unchanged_at = now
 
-    def _send_frame(self, now: float) -> None:
+    def _send_frame(self, now: float, repeat: bool = False) -> None:
+        """A frame of what changed; with `repeat`, the picture again (a few bytes in a video
+        codec), so that a client that holds the last frame back shows it (StreamCodec.held_back)."""
         assert self.encoder is not None and self.encoder.codec is not None
         codec = int(self.encoder.codec)
-        if self._need_full:
+        self._repeat_due = False
+        if self._need_full or repeat:
             frame = self.screen.grab(None)
             changed = None
         else:
@@ -301,6 +308,7 @@ class Streamer:
         self._damage.clear()
         self._need_full = False
         self._send_encoded(encoded)
+        self._repeat_due = self.encoder.held_back and not repeat
         self._last_frame_at = now
         # Keep to the grid when on time; after a pause start a new one (no burst to catch up).
         slot = self._next_frame_at if now - self._next_frame_at < self.interval else now

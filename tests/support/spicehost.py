@@ -143,7 +143,9 @@ class SpiceHost:
     """
 
     def __init__(self, debug: bool = False, start_timeout: float = 15.0,
-                 follow_guest: bool = False) -> None:
+                 follow_guest: bool = False, multi_client: bool = False) -> None:
+        """`multi_client`: several clients at once (libspice-server's SPICE_DEBUG_ALLOW_MC, as
+        QEMU needs too); otherwise a new client disconnects the one before."""
         self._binary = build("spice_host")
         self._cond = threading.Condition()
         self.log_lines: list[str] = []
@@ -157,6 +159,7 @@ class SpiceHost:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            env={**os.environ, "SPICE_DEBUG_ALLOW_MC": "1"} if multi_client else None,
         )
         self._reader = threading.Thread(target=self._read, name="spice_host-reader", daemon=True)
         self._reader.start()
@@ -237,8 +240,10 @@ class SpiceHost:
         timeout: float = 20.0,
         frames: int = 1,
         wait_cursor: bool = False,
+        env: dict[str, str] | None = None,
     ) -> Grab:
-        """Connect spice_grab, return the first non-black streamed picture (after `frames` frames)."""
+        """Connect spice_grab, return the first non-black streamed picture (after `frames` frames).
+        `env`: the client's environment (GStreamer's, to hide decoders: the codecs it offers)."""
         binary = build("spice_grab")
         path = str(path or os.path.join(self._tmpdir, "grab.ppm"))
         cursor_raw = os.path.join(self._tmpdir, "cursor.rgba")
@@ -247,7 +252,7 @@ class SpiceHost:
         if wait_cursor:
             args.append("--wait-cursor")
         try:
-            res = subprocess.run(args, capture_output=True, text=True, timeout=timeout + 10)
+            res = subprocess.run(args, capture_output=True, text=True, timeout=timeout + 10, env=env)
         except subprocess.TimeoutExpired as exc:
             raise AssertionError(f"spice_grab hung: {exc.stdout!r}") from exc
         lines = res.stdout.splitlines()
