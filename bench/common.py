@@ -26,9 +26,12 @@ VENV_BIN = os.path.join(ROOT, ".venv", "bin")
 PYTHON = os.path.join(VENV_BIN, "python")
 WORKER = os.path.join(VENV_BIN, "spice-stream-worker")
 HEADER = struct.Struct("<BBHI")
+MSG_FORMAT = 2
 MSG_DATA = 3
 MSG_CURSOR_MOVE = 7
 START_STOP_MJPEG = bytes.fromhex("01000400020000000101")  # v1, START_STOP, 1 codec: MJPEG
+# v1, START_STOP, 4 codecs: MJPEG, VP8, H.264, VP9 (a host whose clients decode them all)
+START_STOP_ALL = HEADER.pack(1, 0, 4, 5) + bytes([4, 1, 2, 3, 4])
 TICK = os.sysconf("SC_CLK_TCK")
 # In a directory of this run's own (mkdtemp: a new name, mode 0700): the bench runs as root and a
 # guessable name in /tmp is one another user could plant first (a symlink root would write through).
@@ -83,6 +86,9 @@ class Drain:
         self.frames = 0
         self.new_frames = 0
         self.frame_bytes = 0
+        self.keyframes = 0  # frames a decoder needs nothing before (every JPEG)
+        self.keyframe_bytes = 0
+        self.codec = 1  # the last FORMAT's
         self.cursor_moves = 0
         self.kept: list[Frame] = []
         self._rate = rate
@@ -128,6 +134,9 @@ class Drain:
                 with self._cond:
                     self.frames += 1
                     self.frame_bytes += size
+                    if is_keyframe(self.codec, jpeg):
+                        self.keyframes += 1
+                        self.keyframe_bytes += size
                     if jpeg != self._last:
                         self.new_frames += 1
                     self._last = jpeg
@@ -136,11 +145,36 @@ class Drain:
                     self._cond.notify_all()
             elif mtype == MSG_CURSOR_MOVE:
                 self.cursor_moves += 1
+            elif mtype == MSG_FORMAT and size >= 9:
+                self.codec = buf[HEADER.size + 8]
             del buf[:HEADER.size + size]
 
     def snapshot(self) -> tuple[int, int, int]:
         with self._cond:
             return self.frames, self.frame_bytes, self.new_frames
+
+    def keys(self) -> tuple[int, int]:
+        """Keyframes so far, and their bytes."""
+        with self._cond:
+            return self.keyframes, self.keyframe_bytes
+
+
+def is_keyframe(codec: int, frame: bytes) -> bool:
+    """Whether a frame of this codec needs nothing before it: a JPEG; an H.264 access unit with an
+    IDR slice; a VP8 frame whose tag says key (RFC 6386 9.1); a VP9 profile 0 frame whose header
+    says key (its frame_type bit)."""
+    if codec == 3:
+        i = 0
+        while (i := frame.find(b"\x00\x00\x01", i)) != -1 and i + 3 < len(frame):
+            if frame[i + 3] & 0x1F == 5:
+                return True
+            i += 3
+        return False
+    if codec == 2:
+        return bool(frame) and not frame[0] & 1
+    if codec == 4:
+        return bool(frame) and not frame[0] & 0x08 and not frame[0] & 0x04
+    return True
 
     def wait_frames(self, count: int, timeout: float) -> bool:
         """Until `count` frames have arrived in all; False on timeout."""
@@ -196,14 +230,16 @@ def stop(proc: subprocess.Popen | None) -> None:
         stop_process(proc)
 
 
-def start_engine(engine: str, server, device: str, fps: int, quality: int) -> subprocess.Popen:
+def start_engine(engine: str, server, device: str, fps: int, quality: int,
+                 codecs: str = "mjpeg") -> subprocess.Popen:
     if engine == "worker":
         args = [WORKER, "--device", device, "--fps", str(fps), "--quality", str(quality),
                 "--start-codecs", "1", "--log-level", "warning"]
     elif engine == "relayed":
         # The service's supervisor and relay own the pty; the worker writes to their socket.
         args = [PYTHON, os.path.join(HERE, "relayed.py"), "--device", device, "--worker", WORKER,
-                "--fps", str(fps), "--quality", str(quality), "--stats", RELAY_STATS]
+                "--fps", str(fps), "--quality", str(quality), "--stats", RELAY_STATS,
+                "--codecs", codecs]
     else:
         args = [PYTHON, os.path.join(HERE, "baseline.py"), "--device", device,
                 "--fps", str(fps), "--quality", str(quality)]
@@ -244,9 +280,11 @@ class Session:
 
 @contextmanager
 def session(engine: str, mode: str, server, args, *, rate: float | None = None, keep: bool = False,
-            read_rate: float | None = None, watched: bool = True) -> Iterator[Session]:
+            read_rate: float | None = None, watched: bool = True,
+            codecs: str = "mjpeg") -> Iterator[Session]:
     """Painter, pty, drain and engine, up to the first frame on the pty; all stopped on exit.
-    watched=False (relayed only): the host never asks for a stream, and no frame is waited for."""
+    watched=False (relayed only): the host never asks for a stream, and no frame is waited for.
+    codecs (relayed only): the service's key; the host then offers every codec."""
     painter = start_painter(server, mode, rate)
     master, slave = os.openpty()
     tty.setraw(slave)
@@ -254,12 +292,13 @@ def session(engine: str, mode: str, server, args, *, rate: float | None = None, 
     proc = None
     drain = Drain(master, keep=keep, rate=read_rate)
     try:
-        proc = start_engine(engine, server, os.ttyname(slave), args.fps, args.quality)
+        proc = start_engine(engine, server, os.ttyname(slave), args.fps, args.quality, codecs)
         s = Session(engine, painter, proc, drain, [proc.pid])
         if engine == "relayed":
             s.pids += wait_until(lambda: children(proc.pid), 10, "the relay's worker")
             if watched:
-                os.write(master, START_STOP_MJPEG)  # the host asks, through the relay
+                # The host asks, through the relay.
+                os.write(master, START_STOP_MJPEG if codecs == "mjpeg" else START_STOP_ALL)
         if watched and not drain.wait_frames(1, FIRST_FRAME_TIMEOUT_S):
             s.check_alive()
             raise RuntimeError(f"{engine}: no frame within {FIRST_FRAME_TIMEOUT_S:g} s")

@@ -63,6 +63,7 @@ async def run(args: argparse.Namespace) -> None:
 
     loop.add_signal_handler(signal.SIGUSR1, report)
     sup = WorkerSupervisor(device_path=args.device, fps=args.fps, quality=args.quality,
+                           codecs=args.codecs,
                            worker_argv=[args.worker, "--log-level", "warning"],
                            device_present=True)
     # The bench's own user and display: the relay's cost does not depend on whose session it is.
@@ -79,6 +80,7 @@ def main() -> None:
     ap.add_argument("--fps", type=int, default=60)
     ap.add_argument("--quality", type=int, default=80)
     ap.add_argument("--stats", required=True, help="where SIGUSR1 writes the port-write figures")
+    ap.add_argument("--codecs", default="mjpeg", help="the service's codecs key")
     asyncio.run(run(ap.parse_args()))
 
 

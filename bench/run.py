@@ -4,7 +4,8 @@ Run: .venv/bin/python bench/run.py   (as root or any user; takes about four minu
 
 Parts (--parts, default all): cpu (CPU per frame of each engine and workload, the table), profile (where a
 1080p frame's time goes, and libjpeg-turbo's floor on the same frames), latency (X request to frame on the
-port), port (a host that stops reading, and one that reads slowly).
+port), port (a host that stops reading, and one that reads slowly), codecs (MJPEG, H.264, VP8 and VP9
+through the installed pipeline: bytes and CPU per frame).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ sys.path.insert(0, HERE)
 
 import floor  # noqa: E402
 import latency  # noqa: E402
+import videocodecs  # noqa: E402
 from common import (  # noqa: E402
     RELAY_STATS,
     cpu_seconds,
@@ -53,7 +55,7 @@ WORKLOADS = {
     "pointer": (("worker", "relayed"), "pointer", 60.0),
     "idle": (("worker", "baseline"), "static", None),
 }
-PARTS = ("cpu", "profile", "latency", "port")
+PARTS = ("cpu", "profile", "latency", "port", "codecs")
 
 
 @dataclass
@@ -281,6 +283,7 @@ def main() -> int:
     runs: dict[tuple[str, str], list[Result]] = {}
     painter_x: dict[str, float] = {}
     prof = lat = port = quiet = None
+    codec_checks: list[tuple[str, bool]] = []
     try:
         if "cpu" in parts:
             for workload, (engines, _, _) in WORKLOADS.items():
@@ -303,6 +306,8 @@ def main() -> int:
             lat = latency.latencies(server, args)
         if "port" in parts:
             port = latency.blocked_port(server, args, results.get(("relayed", "full")))
+        if "codecs" in parts:
+            codec_checks = videocodecs.run(server, args)
     finally:
         server.stop()
         if os.path.exists(RELAY_STATS):
@@ -326,6 +331,7 @@ def main() -> int:
         print()
         latency.print_port(port)
         checks += latency.port_checks(port)
+    checks += codec_checks
     print()
     for text, ok in checks:
         print(f"  [{'PASS' if ok else 'MISS'}] {text}")

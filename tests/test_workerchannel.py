@@ -239,3 +239,28 @@ def test_unchanged_is_heard_by_the_service_and_never_relayed():
             relayed.close()
 
     asyncio.run(run())
+
+
+def test_a_delta_frame_is_handed_on_as_data_marked_and_bounded_by_the_format():
+    # Issue 18: DELTA (a video codec's frame that needs the ones before it) reaches the relay as
+    # DATA marked delta; before a FORMAT it is not read (no frame limit yet), as DATA is not.
+    async def run() -> None:
+        got: list[p.Message] = []
+        ours, theirs = socket_pair()
+        channel = WorkerChannel(ours, label="worker", relayed=True, deliver=got.append,
+                                check=lambda m: None)
+        try:
+            theirs.sendall(p.header(fp.DELTA, 3) + b"\x00\x00\x01")  # before any FORMAT
+            theirs.sendall(p.format_msg(64, 64, p.CODEC_H264))
+            theirs.sendall(p.encode(p.MsgType.DATA, b"\x00\x00\x00\x01key"))
+            theirs.sendall(p.header(fp.DELTA, 6) + b"\x00\x00\x01\x41ab")
+            await wait_async(lambda: len(got) >= 3, 10, "three messages handed on")
+            assert [(m.type, bytes(m.payload), m.delta) for m in got] == [
+                (p.MsgType.FORMAT, p.format_msg(64, 64, p.CODEC_H264)[p.HEADER_SIZE:], False),
+                (p.MsgType.DATA, b"\x00\x00\x00\x01key", False),
+                (p.MsgType.DATA, b"\x00\x00\x01\x41ab", True)]
+        finally:
+            channel.close()
+            theirs.close()
+
+    asyncio.run(run())
