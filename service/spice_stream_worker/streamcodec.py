@@ -106,8 +106,9 @@ class StreamCodec:
 
     def encode(self, frame: Frame, changed: list[Rect] | None) -> Encoded:
         """The frame in the chosen codec: for MJPEG the tiles of `changed` re-encoded (None:
-        whole), for a video codec the whole frame. VideoEncoderError: the video encoder failed
-        (logged); the codec is given up for this worker and choose() must be asked again."""
+        whole), for a video codec the whole frame (for H.264 converted where it changed).
+        VideoEncoderError: the video encoder failed (logged); the codec is given up for this
+        worker and choose() must be asked again."""
         if not self.video:
             return Encoded(self.jpeg.encode_parts(frame, changed), True)
         assert self.codec is not None
@@ -119,7 +120,7 @@ class StreamCodec:
                                                   frame.height, self.settings)
                 log.info("encoding %s with %s at %dx%d", self.codec.label, candidate.element,
                          frame.width, frame.height)
-            unit, key = self._video.encode(frame, keyframe=self._key_wanted)
+            unit, key = self._video.encode(frame, keyframe=self._key_wanted, changed=changed)
         except (VideoEncoderError, DisplayUnavailable) as exc:
             log.error("%s: %s: streaming without it", self.codec.label, exc)
             self._broken.add(self.codec)

@@ -12,9 +12,12 @@ from dataclasses import dataclass
 from spice_stream_common.codecnames import Codec
 from spice_stream_common.exitcodes import DisplayUnavailable
 
+from . import yuv
 from .codecs import COMMON_ELEMENTS, H264_PARSER, Candidate
+from .geometry import Rect
 from .gstreamer import Media
 from .source import Frame
+from .yuv import Layout, Planes
 
 log = logging.getLogger(__name__)
 
@@ -23,11 +26,11 @@ log = logging.getLogger(__name__)
 ENCODE_TIMEOUT_S = 5.0
 MAX_SIDE = 8192  # H.264 level 6.2 and VP8/VP9 all stop near here
 NO_KEY_INTERVAL = 2 ** 31 - 1  # x264enc's key-int-max: no keyframe of its own accord
-# H.264 in full-range YUV (BT.601 matrix), said in its VUI: limited range alone, the conversion
-# there and back, costs a desktop picture 4-6 dB (37.5 dB where full range keeps 43, and the
-# JPEG path, full range too, 37.3). VP8 has no way to say it and decoders of VP9 took it as
-# limited (28 dB): those two stay limited.
-FULL_RANGE = ",colorimetry=1:4:0:0"
+# H.264 is fed full-range YUV (BT.601 matrix, JPEG's), converted by the worker where the frame
+# changed (yuv.Planes) and said in its VUI: limited range alone, the conversion there and back,
+# costs a desktop picture 4-6 dB (37.5 dB where full range keeps 43, and the JPEG path, full
+# range too, 37.3). VP8 has no way to say it and decoders of VP9 took it as limited (28 dB):
+# those two get BGRx, converted whole by GStreamer to the limited range decoders assume.
 PURPOSE = "video encoding"
 
 
@@ -105,10 +108,18 @@ class VideoEncoder:
         self._clock = clock
         self._last_key_at = -math.inf
         Gst = self.media.Gst
+        self._planes: Planes | None = None
+        if codec == Codec.H264:
+            info = self.media.GstVideo.VideoInfo()
+            info.set_format(self.media.GstVideo.VideoFormat.I420, width, height)
+            self._planes = Planes(width, height, Layout(
+                tuple(info.offset[:3]), tuple(info.stride[:3]), info.size))
+            given = f"I420,colorimetry={yuv.COLORIMETRY}"
+        else:
+            given = "BGRx"
         desc = (f"appsrc name=src is-live=false format=time block=false emit-signals=false "
-                f"caps=video/x-raw,format=BGRx,width={width},height={height},"
-                f"framerate={settings.fps}/1 ! videoconvert ! "
-                f"video/x-raw,format=I420{FULL_RANGE if codec == Codec.H264 else ''} ! "
+                f"caps=video/x-raw,format={given},width={width},height={height},"
+                f"framerate={settings.fps}/1 ! videoconvert ! video/x-raw,format=I420 ! "
                 f"{encoder_description(codec, candidate, settings)} ! "
                 "appsink name=sink sync=false emit-signals=false max-buffers=0")
         try:
@@ -124,10 +135,12 @@ class VideoEncoder:
         if self._pipeline.set_state(Gst.State.PLAYING) == Gst.StateChangeReturn.FAILURE:
             self._fail("the pipeline did not start")
 
-    def encode(self, frame: Frame, keyframe: bool = False) -> tuple[bytes, bool]:
+    def encode(self, frame: Frame, keyframe: bool = False,
+               changed: list[Rect] | None = None) -> tuple[bytes, bool]:
         """The frame's access unit and whether it is a keyframe. The first frame, one asked with
         `keyframe`, and the first once the last keyframe is keyframe_interval_s old are keyframes
-        (checked: VideoEncoderError otherwise)."""
+        (checked: VideoEncoderError otherwise). `changed`: where the frame differs from the one
+        before (None: unknown), so that only that is converted where the worker converts."""
         if self._closed:
             raise VideoEncoderError("the encoder is closed")
         if (frame.width, frame.height) != self.size:
@@ -145,7 +158,11 @@ class VideoEncoder:
             # The pipeline is idle between two frames (each output is awaited): the event
             # reaches the encoder before the frame's buffer.
             self._enc.get_static_pad("sink").send_event(event)
-        buf = Gst.Buffer.new_wrapped(_packed(frame))
+        if self._planes is not None:
+            self._planes.update(frame, changed)
+            buf = Gst.Buffer.new_wrapped(bytes(self._planes.buffer))
+        else:
+            buf = Gst.Buffer.new_wrapped(_packed(frame))
         buf.pts, buf.dts, buf.duration = pts, pts, duration
         if self._src.emit("push-buffer", buf) != Gst.FlowReturn.OK:
             self._fail("the pipeline refused a frame")
