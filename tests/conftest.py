@@ -1,6 +1,10 @@
-"""Fixtures shared by several test files: private buses, the logind mock, the policy-bus stack."""
+"""Fixtures shared by several test files: private buses, the logind mock, the policy-bus stack, a
+pipe for a worker's device."""
 
 from __future__ import annotations
+
+import fcntl
+import os
 
 import pytest
 from dbus_next import BusType
@@ -36,3 +40,17 @@ def stack_module():
         yield s
     finally:
         s.close()
+
+
+@pytest.fixture
+def device():
+    """A pipe for the device: (read end, write end), both non-blocking, room for a few frames."""
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ
+    try:
+        yield r, w
+    finally:
+        os.close(r)
+        os.close(w)

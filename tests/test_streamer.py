@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import socket
 
@@ -86,20 +85,6 @@ def xscreen(monkeypatch):
         screen.close()
         painter.close()
         server.stop()
-
-
-@pytest.fixture
-def device():
-    """A pipe for the device: (read end, write end), both non-blocking, room for a few frames."""
-    r, w = os.pipe()
-    os.set_blocking(r, False)
-    os.set_blocking(w, False)
-    fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ
-    try:
-        yield r, w
-    finally:
-        os.close(r)
-        os.close(w)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ when the service asks, MJPEG again when the offer or the encoder says so."""
 
 from __future__ import annotations
 
-import fcntl
 import os
 
 import pytest
@@ -46,48 +45,51 @@ class Picture:
         return (0, 0)
 
 
+class Rig:
+    """A streamer on the service's socket (a pipe here) with a picture to paint and a clock."""
+
+    def __init__(self, w: int, r: int, preference: str, video=None) -> None:
+        self.r, self.now = r, [0.0]
+        self.parser = p.Parser(frameparts.WORKER_CHANNEL_LIMITS)
+        self.host_parser = p.Parser(frameparts.SERVICE_TO_WORKER_LIMITS)  # KEYFRAME too
+        self.picture = Picture()
+        kwargs = {} if video is None else {"video": video}
+        self.codec = StreamCodec(JpegEncoder(), parse_preference(preference), Settings(fps=30),
+                                 probe=lambda: FOUND, **kwargs)
+        self.s = Streamer(self.picture, self.codec, Outbox(w), fps=30, host=HostState(),
+                          clock=lambda: self.now[0], frame_parts=frameparts.Sender())
+        self.s.start()
+
+    def sent(self) -> list[p.Message]:
+        """Tick the streamer once the next frame's time has come; the messages it wrote."""
+        self.now[0] += 1.0
+        self.s.tick()
+        assert self.s.outbox.flush()
+        try:
+            return [m for m in self.parser.feed(os.read(self.r, 1 << 20)) if isinstance(m, p.Message)]
+        except BlockingIOError:
+            return []
+
+    def host(self, *messages: bytes) -> None:
+        self.s.on_host_bytes(b"".join(messages), self.host_parser)
+
+    def paint(self, value: int) -> None:
+        self.s.on_screen_changes(self.picture.paint(value))
+
+
 @pytest.fixture
-def wire():
-    r, w = os.pipe()
-    os.set_blocking(r, False)
-    os.set_blocking(w, False)
-    fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ
-    yield r, w
-    os.close(r)
-    os.close(w)
+def rig(device):
+    """rig(preference, video=None): a Rig on the device pipe, its encoders closed at the end."""
+    made: list[Rig] = []
+    r, w = device
 
+    def make(preference: str, video=None) -> Rig:
+        made.append(Rig(w, r, preference, video))
+        return made[-1]
 
-def make(w: int, preference: str, now: list[float], video=None) -> tuple[Streamer, Picture, StreamCodec]:
-    picture = Picture()
-    kwargs = {} if video is None else {"video": video}
-    codec = StreamCodec(JpegEncoder(), parse_preference(preference), Settings(fps=30),
-                        probe=lambda: FOUND, **kwargs)
-    s = Streamer(picture, codec, Outbox(w), fps=30, host=HostState(), clock=lambda: now[0],
-                 frame_parts=frameparts.Sender())
-    s.start()
-    return s, picture, codec
-
-
-def sent(s: Streamer, r: int, now: list[float], parser: p.Parser) -> list[p.Message]:
-    """Tick the streamer once the next frame's time has come; the messages it wrote."""
-    now[0] += 1.0
-    s.tick()
-    assert s.outbox.flush()
-    try:
-        return [m for m in parser.feed(os.read(r, 1 << 20)) if isinstance(m, p.Message)]
-    except BlockingIOError:
-        return []
-
-
-def host(s: Streamer, *messages: bytes) -> None:
-    s.on_host_bytes(b"".join(messages), s._host_parser)
-
-
-@pytest.fixture(autouse=True)
-def host_parser(monkeypatch):
-    # The worker's parser on the service's socket takes KEYFRAME too.
-    monkeypatch.setattr(Streamer, "_host_parser", p.Parser(frameparts.SERVICE_TO_WORKER_LIMITS),
-                        raising=False)
+    yield make
+    for one in made:
+        one.codec.close()
 
 
 def kinds(messages: list[p.Message]) -> list:
@@ -95,83 +97,60 @@ def kinds(messages: list[p.Message]) -> list:
             for m in messages if m.type != p.MsgType.CAPABILITIES]
 
 
-def test_the_preferred_codec_the_host_offers_keyframe_as_data_then_marked_deltas(wire):
-    r, w = wire
-    now = [0.0]
-    parser = p.Parser(frameparts.WORKER_CHANNEL_LIMITS)
-    s, picture, codec = make(w, "vp8 mjpeg", now)
-    try:
-        host(s, p.start_stop((p.CODEC_MJPEG, p.CODEC_VP8)))
-        first = sent(s, r, now, parser)
-        assert kinds(first) == [("FORMAT", Codec.VP8), p.MsgType.DATA]
-        assert first[-1].payload[3:6] == b"\x9d\x01\x2a"  # a VP8 keyframe's start code
-        s.on_screen_changes(picture.paint(200))
-        delta = sent(s, r, now, parser)
-        assert kinds(delta) == [frameparts.DELTA]
-        assert delta[0].payload[0] & 1  # VP8's frame tag: not a keyframe
-        # Nothing changed: nothing sent (UNCHANGED only, for the service's watchdog).
-        assert frameparts.DELTA not in kinds(sent(s, r, now, parser))
-        # The service lost a frame of the chain: a keyframe at once, with nothing changed.
-        host(s, frameparts.keyframe())
-        again = sent(s, r, now, parser)
-        assert kinds(again) == [p.MsgType.DATA] and again[0].payload[3:6] == b"\x9d\x01\x2a"
-    finally:
-        codec.close()
+def test_the_preferred_codec_the_host_offers_keyframe_as_data_then_marked_deltas(rig):
+    t = rig("vp8 mjpeg")
+    t.host(p.start_stop((p.CODEC_MJPEG, p.CODEC_VP8)))
+    first = t.sent()
+    assert kinds(first) == [("FORMAT", Codec.VP8), p.MsgType.DATA]
+    assert first[-1].payload[3:6] == b"\x9d\x01\x2a"  # a VP8 keyframe's start code
+    t.paint(200)
+    delta = t.sent()
+    assert kinds(delta) == [frameparts.DELTA]
+    assert delta[0].payload[0] & 1  # VP8's frame tag: not a keyframe
+    # Nothing changed: nothing sent (UNCHANGED only, for the service's watchdog).
+    assert frameparts.DELTA not in kinds(t.sent())
+    # The service lost a frame of the chain: a keyframe at once, with nothing changed.
+    t.host(frameparts.keyframe())
+    again = t.sent()
+    assert kinds(again) == [p.MsgType.DATA] and again[0].payload[3:6] == b"\x9d\x01\x2a"
 
 
-def test_a_new_offer_without_the_codec_moves_the_stream_to_mjpeg_and_back(wire):
-    r, w = wire
-    now = [0.0]
-    parser = p.Parser(frameparts.WORKER_CHANNEL_LIMITS)
-    s, picture, codec = make(w, "vp8", now)
-    try:
-        host(s, p.start_stop((p.CODEC_MJPEG, p.CODEC_VP8)))
-        assert kinds(sent(s, r, now, parser))[0] == ("FORMAT", Codec.VP8)
-        # A client that decodes only MJPEG joined.
-        host(s, p.start_stop((p.CODEC_MJPEG,)))
-        got = sent(s, r, now, parser)
-        assert kinds(got)[0] == ("FORMAT", Codec.MJPEG) and frameparts.FRAME_PARTS in kinds(got)
-        # It left: VP8 again, from a keyframe.
-        host(s, p.start_stop((p.CODEC_MJPEG, p.CODEC_VP8)))
-        got = sent(s, r, now, parser)
-        assert kinds(got) == [("FORMAT", Codec.VP8), p.MsgType.DATA]
-    finally:
-        codec.close()
+def test_a_new_offer_without_the_codec_moves_the_stream_to_mjpeg_and_back(rig):
+    t = rig("vp8")
+    t.host(p.start_stop((p.CODEC_MJPEG, p.CODEC_VP8)))
+    assert kinds(t.sent())[0] == ("FORMAT", Codec.VP8)
+    # A client that decodes only MJPEG joined.
+    t.host(p.start_stop((p.CODEC_MJPEG,)))
+    got = t.sent()
+    assert kinds(got)[0] == ("FORMAT", Codec.MJPEG) and frameparts.FRAME_PARTS in kinds(got)
+    # It left: VP8 again, from a keyframe.
+    t.host(p.start_stop((p.CODEC_MJPEG, p.CODEC_VP8)))
+    assert kinds(t.sent()) == [("FORMAT", Codec.VP8), p.MsgType.DATA]
 
 
-def test_a_restart_in_the_same_codec_starts_with_format_and_a_keyframe(wire):
+def test_a_restart_in_the_same_codec_starts_with_format_and_a_keyframe(rig):
     # libspice-server says START_STOP again when a client connects: it needs both.
-    r, w = wire
-    now = [0.0]
-    parser = p.Parser(frameparts.WORKER_CHANNEL_LIMITS)
-    s, picture, codec = make(w, "vp8", now)
-    try:
-        host(s, p.start_stop((p.CODEC_MJPEG, p.CODEC_VP8)))
-        sent(s, r, now, parser)
-        s.on_screen_changes(picture.paint(90))
-        assert kinds(sent(s, r, now, parser)) == [frameparts.DELTA]
-        host(s, p.start_stop((p.CODEC_MJPEG, p.CODEC_VP8)))
-        assert kinds(sent(s, r, now, parser)) == [("FORMAT", Codec.VP8), p.MsgType.DATA]
-    finally:
-        codec.close()
+    t = rig("vp8")
+    t.host(p.start_stop((p.CODEC_MJPEG, p.CODEC_VP8)))
+    t.sent()
+    t.paint(90)
+    assert kinds(t.sent()) == [frameparts.DELTA]
+    t.host(p.start_stop((p.CODEC_MJPEG, p.CODEC_VP8)))
+    assert kinds(t.sent()) == [("FORMAT", Codec.VP8), p.MsgType.DATA]
 
 
-def test_a_failing_video_encoder_gives_way_to_mjpeg_for_good(wire, caplog):
-    r, w = wire
-    now = [0.0]
-    parser = p.Parser(frameparts.WORKER_CHANNEL_LIMITS)
-
+def test_a_failing_video_encoder_gives_way_to_mjpeg_for_good(rig, caplog):
     def broken(*args):
         raise VideoEncoderError("no output within 5 s")
 
-    s, picture, codec = make(w, "vp8", now, video=broken)
-    host(s, p.start_stop((p.CODEC_MJPEG, p.CODEC_VP8)))
-    got = sent(s, r, now, parser) + sent(s, r, now, parser)
+    t = rig("vp8", video=broken)
+    t.host(p.start_stop((p.CODEC_MJPEG, p.CODEC_VP8)))
+    got = t.sent() + t.sent()
     assert kinds(got)[0] == ("FORMAT", Codec.MJPEG), kinds(got)
     assert "vp8: no output within 5 s: streaming without it" in caplog.text
     # Offered again later, it is not tried again in this worker.
-    host(s, p.start_stop((p.CODEC_MJPEG, p.CODEC_VP8)))
-    assert kinds(sent(s, r, now, parser))[0] == ("FORMAT", Codec.MJPEG)
+    t.host(p.start_stop((p.CODEC_MJPEG, p.CODEC_VP8)))
+    assert kinds(t.sent())[0] == ("FORMAT", Codec.MJPEG)
 
 
 def test_mjpeg_only_never_loads_gstreamer():
@@ -182,21 +161,15 @@ def test_mjpeg_only_never_loads_gstreamer():
 
 
 @pytest.mark.skipif(Codec.H264 not in FOUND.encoders, reason="no x264enc here")
-def test_an_h264_frame_is_followed_by_the_same_picture_once(wire):
+def test_an_h264_frame_is_followed_by_the_same_picture_once(rig):
     # spice-gtk's h264parse shows a frame only once the next one starts: a still screen's last
     # frame is followed by the picture again (all skipped: a few bytes), once.
-    r, w = wire
-    now = [0.0]
-    parser = p.Parser(frameparts.WORKER_CHANNEL_LIMITS)
-    s, picture, codec = make(w, "h264", now)
-    try:
-        host(s, p.start_stop((p.CODEC_MJPEG, p.CODEC_H264)))
-        assert kinds(sent(s, r, now, parser)) == [("FORMAT", Codec.H264), p.MsgType.DATA]
-        repeat = sent(s, r, now, parser)
-        assert kinds(repeat) == [frameparts.DELTA] and len(repeat[0].payload) < 100
-        assert frameparts.DELTA not in kinds(sent(s, r, now, parser) + sent(s, r, now, parser))
-        s.on_screen_changes(picture.paint(120))
-        assert kinds(sent(s, r, now, parser)) == [frameparts.DELTA]
-        assert kinds(sent(s, r, now, parser)) == [frameparts.DELTA]  # its repeat
-    finally:
-        codec.close()
+    t = rig("h264")
+    t.host(p.start_stop((p.CODEC_MJPEG, p.CODEC_H264)))
+    assert kinds(t.sent()) == [("FORMAT", Codec.H264), p.MsgType.DATA]
+    repeat = t.sent()
+    assert kinds(repeat) == [frameparts.DELTA] and len(repeat[0].payload) < 100
+    assert frameparts.DELTA not in kinds(t.sent() + t.sent())
+    t.paint(120)
+    assert kinds(t.sent()) == [frameparts.DELTA]
+    assert kinds(t.sent()) == [frameparts.DELTA]  # its repeat

@@ -24,20 +24,10 @@ class Media:
         except ImportError:
             raise DisplayUnavailable(
                 f"{purpose} needs PyGObject: install the Debian package {PACKAGE_GI}") from None
-        try:
-            gi.require_version("Gst", "1.0")
-            from gi.repository import Gst
-        except (ValueError, ImportError):
-            raise DisplayUnavailable(
-                f"{purpose} needs GStreamer's introspection data: install the Debian package "
-                f"{PACKAGE_GST}") from None
-        try:
-            gi.require_version("GstVideo", "1.0")
-            from gi.repository import GstVideo
-        except (ValueError, ImportError):
-            raise DisplayUnavailable(
-                f"{purpose} needs GStreamer's video library data: install the Debian package "
-                f"{PACKAGE_GST_BASE_GIR}") from None
+        Gst = _typelib(gi, "Gst", f"{purpose} needs GStreamer's introspection data: install the "
+                       f"Debian package {PACKAGE_GST}")
+        GstVideo = _typelib(gi, "GstVideo", f"{purpose} needs GStreamer's video library data: "
+                            f"install the Debian package {PACKAGE_GST_BASE_GIR}")
         from gi.repository import Gio, GLib
 
         Gst.init(None)
@@ -47,3 +37,14 @@ class Media:
                     f"{purpose} needs the GStreamer element {element}: install the Debian "
                     f"package {package}")
         self.GLib, self.Gio, self.Gst, self.GstVideo = GLib, Gio, Gst, GstVideo
+
+
+def _typelib(gi: object, name: str, missing: str) -> object:
+    """gi.repository.<name> 1.0, or DisplayUnavailable(missing)."""
+    import importlib
+
+    try:
+        gi.require_version(name, "1.0")  # type: ignore[attr-defined]
+        return importlib.import_module(f"gi.repository.{name}")
+    except (ValueError, ImportError):
+        raise DisplayUnavailable(missing) from None
