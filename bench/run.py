@@ -266,7 +266,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3,
                     help="CPU runs per engine and workload, the engines taking turns; the table "
                          "shows the median run")
-    ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--warmup", type=float, default=3.0,
+                    help="seconds before each window (an MJPEG frame goes again 0.5 and 2 s after it)")
     ap.add_argument("--fps", type=int, default=60)
     ap.add_argument("--quality", type=int, default=80)
     ap.add_argument("--size", default="1920x1080")

@@ -14,7 +14,13 @@ from spice_stream_common.outbox import MAX_QUEUED, Outbox
 from spice_stream_worker.encoder import JpegEncoder
 from spice_stream_worker.sources.x11 import Changes, Rect, Screen
 from spice_stream_worker.streamcodec import StreamCodec
-from spice_stream_worker.streamer import HEARTBEAT_S, MAX_DAMAGE_RECTS, HostState, Streamer
+from spice_stream_worker.streamer import (
+    HEARTBEAT_S,
+    MAX_DAMAGE_RECTS,
+    REFRESH_AFTER_S,
+    HostState,
+    Streamer,
+)
 from tests.support.xserver import Painter, start_xvfb
 
 
@@ -222,11 +228,22 @@ def test_no_frame_while_the_source_has_no_picture_nor_while_its_picture_is_stati
     assert s.next_deadline() is not None
     s.tick()
     assert out.flush() and sent_types(r) == [p.MsgType.FORMAT, p.MsgType.DATA]
-    now[0] = 10.0  # a static picture is not sent again (to the port: nothing at all)
+    # Sent again REFRESH_AFTER_S after it (a client drops a late MJPEG frame), then never again.
+    sent_at = now[0]
+    for at in REFRESH_AFTER_S:
+        assert s.next_deadline() == sent_at + at
+        now[0] = sent_at + at
+        s.tick()
+        assert out.flush() and sent_types(r) == [p.MsgType.DATA]
+    now[0] = 15.0  # a static picture is not sent again (to the port: nothing at all)
     assert s.next_deadline() is None
     s.tick()
     assert out.flush() and sent_types(r) == []
-    # Gone again: the last frame is not sent again as if it were current.
+    # A change, and gone before its refresh: the last frame is not sent again as if it were
+    # current.
+    s.on_screen_changes(Changes(resized=True))
+    s.tick()
+    assert out.flush() and sent_types(r) == [p.MsgType.DATA]
     source.live = False
     assert s.next_deadline() is None
     for now[0] in (13.0, 20.0):
@@ -317,17 +334,21 @@ def test_a_static_picture_sends_no_frame_after_the_first(to_service, device):
     frame = frameparts.FRAME_PARTS if to_service else p.MsgType.DATA
     assert [t for _, t in first] == [p.MsgType.CAPABILITIES, p.MsgType.FORMAT, frame]
     later = run_for(s, out, r, 10.25, now)
+    # The frame again REFRESH_AFTER_S after it (a client drops a late MJPEG frame), then nothing.
+    refreshes = [(0.25 + at, frame) for at in REFRESH_AFTER_S]
     if to_service:
-        assert later == [(t, frameparts.UNCHANGED) for t in (2.25, 4.25, 6.25, 8.25, 10.25)]
+        # (The service is told of no changed part: it writes the frame it holds.)
+        assert later == refreshes + [(t, frameparts.UNCHANGED) for t in (4.25, 6.25, 8.25, 10.25)]
         assert s.next_deadline() == 10.25 + HEARTBEAT_S  # it sleeps until then
     else:
-        assert later == [], later
+        assert later == refreshes, later
         assert s.next_deadline() is None  # nothing due: the loop waits for input only
-    # A change (here a resize) is still sent at once, and the heartbeat counts from it.
+    # A change (here a resize) is still sent at once, its refreshes after it, and the heartbeat
+    # counts from the last of them.
     s.on_screen_changes(Changes(resized=True))
     assert [t for _, t in run_for(s, out, r, 10.5, now)] == [frame]
-    assert run_for(s, out, r, 12.25, now) == []
-    assert run_for(s, out, r, 12.5, now) == ([(12.5, frameparts.UNCHANGED)] if to_service
+    assert run_for(s, out, r, 14.25, now) == [(10.5 + at, frame) for at in REFRESH_AFTER_S]
+    assert run_for(s, out, r, 14.5, now) == ([(14.5, frameparts.UNCHANGED)] if to_service
                                              else [])
 
 
@@ -339,12 +360,14 @@ def test_start_stop_again_while_streaming_starts_over_with_format_and_a_whole_fr
     out = Outbox(w)
     s = static_streamer(out, now)
     s.start()
+    refreshes = [p.MsgType.DATA] * len(REFRESH_AFTER_S)
     assert [t for _, t in run_for(s, out, r, 5.0, now)] == [
-        p.MsgType.CAPABILITIES, p.MsgType.FORMAT, p.MsgType.DATA]
+        p.MsgType.CAPABILITIES, p.MsgType.FORMAT, p.MsgType.DATA] + refreshes
     s.on_host_bytes(p.start_stop((p.CODEC_MJPEG,)), p.Parser(p.HOST_TO_GUEST_LIMITS))
     assert s.streaming
     assert [t for _, t in run_for(s, out, r, 5.5, now)] == [p.MsgType.FORMAT, p.MsgType.DATA]
-    assert run_for(s, out, r, 10.0, now) == []
+    assert [t for _, t in run_for(s, out, r, 10.0, now)] == refreshes
+    assert run_for(s, out, r, 15.0, now) == []
 
 
 def test_a_full_queue_delays_the_frame_instead_of_dropping_it(device):
@@ -363,4 +386,5 @@ def test_a_full_queue_delays_the_frame_instead_of_dropping_it(device):
     assert out.flush()  # the host reads again
     assert set(sent_types(r)) == {p.MsgType.CAPABILITIES, p.MsgType.CURSOR_MOVE}
     got = run_for(s, out, r, 10.0, now)
-    assert [t for _, t in got] == [p.MsgType.FORMAT, p.MsgType.DATA]
+    assert [t for _, t in got] == [p.MsgType.FORMAT, p.MsgType.DATA] + [p.MsgType.DATA] * len(
+        REFRESH_AFTER_S)  # and its refreshes

@@ -17,7 +17,7 @@ from Xlib.ext import xtest
 
 from spice_stream_common import protocol as p
 from spice_stream_common.exitcodes import ExitCode
-from spice_stream_worker.streamer import HEARTBEAT_S
+from spice_stream_worker.streamer import HEARTBEAT_S, REFRESH_AFTER_S
 from tests.support.hostpeer import HostPeer, RawPty
 from tests.support.xserver import Painter, set_screen_size, start_xvfb, wait_for
 
@@ -126,7 +126,12 @@ def test_damage_sends_the_change_and_a_static_screen_sends_nothing(xserver, run)
     w.peer.wait_for(lambda: jpeg(w.peer.of_type(p.MsgType.DATA)[-1]).getpixel((330, 230))[1] > 150,
                     what="a frame showing the green square")
     assert mean_abs_diff(jpeg(w.peer.of_type(p.MsgType.DATA)[-1]), expected_picture(xserver.painter)) < 3
-    # Static screen: no frame at all, not even the last one again (more than a heartbeat period).
+    # The last frame again, REFRESH_AFTER_S after it (a client drops a late MJPEG frame) ...
+    last = len(w.peer.of_type(p.MsgType.DATA))
+    frames = w.peer.wait_count(p.MsgType.DATA, last + len(REFRESH_AFTER_S))
+    assert [bytes(f.payload) for f in frames[last - 1:]] == [bytes(frames[last - 1].payload)] * (
+        1 + len(REFRESH_AFTER_S))
+    # ... then on a static screen no frame at all (more than a heartbeat period).
     settled = len(w.peer.messages)
     time.sleep(HEARTBEAT_S + 1.0)
     after = [m.type for m in w.peer.messages[settled:]]

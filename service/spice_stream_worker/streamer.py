@@ -23,6 +23,13 @@ log = logging.getLogger(__name__)
 # its Streaming property. Written to the port itself, a static screen sends nothing at all: a
 # client that connects late makes the host send START_STOP again, which brings a whole frame.
 HEARTBEAT_S = 2.0
+# An MJPEG frame is sent again this long after the last change, once each: spice-gtk drops an MJPEG
+# frame that reaches it later than its multimedia time (channel-display-gst.c, -mjpeg.c: "dropping
+# a late MJPEG frame"), and a still screen sends nothing after it, so the client kept the picture
+# before it. Under TCG, QEMU's SPICE server fell seconds behind after a VT switch or a mode set:
+# the client showed the session 3-5 s after QEMU's own display did. Video codecs' frames are
+# decoded however late (each needs the one before).
+REFRESH_AFTER_S = (0.5, 2.0)
 CURSOR_MOVE_MIN_INTERVAL_S = 1 / 60
 # One frame being written and one encoded behind it: the next capture and encode overlap the device's
 # drain of the previous frame, and a slow host still never has more than two frames of latency queued.
@@ -92,6 +99,9 @@ class Streamer:
         self._last_waiting_at = -1e9  # the last NO_PICTURE sent to the service
         self._next_frame_at = -1e9  # frame slots on a fixed grid, so loop latency does not eat the cap
         self._repeat_due = False  # the last frame must be followed by another (StreamCodec.held_back)
+        self._changed_at: float | None = None  # the last frame of a change (MJPEG: refreshed)
+        self._refreshes = 0  # of REFRESH_AFTER_S, sent since then
+        self._last_parts: tuple[bytes, ...] | None = None  # the last MJPEG frame, for the port
         self._cursor_dirty = True
         self._pointer_dirty = False
         self._last_pointer: tuple[int, int] | None = None
@@ -226,8 +236,10 @@ class Streamer:
             # (else the device's writability wakes us)
             if self._need_full or self._damage or self._repeat_due:
                 deadlines.append(self._next_frame_at)
-            elif self._heartbeat_due() is not None:
-                deadlines.append(self._heartbeat_due())
+            else:
+                for due in (self._refresh_due(), self._heartbeat_due()):
+                    if due is not None:
+                        deadlines.append(due)
         elif not self.screen.live and self.frame_parts is not None:
             deadlines.append(self._last_waiting_at + HEARTBEAT_S)
         return min(deadlines) if deadlines else None
@@ -236,6 +248,12 @@ class Streamer:
         # Room for FORMAT and DATA both: with no resend of the last frame any more, a frame the
         # full queue dropped would leave the host's picture stale on a static screen.
         return self.outbox.frames_queued < MAX_FRAMES_QUEUED and self.outbox.room >= 2
+
+    def _refresh_due(self) -> float | None:
+        """When the last MJPEG frame goes again (REFRESH_AFTER_S), None when it does not."""
+        if self._changed_at is None or self._refreshes >= len(REFRESH_AFTER_S):
+            return None
+        return self._changed_at + REFRESH_AFTER_S[self._refreshes]
 
     def _heartbeat_due(self) -> float | None:
         """When the service should next hear UNCHANGED: only on its socket, and only once the
@@ -267,6 +285,10 @@ class Streamer:
             return
         if self._repeat_due:
             self._send_frame(now, repeat=True)
+            return
+        due = self._refresh_due()
+        if due is not None and now >= due:
+            self._send_refresh(now)
             return
         due = self._heartbeat_due()
         if due is not None and now >= due:
@@ -309,11 +331,33 @@ class Streamer:
         self._need_full = False
         self._send_encoded(encoded)
         self._repeat_due = self.encoder.held_back and not repeat
+        if not self.encoder.video:
+            self._changed_at, self._refreshes = now, 0
+            self._last_parts = encoded.parts
         self._last_frame_at = now
         # Keep to the grid when on time; after a pause start a new one (no burst to catch up).
         slot = self._next_frame_at if now - self._next_frame_at < self.interval else now
         self._next_frame_at = slot + self.interval
         self.counters.add_frame(now)
+
+    def _send_refresh(self, now: float) -> None:
+        """The last MJPEG frame again: to the service the message of no changed part (it writes
+        the frame it holds), to the port the frame itself."""
+        self._refreshes += 1
+        parts = self._last_parts
+        if parts is None or self.encoder is None or self.encoder.video:
+            return
+        if self.frame_parts is None:
+            sent = self.outbox.send(p.data_header(sum(map(len, parts))), *parts, frame=True)
+        else:
+            sent = self.outbox.send(*self.frame_parts.message(parts), frame=True)
+            if sent:
+                self.frame_parts.sent(parts)
+            else:
+                self.frame_parts.forget()
+        if sent:
+            self._last_frame_at = now
+            self.counters.add_frame(now)
 
     def _send_encoded(self, encoded: Encoded) -> None:
         parts = encoded.parts
