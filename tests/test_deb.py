@@ -51,6 +51,8 @@ DEPENDS = ["python3 (>= 3.11)", "python3-dbus-next", "python3-pyudev", "python3-
            "dbus", "polkitd | policykit-1", "systemd"]
 RECOMMENDS = ["python3-gi", "gir1.2-gstreamer-1.0", "gir1.2-gst-plugins-base-1.0",
               "gstreamer1.0-plugins-base", "gstreamer1.0-pipewire"]
+# The video codecs' encoders, suggested while MJPEG is the default (issue 18).
+SUGGESTS = ["gstreamer1.0-plugins-good", "gstreamer1.0-plugins-ugly"]
 MAINTAINER_SCRIPTS = ("postinst", "prerm", "postrm")
 INSTALLER_MANIFEST = "usr/share/spice-streamd/installed-files"
 
@@ -153,6 +155,7 @@ def test_control_fields(deb: Path, listing: dict[str, dict]) -> None:
     assert fields["Section"] == "admin" and fields["Priority"] == "optional"
     assert [d.strip() for d in fields["Depends"].split(",")] == DEPENDS
     assert [d.strip() for d in fields["Recommends"].split(",")] == RECOMMENDS
+    assert [d.strip() for d in fields["Suggests"].split(",")] == SUGGESTS
     short, *long = fields["Description"].split("\n")
     assert short and len(short) < 80 and "spice" in short.lower()
     assert len(long) >= 2 and all(line.startswith(" ") for line in long)
@@ -161,7 +164,8 @@ def test_control_fields(deb: Path, listing: dict[str, dict]) -> None:
                    for name, e in listing.items() if name)
     assert int(fields["Installed-Size"]) == expected
     assert set(fields) == {"Package", "Version", "Architecture", "Maintainer", "Installed-Size",
-                           "Depends", "Recommends", "Section", "Priority", "Description"}
+                           "Depends", "Recommends", "Suggests", "Section", "Priority",
+                           "Description"}
 
 
 def test_contents_are_exactly_the_expected_files(listing: dict[str, dict]) -> None:
