@@ -306,7 +306,8 @@ class Streamer:
         self._repeat_due = False
         if self._need_full or repeat:
             frame = self.screen.grab(None)
-            changed = None
+            # A repeat is the picture already encoded: nothing of it to convert again.
+            changed = [] if repeat and not self._need_full else None
         else:
             damage, self._damage = self._damage, []
             frame = self.screen.grab(damage)
