@@ -159,23 +159,6 @@ class Drain:
             return self.keyframes, self.keyframe_bytes
 
 
-def is_keyframe(codec: int, frame: bytes) -> bool:
-    """Whether a frame of this codec needs nothing before it: a JPEG; an H.264 access unit with an
-    IDR slice; a VP8 frame whose tag says key (RFC 6386 9.1); a VP9 profile 0 frame whose header
-    says key (its frame_type bit)."""
-    if codec == 3:
-        i = 0
-        while (i := frame.find(b"\x00\x00\x01", i)) != -1 and i + 3 < len(frame):
-            if frame[i + 3] & 0x1F == 5:
-                return True
-            i += 3
-        return False
-    if codec == 2:
-        return bool(frame) and not frame[0] & 1
-    if codec == 4:
-        return bool(frame) and not frame[0] & 0x08 and not frame[0] & 0x04
-    return True
-
     def wait_frames(self, count: int, timeout: float) -> bool:
         """Until `count` frames have arrived in all; False on timeout."""
         with self._cond:
@@ -199,6 +182,24 @@ def is_keyframe(codec: int, frame: bytes) -> bool:
         self._stop = True
         self._reading.set()
         self._thread.join(2)
+
+
+def is_keyframe(codec: int, frame: bytes) -> bool:
+    """Whether a frame of this codec needs nothing before it: a JPEG; an H.264 access unit with an
+    IDR slice; a VP8 frame whose tag says key (RFC 6386 9.1); a VP9 profile 0 frame whose header
+    says key (its frame_type bit)."""
+    if codec == 3:
+        i = 0
+        while (i := frame.find(b"\x00\x00\x01", i)) != -1 and i + 3 < len(frame):
+            if frame[i + 3] & 0x1F == 5:
+                return True
+            i += 3
+        return False
+    if codec == 2:
+        return bool(frame) and not frame[0] & 1
+    if codec == 4:
+        return bool(frame) and not frame[0] & 0x08 and not frame[0] & 0x04
+    return True
 
 
 def start_painter(server, mode: str, rate: float | None = None) -> subprocess.Popen[str]:

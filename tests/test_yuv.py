@@ -1,5 +1,6 @@
 """yuv.Planes: I420 in full-range BT.601, converted where the frame changed, the same bytes as a
-whole conversion of the new frame; GStreamer converts it back to the picture (its own layout)."""
+whole conversion of the new frame; GStreamer converts it back to the picture (its own layout).
+wholeconvert.WholeConverter: the whole frame through videoconvert, within a level of Pillow's."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from PIL import Image
 
 from spice_stream_worker.geometry import Rect
 from spice_stream_worker.source import Frame
-from spice_stream_worker.yuv import COLORIMETRY, Layout, Planes
+from spice_stream_worker.wholeconvert import ConvertError, WholeConverter
+from spice_stream_worker.yuv import COLORIMETRY, WHOLE_SHARE, Layout, Planes
 from tests.support.spicehost import psnr
 
 try:
@@ -105,3 +107,69 @@ def test_a_frame_of_another_size_is_refused():
     planes = Planes(32, 32, layout(32, 32))
     with pytest.raises(ValueError, match="64x32 frame for 32x32 planes"):
         planes.update(frame_of(Image.new("RGB", (64, 32))), None)
+
+
+@pytest.mark.parametrize("size", [(64, 48), (642, 482)], ids=str)
+@pytest.mark.parametrize("pad", [0, 3])
+def test_gstreamers_whole_conversion_is_within_a_level_of_pillows(size, pad):
+    w, h = size
+    im = picture(w, h, 4)
+    pillow = Planes(w, h, layout(w, h))
+    pillow.update(frame_of(im, pad), None)
+    converter = WholeConverter(MEDIA, w, h)
+    try:
+        converted = converter.convert(frame_of(im, pad))
+    finally:
+        converter.close()
+    assert len(converted) == len(pillow.buffer)
+    got, want = samples(converted, w, h), samples(pillow.buffer, w, h)
+    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1
+    assert len(set(got)) > 10  # a picture, not a blank buffer that happens to be close
+
+
+def samples(buffer: bytes, w: int, h: int) -> bytes:
+    """Every plane's samples, without the padding at the end of its rows (which is nobody's)."""
+    lay = layout(w, h)
+    out = bytearray()
+    for plane, (pw, ph) in enumerate(((w, h), ((w + 1) // 2, (h + 1) // 2), ((w + 1) // 2, (h + 1) // 2))):
+        for y in range(ph):
+            at = lay.offsets[plane] + y * lay.strides[plane]
+            out += buffer[at:at + pw]
+    return bytes(out)
+
+
+def test_a_large_change_goes_whole_through_the_converter_a_small_one_through_pillow():
+    w, h = 64, 48
+    calls = []
+
+    def whole(frame: Frame) -> bytes:
+        calls.append(frame)
+        return bytes([7]) * layout(w, h).size  # not what Pillow would give: the buffer shows who
+
+    planes = Planes(w, h, layout(w, h), whole)
+    first = frame_of(picture(w, h, 5))
+    planes.update(first, [Rect(0, 0, 2, 2)])  # the first update is whole
+    assert len(calls) == 1 and planes.buffer == bytes([7]) * len(planes.buffer)
+    small = Rect(0, 0, 8, 8)
+    planes.update(first, [small])
+    assert len(calls) == 1 and planes.buffer[0] != 7  # Pillow converted the small change
+    big = Rect(0, 0, w, int(h * WHOLE_SHARE) + 1)
+    planes.update(first, [big])
+    assert len(calls) == 2
+    planes.update(first, None)
+    assert len(calls) == 3
+
+
+def test_a_converted_frame_of_the_wrong_size_is_refused():
+    planes = Planes(32, 32, layout(32, 32), lambda frame: b"short")
+    with pytest.raises(ValueError, match="5 bytes"):
+        planes.update(frame_of(picture(32, 32, 6)), None)
+
+
+def test_the_converter_refuses_a_frame_of_another_size_and_a_use_after_close():
+    converter = WholeConverter(MEDIA, 32, 32)
+    with pytest.raises(ConvertError, match="64x32 frame for a 32x32"):
+        converter.convert(frame_of(Image.new("RGB", (64, 32))))
+    converter.close()
+    with pytest.raises(ConvertError, match="closed"):
+        converter.convert(frame_of(Image.new("RGB", (32, 32))))

@@ -38,6 +38,15 @@ class Frame:
     pixels: memoryview
     changed: list[Rect] | None = None
 
+    def packed(self) -> bytes:
+        """The pixels with rows width * 4 bytes apart, copied (GStreamer keeps a buffer while it
+        works on it; these pixels may change under it)."""
+        row = self.width * 4
+        if self.stride == row:
+            return bytes(self.pixels[:row * self.height])
+        return b"".join(bytes(self.pixels[y * self.stride:y * self.stride + row])
+                        for y in range(self.height))
+
 
 class CaptureSource(Protocol):
     """A screen to stream. The worker's loop waits on fileno(), calls poll() when it is readable
