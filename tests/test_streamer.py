@@ -365,7 +365,9 @@ def test_start_stop_again_while_streaming_starts_over_with_format_and_a_whole_fr
         p.MsgType.CAPABILITIES, p.MsgType.FORMAT, p.MsgType.DATA] + refreshes
     s.on_host_bytes(p.start_stop((p.CODEC_MJPEG,)), p.Parser(p.HOST_TO_GUEST_LIMITS))
     assert s.streaming
-    assert [t for _, t in run_for(s, out, r, 5.5, now)] == [p.MsgType.FORMAT, p.MsgType.DATA]
+    # (before the first refresh, REFRESH_AFTER_S[0] after it)
+    assert [t for _, t in run_for(s, out, r, 5.0 + REFRESH_AFTER_S[0] * 0.8, now)] == [
+        p.MsgType.FORMAT, p.MsgType.DATA]
     assert [t for _, t in run_for(s, out, r, 10.0, now)] == refreshes
     assert run_for(s, out, r, 15.0, now) == []
 
