@@ -89,6 +89,8 @@ class Drain:
         self.keyframes = 0  # frames a decoder needs nothing before (every JPEG)
         self.keyframe_bytes = 0
         self.codec = 1  # the last FORMAT's
+        self.formats: list[float] = []  # when each FORMAT was read
+        self.last_frame_at = time.monotonic()
         self.cursor_moves = 0
         self.kept: list[Frame] = []
         self._rate = rate
@@ -133,6 +135,7 @@ class Drain:
                 jpeg = bytes(buf[HEADER.size:HEADER.size + size])
                 with self._cond:
                     self.frames += 1
+                    self.last_frame_at = now
                     self.frame_bytes += size
                     if is_keyframe(self.codec, jpeg):
                         self.keyframes += 1
@@ -146,7 +149,9 @@ class Drain:
             elif mtype == MSG_CURSOR_MOVE:
                 self.cursor_moves += 1
             elif mtype == MSG_FORMAT and size >= 9:
-                self.codec = buf[HEADER.size + 8]
+                with self._cond:
+                    self.codec = buf[HEADER.size + 8]
+                    self.formats.append(now)
             del buf[:HEADER.size + size]
 
     def snapshot(self) -> tuple[int, int, int]:
@@ -163,6 +168,32 @@ class Drain:
         """Until `count` frames have arrived in all; False on timeout."""
         with self._cond:
             return self._cond.wait_for(lambda: self.frames >= count, timeout)
+
+    def wait_quiet(self, quiet: float, timeout: float) -> bool:
+        """Until no frame has come for `quiet` seconds; False if frames still came at `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._cond:
+                left = self.last_frame_at + quiet - time.monotonic()
+            if left <= 0:
+                return True
+            if time.monotonic() + left > deadline:
+                return False
+            time.sleep(left)  # until the quiet spell would end; a frame meanwhile moves it on
+
+    def keyframe_after(self, t: float, timeout: float) -> float | None:
+        """When the first keyframe read after monotonic time `t` (following a FORMAT read after
+        it) came, waiting up to `timeout`; None if none did. Needs keep=True."""
+        def found() -> float | None:
+            if not any(f > t for f in self.formats):
+                return None
+            start = min(f for f in self.formats if f > t)
+            return next((f.done_at for f in self.kept
+                         if f.done_at >= start and is_keyframe(self.codec, f.jpeg)), None)
+
+        with self._cond:
+            self._cond.wait_for(lambda: found() is not None, timeout)
+            return found()
 
     def wait_kept(self, index: int, timeout: float) -> bool:
         """Until kept[index] exists; False on timeout."""
@@ -269,6 +300,7 @@ class Session:
     proc: subprocess.Popen
     drain: Drain
     pids: list[int] = field(default_factory=list)  # the engine's: [service, worker] when relayed
+    master: int = -1  # the pty's host side: what the host says is written there
 
     @property
     def worker_pid(self) -> int:
@@ -294,7 +326,7 @@ def session(engine: str, mode: str, server, args, *, rate: float | None = None, 
     drain = Drain(master, keep=keep, rate=read_rate)
     try:
         proc = start_engine(engine, server, os.ttyname(slave), args.fps, args.quality, codecs)
-        s = Session(engine, painter, proc, drain, [proc.pid])
+        s = Session(engine, painter, proc, drain, [proc.pid], master)
         if engine == "relayed":
             s.pids += wait_until(lambda: children(proc.pid), 10, "the relay's worker")
             if watched:

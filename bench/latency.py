@@ -29,6 +29,7 @@ MIN_CHANGES = 100  # fewer measured changes than this is no measurement
 LATENCY_ENGINES = ("worker", "relayed")
 SETTLE_S = 1.5  # after the first frame, before steps count
 TAIL_TIMEOUT_S = 3.0  # how long the last step may take to show once the painter stopped
+QUIET_S = 0.5  # a video stream with no frame for this long after the painter stopped is complete
 
 BLOCK_S = 3.0
 AFTER_RESUME_FRAMES = 30  # frames read after the resume before the run ends
@@ -89,18 +90,30 @@ class Latency:
         return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
-def latencies_of(frames: list[Frame], steps: Steps, window: list[tuple[int, float]],
-                 at: tuple[int, int]) -> tuple[list[float], int, int, int]:
+def frame_markers(codec: int, frames: list[Frame], at: tuple[int, int],
+                  size: tuple[int, int]) -> tuple[list[int | None], list[str]]:
+    """Each frame's marker value, and what a video decoder said went wrong: a JPEG read alone, a
+    video codec's frames decoded in order from the first (videodecode)."""
+    if codec == 1:
+        return [read_marker(f.jpeg, at) for f in frames], []
+    from videodecode import decode_markers
+
+    decoded = decode_markers(codec, [f.jpeg for f in frames], *size, at)
+    return decoded.markers, decoded.errors
+
+
+def latencies_of(frames: list[Frame], markers: list[int | None], steps: Steps,
+                 window: list[tuple[int, float]]) -> tuple[list[float], int, int, int]:
     """(latencies ms, steps shown, steps unseen, unreadable frames) of the window's steps."""
     lat: list[float] = []
     shown: set[int] = set()
     unreadable = 0
     i = 0
     first = window[0][1] if window else float("inf")
-    for f in frames:
+    for f, marker in zip(frames, markers, strict=True):
         if f.done_at < first:
             continue
-        seq = steps.step_of(read_marker(f.jpeg, at), f.done_at)
+        seq = steps.step_of(marker, f.done_at)
         if seq is None:
             unreadable += 1
             continue
@@ -126,23 +139,36 @@ def wait_for_step(drain, steps: Steps, at: tuple[int, int], target: int, start: 
     return False
 
 
-def one_latency(engine: str, case: str, server, args) -> Latency:
+def one_latency(engine: str, case: str, server, args, codec: str = "mjpeg") -> Latency:
+    """codec (relayed only): the service's `codecs` key, the host offering every codec."""
     mode, rate, seconds = CASES[case]
     at = MARKER_AT[mode]
-    with session(engine, mode, server, args, rate=rate, keep=True) as s:
+    with session(engine, mode, server, args, rate=rate, keep=True, codecs=codec) as s:
         time.sleep(SETTLE_S)
         t0 = time.monotonic()
         time.sleep(seconds)  # the painter steps on; these steps are measured
         t1 = time.monotonic()
         sends = painter_sends(s.painter)
         steps = Steps(sends)
-        start = bisect.bisect_left([f.done_at for f in s.drain.kept], t1)
-        wait_for_step(s.drain, steps, at, sends[-1][0], start, TAIL_TIMEOUT_S)
+        if codec == "mjpeg":
+            start = bisect.bisect_left([f.done_at for f in s.drain.kept], t1)
+            wait_for_step(s.drain, steps, at, sends[-1][0], start, TAIL_TIMEOUT_S)
+        else:
+            # Frames are decoded only afterwards: the tail is in once the stream goes quiet.
+            s.drain.wait_quiet(QUIET_S, TAIL_TIMEOUT_S)
         s.check_alive()
         frames = list(s.drain.kept)
+        stream_codec = s.drain.codec
+    markers, _ = frame_markers(stream_codec, frames, at, frame_size(args))
     window = [(q, t) for q, t in sends if t0 <= t <= t1]
-    lat, shown, unseen, unreadable = latencies_of(frames, steps, window, at)
-    return Latency(engine, case, rate, len(window), shown, unseen, unreadable, lat)
+    lat, shown, unseen, unreadable = latencies_of(frames, markers, steps, window)
+    return Latency(engine if codec == "mjpeg" else f"{engine} {codec}", case, rate, len(window),
+                   shown, unseen, unreadable, lat)
+
+
+def frame_size(args) -> tuple[int, int]:
+    w, h = args.size.split("x")
+    return int(w), int(h)
 
 
 def latencies(server, args) -> list[Latency]:
@@ -198,10 +224,12 @@ class Port:
     reference_measured_here: bool
 
 
-def blocked(server, args) -> tuple[float, int, int | None, float | None]:
+def blocked(server, args, codec: str = "mjpeg") -> tuple[float, int, int | None, float | None]:
+    """(the worker's CPU % while blocked, frames completed while blocked, stale frames after the
+    resume, ms from the resume to the current picture); `codec` as in one_latency."""
     mode = "fullmarker"
     at = MARKER_AT[mode]
-    with session("relayed", mode, server, args, rate=60.0, keep=True) as s:
+    with session("relayed", mode, server, args, rate=60.0, keep=True, codecs=codec) as s:
         time.sleep(SETTLE_S)
         t_block = s.drain.pause()
         # The worker's CPU is measured from 0.5 s into the block: the relay pauses it after 0.25 s
@@ -216,14 +244,20 @@ def blocked(server, args) -> tuple[float, int, int | None, float | None]:
         sends = painter_sends(s.painter)
         s.check_alive()
         frames = list(s.drain.kept)
+        stream_codec = s.drain.codec
+    markers, errors = frame_markers(stream_codec, frames, at, frame_size(args))
+    if errors:
+        # A delta frame lost or cut: the decoder says so (and its picture is not to be trusted).
+        print(f"  {codec}: the decoder: {'; '.join(errors[:3])}", flush=True)
+        return float("nan"), 0, None, None
     steps = Steps(sends)
     during = sum(1 for f in frames if t_block + 0.1 <= f.done_at < t_resume)
     current = steps.last_before(t_resume)
     stale = 0
-    for f in frames:
+    for f, marker in zip(frames, markers, strict=True):
         if f.done_at < t_resume:
             continue
-        seq = steps.step_of(read_marker(f.jpeg, at), f.done_at)
+        seq = steps.step_of(marker, f.done_at)
         if seq is not None and seq >= current:
             return 100 * (c1 - c0) / (tc1 - tc0), during, stale, 1000 * (f.done_at - t_resume)
         stale += 1

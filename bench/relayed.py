@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
@@ -36,6 +37,8 @@ class WriteMeter:
             self.calls += 1
 
 
+# BENCH_LOG=info shows what the relay and the worker say (the bench's figures stay quiet otherwise).
+LOG_LEVEL = os.environ.get("BENCH_LOG", "warning").upper()
 PORT_WRITER_THREAD = "stream port writer"  # portwriter.PortWriter's thread
 
 
@@ -64,7 +67,7 @@ async def run(args: argparse.Namespace) -> None:
     loop.add_signal_handler(signal.SIGUSR1, report)
     sup = WorkerSupervisor(device_path=args.device, fps=args.fps, quality=args.quality,
                            codecs=args.codecs,
-                           worker_argv=[args.worker, "--log-level", "warning"],
+                           worker_argv=[args.worker, "--log-level", LOG_LEVEL.lower()],
                            device_present=True)
     # The bench's own user and display: the relay's cost does not depend on whose session it is.
     sup.set_target(WorkerTarget(os.getuid(), os.getgid(), (), os.environ["DISPLAY"],
@@ -74,6 +77,7 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    logging.basicConfig(level=LOG_LEVEL, stream=sys.stderr, format="relayed %(name)s: %(message)s")
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", required=True)
     ap.add_argument("--worker", required=True)

@@ -1,6 +1,8 @@
 """The codecs part (issue 18): the installed pipeline (the service's relay and its worker) streaming
 MJPEG, H.264, VP8 and VP9 in turn on the same workloads, in one run: bytes per frame (keyframes
-apart), Mbit/s at 60 fps, CPU per frame, against MJPEG's row of the same workload."""
+apart), Mbit/s at 60 fps, CPU per frame, against MJPEG's row of the same workload; then per codec
+the latency of a 64x64 change, the picture after a 3 s port block (decoded in order: a cut delta
+chain shows), and a client joining mid-stream (START_STOP again: FORMAT and a keyframe)."""
 
 from __future__ import annotations
 
@@ -8,13 +10,18 @@ import os
 import time
 from dataclasses import dataclass
 
-from common import cpu_seconds, session
+import latency
+from common import START_STOP_ALL, cpu_seconds, session
 
 # Issue 18's targets.
 TARGET_TYPING_KB = 5.0  # a typing-sized change, per frame
 TARGET_FULL_BYTES_RATIO = 0.1  # a whole-screen scroll, of MJPEG's bytes per frame
 TARGET_FULL_CPU_RATIO = 1.5  # CPU per frame of a whole-screen change, of MJPEG's
 TARGET_TYPING_CPU_MS = 3.0
+TARGET_LATENCY_P95_MS = 25.0  # a 64x64 change, X request to the whole frame on the port
+TARGET_CATCH_UP_MS = 200.0  # after a 3 s port block, the current picture, undamaged
+TARGET_JOIN_S = 1.0  # a client joining mid-stream: START_STOP to the keyframe on the port
+JOIN_SETTLE_S = 2.0  # the stream runs this long before the second START_STOP
 CODECS = ("mjpeg", "h264", "vp8", "vp9")
 # workload -> (the painter's mode, steps per second)
 WORKLOADS = {"typing": ("typing", 30.0), "full": ("full", 30.0)}
@@ -98,4 +105,48 @@ def run(server, args) -> list[tuple[str, bool]]:
                        (f"{codec} full: {cpu:.2f}x MJPEG's CPU per frame <= {TARGET_FULL_CPU_RATIO:g}",
                         cpu <= TARGET_FULL_CPU_RATIO)]
     print(f"  (CPU: service + worker + Xvfb per frame; this machine: {os.cpu_count()} CPUs)")
+    return checks + responsiveness(server, args)
+
+
+def join_s(codec: str, server, args) -> float | None:
+    """A host whose client set changed (START_STOP again, mid-stream): seconds from writing it to
+    the keyframe after the FORMAT it brings, read off the pty; None if none came."""
+    with session("relayed", "typing", server, args, rate=30.0, keep=True, codecs=codec) as s:
+        time.sleep(JOIN_SETTLE_S)
+        t = time.monotonic()
+        os.write(s.master, START_STOP_ALL)
+        at = s.drain.keyframe_after(t, 5.0)
+        s.check_alive()
+    return None if at is None else at - t
+
+
+def responsiveness(server, args) -> list[tuple[str, bool]]:
+    """Per codec: latency p95 of a 64x64 change, the catch-up after a 3 s block, a join."""
+    print("\n== codecs: latency of a 64x64 change (relayed, p95), a 3 s port block, a client "
+          "joining mid-stream ==")
+    print(f"{'codec':6} {'p50 ms':>7} {'p95 ms':>7} {'unseen':>6} {'after block':>12} "
+          f"{'stale':>5} {'join s':>7}")
+    checks = []
+    for codec in CODECS:
+        try:
+            lat = latency.one_latency("relayed", "64x64", server, args, codec)
+            _, _, stale, catch_up = latency.blocked(server, args, codec)
+            join = join_s(codec, server, args)
+        except RuntimeError as exc:
+            print(f"  {codec}: not measured ({exc})")
+            continue
+        caught = "never" if catch_up is None else f"{catch_up:.0f} ms"
+        print(f"{codec:6} {lat.pct(0.5):7.1f} {lat.pct(0.95):7.1f} {lat.unseen:6d} {caught:>12} "
+              f"{stale if stale is not None else '-':>5} "
+              f"{'never' if join is None else f'{join:.2f}':>7}", flush=True)
+        if codec == "mjpeg":
+            continue  # the reference row: MJPEG's own targets are the latency part's
+        checks += [
+            (f"{codec} latency 64x64: p95 {lat.pct(0.95):.1f} ms <= {TARGET_LATENCY_P95_MS:g}, "
+             f"{lat.unseen} unseen", lat.pct(0.95) <= TARGET_LATENCY_P95_MS and lat.unseen == 0),
+            (f"{codec} port blocked 3 s: the current picture, decoded, {caught} after the resume "
+             f"<= {TARGET_CATCH_UP_MS:g}", catch_up is not None and catch_up <= TARGET_CATCH_UP_MS),
+            (f"{codec} a client joining: keyframe {'never' if join is None else f'{join:.2f} s'} "
+             f"after START_STOP <= {TARGET_JOIN_S:g} s", join is not None and join <= TARGET_JOIN_S),
+        ]
     return checks
