@@ -246,3 +246,36 @@ def test_overlapping_lookups_publish_the_first_answer_and_never_an_older_one_aft
         assert (src.active_vt, src.active_session) == (5, "5") and seen == [2, 3, 5]
 
     asyncio.run(run())
+
+
+def test_a_kernel_switch_has_logind_asked_again_when_its_signal_is_lost(bus, logind, tmp_path):
+    """logind's PropertiesChanged came 3.4 s late or never under load (VM): the kernel's VT (the
+    sysfs file, polled here) changing has logind asked again, and again while it lags behind."""
+    active = tmp_path / "active"
+    active.write_text("tty2\n")
+    logind.add_session("c2", uid=1000, vt=2, active=True)
+    logind.add_session("c3", uid=1001, vt=3)
+
+    async def run():
+        conn = await connect(bus.address)
+        src = await open_vt_source(conn, sysfs_path=str(active))
+        try:
+            assert src.active_vt == 2
+            # logind takes the switch without a signal.
+            await asyncio.to_thread(logind.activate, "c3", quietly=True)
+            await asyncio.sleep(1.5)  # the file is polled every 0.5 s: the kernel has not moved
+            assert src.active_vt == 2  # nothing said so: the periodic re-check would find it
+            active.write_text("tty3\n")
+            await wait_async(lambda: src.active_vt == 3, timeout=3.0, what="VT 3 from logind")
+            assert src.active_session == "c3"
+            # The kernel first, logind a while later (and silently): asked again until it agrees.
+            active.write_text("tty2\n")
+            await asyncio.sleep(0.8)
+            await asyncio.to_thread(logind.activate, "c2", quietly=True)
+            await wait_async(lambda: src.active_vt == 2, timeout=3.0, what="VT 2 from logind")
+            assert src.active_session == "c2"
+        finally:
+            await src.close()
+            conn.disconnect()
+
+    asyncio.run(run())
