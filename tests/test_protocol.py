@@ -200,7 +200,7 @@ def test_a_well_formed_oversized_message_is_skipped_whole_when_asked():
     for i in range(0, len(stream), 4096):
         got += parser.feed(stream[i : i + 4096])
         assert parser.buffered <= 4096
-    assert got == [p.Violation("message type 3 of 40000 bytes exceeds 1000", len(frame)),
+    assert got == [p.Violation("message type 3 of 40000 bytes exceeds 1000", len(frame), p.MsgType.DATA),
                    p.Message(p.MsgType.CURSOR_MOVE, p.CURSOR_MOVE.pack(3, 4))]
 
 

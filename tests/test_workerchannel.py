@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import select
 import socket
@@ -189,6 +190,51 @@ def test_a_standby_channel_reads_only_the_capabilities():
         theirs.close()
 
     asyncio.run(run())
+
+
+def test_a_frame_left_from_before_standby_is_dropped_quietly_then_the_stream_goes_on(caplog):
+    # A worker's frame that sat in the socket while its channel stood by comes out once relayed,
+    # before the worker's new FORMAT: stale, dropped, and said as such (VM: "sent invalid data").
+    async def run() -> None:
+        ours, theirs = socket_pair()
+        got: list[p.Message] = []
+        channel = WorkerChannel(ours, label="worker", check=lambda m: None, deliver=got.append)
+        theirs.sendall(p.capabilities(b"\x01"))
+        await wait_async(lambda: got, what="the capabilities")
+        frame = p.encode(p.MsgType.DATA, b"\xff\xd8" + bytes(5000))
+        theirs.sendall(frame)  # unread: the channel stands by
+        channel.relay(True)
+        theirs.sendall(p.format_msg(64, 48) + frame)
+        await wait_async(lambda: len(got) == 3, what="the FORMAT and the frame after it")
+        assert [m.type for m in got] == [p.MsgType.CAPABILITIES, p.MsgType.FORMAT, p.MsgType.DATA]
+        channel.close()
+        theirs.close()
+
+    with caplog.at_level(logging.INFO, logger="spice_streamd.workerchannel"):
+        asyncio.run(run())
+    said = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert (logging.INFO, "worker: a frame before its FORMAT (one sent before its stream started "
+            "again), dropped (5010 bytes)") in said
+    assert not [m for level, m in said if level >= logging.WARNING], said
+
+
+def test_a_frame_before_any_format_from_a_worker_relayed_is_refused_once_per_interval(caplog):
+    # The same without standby: a frame the worker sends with no FORMAT is still dropped, and
+    # after the first a flood of them costs no more log lines than the limiter allows.
+    async def run() -> None:
+        ours, theirs = socket_pair()
+        got: list[p.Message] = []
+        channel = WorkerChannel(ours, label="worker", check=lambda m: None, deliver=got.append,
+                                relayed=True)
+        theirs.sendall(p.encode(p.MsgType.DATA, bytes(100)) * 50 + p.format_msg(64, 48))
+        await wait_async(lambda: got, what="the FORMAT after the frames")
+        assert [m.type for m in got] == [p.MsgType.FORMAT]
+        channel.close()
+        theirs.close()
+
+    with caplog.at_level(logging.INFO, logger="spice_streamd.workerchannel"):
+        asyncio.run(run())
+    assert 1 <= len(caplog.records) <= 2
 
 
 def test_no_picture_is_heard_by_the_service_and_never_relayed():

@@ -238,10 +238,12 @@ class Frame(Protocol):
 
 @dataclass(frozen=True)
 class Violation:
-    """Input that broke the protocol; `discarded` bytes were dropped to get back in step."""
+    """Input that broke the protocol; `discarded` bytes were dropped to get back in step.
+    `skipped_type`: a well-formed message of that type, skipped whole for its size."""
 
     reason: str
     discarded: int
+    skipped_type: int | None = None
 
 
 @dataclass(frozen=True)
@@ -431,7 +433,7 @@ class Parser:
                     return self._violation()
                 self._buf.clear()
                 self._skip = size
-                return Violation(problem, HEADER_SIZE + size)
+                return Violation(problem, HEADER_SIZE + size, msg_type)
             # A bad header: drop its first byte and go to the next version byte, first among the
             # (at most 7) bytes still buffered, then in the input itself.
             if not self._discarding:

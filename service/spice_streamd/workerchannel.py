@@ -210,6 +210,15 @@ class WorkerChannel:
 
     def _handle(self, item: p.Message | p.Violation) -> None:
         if isinstance(item, p.Violation):
+            if (self.relayed and self._frame.max_size == 0
+                    and item.skipped_type in (p.MsgType.DATA, frameparts.DELTA, frameparts.FRAME_PARTS)):
+                # A frame from before this worker's stream started again (it sat in the socket
+                # while the channel stood by): stale, and the worker's FORMAT and whole frame are
+                # on their way. Not the worker's fault, so not a warning.
+                self._log.log(logging.INFO, "stale", "%s: a frame before its FORMAT (one sent "
+                              "before its stream started again), dropped (%d bytes)",
+                              self.label, item.discarded)
+                return
             self._log.log(logging.WARNING, "violation",
                           "%s sent invalid data: %s; %d bytes discarded",
                           self.label, item.reason, item.discarded)
