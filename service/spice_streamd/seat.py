@@ -95,8 +95,8 @@ class LogindVTSource(_Notifier):
         self._kernel_vt_path = kernel_vt_path
         # The kernel knows of a switch first: each change of its VT has logind asked again
         # (KERNEL_FOLLOW_S), whatever becomes of logind's signal.
-        self._kernel = SysfsVTSource(kernel_vt_path, label="the kernel's VT, for logind's")
-        self._kernel._log_changes = False
+        self._kernel = SysfsVTSource(kernel_vt_path, label="the kernel's VT, for logind's",
+                                     log_changes=False)
         self._following = 0  # the kernel change followed now (a newer one ends the older)
         self._owner = OwnerTracker(bus)
         self._rule = (
@@ -234,10 +234,14 @@ class SysfsVTSource(_Notifier):
     as in tests) or that is missing is polled every POLL_INTERVAL_S instead.
     """
 
-    def __init__(self, path: str = SYSFS_ACTIVE, label: str = "active VT") -> None:
+    def __init__(self, path: str = SYSFS_ACTIVE, label: str = "active VT",
+                 log_changes: bool = True) -> None:
+        """`label` names it in its log lines; log_changes=False: its owner logs what it makes of
+        a change."""
         super().__init__()
         self.path = path
         self._label = label
+        self._log_changes = log_changes
         self.mode = "none"  # "epoll" or "poll", for tests and the startup log
         self._fd: int | None = None
         self._epoll: select.epoll | None = None
