@@ -2371,7 +2371,10 @@ def _service_codecs(ctx: Context, codecs: str | None) -> None:
     removed), the service restarted, and back to streaming alice's session, registered again."""
     vm = ctx.vm
     if codecs is None:
-        vm.sh(f"rm -f {CODECS_DROPIN}").check()
+        # The directory too (when nothing else is in it): 10 checks that a purge leaves no file
+        # the install did not find there.
+        vm.sh(f"rm -f {CODECS_DROPIN} && {{ rmdir --ignore-fail-on-non-empty "
+              f"{os.path.dirname(CODECS_DROPIN)} 2>/dev/null || true; }}").check()
     else:
         vm.sh(f"mkdir -p {os.path.dirname(CODECS_DROPIN)} && printf '[Service]\\nEnvironment="
               f"SPICE_STREAMD_CODECS={codecs}\\n' > {CODECS_DROPIN}").check()
