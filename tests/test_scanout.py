@@ -814,13 +814,17 @@ def test_a_source_not_wanted_rests_and_then_reads_whole(env, shown):
     assert (spec.it_value.tv_sec, spec.it_value.tv_nsec) == (0, 0)  # disarmed
     fb.write(3, 3, pixel(5, 5, 5))
     src.set_wanted(False)  # again: no change
+    assert src.live  # resting, it still has the picture (a grab of it is its last look)
     src.set_wanted(True)
+    # The picture from before the rest is not offered as current (it is no longer what the
+    # display shows): no picture until the next look.
+    assert not src.live
     # The pace it had (the first picture a second ago: twice a second).
     assert timer_interval(src.fileno()) == pytest.approx(1 / max(IDLE_RATE, 2.0), abs=1e-6)
     env.clock.advance(1 / IDLE_RATE)
     changes = src.poll()
-    assert src.reads == 2  # whatever changed meanwhile is read whole
-    assert not changes.resized and covers(changes.damage, 3, 3)
+    assert src.reads == 2  # whatever changed meanwhile is read whole, as a new picture
+    assert src.live and changes.resized
     assert frame_bytes(src) == fb.visible(0, 0, W, H)
 
 

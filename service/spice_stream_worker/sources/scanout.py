@@ -232,7 +232,12 @@ class Scanout:
             return
         self._wanted = wanted
         if wanted:
-            self._shown = None  # whatever changed meanwhile: read it whole
+            # The picture held is from before the rest (another VT's, another mode's: Debian 12's
+            # client got an 800x600 picture of a screen that was 1024x768 by then): no picture
+            # until a look has read the screen whole (the streamer waits while it is not live).
+            self._fb, self._shown = None, None
+            self._hot.clear()
+            self._samples.clear()
             self._timer.arm(1.0 / (self._rate or IDLE_RATE))
         else:
             self._timer.arm(0)
