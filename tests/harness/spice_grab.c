@@ -27,7 +27,8 @@
  * keeps streaming) and reads commands on stdin, one per line:
  *   save <path>     write the current picture:  SAVED <path> <w> <h> <invalidations so far>
  *   quit            disconnect and exit 0 (so does end of input)
- * -t then bounds the whole session. FRAME lines stop after the first save.
+ * -t then bounds the whole session. FRAME lines stop after the first save; each invalidation
+ * after it is reported as INVALIDATE <n> <x> <y> <w> <h> (n counts all of them).
  */
 #include <spice-client.h>
 #include <stdio.h>
@@ -121,7 +122,11 @@ static void on_invalidate(SpiceChannel *channel, gint x, gint y, gint w, gint h,
 {
     (void)data;
     invalidations++;
-    if (saved) return;
+    if (saved) {
+        /* A viewer's timeline (the VM suite keeps it with times): when pictures came. */
+        if (serve) emit("INVALIDATE %u %d %d %d %d", invalidations, x, y, w, h);
+        return;
+    }
     SpiceDisplayPrimary p;
     if (!spice_display_channel_get_primary(channel, 0, &p) || p.format != SPICE_SURFACE_FMT_32_xRGB) {
         return;
