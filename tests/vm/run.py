@@ -241,6 +241,10 @@ class Viewer:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             bufsize=1, env={**os.environ, "SPICE_DEBUG": "1", "G_MESSAGES_DEBUG": "GSpice"})
         threading.Thread(target=self._read, daemon=True).start()
+        # The guest's clock beside the host's (the journal's times are the guest's uptime).
+        r = ctx.vm.sh("cat /proc/uptime", quiet=True)
+        self.mark(f"guest uptime {r.out.split()[0] if r.rc == 0 and r.out.split() else '?'} s "
+                  f"(host {time.strftime('%H:%M:%S')})")
         try:
             self.wait(lambda s: s.startswith("SAVED "), timeout, "a first non-black streamed frame")
         except BaseException:
@@ -256,8 +260,8 @@ class Viewer:
                 if any(w in line for w in VIEWER_DEBUG_KEPT):
                     self.timeline.append(stamp + line[line.find("-DEBUG"):][:300])
                 continue
-            self.timeline.append(stamp + line)
             with self.cond:
+                self.timeline.append(stamp + line)
                 self.lines.append(line)
                 self.cond.notify_all()
         with self.cond:
@@ -278,6 +282,11 @@ class Viewer:
                     raise Failed(f"spice client saw no {what} in {timeout:g} s on display channel "
                                  f"{STREAM_CHANNEL}: {self.lines[-8:]}")
                 self.cond.wait(min(left, 0.2))
+
+    def mark(self, what: str) -> None:
+        """A line of the test's own in the timeline (what it did, when)."""
+        with self.cond:
+            self.timeline.append(f"{time.monotonic() - self.t0:9.3f} -- {what}")
 
     def channels(self) -> list[str]:
         with self.cond:
@@ -620,6 +629,7 @@ def _switch(ctx: Context, viewer: Viewer, vt: int, uid: int | str, reference: Im
                interval=0.2)
     vm.qga.command("guest-exec", path="/bin/chvt", arg=[str(vt)])
     t0 = time.monotonic()
+    viewer.mark(f"chvt {vt} answered")
     picture_s = None
     best = 0.0
     references = [reference]
