@@ -218,7 +218,7 @@ def test_overlapping_lookups_publish_the_first_answer_and_never_an_older_one_aft
         src = LogindVTSource(bus=object())  # type: ignore[arg-type]  # _read_active stands in
         answers: list[asyncio.Future] = []
 
-        async def read_active():
+        async def read_active(active=None):
             fut = asyncio.get_running_loop().create_future()
             answers.append(fut)
             return await fut
@@ -274,6 +274,54 @@ def test_a_kernel_switch_has_logind_asked_again_when_its_signal_is_lost(bus, log
             await asyncio.to_thread(logind.activate, "c2", quietly=True)
             await wait_async(lambda: src.active_vt == 2, timeout=3.0, what="VT 2 from logind")
             assert src.active_session == "c2"
+        finally:
+            await src.close()
+            conn.disconnect()
+
+    asyncio.run(run())
+
+
+def test_a_switch_to_a_known_session_asks_logind_nothing(bus, logind, monkeypatch):
+    """Under load each call to logind took 0.5-1 s while it handled the switch itself (VM): its
+    signal carries seat0's new ActiveSession, and a session's VTNr, which never changes, is asked
+    for once. A session not seen before is asked for its VT; another logind forgets them all."""
+    from spice_streamd import seat
+
+    logind.add_session("c2", uid=1000, vt=2, active=True)
+    logind.add_session("c7", uid=1001, vt=7)
+    logind.add_session("c9", uid=1002, vt=9)
+    asked: list[str] = []
+    real = seat.get_properties
+
+    async def counted(bus_, path, interface, timeout):
+        asked.append(path.rsplit("/", 1)[-1])
+        return await real(bus_, path, interface, timeout)
+
+    monkeypatch.setattr(seat, "get_properties", counted)
+
+    async def run():
+        conn = await connect(bus.address)
+        src = await open_vt_source(conn, sysfs_path="/nonexistent")
+        try:
+            assert src.active_vt == 2
+            await asyncio.to_thread(logind.activate, "c7")
+            await wait_async(lambda: src.active_vt == 7, what="VT 7")
+            await asyncio.to_thread(logind.activate, "c2")
+            await wait_async(lambda: src.active_vt == 2, what="VT 2")
+            # The start read the seat and c2; the switch to c7 asked for c7's VT only; back to
+            # c2, nothing.
+            assert asked == ["seat0", "c2", "c7"], asked
+            asked.clear()
+            await asyncio.to_thread(logind.activate, "c7")
+            await wait_async(lambda: src.active_vt == 7, what="VT 7 again")
+            assert asked == []
+            await asyncio.to_thread(logind.activate, "c9")
+            await wait_async(lambda: src.active_vt == 9, what="VT 9")
+            assert asked == ["c9"]
+            # A re-check still reads the seat (a signal may be lost), not the known session.
+            asked.clear()
+            await src.refresh("test")
+            assert asked == ["seat0"] and src.active_vt == 9
         finally:
             await src.close()
             conn.disconnect()

@@ -8,8 +8,9 @@ import contextlib
 import logging
 import os
 import select
+from collections import OrderedDict
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from dbus_next import Message, MessageType
 from dbus_next.aio import MessageBus
@@ -35,6 +36,11 @@ POLL_INTERVAL_S = 0.5
 # PropertiesChanged came late or not at all under load (VM, Debian 12: a switch to an X11 session
 # found by the periodic re-check 3.4 s after `chvt`, logind itself having it at 0.7 s).
 KERNEL_FOLLOW_S = (0.0, 0.2, 0.5, 1.0, 2.0)
+# Sessions whose VTNr is remembered (it never changes in a session's life), so that a switch to a
+# known session costs logind no call: under load each took 0.5-1 s in the VM while logind handled
+# the switch itself (Debian 12: the service followed 2.6 s after the kernel, logind's own signal
+# having come at 0.7 s).
+SESSION_VTS_KEPT = 64
 
 
 class VTSource(Protocol):
@@ -109,9 +115,10 @@ class LogindVTSource(_Notifier):
         self._failing = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
+        self._session_vts: OrderedDict[str, int | None] = OrderedDict()
 
     async def start(self) -> None:
-        self._owner.on_change(lambda owner: self._schedule_refresh(f"logind owner {owner}"))
+        self._owner.on_change(self._owner_changed)
         await self._owner.start(self._timeout)
         self._bus.add_message_handler(self._handle)
         self._started = True
@@ -119,6 +126,10 @@ class LogindVTSource(_Notifier):
         await self._refresh("start")
         self._kernel.on_change(self._kernel_changed)
         await self._kernel.start()
+
+    def _owner_changed(self, owner: str | None) -> None:
+        self._session_vts.clear()  # another logind: nothing it said before is taken as known
+        self._schedule_refresh(f"logind owner {owner}")
 
     def _kernel_changed(self, vt: int | None) -> None:
         self._following += 1
@@ -150,16 +161,20 @@ class LogindVTSource(_Notifier):
             return None
         if msg.signature != "sa{sv}as" or msg.body[0] != constants.LOGIND_SEAT:
             return None
-        if "ActiveSession" in msg.body[1] or "ActiveSession" in msg.body[2]:
+        if "ActiveSession" in msg.body[1]:
+            # The signal carries the new value: the seat is not asked again.
+            self._schedule_refresh("seat0 ActiveSession changed",
+                                   _active_session(msg.body[1]["ActiveSession"].value))
+        elif "ActiveSession" in msg.body[2]:
             self._schedule_refresh("seat0 ActiveSession changed")
         return None
 
-    def _schedule_refresh(self, why: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._refresh(why))
+    def _schedule_refresh(self, why: str, active: tuple[str, str] | None = None) -> None:
+        task = asyncio.get_running_loop().create_task(self._refresh(why, active))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _refresh(self, why: str) -> None:
+    async def _refresh(self, why: str, active: tuple[str, str] | None = None) -> None:
         # Lookups can overlap: an answer is published unless a newer lookup's answer already was,
         # so a slow answer about an old switch cannot override a newer one, and the first answer
         # is not held back by a newer lookup still waiting (a re-check started while logind was
@@ -167,7 +182,7 @@ class LogindVTSource(_Notifier):
         self._generation += 1
         generation = self._generation
         try:
-            vt, session = await self._read_active()
+            vt, session = await self._read_active(active)
             self._failing = False
         except LogindError as e:
             # Once per run of failures: the periodic re-check would repeat it every few seconds.
@@ -183,26 +198,36 @@ class LogindVTSource(_Notifier):
         """Reads seat0's active session again: a lost PropertiesChanged is made good here."""
         await self._refresh(why)
 
-    async def _read_active(self) -> tuple[int | None, str | None]:
-        """seat0's active session's VT (None when not on a VT) and id (None without one)."""
+    async def _read_active(self, active: tuple[str, str] | None = None
+                           ) -> tuple[int | None, str | None]:
+        """seat0's active session's VT (None when not on a VT) and id (None without one);
+        `active`: seat0's ActiveSession as logind's signal said it (the seat is not asked)."""
         if self._owner.owner is None:
             return None, None
-        seat = await get_properties(
-            self._bus, constants.LOGIND_SEAT0_PATH, constants.LOGIND_SEAT, self._timeout
-        )
-        try:
-            session_id, path = seat["ActiveSession"]
-        except (KeyError, TypeError, ValueError):
+        if active is None:
+            seat = await get_properties(
+                self._bus, constants.LOGIND_SEAT0_PATH, constants.LOGIND_SEAT, self._timeout
+            )
+            active = _active_session(seat.get("ActiveSession"))
+        if active is None:
             return self._kernel_vt(), None
-        if not isinstance(session_id, str) or not session_id or path in ("", "/"):
+        session_id, path = active
+        if not session_id or path in ("", "/"):
             # No session in front (a text console's login prompt): the VT is the kernel's.
             return self._kernel_vt(), None
+        if session_id in self._session_vts:
+            self._session_vts.move_to_end(session_id)
+            return self._session_vts[session_id], session_id
         props = await get_properties(self._bus, path, constants.LOGIND_SESSION, self._timeout)
         try:
-            vt = int(props.get("VTNr", 0))
+            vt: int | None = int(props.get("VTNr", 0))
         except (TypeError, ValueError):
-            return None, session_id
-        return (vt if 1 <= vt <= MAX_VT else None), session_id
+            return None, session_id  # not remembered: asked again next time
+        vt = vt if vt is not None and 1 <= vt <= MAX_VT else None
+        self._session_vts[session_id] = vt
+        while len(self._session_vts) > SESSION_VTS_KEPT:
+            self._session_vts.popitem(last=False)
+        return vt, session_id
 
     def _kernel_vt(self) -> int | None:
         try:
@@ -223,6 +248,17 @@ class LogindVTSource(_Notifier):
             self._bus.remove_message_handler(self._handle)
             await remove_match(self._bus, self._rule, 1.0)
         await self._owner.close()
+
+
+def _active_session(value: Any) -> tuple[str, str] | None:
+    """seat0's ActiveSession, (so): (session id, object path); None when it is not that shape."""
+    try:
+        session_id, path = value
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(session_id, str) or not isinstance(path, str):
+        return None
+    return session_id, path
 
 
 class SysfsVTSource(_Notifier):
