@@ -381,6 +381,62 @@ def test_a_change_taller_than_the_phases_is_found_at_the_next_look(env, shown):
     assert src.reads == 1
 
 
+def test_a_repaint_is_compared_whole_at_once_and_at_the_next_looks(env):
+    """Back to GNOME from a text console (VM, Debian 13) mutter repaints the whole screen: what
+    changed between the sampled rows (a line of the top bar's text, an icon) must not wait up to
+    SAMPLE_PHASES looks. A look whose sampled rows changed in a quarter of the bands compares the
+    picture whole, and so do the next WHOLE_LOOKS_AFTER_WIDE; then sampling again."""
+    h = 256  # 16 bands: a repaint of 8 is wide, a change in one is not
+    fb = env.card.add_fb(1, height=h, tag=1)
+    env.card.show(1, height=h)
+    src = env.source()
+    assert src.poll().resized
+    env.settle(src)
+    # Rows of the next look's phase are sampled; the lone change lies on another phase, far below.
+    phase = (src._phase + 1) % SAMPLE_PHASES
+    lone = 12 * ALIGN + (phase + 5) % SAMPLE_PHASES
+    fb.paint_rows(0, h // 2, tag=5)
+    fb.write(3, lone, pixel(1, 2, 3))
+    env.clock.advance(1 / IDLE_RATE)
+    reads = src.reads
+    changes = src.poll()
+    assert covers(changes.damage, 3, lone) and covers(changes.damage, 0, h // 2 - 1)
+    assert frame_bytes(src) == fb.visible(0, 0, W, h)
+    assert src.reads == reads + 1
+    # The next look compares whole too: another change off its sampled rows is found at once.
+    other = 14 * ALIGN + (src._phase + 7) % SAMPLE_PHASES
+    fb.write(5, other, pixel(4, 5, 6))
+    env.clock.advance(1 / IDLE_RATE)
+    assert covers(src.poll().damage, 5, other)
+    assert src.reads == reads + 2
+    # One more whole look, then the still screen is sampled, not read whole.
+    for _ in range(4):
+        env.clock.advance(1 / IDLE_RATE)
+        assert not src.poll()
+    assert src.reads == reads + 3
+    assert frame_bytes(src) == fb.visible(0, 0, W, h)
+
+
+def test_a_change_in_a_few_bands_is_not_a_repaint(env):
+    """Changes in fewer than a quarter of the bands (typing, a moving window's edge) keep to the
+    bands found: no whole read."""
+    h = 256
+    fb = env.card.add_fb(1, height=h, tag=1)
+    env.card.show(1, height=h)
+    src = env.source()
+    src.poll()
+    env.settle(src)
+    reads = src.reads
+    fb.paint_rows(0, 3 * ALIGN, tag=5)
+    changes = env.look(src)
+    assert covers(changes.damage, 0, 3 * ALIGN - 1)
+    for _ in range(3):
+        env.clock.advance(1 / IDLE_RATE)
+        src.poll()
+    assert src.reads == reads
+    assert frame_bytes(src) == fb.visible(0, 0, W, h)
+
+
 def test_a_blinking_spot_keeps_its_band_hot_and_the_looks_quick(env, shown, monkeypatch):
     # A cursor blinking slower than a still screen's looks (each state is seen): two rows that
     # change every 0.7 s.

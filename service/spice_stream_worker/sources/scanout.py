@@ -9,6 +9,8 @@ on a screen that stands still:
     SAMPLE_PHASES rows is seen at once, any change within SAMPLE_PHASES looks;
   - the bands (damage.ALIGN rows) where a sampled row differs, and those that changed in the last
     HOT_S (a blinking cursor, a moving window), are read and compared whole, tile by tile;
+  - a look that finds a quarter of the bands changed (a repaint) compares the whole picture, and
+    so do the next two looks;
   - looks come IDLE_RATE times a second, more while the screen changes or the pointer moves (twice
     the looks that found either in the last second), up to the frame rate and the display's
     refresh.
@@ -51,6 +53,14 @@ IDLE_RATE = 1.5
 # looks a second, VM, Debian 12), so 16: a glyph of fbcon's 16-row font is found within a few
 # looks, a pointer or anything taller than 16 rows at the next.
 SAMPLE_PHASES = 16
+# A look whose sampled rows changed in this share of the bands (and at least WIDE_MIN_BANDS) found
+# a repaint, not an edit: the picture is compared whole at that look and the next
+# WHOLE_LOOKS_AFTER_WIDE, so that what changed between sampled rows (the top bar's text, an
+# icon) is not left stale for up to SAMPLE_PHASES looks (Debian 13, back to GNOME from a text
+# console: the client had alice's desktop 4.5 s after QEMU's display, in pieces).
+WIDE_SHARE = 0.25
+WIDE_MIN_BANDS = 4
+WHOLE_LOOKS_AFTER_WIDE = 2
 MAX_MAPPED = 4  # framebuffers kept mapped (a compositor flips between two or three)
 MAPPING_KEPT_S = 1.0
 # How often a kept mapping is checked against the buffer the framebuffer id names now (a grant and
@@ -75,6 +85,11 @@ class _Mapped:
     checked_at: float  # when the id last named this buffer
     shown_at: float = 0.0  # when a look last found it on the CRTC
     read: bool = False  # read whole since it was mapped
+
+
+def _bands_of(rects: list[Rect]) -> int:
+    """How many bands (ALIGN rows) the rectangles touch."""
+    return len({b for r in rects for b in range(r.y // ALIGN, (r.y + r.height - 1) // ALIGN + 1)})
 
 
 def _strided(buffer: mmap.mmap | bytearray, start: int, row: int, height: int, phase: int) -> bytes:
@@ -113,6 +128,7 @@ class Scanout:
         self._cursor: CursorImage | None = None
         self._pointer = (0, 0)
         self._phase = 0
+        self._whole_looks = 0  # looks left that compare the picture whole (after a repaint)
         self._hot: dict[int, float] = {}  # band -> when it last changed
         self._samples: dict[int, bytes] = {}  # phase -> the held picture's rows of that phase
         self._changes: deque[float] = deque()  # looks that found a change, the last second
@@ -286,16 +302,26 @@ class Scanout:
             m.shown_at = now
             if shown != self._shown or self._fb is None or not m.read:
                 self._read_new(m, crtc, shown, changes)
+            elif self._whole_looks:
+                self._whole_looks -= 1
+                changes.damage = compare_frames(self._fb, self._read(m, crtc), *self.size)
+                if self._wide(_bands_of(changes.damage), crtc):
+                    self._whole_looks = WHOLE_LOOKS_AFTER_WIDE  # still repainting
             else:
                 bands = {y for y, t in self._hot.items() if now - t <= HOT_S}
                 found = self._sampled_bands(m, crtc, bands) - bands  # hot ones are read anyway
-                # A change seen in a sampled row may go on in the bands beside it, whose sampled
-                # rows this look did not reach: they are read whole too.
-                bands |= {y + d for y in found for d in (-ALIGN, 0, ALIGN)
-                          if 0 <= y + d < crtc.height}
-                if bands:
-                    changes.damage = compare_bands(
-                        self._fb, lambda y, rows: self._rows(m, crtc, y, rows), *self.size, bands)
+                if self._wide(len(found), crtc):
+                    changes.damage = compare_frames(self._fb, self._read(m, crtc), *self.size)
+                    self._whole_looks = WHOLE_LOOKS_AFTER_WIDE
+                else:
+                    # A change seen in a sampled row may go on in the bands beside it, whose
+                    # sampled rows this look did not reach: they are read whole too.
+                    bands |= {y + d for y in found for d in (-ALIGN, 0, ALIGN)
+                              if 0 <= y + d < crtc.height}
+                    if bands:
+                        changes.damage = compare_bands(
+                            self._fb, lambda y, rows: self._rows(m, crtc, y, rows), *self.size,
+                            bands)
         except OSError as exc:  # KmsError, or the grant's GrantRefused / a broken grant socket
             # The framebuffer went between two ioctls (a mode set, a VT switch), or the service
             # refused its handle (no longer shown, no answer in time): the next look finds the new
@@ -304,6 +330,11 @@ class Scanout:
             return changes
         self._pace(now, crtc, changes)
         return changes
+
+    @staticmethod
+    def _wide(bands: int, crtc: kms.Crtc) -> bool:
+        """Whether changes in that many bands are a repaint (see WIDE_SHARE)."""
+        return bands >= max(WIDE_MIN_BANDS, WIDE_SHARE * -(-crtc.height // ALIGN))
 
     def _pace(self, now: float, crtc: kms.Crtc, changes: Changes) -> None:
         """Remember what changed; look again sooner the more often the screen changes."""
