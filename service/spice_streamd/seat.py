@@ -220,10 +220,10 @@ class LogindVTSource(_Notifier):
             return self._session_vts[session_id], session_id
         props = await get_properties(self._bus, path, constants.LOGIND_SESSION, self._timeout)
         try:
-            vt: int | None = int(props.get("VTNr", 0))
+            number = int(props.get("VTNr", 0))
         except (TypeError, ValueError):
             return None, session_id  # not remembered: asked again next time
-        vt = vt if vt is not None and 1 <= vt <= MAX_VT else None
+        vt = number if 1 <= number <= MAX_VT else None
         self._session_vts[session_id] = vt
         while len(self._session_vts) > SESSION_VTS_KEPT:
             self._session_vts.popitem(last=False)
