@@ -124,6 +124,41 @@ def test_spoofed_seat_change_is_ignored(bus, logind):
     asyncio.run(run())
 
 
+def test_a_malformed_active_session_in_loginds_signal_is_read_from_the_seat(bus, logind, caplog):
+    """The value in logind's signal is used only in the shape (so); any other has seat0 read
+    again: no error, no change that did not happen."""
+    import dbus
+    from tests.support.logind import SEAT, SEAT0
+
+    logind.add_session("c2", uid=1000, vt=2, active=True)
+    logind.add_session("c9", uid=1001, vt=9)
+
+    async def run():
+        conn = await connect(bus.address)
+        src = await open_vt_source(conn, sysfs_path="/nonexistent")
+        seen: list[int | None] = []
+        src.on_change(seen.append)
+        try:
+            for bad in (dbus.String("c9", variant_level=1),
+                        dbus.Struct((dbus.UInt32(9), dbus.ObjectPath("/")), variant_level=1)):
+                await asyncio.to_thread(
+                    logind._mock(SEAT0).EmitSignal, "org.freedesktop.DBus.Properties",
+                    "PropertiesChanged", "sa{sv}as",
+                    [SEAT, dbus.Dictionary({"ActiveSession": bad}, signature="sv"),
+                     dbus.Array([], signature="s")])
+            # The real switch afterwards proves the malformed ones came first (one sender).
+            await asyncio.to_thread(logind.activate, "c9")
+            await wait_async(lambda: seen, what="real switch")
+            assert seen == [9] and src.active_session == "c9"
+        finally:
+            await src.close()
+            conn.disconnect()
+
+    with caplog.at_level("WARNING"):
+        asyncio.run(run())
+    assert not [r for r in caplog.records if r.levelno >= 40], caplog.records
+
+
 def test_logind_going_away_means_no_vt(bus, logind):
     logind.add_session("c3", uid=1000, vt=3, active=True)
 

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from dbus_next import Message, MessageType
 from dbus_next.aio import MessageBus
+from dbus_next.validators import is_object_path_valid
 
 from spice_stream_common import constants
 
@@ -251,12 +252,13 @@ class LogindVTSource(_Notifier):
 
 
 def _active_session(value: Any) -> tuple[str, str] | None:
-    """seat0's ActiveSession, (so): (session id, object path); None when it is not that shape."""
-    try:
-        session_id, path = value
-    except (TypeError, ValueError):
+    """seat0's ActiveSession, (so): (session id, object path); None when it is not that shape
+    (a two-letter string unpacks as a pair too: only a list or tuple is taken)."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
         return None
-    if not isinstance(session_id, str) or not isinstance(path, str):
+    session_id, path = value
+    if not isinstance(session_id, str) or not isinstance(path, str) or not (
+            path == "/" or is_object_path_valid(path)):
         return None
     return session_id, path
 
