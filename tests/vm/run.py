@@ -37,6 +37,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,7 +233,7 @@ class Viewer:
         # Every line the client printed, with its time (s since start), written to viewer-TAG.log
         # at close: when frames came, and spice-gtk's own word when it dropped one as late (its
         # debug output, of which only such lines are kept).
-        self.timeline: list[str] = []
+        self.timeline: deque[str] = deque(maxlen=VIEWER_LOG_LINES)
         self.debug_lines = 0
         first = ctx.results / f"viewer-{tag}-first.ppm"
         self.proc = subprocess.Popen(
@@ -315,7 +316,7 @@ class Viewer:
         stop_process(self.proc, timeout=3)
         with contextlib.suppress(OSError):
             (self.ctx.results / f"viewer-{self.tag}.log").write_text(
-                "\n".join(self.timeline[-VIEWER_LOG_LINES:])
+                "\n".join(self.timeline)
                 + f"\n({self.debug_lines} spice-gtk debug lines, of which those naming "
                   f"{'/'.join(VIEWER_DEBUG_KEPT)} above)\n")
 
@@ -1696,14 +1697,11 @@ def compare_dump(ctx: Context, viewer: Viewer, tag: str, tries: int = 3) -> list
 def _what_the_crtc_shows(ctx: Context, viewer: Viewer, tag: str) -> str:
     """For a failed comparison: the active CRTC's framebuffer read as root (the scanout probe)
     against the display and the stream, to tell which of the two the kernel's picture is."""
-    res = ctx.vm.sh(f"{SCANOUT_PROBE} {tag}-mismatch", timeout=120, quiet=True)
-    dump, streamed = screendump(ctx, f"{tag}-mismatch"), viewer.save()
     try:
-        probe = json.loads(res.out.strip().splitlines()[-1])
-        with Image.open(ctx.results / f"scanout-{tag}-mismatch.png") as im:
-            fb = im.convert("RGB")
-    except (ValueError, IndexError, OSError):
-        return f"the scanout probe gave nothing (exit {res.rc}): {res.err[-300:]}"
+        probe, fb = _run_scanout_probe(ctx, f"{tag}-mismatch")
+    except (Failed, OSError) as exc:
+        return f"the scanout probe gave no picture: {str(exc)[:300]}"
+    dump, streamed = screendump(ctx, f"{tag}-mismatch"), viewer.save()
     if fb.size != dump.size or fb.size != streamed.size:
         return (f"the CRTC's framebuffer is {fb.size}, the display {dump.size}, the stream "
                 f"{streamed.size} ({probe.get('fb')})")
@@ -2370,11 +2368,10 @@ SCANOUT_PROBE = "/usr/bin/python3 /mnt/share/scanout_probe.py /mnt/results"
 SCANOUT_TEXT_VT = 6  # a text console nobody logs in to (getty's prompt)
 
 
-def _scanout_probe(ctx: Context, tag: str) -> str:
-    """guest/scanout_probe.py as root on a static screen: its picture of the scanout against QEMU's
-    screendump taken right after it; one phrase (PSNR, the framebuffer, the read cost)."""
+def _run_scanout_probe(ctx: Context, tag: str) -> tuple[dict, Image.Image]:
+    """guest/scanout_probe.py as root: its report (kept as scanout-TAG.json) and its picture of
+    the active CRTC's framebuffer; Failed when it gave neither."""
     res = ctx.vm.sh(f"{SCANOUT_PROBE} {tag}", timeout=120, quiet=True)
-    dump = screendump(ctx, f"scanout-{tag}")
     try:
         probe = json.loads(res.out.strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -2383,7 +2380,14 @@ def _scanout_probe(ctx: Context, tag: str) -> str:
     (ctx.logdir / f"scanout-{tag}.json").write_text(json.dumps(probe, indent=1))
     check("error" not in probe, f"{tag}: {probe.get('error')}: {probe}")
     with Image.open(ctx.results / f"scanout-{tag}.png") as im:
-        value = _alike(im.convert("RGB"), dump)
+        return probe, im.convert("RGB")
+
+
+def _scanout_probe(ctx: Context, tag: str) -> str:
+    """guest/scanout_probe.py as root on a static screen: its picture of the scanout against QEMU's
+    screendump taken right after it; one phrase (PSNR, the framebuffer, the read cost)."""
+    probe, picture = _run_scanout_probe(ctx, tag)
+    value = _alike(picture, screendump(ctx, f"scanout-{tag}"))
     fb = probe["fb"]
     phrase = (f"{tag}: PSNR {value:.1f} dB, fb {fb['width']}x{fb['height']} {fb['format']} pitch "
               f"{fb['pitch']} modifier {fb['modifier']:#x}, map {probe.get('map_ms')} ms, read "
