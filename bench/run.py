@@ -273,10 +273,16 @@ def main() -> int:
     ap.add_argument("--size", default="1920x1080")
     ap.add_argument("--parts", default=",".join(PARTS),
                     help=f"comma-separated, of {', '.join(PARTS)} (default all)")
+    ap.add_argument("--codecs", default=",".join(videocodecs.CODECS),
+                    help="the codecs part's codecs, comma-separated (MJPEG, the reference, always)")
     args = ap.parse_args()
     parts = [p for p in args.parts.split(",") if p]
     if unknown := set(parts) - set(PARTS):
         ap.error(f"unknown parts: {', '.join(sorted(unknown))}")
+    codecs = {c for c in args.codecs.split(",") if c} | {"mjpeg"}
+    if unknown := codecs - set(videocodecs.CODECS):
+        ap.error(f"unknown codecs: {', '.join(sorted(unknown))}")
+    args.codecs = tuple(c for c in videocodecs.CODECS if c in codecs)
     width, height = (int(v) for v in args.size.split("x"))
     started = time.monotonic()
     server = start_xvfb(width, height)

@@ -39,6 +39,7 @@ class Row:
     mbit_at_60: float  # all frames' bytes, at 60 frames a second
     cpu_ms: float  # service + worker + X per frame
     worker_ms: float
+    core_pct: float  # service + worker + X: CPU seconds per second of the workload, in %
 
 
 def measure(codec: str, workload: str, server, args) -> Row:
@@ -66,7 +67,7 @@ def measure(codec: str, workload: str, server, args) -> Row:
     return Row(codec, workload, round(frames / (t1 - t0), 1), frames, keys if codec != "mjpeg" else 0,
                delta_bytes / max(deltas, 1) / 1024, key_bytes / max(keys, 1) / 1024,
                (b1 - b0) / per * 8 * 60 / 1e6, 1000 * (sum(used) + x1 - x0) / per,
-               1000 * used[-1] / per)
+               1000 * used[-1] / per, 100 * (sum(used) + x1 - x0) / (t1 - t0))
 
 
 def run(server, args) -> list[tuple[str, bool]]:
@@ -74,7 +75,7 @@ def run(server, args) -> list[tuple[str, bool]]:
     against the targets."""
     rows: list[Row] = []
     for workload in WORKLOADS:
-        for codec in CODECS:
+        for codec in args.codecs:
             try:
                 rows.append(measure(codec, workload, server, args))
             except RuntimeError as exc:
@@ -82,14 +83,14 @@ def run(server, args) -> list[tuple[str, bool]]:
     print(f"\n== codecs: the installed pipeline per codec, {args.size}, painter at "
           f"{', '.join(f'{w} {r:g}/s' for w, (_, r) in WORKLOADS.items())} ==")
     print(f"{'workload':8} {'codec':6} {'fps':>6} {'frames':>6} {'keys':>4} {'KB/frame':>9} "
-          f"{'KB/key':>8} {'Mbit/s@60':>10} {'CPU ms/frame':>13} {'(worker':>8})")
+          f"{'KB/key':>8} {'Mbit/s@60':>10} {'CPU ms/frame':>13} {'(worker':>8}) {'core %':>7}")
     for r in rows:
         print(f"{r.workload:8} {r.codec:6} {r.fps:6.1f} {r.frames:6d} {r.keyframes:4d} "
               f"{r.delta_kb:9.2f} {r.key_kb:8.1f} {r.mbit_at_60:10.1f} {r.cpu_ms:13.2f} "
-              f"{r.worker_ms:8.2f})")
+              f"{r.worker_ms:8.2f}) {r.core_pct:7.1f}")
     checks: list[tuple[str, bool]] = []
     by = {(r.workload, r.codec): r for r in rows}
-    for codec in CODECS[1:]:
+    for codec in args.codecs[1:]:
         typing, full = by.get(("typing", codec)), by.get(("full", codec))
         mjpeg_full = by.get(("full", "mjpeg"))
         if typing is not None:
@@ -99,11 +100,16 @@ def run(server, args) -> list[tuple[str, bool]]:
                         f"{TARGET_TYPING_CPU_MS:g}", typing.worker_ms <= TARGET_TYPING_CPU_MS)]
         if full is not None and mjpeg_full is not None:
             ratio = full.delta_kb / max(mjpeg_full.delta_kb, 1e-9)
-            cpu = full.cpu_ms / max(mjpeg_full.cpu_ms, 1e-9)
+            # By the second of the same scroll, not by the frame: H.264 follows each change with
+            # its repeat (StreamCodec.held_back), a second, cheap frame that would halve its
+            # figure per frame without saving anything.
+            cpu = full.core_pct / max(mjpeg_full.core_pct, 1e-9)
+            per_frame = full.cpu_ms / max(mjpeg_full.cpu_ms, 1e-9)
             checks += [(f"{codec} full: {ratio:.3f} of MJPEG's bytes per frame <= "
                         f"{TARGET_FULL_BYTES_RATIO:g}", ratio <= TARGET_FULL_BYTES_RATIO),
-                       (f"{codec} full: {cpu:.2f}x MJPEG's CPU per frame <= {TARGET_FULL_CPU_RATIO:g}",
-                        cpu <= TARGET_FULL_CPU_RATIO)]
+                       (f"{codec} full: {cpu:.2f}x MJPEG's CPU for the same scroll (per frame "
+                        f"{per_frame:.2f}x, at {full.fps:g} fps to its {mjpeg_full.fps:g}) <= "
+                        f"{TARGET_FULL_CPU_RATIO:g}", cpu <= TARGET_FULL_CPU_RATIO)]
     print(f"  (CPU: service + worker + Xvfb per frame; this machine: {os.cpu_count()} CPUs)")
     return checks + responsiveness(server, args)
 
@@ -127,7 +133,7 @@ def responsiveness(server, args) -> list[tuple[str, bool]]:
     print(f"{'codec':6} {'p50 ms':>7} {'p95 ms':>7} {'unseen':>6} {'after block':>12} "
           f"{'stale':>5} {'join s':>7}")
     checks = []
-    for codec in CODECS:
+    for codec in args.codecs:
         try:
             lat = latency.one_latency("relayed", "64x64", server, args, codec)
             _, _, stale, catch_up = latency.blocked(server, args, codec)

@@ -4,13 +4,15 @@ output decoded by real decoders and compared with what went in; keyframes where 
 from __future__ import annotations
 
 import io
+import itertools
 
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw
 
 from spice_stream_common.codecnames import Codec
 from spice_stream_worker import codecs
-from spice_stream_worker.gstreamer import Media
+from spice_stream_worker.geometry import Rect
+from spice_stream_worker.gstreamer import Media, alias
 from spice_stream_worker.source import Frame
 from spice_stream_worker.videoencoder import Settings, VideoEncoder, VideoEncoderError
 from tests.support.spicehost import psnr
@@ -165,6 +167,35 @@ def test_a_keyframe_asked_for_is_one_and_decodes_on_its_own(codec):
     # A client that joins here has only this keyframe and what follows.
     decoded = decode(codec, [unit, after])
     assert len(decoded) == 2 and psnr(decoded[1], desktop(4)) >= bar(desktop(4))
+
+
+def test_h264_whole_then_in_places_decodes_to_each_picture():
+    """The two ways a picture reaches x264: converted whole (the converter's buffer as it is) and
+    converted where it changed (on top of that buffer, copied out): each decodes to its picture."""
+    candidate = encodable(Codec.H264)
+    pictures = [desktop(0), desktop(1), desktop(2)]
+    with VideoEncoder(Codec.H264, candidate, W, H, Settings(), MEDIA) as enc:
+        units = [enc.encode(frame_of(pictures[0]))]
+        for before, after in itertools.pairwise(pictures):
+            box = ImageChops.difference(before, after).getbbox()
+            changed = [Rect(box[0], box[1], box[2] - box[0], box[3] - box[1])]
+            units.append(enc.encode(frame_of(after), changed=changed))
+    assert [key for _, key in units] == [True, False, False]
+    decoded = decode(Codec.H264, [unit for unit, _ in units])
+    assert len(decoded) == len(pictures)
+    for i, (got, picture) in enumerate(zip(decoded, pictures, strict=True)):
+        assert psnr(got, picture) >= bar(picture), (i, psnr(got, picture), bar(picture))
+
+
+def test_an_alias_shares_the_memory_but_not_the_time():
+    # PyGObject's Buffer.copy() is a second reference: a repeat's time set on it moved the first.
+    Gst = MEDIA.Gst
+    first = Gst.Buffer.new_wrapped(b"picture")
+    first.pts = 1
+    second = alias(Gst, first)
+    second.pts = 2
+    assert (first.pts, second.pts) == (1, 2)
+    assert second.extract_dup(0, second.get_size()) == b"picture"
 
 
 def test_h264_is_annex_b_with_its_parameter_sets_before_each_keyframe():

@@ -138,18 +138,30 @@ def samples(buffer: bytes, w: int, h: int) -> bytes:
     return bytes(out)
 
 
+class Filled:
+    """A stand-in for the converter's picture: `size` bytes of 7, and how often they were read."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.reads = size, 0
+
+    def tobytes(self) -> bytes:
+        self.reads += 1
+        return bytes([7]) * self.size
+
+
 def test_a_large_change_goes_whole_through_the_converter_a_small_one_through_pillow():
     w, h = 64, 48
     calls = []
 
-    def whole(frame: Frame) -> bytes:
+    def whole(frame: Frame) -> Filled:
         calls.append(frame)
-        return bytes([7]) * layout(w, h).size  # not what Pillow would give: the buffer shows who
+        return Filled(layout(w, h).size)  # not what Pillow would give: the buffer shows who
 
     planes = Planes(w, h, layout(w, h), whole)
     first = frame_of(picture(w, h, 5))
-    planes.update(first, [Rect(0, 0, 2, 2)])  # the first update is whole
-    assert len(calls) == 1 and planes.buffer == bytes([7]) * len(planes.buffer)
+    given = planes.update(first, [Rect(0, 0, 2, 2)])  # the first update is whole
+    assert len(calls) == 1 and given is not None and given.reads == 0  # not copied yet
+    assert planes.buffer == bytes([7]) * len(planes.buffer) and given.reads == 1
     small = Rect(0, 0, 8, 8)
     planes.update(first, [small])
     assert len(calls) == 1 and planes.buffer[0] != 7  # Pillow converted the small change
@@ -161,7 +173,7 @@ def test_a_large_change_goes_whole_through_the_converter_a_small_one_through_pil
 
 
 def test_a_converted_frame_of_the_wrong_size_is_refused():
-    planes = Planes(32, 32, layout(32, 32), lambda frame: b"short")
+    planes = Planes(32, 32, layout(32, 32), lambda frame: Filled(5))
     with pytest.raises(ValueError, match="5 bytes"):
         planes.update(frame_of(picture(32, 32, 6)), None)
 
@@ -173,3 +185,30 @@ def test_the_converter_refuses_a_frame_of_another_size_and_a_use_after_close():
     converter.close()
     with pytest.raises(ConvertError, match="closed"):
         converter.convert(frame_of(Image.new("RGB", (32, 32))))
+
+
+def test_a_small_change_after_a_whole_conversion_lands_on_the_converters_picture():
+    """The converter's picture is kept as it was given (no copy) until a small change needs the
+    planes: then the change goes on top of it, as if the new frame had been converted whole."""
+    w, h = 320, 200
+    before, after = picture(w, h, 7), picture(w, h, 7)
+    change = Rect(101, 37, 9, 13)
+    after.paste((200, 30, 90), (change.x, change.y, change.x + change.width, change.y + change.height))
+    converter = WholeConverter(MEDIA, w, h)
+    try:
+        planes = Planes(w, h, layout(w, h), converter.convert_picture)
+        assert planes.update(frame_of(before), None) is not None
+        assert planes.update(frame_of(after), [change]) is None  # Pillow's, in place
+        want = converter.convert(frame_of(after))
+    finally:
+        converter.close()
+    got = samples(planes.buffer, w, h)
+    assert max(abs(a - b) for a, b in zip(got, samples(want, w, h), strict=True)) <= 1
+    x, y = change.x + 4, change.y + 6  # luma: the first plane, rows w samples apart here
+    assert abs(got[y * w + x] - luma((200, 30, 90))) <= 1
+    assert abs(got[y * w + x] - luma(before.getpixel((x, y)))) > 10  # the change is there
+
+
+def luma(rgb: tuple[int, int, int]) -> int:
+    r, g, b = rgb
+    return round(0.299 * r + 0.587 * g + 0.114 * b)

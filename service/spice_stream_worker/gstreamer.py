@@ -7,6 +7,7 @@ import logging
 import os
 import stat
 from collections.abc import Sequence
+from typing import Any
 
 from spice_stream_common.exitcodes import DisplayUnavailable
 
@@ -48,6 +49,15 @@ class Media:
                     f"{purpose} needs the GStreamer element {element}: install the Debian "
                     f"package {package}")
         self.GLib, self.Gio, self.Gst, self.GstVideo = GLib, Gio, Gst, GstVideo
+
+
+def alias(Gst: Any, buffer: Any) -> Any:
+    """A new buffer on `buffer`'s memory (not copied), its timestamps and flags its own to set.
+    PyGObject's Buffer.copy() is GBoxed's, a second reference to the same buffer: setting a time
+    on that would change the first one's too."""
+    flags = Gst.BufferCopyFlags
+    return buffer.copy_region(flags.FLAGS | flags.TIMESTAMPS | flags.META | flags.MEMORY,
+                              0, buffer.get_size())
 
 
 def _typelib(gi: object, name: str, missing: str) -> object:

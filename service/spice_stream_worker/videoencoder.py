@@ -17,7 +17,7 @@ from .codecs import COMMON_ELEMENTS, H264_PARSER, Candidate
 from .geometry import Rect
 from .gstreamer import Media
 from .source import Frame
-from .wholeconvert import ConvertError, WholeConverter
+from .wholeconvert import Converted, ConvertError, WholeConverter
 from .yuv import Layout, Planes
 
 log = logging.getLogger(__name__)
@@ -144,14 +144,14 @@ class VideoEncoder:
         if self._pipeline.set_state(Gst.State.PLAYING) == Gst.StateChangeReturn.FAILURE:
             self._fail("the pipeline did not start")
 
-    def _convert_whole(self, frame: Frame) -> bytes:
+    def _convert_whole(self, frame: Frame) -> Converted:
         """yuv.Planes' whole-frame path: a converter made at its first use (the first frame)."""
         if self._converter is None:
             try:
                 self._converter = WholeConverter(self.media, *self.size)
             except Exception as exc:  # noqa: BLE001 - GLib.Error: the description did not build
                 raise ConvertError(f"the colour converter: {exc}") from None
-        return self._converter.convert(frame)
+        return self._converter.convert_picture(frame)
 
     def encode(self, frame: Frame, keyframe: bool = False,
                changed: list[Rect] | None = None) -> tuple[bytes, bool]:
@@ -164,6 +164,22 @@ class VideoEncoder:
         if (frame.width, frame.height) != self.size:
             raise VideoEncoderError(f"a {frame.width}x{frame.height} frame for a "
                                     f"{self.size[0]}x{self.size[1]} encoder")
+        Gst = self.media.Gst
+        if self._planes is not None:
+            try:
+                picture = self._planes.update(frame, changed)
+            except (ConvertError, ValueError) as exc:
+                raise VideoEncoderError(f"{self.codec.label}: {exc}") from None
+            # A frame converted whole goes in as the converter gave it; one changed in places,
+            # as a copy of the planes (x264 may still hold the buffer it was given before).
+            buf = (picture.gst_buffer() if isinstance(picture, Converted)
+                   else Gst.Buffer.new_wrapped(bytes(self._planes.buffer)))
+        else:
+            buf = Gst.Buffer.new_wrapped(frame.packed())
+        return self._encode(buf, keyframe)
+
+    def _encode(self, buf: object, keyframe: bool) -> tuple[bytes, bool]:
+        """Pushes one input buffer, awaits its access unit; the keyframe rules of encode()."""
         Gst, GstVideo = self.media.Gst, self.media.GstVideo
         now = self._clock()
         interval = self.settings.keyframe_interval_s
@@ -176,14 +192,6 @@ class VideoEncoder:
             # The pipeline is idle between two frames (each output is awaited): the event
             # reaches the encoder before the frame's buffer.
             self._enc.get_static_pad("sink").send_event(event)
-        if self._planes is not None:
-            try:
-                self._planes.update(frame, changed)
-            except (ConvertError, ValueError) as exc:
-                raise VideoEncoderError(f"{self.codec.label}: {exc}") from None
-            buf = Gst.Buffer.new_wrapped(bytes(self._planes.buffer))
-        else:
-            buf = Gst.Buffer.new_wrapped(frame.packed())
         buf.pts, buf.dts, buf.duration = pts, pts, duration
         if self._src.emit("push-buffer", buf) != Gst.FlowReturn.OK:
             self._fail("the pipeline refused a frame")

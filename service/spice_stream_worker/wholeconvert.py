@@ -3,7 +3,9 @@ yuv.Planes takes when most of the frame changed (about 4x faster than Pillow's p
 
 from __future__ import annotations
 
-from .gstreamer import Media
+from typing import Any
+
+from .gstreamer import Media, alias
 from .source import Frame
 from .yuv import COLORIMETRY
 
@@ -15,11 +17,29 @@ class ConvertError(Exception):
     """The converter failed or stalled."""
 
 
+class Converted:
+    """One converted frame as the converter's own GStreamer buffer (yuv.WholePicture): handed to
+    the encoder as it is, copied out only when a later small change is converted into it (a
+    1080p frame's I420 is 3 MB; four copies of it cost a whole-screen frame 2-3 ms)."""
+
+    def __init__(self, Gst: Any, buffer: Any) -> None:
+        self._Gst, self._buffer = Gst, buffer
+        self.size: int = buffer.get_size()
+
+    def tobytes(self) -> bytes:
+        return self._buffer.extract_dup(0, self.size)
+
+    def gst_buffer(self) -> Any:
+        """A buffer of its own (its timestamps the caller's to set) sharing the picture's memory."""
+        return alias(self._Gst, self._buffer)
+
+
 class WholeConverter:
     """Owns one appsrc ! videoconvert ! appsink pipeline for one size (close() ends it).
     convert() gives the frame in GStreamer's own I420 layout (GstVideo.VideoInfo's, which
     yuv.Planes is built on), with JPEG's colour matrix and range, as yuv.Planes converts: the
-    two differ by at most one level per sample (tests/test_yuv.py)."""
+    two differ by at most one level per sample (tests/test_yuv.py). convert_picture() gives it
+    without a copy (Converted)."""
 
     def __init__(self, media: Media, width: int, height: int) -> None:
         Gst = media.Gst
@@ -38,6 +58,9 @@ class WholeConverter:
             raise ConvertError("the converter did not start")
 
     def convert(self, frame: Frame) -> bytes:
+        return self.convert_picture(frame).tobytes()
+
+    def convert_picture(self, frame: Frame) -> Converted:
         Gst = self._Gst
         if self._pipeline is None:
             raise ConvertError("the converter is closed")
@@ -52,14 +75,7 @@ class WholeConverter:
         sample = self._sink.emit("try-pull-sample", int(CONVERT_TIMEOUT_S * Gst.SECOND))
         if sample is None:
             raise ConvertError(f"no converted frame within {CONVERT_TIMEOUT_S:g} s")
-        out = sample.get_buffer()
-        ok, info = out.map(Gst.MapFlags.READ)
-        if not ok:
-            raise ConvertError("a converted frame could not be read")
-        try:
-            return bytes(info.data)
-        finally:
-            out.unmap(info)
+        return Converted(Gst, sample.get_buffer())
 
     def close(self) -> None:
         if self._pipeline is not None:
