@@ -14,7 +14,7 @@ from spice_stream_worker import codecs
 from spice_stream_worker.geometry import Rect
 from spice_stream_worker.gstreamer import Media, alias
 from spice_stream_worker.source import Frame
-from spice_stream_worker.videoencoder import Settings, VideoEncoder, VideoEncoderError
+from spice_stream_worker.videoencoder import AU_END, Settings, VideoEncoder, VideoEncoderError
 from tests.support.spicehost import psnr
 
 try:
@@ -185,6 +185,31 @@ def test_h264_whole_then_in_places_decodes_to_each_picture():
     assert len(decoded) == len(pictures)
     for i, (got, picture) in enumerate(zip(decoded, pictures, strict=True)):
         assert psnr(got, picture) >= bar(picture), (i, psnr(got, picture), bar(picture))
+
+
+def test_each_h264_unit_leaves_the_clients_parser_as_soon_as_it_came():
+    """spice-gtk's way in: byte-stream caps with no alignment, h264parse. Each unit (AU_END after
+    it) comes out of the parser before the next one is pushed; without AU_END (x264's units as
+    they are) none would until the next came, and a still screen's last frame never."""
+    candidate = encodable(Codec.H264)
+    with VideoEncoder(Codec.H264, candidate, W, H, Settings(), MEDIA) as enc:
+        units = [enc.encode(frame_of(desktop(step)), keyframe=step == 2)[0] for step in range(4)]
+    Gst = MEDIA.Gst
+    pipe = Gst.parse_launch("appsrc name=src format=time caps=video/x-h264,stream-format=byte-stream "
+                            "! h264parse ! appsink name=sink sync=false")
+    src, sink = pipe.get_by_name("src"), pipe.get_by_name("sink")
+    pipe.set_state(Gst.State.PLAYING)
+    came = []
+    try:
+        for i, unit in enumerate(units):
+            assert unit.endswith(AU_END) and unit.count(AU_END) == 1
+            buf = Gst.Buffer.new_wrapped(unit)
+            buf.pts = buf.dts = i * Gst.SECOND // 30
+            src.emit("push-buffer", buf)
+            came.append(sink.emit("try-pull-sample", 2 * Gst.SECOND) is not None)
+    finally:
+        pipe.set_state(Gst.State.NULL)
+    assert came == [True] * len(units)
 
 
 def test_an_alias_shares_the_memory_but_not_the_time():

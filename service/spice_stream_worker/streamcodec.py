@@ -91,15 +91,6 @@ class StreamCodec:
         self._key_wanted = True
 
     @property
-    def held_back(self) -> bool:
-        """Whether a client shows a frame only once the next one has come: spice-gtk reads H.264
-        through h264parse with no alignment in its caps (src/channel-display-priv.h), and the
-        parser ends an access unit only when the next one starts. A still screen's last frame
-        would never be shown; the streamer follows it with the same picture again (an all-skip
-        frame of a few bytes), one frame slot later."""
-        return self.codec == Codec.H264
-
-    @property
     def video(self) -> bool:
         """Whether frames depend on the ones before them (a video codec)."""
         return self.codec not in (None, Codec.MJPEG)

@@ -102,7 +102,6 @@ class Streamer:
         self._last_unchanged_at = -1e9  # the last UNCHANGED sent to the service
         self._last_waiting_at = -1e9  # the last NO_PICTURE sent to the service
         self._next_frame_at = -1e9  # frame slots on a fixed grid, so loop latency does not eat the cap
-        self._repeat_due = False  # the last frame must be followed by another (StreamCodec.held_back)
         self._changed_at: float | None = None  # the last frame of a change (MJPEG: refreshed)
         self._refreshes = 0  # of REFRESH_AFTER_S, sent since then
         self._last_parts: tuple[bytes, ...] | None = None  # the last MJPEG frame, for the port
@@ -238,7 +237,7 @@ class Streamer:
         # reports as a resize; the source's fileno() wakes the loop then.
         if self._room_for_a_frame() and self.screen.live:
             # (else the device's writability wakes us)
-            if self._need_full or self._damage or self._repeat_due:
+            if self._need_full or self._damage:
                 deadlines.append(self._next_frame_at)
             else:
                 for due in (self._refresh_due(), self._heartbeat_due()):
@@ -287,9 +286,6 @@ class Streamer:
         if self._need_full or self._damage:
             self._send_frame(now)
             return
-        if self._repeat_due:
-            self._send_frame(now, repeat=True)
-            return
         due = self._refresh_due()
         if due is not None and now >= due:
             self._send_refresh(now)
@@ -302,16 +298,13 @@ class Streamer:
             self.outbox.send(frameparts.unchanged())
             self._last_unchanged_at = now
 
-    def _send_frame(self, now: float, repeat: bool = False) -> None:
-        """A frame of what changed; with `repeat`, the picture again (a few bytes in a video
-        codec), so that a client that holds the last frame back shows it (StreamCodec.held_back)."""
+    def _send_frame(self, now: float) -> None:
+        """A frame of what changed."""
         assert self.encoder is not None and self.encoder.codec is not None
         codec = int(self.encoder.codec)
-        self._repeat_due = False
-        if self._need_full or repeat:
+        if self._need_full:
             frame = self.screen.grab(None)
-            # A repeat is the picture already encoded: nothing of it to convert again.
-            changed = [] if repeat and not self._need_full else None
+            changed = None
         else:
             damage, self._damage = self._damage, []
             frame = self.screen.grab(damage)
@@ -335,7 +328,6 @@ class Streamer:
         self._damage.clear()
         self._need_full = False
         self._send_encoded(encoded)
-        self._repeat_due = self.encoder.held_back and not repeat
         if not self.encoder.video:
             self._changed_at, self._refreshes = now, 0
             self._last_parts = encoded.parts

@@ -33,6 +33,17 @@ NO_KEY_INTERVAL = 2 ** 31 - 1  # x264enc's key-int-max: no keyframe of its own a
 # range too, 37.3). VP8 has no way to say it and decoders of VP9 took it as limited (28 dB):
 # those two get BGRx, converted whole by GStreamer to the limited range decoders assume.
 PURPOSE = "video encoding"
+# What ends each H.264 access unit on the wire: the next one's first NAL units, an access unit
+# delimiter (primary_pic_type 7) and an SEI of one empty filler payload. spice-gtk reads H.264
+# through h264parse with no alignment in its caps (src/channel-display-priv.h): the parser ends
+# an access unit only once it has parsed the first NAL unit of the next, whose end in turn it
+# knows only by the start code after it. Without this a still screen's last frame was never
+# shown (it took a second frame, the same picture again, one frame slot later: twice the
+# encoding, and a slot of latency). The next unit's own NAL units follow these two in an order
+# the standard allows (delimiter, SEI, then parameter sets and slices), so x264 writes no
+# delimiter of its own.
+AU_END = b"\x00\x00\x00\x01\x09\xf0" + b"\x00\x00\x00\x01\x06\x03\x00\x80"
+_DELIMITERS = (b"\x00\x00\x00\x01\x09", b"\x00\x00\x01\x09")
 
 
 class VideoEncoderError(Exception):
@@ -71,7 +82,7 @@ def encoder_description(codec: Codec, candidate: Candidate, settings: Settings) 
             # blocked port, the interval) 6-14 KB at 9-16 dB PSNR on a scrolling 1080p desktop,
             # and the frames after it took half a second to recover; the quantizer keeps every
             # frame at 42-43 dB (a keyframe 355-414 KB, a scroll step 4-8 KB).
-            return (f"x264enc name=enc byte-stream=true aud=true tune=zerolatency "
+            return (f"x264enc name=enc byte-stream=true aud=false tune=zerolatency "
                     f"speed-preset=ultrafast pass=quant quantizer={q} bframes=0 "
                     f"key-int-max={NO_KEY_INTERVAL} ! {caps},profile=constrained-baseline")
         # VA-API: its own rate control; h264parse makes it Annex-B, one access unit a buffer.
@@ -93,11 +104,21 @@ def encoder_description(codec: Codec, candidate: Candidate, settings: Settings) 
     raise ValueError(f"no video encoder for {codec.label}")
 
 
+def _ended(unit: bytes) -> bytes:
+    """An H.264 access unit without a delimiter of its own at its start (a VA-API encoder's, or
+    h264parse's), AU_END after it."""
+    if unit.startswith(_DELIMITERS):
+        after = unit.find(b"\x00\x00\x01", 4)
+        unit = unit[after - (unit[after - 1:after] == b"\x00"):] if after != -1 else b""
+    return unit + AU_END
+
+
 class VideoEncoder:
     """One stream's encoder for one size: encode() takes a frame (BGRx) and gives its access unit
-    (H.264 in Annex-B with SPS and PPS before each keyframe; a VP8/VP9 frame) and whether it is a
-    keyframe. Synchronous: a frame is pushed and its output awaited before the next, so that
-    nothing waits inside the pipeline (the stream never has an encoded frame it did not send)."""
+    (H.264 in Annex-B with SPS and PPS before each keyframe, AU_END after it; a VP8/VP9 frame)
+    and whether it is a keyframe. Synchronous: a frame is pushed and its output awaited before
+    the next, so that nothing waits inside the pipeline (the stream never has an encoded frame
+    it did not send)."""
 
     def __init__(self, codec: Codec, candidate: Candidate, width: int, height: int,
                  settings: Settings, media: Media | None = None,
@@ -207,6 +228,8 @@ class VideoEncoder:
             data = bytes(info.data)
         finally:
             out.unmap(info)
+        if self.codec == Codec.H264:
+            data = _ended(data)
         self._frames += 1
         if is_key:
             self._last_key_at = now
