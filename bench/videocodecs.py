@@ -100,9 +100,9 @@ def run(server, args) -> list[tuple[str, bool]]:
                         f"{TARGET_TYPING_CPU_MS:g}", typing.worker_ms <= TARGET_TYPING_CPU_MS)]
         if full is not None and mjpeg_full is not None:
             ratio = full.delta_kb / max(mjpeg_full.delta_kb, 1e-9)
-            # By the second of the same scroll, not by the frame: H.264 follows each change with
-            # its repeat (StreamCodec.held_back), a second, cheap frame that would halve its
-            # figure per frame without saving anything.
+            # By the second of the same scroll, not by the frame: a codec that sends more
+            # frames for the same changes (H.264 followed each with its repeat until 2026-12-07)
+            # would look cheaper per frame without costing less.
             cpu = full.core_pct / max(mjpeg_full.core_pct, 1e-9)
             per_frame = full.cpu_ms / max(mjpeg_full.cpu_ms, 1e-9)
             checks += [(f"{codec} full: {ratio:.3f} of MJPEG's bytes per frame <= "
