@@ -86,6 +86,7 @@ class Service:
     async def run(self) -> int:
         # Imported here: these are C2's modules and pull in pyudev; the CLI's --help needs none.
         from .devicewatch import DeviceWatch
+        from .loopwatch import LoopWatch
         from .scanouttarget import scanout_target
         from .seat import open_vt_source
         from .sessionexpiry import SessionExpiry
@@ -105,6 +106,9 @@ class Service:
             return 1
         closers = []
         try:
+            watch = LoopWatch(loop)
+            watch.start()
+            closers.append(("loop watch", watch.close))
             session_source = await open_session_source(bus)
             closers.append(("sessions", session_source.close))
             vt_source = await open_vt_source(bus)
