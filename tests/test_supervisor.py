@@ -1420,3 +1420,36 @@ def test_the_scanout_covers_for_a_worker_without_a_picture(workdir, pty_device):
         assert FakeGrants.opened[0].closed
 
     asyncio.run(run())
+
+
+def test_no_cover_for_a_worker_whose_session_has_just_left_the_screen(workdir, pty_device):
+    """A VT switch: the relayed worker's session leaves the screen, so its NO_PICTURE may be read
+    after the target changed and before the switch is carried out. The scanout reader is not
+    started for it (on Debian 12 that put a start and a stop into the middle of the switch)."""
+    _, script, rec = workdir
+    host = Host(pty_device[1])
+    FakeGrants.opened.clear()
+    open(os.path.join(rec, "back"), "w").close()  # the worker has its picture
+
+    async def run():
+        sup, _ = make(script, rec, pty_device[0], "covered", open_grants=FakeGrants)
+        try:
+            sup.set_standby([SCANOUT])
+            await wait_async(lambda: len(records(rec)) == 1, what="the reader in standby")
+            sup.set_target(NOBODY)
+            host.send(p.start_stop([1]))
+            await wait_async(lambda: [m for t, m in host.read()
+                                      if t == p.MsgType.DATA and m[2:3] == b"W"],
+                             timeout=15, what="the worker's own frames")
+            relayed = sup._worker
+            sup.set_target(None)
+            sup._on_no_picture(relayed)  # read before the supervisor's next round
+            assert sup._cover is None
+            # The still-current target's worker is covered, as before.
+            sup.set_target(NOBODY)
+            sup._on_no_picture(relayed)
+            assert sup._cover is not None
+        finally:
+            await sup.close()
+
+    asyncio.run(run())

@@ -579,6 +579,11 @@ class WorkerSupervisor:
         the display's scanout is relayed meanwhile, if its reader waits in standby."""
         if self._worker is not w or w.detached or self._cover is not None or w.target.scanout:
             return
+        if w.target != self._target:
+            # Its session has just left the screen (its own NO_PICTURE says so, read before the
+            # switch is carried out): the next worker is relayed in a moment, and a cover now
+            # would start the reader only to stop it, in the middle of a VT switch.
+            return
         if not self.relay.host_wants_frames:
             return
         cover = next((sw for t, sw in self._standby.items()
