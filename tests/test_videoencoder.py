@@ -3,8 +3,10 @@ output decoded by real decoders and compared with what went in; keyframes where 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
+from collections.abc import Iterator
 
 import pytest
 from PIL import Image, ImageChops, ImageDraw
@@ -66,25 +68,38 @@ def frame_of(im: Image.Image) -> Frame:
 def decode(codec: Codec, units: list[bytes], size: tuple[int, int] = (W, H)) -> list[Image.Image]:
     """The pictures a real decoder makes of these access units, in order."""
     Gst = MEDIA.Gst
-    pipe = Gst.parse_launch(f"appsrc name=src format=time caps={DECODERS[codec]} ! videoconvert ! "
-                            "video/x-raw,format=RGB ! appsink name=sink sync=false")
-    src, sink = pipe.get_by_name("src"), pipe.get_by_name("sink")
-    pipe.set_state(Gst.State.PLAYING)
     out = []
-    try:
+    with playing(f"appsrc name=src format=time caps={DECODERS[codec]} ! videoconvert ! "
+                 "video/x-raw,format=RGB ! appsink name=sink sync=false") as (src, sink):
         for i, unit in enumerate(units):
-            buf = Gst.Buffer.new_wrapped(unit)
-            buf.pts = buf.dts = i * Gst.SECOND // 30
-            src.emit("push-buffer", buf)
+            push(src, unit, i)
         src.emit("end-of-stream")
         while (sample := sink.emit("try-pull-sample", 5 * Gst.SECOND)) is not None:
             b = sample.get_buffer()
             ok, info = b.map(Gst.MapFlags.READ)
             out.append(Image.frombytes("RGB", size, bytes(info.data)))
             b.unmap(info)
+    return out
+
+
+@contextlib.contextmanager
+def playing(description: str) -> Iterator[tuple[object, object]]:
+    """A pipeline from `description`, playing: its elements named src and sink."""
+    Gst = MEDIA.Gst
+    pipe = Gst.parse_launch(description)
+    pipe.set_state(Gst.State.PLAYING)
+    try:
+        yield pipe.get_by_name("src"), pipe.get_by_name("sink")
     finally:
         pipe.set_state(Gst.State.NULL)
-    return out
+
+
+def push(src, unit: bytes, i: int) -> None:
+    """The i-th access unit into an appsrc, at 30 a second."""
+    Gst = MEDIA.Gst
+    buf = Gst.Buffer.new_wrapped(unit)
+    buf.pts = buf.dts = i * Gst.SECOND // 30
+    src.emit("push-buffer", buf)
 
 
 def unit_count(codec: Codec, data: bytes) -> dict:
@@ -194,21 +209,13 @@ def test_each_h264_unit_leaves_the_clients_parser_as_soon_as_it_came():
     candidate = encodable(Codec.H264)
     with VideoEncoder(Codec.H264, candidate, W, H, Settings(), MEDIA) as enc:
         units = [enc.encode(frame_of(desktop(step)), keyframe=step == 2)[0] for step in range(4)]
-    Gst = MEDIA.Gst
-    pipe = Gst.parse_launch("appsrc name=src format=time caps=video/x-h264,stream-format=byte-stream "
-                            "! h264parse ! appsink name=sink sync=false")
-    src, sink = pipe.get_by_name("src"), pipe.get_by_name("sink")
-    pipe.set_state(Gst.State.PLAYING)
     came = []
-    try:
+    with playing("appsrc name=src format=time caps=video/x-h264,stream-format=byte-stream "
+                 "! h264parse ! appsink name=sink sync=false") as (src, sink):
         for i, unit in enumerate(units):
             assert unit.endswith(AU_END) and unit.count(AU_END) == 1
-            buf = Gst.Buffer.new_wrapped(unit)
-            buf.pts = buf.dts = i * Gst.SECOND // 30
-            src.emit("push-buffer", buf)
-            came.append(sink.emit("try-pull-sample", 2 * Gst.SECOND) is not None)
-    finally:
-        pipe.set_state(Gst.State.NULL)
+            push(src, unit, i)
+            came.append(sink.emit("try-pull-sample", 2 * MEDIA.Gst.SECOND) is not None)
     assert came == [True] * len(units)
 
 
