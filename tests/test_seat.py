@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 from dbus_next import Message, MessageType, Variant
+from dbus_next.aio import MessageBus
 
-from spice_streamd.seat import LogindVTSource, SysfsVTSource, open_vt_source
+from spice_streamd.seat import LogindVTSource, SysfsVTSource, VTSource, open_vt_source
 from tests.conftest import connect
 from tests.support.waiting import wait_async
+
+
+@contextlib.asynccontextmanager
+async def vt_source(bus, **kwargs) -> AsyncIterator[tuple[MessageBus, VTSource]]:
+    """open_vt_source on a connection to the test bus, both closed afterwards."""
+    conn = await connect(bus.address)
+    src = await open_vt_source(conn, **kwargs)
+    try:
+        yield conn, src
+    finally:
+        await src.close()
+        conn.disconnect()
 
 
 def test_logind_follows_seat0(bus, logind):
@@ -21,11 +36,9 @@ def test_logind_follows_seat0(bus, logind):
     logind.add_session("ssh", uid=1002, vt=0, type="tty")
 
     async def run():
-        conn = await connect(bus.address)
-        src = await open_vt_source(conn, sysfs_path="/nonexistent")
-        seen: list[int | None] = []
-        src.on_change(seen.append)
-        try:
+        async with vt_source(bus, sysfs_path="/nonexistent") as (_, src):
+            seen: list[int | None] = []
+            src.on_change(seen.append)
             assert isinstance(src, LogindVTSource)
             assert src.active_vt == 2
             await asyncio.to_thread(logind.activate, "c7")
@@ -37,9 +50,6 @@ def test_logind_follows_seat0(bus, logind):
             await asyncio.to_thread(logind.remove_session, "c2")
             await wait_async(lambda: src.active_vt is None, what="no session")
             assert seen == [7, None, 2, None]
-        finally:
-            await src.close()
-            conn.disconnect()
 
     asyncio.run(run())
 
@@ -51,16 +61,11 @@ def test_logind_without_a_session_in_front_says_the_kernels_vt(bus, logind, tmp_
     logind.add_session("c2", uid=1000, vt=2, active=True)
 
     async def run():
-        conn = await connect(bus.address)
-        src = await open_vt_source(conn, sysfs_path=str(active))
-        try:
+        async with vt_source(bus, sysfs_path=str(active)) as (_, src):
             assert (src.active_vt, src.active_session) == (2, "c2")
             await asyncio.to_thread(logind.remove_session, "c2")
             await wait_async(lambda: src.active_vt == 6, what="the kernel's VT 6")
             assert src.active_session is None
-        finally:
-            await src.close()
-            conn.disconnect()
 
     asyncio.run(run())
 
@@ -71,11 +76,9 @@ def test_a_new_session_on_the_same_vt_is_a_change(bus, logind):
     logind.add_session("a5", uid=1001, vt=5, type="tty", active=True)
 
     async def run():
-        conn = await connect(bus.address)
-        src = await open_vt_source(conn)
-        seen: list[tuple[int | None, str | None]] = []
-        src.on_change(lambda vt: seen.append((vt, src.active_session)))
-        try:
+        async with vt_source(bus) as (_, src):
+            seen: list[tuple[int | None, str | None]] = []
+            src.on_change(lambda vt: seen.append((vt, src.active_session)))
             assert (src.active_vt, src.active_session, src.has_sessions) == (5, "a5", True)
             logind.add_session("b5", uid=1002, vt=5, type="tty")
             await asyncio.to_thread(logind.activate, "b5")
@@ -85,9 +88,6 @@ def test_a_new_session_on_the_same_vt_is_a_change(bus, logind):
             await asyncio.to_thread(logind.activate, "a5", True)
             await src.refresh("test")
             assert seen == [(5, "b5"), (5, "a5")]
-        finally:
-            await src.close()
-            conn.disconnect()
 
     asyncio.run(run())
 
@@ -98,12 +98,10 @@ def test_spoofed_seat_change_is_ignored(bus, logind):
     logind.add_session("c9", uid=1001, vt=9)
 
     async def run():
-        conn = await connect(bus.address)
-        src = await open_vt_source(conn)
-        seen: list[int | None] = []
-        src.on_change(seen.append)
-        evil = await connect(bus.address)
-        try:
+        async with vt_source(bus) as (conn, src):
+            seen: list[int | None] = []
+            src.on_change(seen.append)
+            evil = await connect(bus.address)
             await evil.send(Message(
                 message_type=MessageType.SIGNAL, destination=conn.unique_name,
                 path="/org/freedesktop/login1/seat/seat0",
@@ -116,10 +114,7 @@ def test_spoofed_seat_change_is_ignored(bus, logind):
             await asyncio.to_thread(logind.activate, "c9")
             await wait_async(lambda: seen, what="real switch")
             assert seen == [9]
-        finally:
-            await src.close()
             evil.disconnect()
-            conn.disconnect()
 
     asyncio.run(run())
 
@@ -134,11 +129,9 @@ def test_a_malformed_active_session_in_loginds_signal_is_read_from_the_seat(bus,
     logind.add_session("c9", uid=1001, vt=9)
 
     async def run():
-        conn = await connect(bus.address)
-        src = await open_vt_source(conn, sysfs_path="/nonexistent")
-        seen: list[int | None] = []
-        src.on_change(seen.append)
-        try:
+        async with vt_source(bus, sysfs_path="/nonexistent") as (_, src):
+            seen: list[int | None] = []
+            src.on_change(seen.append)
             for bad in (dbus.String("c9", variant_level=1),
                         dbus.Struct((dbus.UInt32(9), dbus.ObjectPath("/")), variant_level=1)):
                 await asyncio.to_thread(
@@ -150,9 +143,6 @@ def test_a_malformed_active_session_in_loginds_signal_is_read_from_the_seat(bus,
             await asyncio.to_thread(logind.activate, "c9")
             await wait_async(lambda: seen, what="real switch")
             assert seen == [9] and src.active_session == "c9"
-        finally:
-            await src.close()
-            conn.disconnect()
 
     with caplog.at_level("WARNING"):
         asyncio.run(run())
@@ -163,15 +153,10 @@ def test_logind_going_away_means_no_vt(bus, logind):
     logind.add_session("c3", uid=1000, vt=3, active=True)
 
     async def run():
-        conn = await connect(bus.address)
-        src = await open_vt_source(conn)
-        try:
+        async with vt_source(bus) as (_, src):
             assert src.active_vt == 3
             await asyncio.to_thread(logind.stop)
             await wait_async(lambda: src.active_vt is None, what="no VT once logind is gone")
-        finally:
-            await src.close()
-            conn.disconnect()
 
     asyncio.run(run())
 
