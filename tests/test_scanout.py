@@ -8,6 +8,7 @@ import errno
 import math
 import mmap
 import os
+from collections.abc import Callable
 
 import pytest
 
@@ -159,16 +160,19 @@ class Grant:
     def __init__(self) -> None:
         self.asked: list[int] = []
         self.refuse: OSError | None = None
+        self.on_ask: Callable[[int], None] | None = None  # runs first: a flip meanwhile
+
+    def __call__(self, fb_id: int) -> int:
+        self.asked.append(fb_id)
+        if self.on_ask is not None:
+            self.on_ask(fb_id)
+        if self.refuse is not None:
+            raise self.refuse
+        return self.handle_of(fb_id)
 
     @staticmethod
     def handle_of(fb_id: int) -> int:
         return 1000 + fb_id
-
-    def __call__(self, fb_id: int) -> int:
-        self.asked.append(fb_id)
-        if self.refuse is not None:
-            raise self.refuse
-        return self.handle_of(fb_id)
 
 
 class Clock:
@@ -694,6 +698,42 @@ def test_a_refused_grant_on_a_flip_loses_the_picture_until_the_next_look(env, sh
     env.clock.advance(0.1)
     assert src.poll().resized
     assert frame_bytes(src) == fb2.visible(0, 0, W, H)
+
+
+def test_a_flip_before_the_services_check_is_looked_at_again_at_once(env, shown):
+    """The service refuses (EPERM) a framebuffer the display no longer shows: it flipped between
+    the look and the check. The same look reads the one shown now; the picture is never lost."""
+    src, _ = shown
+    fb3 = env.card.add_fb(3, tag=3)
+    env.card.add_fb(2, tag=2)
+    env.card.show(2)
+
+    def flip(fb_id: int) -> None:
+        if fb_id == 2:  # the compositor's next frame, before the service looks
+            env.card.show(3)
+            env.grant.refuse = GrantRefused(errno.EPERM, "not on the display now")
+        else:
+            env.grant.refuse = None
+
+    env.grant.on_ask = flip
+    env.clock.advance(0.1)
+    changes = src.poll()
+    assert env.grant.asked[-2:] == [2, 3]
+    assert src.live and src.flip_retries == 1
+    assert changes.damage
+    assert frame_bytes(src) == fb3.visible(0, 0, W, H)
+
+
+def test_a_lasting_refusal_is_asked_a_bounded_number_of_times(env, shown):
+    src, _ = shown
+    env.card.add_fb(2, tag=2)
+    env.card.show(2)
+    before = len(env.grant.asked)
+    env.grant.refuse = GrantRefused(errno.EPERM, "not on the display now")
+    env.clock.advance(0.1)
+    src.poll()
+    assert len(env.grant.asked) - before == scanout.FLIP_RETRIES + 1
+    assert not src.live
 
 
 # -- the cursor plane ------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import logging
 import mmap
 import time
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 
 from spice_stream_common import kms
 from spice_stream_common.exitcodes import DisplayLost, DisplayUnavailable
+from spice_stream_common.fbgrant import GrantRefused
 
 from ..cursor import CursorImage, cursor_from_pixels
 from ..damage import ALIGN, compare_bands, compare_frames
@@ -75,6 +77,11 @@ IDENTITY_CHECK_S = 1.0
 IDENTITY_CHECK_STILL_S = 4.0
 ACTIVE_S = 15.0
 CURSOR_MAX_SIDE = 512
+# Looks again at once when the service refused a handle because the framebuffer asked for is no
+# longer shown: the display flipped between the look and the service's check. Debian 12 on
+# virtio-gpu, unlock under TCG: one such refusal dropped the picture and the desktop reached the
+# client 3 s after the display.
+FLIP_RETRIES = 2
 
 
 @dataclass
@@ -138,6 +145,7 @@ class Scanout:
         self._closed = False
         self.size = (0, 0)
         self.reads = 0  # whole reads, for the tests and the bench
+        self.flip_retries = 0  # looks made again after a flip (the tests)
         timer = None
         try:
             timer = self._timer = PeriodicTimer()
@@ -284,52 +292,71 @@ class Scanout:
     def poll(self) -> Changes:
         self._check_open()
         self._timer.read()
-        changes = Changes()
         now = self._clock()
-        try:
-            crtc = self._crtc()
-            if crtc is None:
-                if self._fb is not None:
-                    log.info("scanout: no CRTC shows a picture")
-                # Nothing kept: what comes back (a screen unblanked) may be new buffers under the
-                # ids of the old ones (GNOME 43's lock screen was: its picture stayed black).
-                self._forget("")
+        changes = Changes()  # one for the retries too: a cursor change found stays found
+        for attempt in range(FLIP_RETRIES + 1):
+            try:
+                crtc = self._look(now, changes)
+            except GrantRefused as exc:
+                if exc.errno == errno.EPERM and attempt < FLIP_RETRIES:
+                    # The display flipped between this look's GETCRTC and the service's check
+                    # (a compositor's animation: Debian 12's unlock under TCG): look again now,
+                    # at the framebuffer shown now.
+                    self.flip_retries += 1
+                    continue
+                self._forget(str(exc))
                 return changes
-            self._poll_cursor(crtc, changes)
-            shown = (crtc.fb_id, crtc.x, crtc.y, crtc.width, crtc.height)
-            self._drop_unshown(now, crtc.fb_id)
-            m = self._map(crtc.fb_id, now, check=shown != self._shown)
-            m.shown_at = now
-            if shown != self._shown or self._fb is None or not m.read:
-                self._read_new(m, crtc, shown, changes)
-            elif self._whole_looks:
-                self._whole_looks -= 1
-                changes.damage = compare_frames(self._fb, self._read(m, crtc), *self.size)
-                if self._wide(_bands_of(changes.damage), crtc):
-                    self._whole_looks = WHOLE_LOOKS_AFTER_WIDE  # still repainting
-            else:
-                bands = {y for y, t in self._hot.items() if now - t <= HOT_S}
-                found = self._sampled_bands(m, crtc, bands) - bands  # hot ones are read anyway
-                if self._wide(len(found), crtc):
-                    changes.damage = compare_frames(self._fb, self._read(m, crtc), *self.size)
-                    self._whole_looks = WHOLE_LOOKS_AFTER_WIDE
-                else:
-                    # A change seen in a sampled row may go on in the bands beside it, whose
-                    # sampled rows this look did not reach: they are read whole too.
-                    bands |= {y + d for y in found for d in (-ALIGN, 0, ALIGN)
-                              if 0 <= y + d < crtc.height}
-                    if bands:
-                        changes.damage = compare_bands(
-                            self._fb, lambda y, rows: self._rows(m, crtc, y, rows), *self.size,
-                            bands)
-        except OSError as exc:  # KmsError, or the grant's GrantRefused / a broken grant socket
-            # The framebuffer went between two ioctls (a mode set, a VT switch), or the service
-            # refused its handle (no longer shown, no answer in time): the next look finds the new
-            # one; a lasting failure is the same error at each look, logged once.
-            self._forget(str(exc))
+            except OSError as exc:  # KmsError, or a broken grant socket
+                # The framebuffer went between two ioctls (a mode set, a VT switch), or the
+                # service gave no handle (no answer in time): the next look finds the new one; a
+                # lasting failure is the same error at each look, logged once.
+                self._forget(str(exc))
+                return changes
+            if crtc is None:
+                return changes
+            self._pace(now, crtc, changes)
             return changes
-        self._pace(now, crtc, changes)
-        return changes
+        raise AssertionError("unreachable")  # the last attempt returns
+
+    def _look(self, now: float, changes: Changes) -> kms.Crtc | None:
+        """One look at the display: `changes` filled in, the CRTC looked at (None: none shows a
+        picture)."""
+        crtc = self._crtc()
+        if crtc is None:
+            if self._fb is not None:
+                log.info("scanout: no CRTC shows a picture")
+            # Nothing kept: what comes back (a screen unblanked) may be new buffers under the
+            # ids of the old ones (GNOME 43's lock screen was: its picture stayed black).
+            self._forget("")
+            return None
+        self._poll_cursor(crtc, changes)
+        shown = (crtc.fb_id, crtc.x, crtc.y, crtc.width, crtc.height)
+        self._drop_unshown(now, crtc.fb_id)
+        m = self._map(crtc.fb_id, now, check=shown != self._shown)
+        m.shown_at = now
+        if shown != self._shown or self._fb is None or not m.read:
+            self._read_new(m, crtc, shown, changes)
+        elif self._whole_looks:
+            self._whole_looks -= 1
+            changes.damage = compare_frames(self._fb, self._read(m, crtc), *self.size)
+            if self._wide(_bands_of(changes.damage), crtc):
+                self._whole_looks = WHOLE_LOOKS_AFTER_WIDE  # still repainting
+        else:
+            bands = {y for y, t in self._hot.items() if now - t <= HOT_S}
+            found = self._sampled_bands(m, crtc, bands) - bands  # hot ones are read anyway
+            if self._wide(len(found), crtc):
+                changes.damage = compare_frames(self._fb, self._read(m, crtc), *self.size)
+                self._whole_looks = WHOLE_LOOKS_AFTER_WIDE
+            else:
+                # A change seen in a sampled row may go on in the bands beside it, whose
+                # sampled rows this look did not reach: they are read whole too.
+                bands |= {y + d for y in found for d in (-ALIGN, 0, ALIGN)
+                          if 0 <= y + d < crtc.height}
+                if bands:
+                    changes.damage = compare_bands(
+                        self._fb, lambda y, rows: self._rows(m, crtc, y, rows), *self.size,
+                        bands)
+        return crtc
 
     @staticmethod
     def _wide(bands: int, crtc: kms.Crtc) -> bool:
