@@ -72,9 +72,12 @@ MAPPING_KEPT_S = 1.0
 # framebuffer (a mode set, flips, a start): each second for ACTIVE_S after the framebuffer shown
 # last changed, then every IDENTITY_CHECK_STILL_S, also while pixels change in place (fbcon's
 # blinking cursor, a compositor drawing into the one buffer it shows): a grant is a round trip to
-# the service, a third of a still console's cost at one a second (Debian 13, TCG).
+# the service, a third of a still console's cost at one a second (Debian 13, TCG). At 4 s on a
+# still screen, Debian 12's lock screen (virtio-gpu) gave way to the desktop in a new buffer under
+# its framebuffer's id, and the client had the desktop 2 s after the display: the lock screen's
+# old buffer was read until the check.
 IDENTITY_CHECK_S = 1.0
-IDENTITY_CHECK_STILL_S = 4.0
+IDENTITY_CHECK_STILL_S = 2.0
 ACTIVE_S = 15.0
 CURSOR_MAX_SIDE = 512
 # Looks again at once when the service refused a handle because the framebuffer asked for is no
