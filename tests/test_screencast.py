@@ -203,6 +203,15 @@ def opened():
         src.close()
 
 
+def until(predicate, what: str, timeout: float = 10.0) -> None:
+    """Wait for a condition outside the source (the fake mutter's counts)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.02)  # the interval between two looks at the condition
+
+
 def poll_until(src: ScreenCast, predicate, timeout: float = 10.0, what: str = "condition",
                seen: list | None = None):
     """Poll the source whenever its pipe says so (as the worker's loop does) until predicate(changes)
@@ -398,6 +407,35 @@ def test_another_vt_holds_the_picture_and_a_close_meanwhile_is_no_stop_button(
         lines = [r.getMessage() for r in caplog.records]
         assert any("left the screen" in line for line in lines), lines
         assert any("on the screen again" in line for line in lines), lines
+    finally:
+        src.close()
+
+
+@needs_pipewire
+def test_a_cast_still_being_made_is_given_up_when_the_session_leaves_the_screen(
+        producers, mutter, logind, bus, caplog):
+    # mutter gives a node that sends nothing yet (a first cast at a boot took 13-18 s under TCG);
+    # another VT comes in front meanwhile: the cast is stopped, not made on in the background
+    # (it took the guest's CPUs from the session in front), and made again once the session is back.
+    caplog.set_level(logging.INFO, logger="spice_stream_worker.sources")
+    logind.add_session("c6", os.getuid(), vt=2, type="wayland", active=True)
+    fake = mutter(4_000_000, saver=False)  # no such node: no frame comes
+    src = ScreenCast(fps=30, timing=Timing(start=0.2, settle=0.5), session_id="c6",
+                     system_bus_address=bus.address)
+    try:
+        until(lambda: fake.counts()["Start"] == 1, "the cast started")
+        assert not any(poll_for(src, 0.5)) and not src.live  # its node given, still no frame
+        logind.set_property("c6", "Active", False)
+        poll_until(src, lambda c: "not on the screen" in src.describe(), timeout=5,
+                   what="the cast given up while another VT is in front")
+        until(lambda: fake.counts()["Stop"] == 1, "the cast stopped at mutter")
+        assert not any(poll_for(src, 1.0)) and fake.counts()["CreateSession"] == 1
+        fake.set_node(producers().node)
+        logind.set_property("c6", "Active", True)
+        poll_until(src, lambda c: c.resized, timeout=10, what="the picture after the return")
+        assert src.live and fake.counts()["CreateSession"] == 2
+        # Given up for the switch, not failed: no retry while away.
+        assert not [r for r in caplog.records if "trying again" in r.getMessage()]
     finally:
         src.close()
 

@@ -50,6 +50,10 @@ def _rates(sample: Any) -> str:
     return ", ".join(found)
 
 
+# The states of a screen cast being made: no stream yet.
+CREATING = frozenset({"create", "node", "frame", "retry", "check-lock"})
+
+
 @dataclass
 class Timing:
     """How long the source waits for what (the tests shorten them)."""
@@ -396,6 +400,12 @@ class Controller:
             if self.waiting == "frames":
                 log.info("GNOME ScreenCast: the session left the screen (another VT): no picture "
                          "until it is back")
+            elif self.waiting in CREATING:
+                # A screen cast still being made is given up, and made again when the session is
+                # back: its making took a guest's two CPUs for seconds under TCG, and the session
+                # in front got its first picture 4 s late (Debian 12, a switch to an X11 session).
+                self.attempt += 1  # what is still to come of it is ignored
+                self._wait_until_back()
         else:
             self.out._release()
             if self.waiting == "frames" and not self.out._is_up():

@@ -18,7 +18,8 @@ Lifecycle (mutter closes a screen cast for several reasons, the Closed signal sa
   - mutter leaving the bus (its name's owner gone or changed): created again when it is back;
   - another VT on the screen (logind's Active of the session false): the picture held is not
     current any more and none is taken until the session is back; a session that fails or closes
-    meanwhile is created again when it is back (never taken for the Stop button);
+    meanwhile, or was still being made, is created again when it is back (never taken for the
+    Stop button);
   - anything else is the user's Stop in GNOME's screen-sharing indicator: the worker exits with
     STOPPED_BY_USER and the service respects it until the next login;
   - failures to create: retried with backoff, a bounded number of times in a row.
