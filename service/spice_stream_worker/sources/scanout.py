@@ -402,6 +402,10 @@ class Scanout:
         if self._fb is None or size != self.size:
             if self._fb is not None:
                 log.info("scanout: the picture is now %dx%d (was %dx%d)", *size, *self.size)
+            else:
+                # Once per start, rest or loss: when the reader first had the display's picture,
+                # beside the client's time of it (VM 17: which of the two was late).
+                log.info("scanout: a picture, %dx%d from framebuffer %d", *size, crtc.fb_id)
             self.size = size
             self._fb = bytearray(pixels)
             changes.resized = True
