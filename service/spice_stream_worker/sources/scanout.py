@@ -297,14 +297,17 @@ class Scanout:
         self._timer.read()
         now = self._clock()
         changes = Changes()  # one for the retries too: a cursor change found stays found
-        for attempt in range(FLIP_RETRIES + 1):
+        retries = 0
+        while True:
             try:
                 crtc = self._look(now, changes)
+                break
             except GrantRefused as exc:
-                if exc.errno == errno.EPERM and attempt < FLIP_RETRIES:
+                if exc.errno == errno.EPERM and retries < FLIP_RETRIES:
                     # The display flipped between this look's GETCRTC and the service's check
                     # (a compositor's animation: Debian 12's unlock under TCG): look again now,
                     # at the framebuffer shown now.
+                    retries += 1
                     self.flip_retries += 1
                     continue
                 self._forget(str(exc))
@@ -315,11 +318,9 @@ class Scanout:
                 # lasting failure is the same error at each look, logged once.
                 self._forget(str(exc))
                 return changes
-            if crtc is None:
-                return changes
+        if crtc is not None:
             self._pace(now, crtc, changes)
-            return changes
-        raise AssertionError("unreachable")  # the last attempt returns
+        return changes
 
     def _look(self, now: float, changes: Changes) -> kms.Crtc | None:
         """One look at the display: `changes` filled in, the CRTC looked at (None: none shows a
