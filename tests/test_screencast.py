@@ -203,15 +203,6 @@ def opened():
         src.close()
 
 
-def until(predicate, what: str, timeout: float = 10.0) -> None:
-    """Wait for a condition outside the source (the fake mutter's counts)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.02)  # the interval between two looks at the condition
-
-
 def poll_until(src: ScreenCast, predicate, timeout: float = 10.0, what: str = "condition",
                seen: list | None = None):
     """Poll the source whenever its pipe says so (as the worker's loop does) until predicate(changes)
@@ -423,12 +414,12 @@ def test_a_cast_still_being_made_is_given_up_when_the_session_leaves_the_screen(
     src = ScreenCast(fps=30, timing=Timing(start=0.2, settle=0.5), session_id="c6",
                      system_bus_address=bus.address)
     try:
-        until(lambda: fake.counts()["Start"] == 1, "the cast started")
+        wait_until(lambda: fake.counts()["Start"] == 1, what="the cast started")
         assert not any(poll_for(src, 0.5)) and not src.live  # its node given, still no frame
         logind.set_property("c6", "Active", False)
         poll_until(src, lambda c: "not on the screen" in src.describe(), timeout=5,
                    what="the cast given up while another VT is in front")
-        until(lambda: fake.counts()["Stop"] == 1, "the cast stopped at mutter")
+        wait_until(lambda: fake.counts()["Stop"] == 1, what="the cast stopped at mutter")
         assert not any(poll_for(src, 1.0)) and fake.counts()["CreateSession"] == 1
         fake.set_node(producers().node)
         logind.set_property("c6", "Active", True)
