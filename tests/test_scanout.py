@@ -490,14 +490,37 @@ def test_a_flip_is_read_whole_at_once(env, shown):
     assert covers(changes.damage, 5, 30) and not covers(changes.damage, 5, 0)
     assert frame_bytes(src) == fb2.visible(0, 0, W, H)
     assert env.grant.asked[asked:] == [2]
-    # And back to the first: still mapped, not asked for again within IDENTITY_CHECK_S, read whole.
+    # And back to the first: its buffer asked for again (it may be another one now), still the
+    # same one, so still mapped (not mapped anew), read whole.
+    maps = len(env.card.maps)
     env.card.show(1)
     env.clock.advance(0.1)
     changes = src.poll()
     assert covers(changes.damage, 5, 30)
     assert frame_bytes(src) == fb1.visible(0, 0, W, H)
-    assert env.grant.asked[asked:] == [2]
+    assert env.grant.asked[asked:] == [2, 1]
+    assert len(env.card.maps) == maps
     assert src.reads == reads + 2
+
+
+def test_a_flip_to_a_new_buffer_under_a_kept_id_reads_the_new_one(env, shown):
+    """GNOME 48 on virtio-gpu, animating: between two flips the framebuffer not shown is freed and
+    made again under its id, with the next frame. A flip back to it reads that frame at once,
+    not the kept mapping's older one (which is let go)."""
+    src, fb1 = shown
+    fb2 = env.card.add_fb(2, tag=2)
+    env.card.show(2)
+    env.clock.advance(0.05)
+    src.poll()
+    assert frame_bytes(src) == fb2.visible(0, 0, W, H)
+    os.close(fb1.fd)
+    new1 = env.card.add_fb(1, tag=3)  # RMFB and ADDFB while 2 is shown: the same id and layout
+    env.card.show(1)
+    env.clock.advance(0.05)  # well within IDENTITY_CHECK_S of the last check of 1
+    changes = src.poll()
+    assert covers(changes.damage, 0, 0) and covers(changes.damage, W - 1, H - 1)
+    assert frame_bytes(src) == new1.visible(0, 0, W, H)
+    assert len(env.card.open_maps(1)) == 1  # the new buffer's; the old one's went
 
 
 def test_flips_keep_few_framebuffers_mapped(env, shown):

@@ -194,10 +194,11 @@ class Scanout:
 
     def _map(self, fb_id: int, now: float, check: bool = False) -> _Mapped:
         """The framebuffer's mapping, kept from before if it still is that framebuffer's buffer:
-        with `check` (a framebuffer newly shown) GETFB2 must say the same of it (the kernel gives a
-        removed framebuffer's id to the next one made, after a mode set another size), and every
-        IDENTITY_CHECK_S (IDENTITY_CHECK_STILL_S on a still screen) the buffer the id names is
-        asked for and compared (a new buffer of the same layout under the same id)."""
+        with `check` (a framebuffer newly shown: a flip, a mode set) GETFB2 must say the same of it
+        (the kernel gives a removed framebuffer's id to the next one made, after a mode set another
+        size) and the buffer the id names is asked for and compared (a new buffer of the same
+        layout under the same id); without, that buffer is compared every IDENTITY_CHECK_S
+        (IDENTITY_CHECK_STILL_S on a still screen). Only another buffer is mapped anew."""
         m = self._mapped.get(fb_id)
         fb = None
         if m is not None and check:
@@ -206,7 +207,10 @@ class Scanout:
                 self._unmap(fb_id)
                 m = None
         every = IDENTITY_CHECK_S if now - self._active_at < ACTIVE_S else IDENTITY_CHECK_STILL_S
-        if m is not None and now - m.checked_at < every:
+        # A flip to a kept framebuffer is checked each time: GNOME 48 on virtio-gpu makes new
+        # buffers under its two ids while it animates (each look of 8 s of animation found one),
+        # and a kept mapping then showed an older frame than the one before it.
+        if m is not None and not check and now - m.checked_at < every:
             return m
         if fb is None:
             fb = self._card.framebuffer(fb_id, handle=False)
