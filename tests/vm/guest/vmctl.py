@@ -1,7 +1,6 @@
 #!/usr/bin/python3
 """Runs INSIDE the VM (Debian's python3; Xlib and PIL are spice-streamd's own dependencies).
 
-    vmctl.py props                       the service's properties as JSON (one GetAll through busctl)
     vmctl.py shot DISPLAY OUT.png        screenshot of the X screen (needs XAUTHORITY), prints w h
     vmctl.py procs                       JSON: processes of the project (not this one), with ids
     vmctl.py xauth DISPLAY VT            the -auth file of the X server of DISPLAY (or on VT)
@@ -11,7 +10,6 @@
 
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -19,16 +17,6 @@ BUS = "org.spice_space.StreamingAgent1"
 PATH = "/org/spice_space/StreamingAgent1"
 PATTERNS = ("spice-streamd", "spice_streamd", "spice-stream-worker", "spice_stream_worker",
             "spice-stream-helper", "spice_stream_helper")
-
-
-def props():
-    out = subprocess.run(
-        ["busctl", "--json=short", "call", BUS, PATH, "org.freedesktop.DBus.Properties", "GetAll",
-         "s", BUS], capture_output=True, text=True, timeout=30)
-    if out.returncode != 0:
-        return {"error": out.stderr.strip()}
-    data = json.loads(out.stdout)["data"][0]
-    return {k: v["data"] for k, v in data.items()}
 
 
 def status_of(pid):
@@ -220,9 +208,7 @@ def watch(vt, uid, timeout, ready):
 
 def main(argv):
     cmd = argv[1]
-    if cmd == "props":
-        print(json.dumps(props()))
-    elif cmd == "shot":
+    if cmd == "shot":
         shot(argv[2], argv[3])
     elif cmd == "procs":
         print(json.dumps(procs()))
