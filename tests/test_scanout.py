@@ -523,6 +523,28 @@ def test_a_flip_to_a_new_buffer_under_a_kept_id_reads_the_new_one(env, shown):
     assert len(env.card.open_maps(1)) == 1  # the new buffer's; the old one's went
 
 
+def test_flips_at_the_frame_rate_stay_within_the_services_grants(env, shown):
+    """A compositor flipping between two framebuffers at 30 a second, looked at each frame: the
+    flips' checks ask for at most FLIP_CHECKS_PER_S handles in any second, under the service's
+    GRANTS_PER_S, and every look still reads the framebuffer shown."""
+    from spice_streamd.framebuffers import GRANTS_PER_S
+
+    src, fb1 = shown
+    fb2 = env.card.add_fb(2, tag=2)
+    asked = len(env.grant.asked)
+    times = []
+    for i in range(60):
+        env.card.show(2 if i % 2 == 0 else 1)
+        env.clock.advance(1 / 30)
+        before = len(env.grant.asked)
+        src.poll()
+        times += [env.clock.now] * (len(env.grant.asked) - before)
+        assert frame_bytes(src) == (fb2 if i % 2 == 0 else fb1).visible(0, 0, W, H)
+    assert len(env.grant.asked) - asked >= 2 * scanout.FLIP_CHECKS_PER_S - 2  # checked, 2 s
+    worst = max(sum(1 for u in times if t <= u < t + 1.0) for t in times)
+    assert worst <= scanout.FLIP_CHECKS_PER_S < GRANTS_PER_S
+
+
 def test_flips_keep_few_framebuffers_mapped(env, shown):
     src, _ = shown
     for fb_id in range(2, 2 + 2 * scanout.MAX_MAPPED):

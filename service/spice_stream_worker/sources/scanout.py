@@ -79,6 +79,10 @@ MAPPING_KEPT_S = 1.0
 IDENTITY_CHECK_S = 1.0
 IDENTITY_CHECK_STILL_S = 2.0
 ACTIVE_S = 15.0
+# Flips to a kept framebuffer are checked while fewer grants than this were asked for in the last
+# second: the service grants 10 a second (framebuffers.GRANTS_PER_S, burst 20) and refuses past
+# that; a compositor flipping at 30 fps gets its flips checked 6 times a second.
+FLIP_CHECKS_PER_S = 6
 CURSOR_MAX_SIDE = 512
 # Looks again at once when the service refused a handle because the framebuffer asked for is no
 # longer shown: the display flipped between the look and the service's check. Debian 12 on
@@ -142,6 +146,7 @@ class Scanout:
         self._hot: dict[int, float] = {}  # band -> when it last changed
         self._samples: dict[int, bytes] = {}  # phase -> the held picture's rows of that phase
         self._changes: deque[float] = deque()  # looks that found a change, the last second
+        self._granted: deque[float] = deque()  # when handles were asked for, the last second
         self._active_at = clock()  # when the framebuffer shown (or its buffer) last changed
         self._rate = 0.0
         self._wanted = True
@@ -207,10 +212,12 @@ class Scanout:
                 self._unmap(fb_id)
                 m = None
         every = IDENTITY_CHECK_S if now - self._active_at < ACTIVE_S else IDENTITY_CHECK_STILL_S
-        # A flip to a kept framebuffer is checked each time: GNOME 48 on virtio-gpu makes new
-        # buffers under its two ids while it animates (each look of 8 s of animation found one),
-        # and a kept mapping then showed an older frame than the one before it.
-        if m is not None and not check and now - m.checked_at < every:
+        # A flip to a kept framebuffer is checked too, within FLIP_CHECKS_PER_S: GNOME 48 on
+        # virtio-gpu makes new buffers under its two ids while it animates (each look of 8 s of
+        # animation found one), and a kept mapping then showed an older frame than the one
+        # before it.
+        if m is not None and not (check and self._flip_check_allowed(now)) \
+                and now - m.checked_at < every:
             return m
         if fb is None:
             fb = self._card.framebuffer(fb_id, handle=False)
@@ -218,6 +225,7 @@ class Scanout:
                                                                             kms.MODIFIER_INVALID):
             raise DisplayUnavailable(f"scanout: framebuffer {fb_id} is {fb.format_name} with "
                                      f"modifier {fb.modifier:#x}: only linear XRGB/ARGB8888 is read")
+        self._granted.append(now)
         handle = self._grant(fb_id)
         try:
             key = self._card.buffer_offset(handle, f"framebuffer {fb_id}")
@@ -234,6 +242,13 @@ class Scanout:
             self._unmap(next(iter(self._mapped)))
         m = self._mapped[fb_id] = _Mapped(fb, view, key, now)
         return m
+
+    def _flip_check_allowed(self, now: float) -> bool:
+        """Whether a flip's check fits in FLIP_CHECKS_PER_S grants in the last second (the
+        service grants GRANTS_PER_S; new framebuffers and the periodic checks need theirs)."""
+        while self._granted and now - self._granted[0] >= 1.0:
+            self._granted.popleft()
+        return len(self._granted) < FLIP_CHECKS_PER_S
 
     def _drop_unshown(self, now: float, current: int) -> None:
         """Mappings of framebuffers not shown for MAPPING_KEPT_S go: a compositor flipping
