@@ -27,6 +27,7 @@ BAD = {
     "log_level": ["verbose", 3, ""],
     "scanout": ["on", "dev/dri/card0", "", True, 0],
     "codecs": ["av1", "h264 theora", 3, ["h264"], "h264 " * 50],
+    "wayland_capture": ["pipewire", "", 1, True, ["scanout"]],
 }
 GOOD = {
     "device": "/dev/vport1p2",
@@ -38,6 +39,7 @@ GOOD = {
     "log_level": "debug",
     "scanout": "off",
     "codecs": "h264 vp8 mjpeg",
+    "wayland_capture": "scanout",
 }
 
 

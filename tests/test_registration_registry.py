@@ -204,3 +204,40 @@ def test_coordinator_streams_the_fallback_when_no_registered_session_is_in_front
     assert c.properties()["StreamingVT"] == 6
     sup.status = {"state": "running", "streaming": False, "vt": 0, "pid": 7}
     assert c.properties()["StreamingVT"] == 0
+
+
+def wayland_reg(sender, uid, vt, session):
+    return Registration(sender=sender, uid=uid, gid=uid, groups=(uid,), vt=vt, display="",
+                        xauthority="", session_id=session, pid=100, kind="wayland")
+
+
+def test_coordinator_streams_wayland_sessions_from_the_scanout_when_configured(caplog):
+    """wayland_capture = "scanout": a Wayland session in front is streamed by the scanout
+    reader (kept running across the switch to it: the same target), no worker of its own is
+    started or kept in standby; an X11 session keeps its worker."""
+    registry = SessionRegistry()
+    vt, dev, sup = FakeSource(2), FakeSource(True), FakeSupervisor()
+    c = Coordinator(registry, vt, dev, sup, make_target=lambda r: r and (r.uid, r.vt),
+                    fallback="scanout", scanout_kinds=frozenset({"wayland"}))
+    c.update()
+    caplog.set_level(logging.INFO)
+    registry.add(wayland_reg(":1.1", 1000, 2, "s1"))
+    assert sup.targets == ["scanout", "scanout"] and sup.standby == []
+    assert "streaming uid 1000 display wayland (session s1) from the display's scanout" \
+        in caplog.text
+    registry.add(reg(":1.2", 1001, 3))  # bob's X11 session on VT 3
+    assert sup.standby == [(1001, 3)]
+    vt.set(3)
+    assert sup.targets[-1] == (1001, 3) and sup.standby == ["scanout"]
+    vt.set(2)
+    assert sup.targets[-1] == "scanout" and sup.standby == [(1001, 3)]
+
+
+def test_coordinator_without_a_scanout_streams_wayland_sessions_by_their_worker():
+    registry = SessionRegistry()
+    vt, dev, sup = FakeSource(2), FakeSource(True), FakeSupervisor()
+    c = Coordinator(registry, vt, dev, sup, make_target=lambda r: r and (r.uid, r.vt),
+                    fallback=None, scanout_kinds=frozenset({"wayland"}))
+    c.update()
+    registry.add(wayland_reg(":1.1", 1000, 2, "s1"))
+    assert sup.targets == [(1000, 2)]

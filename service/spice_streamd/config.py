@@ -37,6 +37,7 @@ class Config:
     log_level: str = "info"
     scanout: str = "auto"
     codecs: str = "mjpeg"
+    wayland_capture: str = "screencast"
 
     def summary(self) -> str:
         """One log line with every effective value."""
@@ -82,6 +83,15 @@ def _codecs(value: Any) -> str:
     return " ".join(c.label for c in parse_preference(value))
 
 
+WAYLAND_CAPTURES = ("screencast", "scanout")
+
+
+def _wayland_capture(value: Any) -> str:
+    if isinstance(value, str) and value.lower() in WAYLAND_CAPTURES:
+        return value.lower()
+    raise ValueError
+
+
 def _scanout(value: Any) -> str:
     if isinstance(value, str) and value.lower() in ("auto", "off"):
         return value.lower()
@@ -104,6 +114,9 @@ KEYS: dict[str, _Key] = {
                     _scanout),
     "codecs": _Key("codec names in order of preference, from " + ", ".join(c.label for c in Codec)
                    + ' (e.g. "h264 vp8 mjpeg"; mjpeg is added last when missing)', _codecs),
+    "wayland_capture": _Key('"screencast" (the session\'s own worker, through mutter\'s screen cast) '
+                            'or "scanout" (the display\'s scanout reader, on virtual GPUs)',
+                            _wayland_capture),
 }
 _INT_KEYS = frozenset(k for k, v in dataclasses.asdict(Config()).items() if isinstance(v, int))
 _INT_TEXT = re.compile(r"[+-]?[0-9]{1,12}")

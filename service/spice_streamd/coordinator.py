@@ -55,11 +55,14 @@ class Coordinator:
     def __init__(self, registry: SessionRegistry, vt_source: _VT, device: _Device,
                  supervisor: _Supervisor,
                  make_target: Callable[[Registration | None], Any] = target_of,
-                 fallback: Any = None) -> None:
+                 fallback: Any = None, scanout_kinds: frozenset[str] = frozenset()) -> None:
         """fallback: the target when no registered session is in front (the scanout reader's),
-        or None (nothing is streamed then)."""
+        or None (nothing is streamed then). scanout_kinds: the kinds of registered sessions
+        ("wayland") streamed by the fallback too, with no worker of their own (the setting
+        wayland_capture = "scanout")."""
         self.registry = registry
         self._fallback = fallback
+        self._scanout_kinds = scanout_kinds if fallback is not None else frozenset()
         self.vt_source = vt_source
         self.device = device
         self.supervisor = supervisor
@@ -92,24 +95,33 @@ class Coordinator:
                 self._set_target(reg)
         # The other registered sessions' workers are kept started: a switch then costs no start.
         # The scanout reader too, while a session is in front: a switch to a text console or the
-        # login screen costs no process start either.
-        standby = [self._make_target(r) for r in self.registry.all() if r is not reg]
-        if reg is not None and self._fallback is not None:
+        # login screen costs no process start either. A session the scanout streams has none.
+        standby = [self._make_target(r) for r in self.registry.all()
+                   if r is not reg and not self._by_scanout(r)]
+        if reg is not None and self._fallback is not None and not self._by_scanout(reg):
             standby.append(self._fallback)
         self.supervisor.set_standby(standby)
         self.notify()
+
+    def _by_scanout(self, reg: Registration) -> bool:
+        """Whether the display's scanout streams this session, not a worker of its own."""
+        return reg.kind in self._scanout_kinds
 
     def _set_target(self, reg: Registration | None) -> None:
         if reg is None:
             log.info("no registered session in front (VT %s, session %s): %s",
                      self.vt_source.active_vt, self.vt_source.active_session or "-",
                      "streaming the display's scanout" if self._fallback else "worker stopped")
+        elif self._by_scanout(reg):
+            log.info("active VT %d: streaming uid %d display %s (session %s) from the display's "
+                     "scanout (wayland_capture = scanout)", reg.vt, reg.uid, reg.label,
+                     reg.session_id or "-")
         else:
             log.info("active VT %d: streaming uid %d display %s (session %s)", reg.vt,
                      reg.uid, reg.label, reg.session_id or "-")
         try:
             self.supervisor.set_target(self._make_target(reg) if reg is not None
-                                       else self._fallback)
+                                       and not self._by_scanout(reg) else self._fallback)
         except ServiceError as exc:
             # A target the supervisor refuses (e.g. a root group) must not stop the service.
             if reg is None:

@@ -124,8 +124,18 @@ class Service:
             registry = SessionRegistry(max_sessions=self.config.max_sessions,
                                        max_sessions_per_uid=self.config.max_sessions_per_uid)
 
-            coordinator = Coordinator(registry, vt_source, device, supervisor,
-                                      fallback=scanout_target(self.config.scanout))
+            fallback = scanout_target(self.config.scanout)
+            scanout_kinds = frozenset()
+            if self.config.wayland_capture == "scanout":
+                if fallback is None:
+                    log.warning("wayland_capture = scanout, but the scanout is not used: Wayland "
+                                "sessions are streamed by their own worker (screen cast)")
+                else:
+                    log.info("Wayland sessions are streamed from the display's scanout "
+                             "(wayland_capture = scanout)")
+                    scanout_kinds = frozenset({"wayland"})
+            coordinator = Coordinator(registry, vt_source, device, supervisor, fallback=fallback,
+                                      scanout_kinds=scanout_kinds)
             expiry = SessionExpiry(registry, session_source, vt_source)
             expiry.start()
             closers.append(("session expiry", expiry.close))
