@@ -1077,7 +1077,7 @@ def test_pixels_changing_in_place_keep_the_still_pace_of_buffer_checks(env, show
         env.clock.advance(1 / IDLE_RATE)
         seen += bool(src.poll().damage)
     every = math.ceil(scanout.IDENTITY_CHECK_STILL_S * IDLE_RATE - 1e-9) / IDLE_RATE
-    assert seen >= 20 * IDLE_RATE / 2  # the blinks were seen
+    assert seen >= int(20 * IDLE_RATE) // 2  # the blinks were seen
     assert len(env.grant.asked) - asked <= 20 / every + 1
 
 

@@ -48,8 +48,10 @@ log = logging.getLogger(__name__)
 HOT_S = 1.5  # three still looks: a cursor blinking slower than the looks stays followed
 # Looks per second at a still screen (VM, Debian 12, still console: 2.9% of a core at 5 a second,
 # 1.5% at 2.5 with every 8th row, 1.07% at 2.5 with every 16th; 0.98% / 1.07% on Debian 12 / 13
-# at 2, with the buffer checked once a second).
-IDLE_RATE = 1.5
+# at 2, with the buffer checked once a second; 0.68-0.98% at 1.5 with the buffer checked every
+# 2 s, too close to the 1% a still login screen may cost). A change on a still screen is seen
+# within 0.8 s.
+IDLE_RATE = 1.25
 # A still look compares every SAMPLE_PHASES-th row: under TCG copying and comparing the rows is
 # most of a look's cost (every 8th row of 1024x768, 393 KB a side: 5.8 ms, 1.5% of a core at 2.5
 # looks a second, VM, Debian 12), so 16: a glyph of fbcon's 16-row font is found within a few
