@@ -2158,6 +2158,7 @@ def s17_wayland_vt_switch(ctx: Context) -> str:
     entry = _bob_session(ctx)
     ctx.notes["bob_wayland_boot"] = entry  # 18 compares with bob's X11 session, whatever 17 gives
     bob_ref = ctx.screenshot(BOB[0], BOB_DISPLAY, BOB_XAUTH, "bob-ref-wayland")
+    ctx.notes["bob_ref"] = bob_ref  # S's too: bob's X server draws nothing while away from its VT
     apart = _alike(alice_ref, bob_ref)
     check(apart < PSNR_MIN, f"alice's and bob's screens are alike (PSNR {apart:.1f} dB): the "
           "pictures cannot tell which one is streamed")
@@ -2406,10 +2407,11 @@ def sS_scanout_sessions(ctx: Context) -> str:
             if not (m["fps"] > 0 and m["fps"] >= STREAMED_SHARE_MIN * painted):
                 problems.append(f"animation streamed at {m['fps']} fps for {painted} fps painted "
                                 f"(at least {STREAMED_SHARE_MIN:g} of it)")
-            if ctx.notes.get("bob_wayland_boot"):
+            if ctx.notes.get("bob_ref") is not None:
                 _frames_settled(ctx)
                 alice_ref = settle_dump(ctx, "alice-scanout-before-switch")
-                bob_ref = ctx.screenshot(BOB[0], BOB_DISPLAY, BOB_XAUTH, "bob-ref-scanout")
+                # 17's picture of bob's screen: a screenshot now, with his VT away, is black.
+                bob_ref = ctx.notes["bob_ref"]
                 # bob's helper was refused while his session was not in front (polkit): it
                 # registers again once it is, and the reader shows his VT meanwhile.
                 for vt, uid, ref, who in ((BOB_VT, f"{BOB[0]},{reader}", bob_ref, "bob (X11)"),
