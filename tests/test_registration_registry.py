@@ -7,9 +7,9 @@ import logging
 
 import pytest
 
+from spice_stream_common.ratelimit import LogLimiter, TokenBucket
 from spice_streamd.coordinator import Coordinator
 from spice_streamd.errors import LimitReached, PermissionDenied
-from spice_streamd.ratelimit import LogLimiter, TokenBucket
 from spice_streamd.sessions import Registration, SessionRegistry
 
 

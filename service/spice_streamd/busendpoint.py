@@ -14,8 +14,7 @@ from dbus_next import Message, MessageType
 from dbus_next.aio import MessageBus
 
 from spice_stream_common import constants
-
-from .ratelimit import LogLimiter
+from spice_stream_common.ratelimit import LogLimiter
 
 
 async def watch_name_owners(bus: MessageBus) -> None:

@@ -17,12 +17,12 @@ from dbus_next.aio import MessageBus
 from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, method
 
 from spice_stream_common import constants
+from spice_stream_common.ratelimit import TokenBucket
 from spice_stream_common.untrusted import printable, shown
 
 from . import errors
 from .busendpoint import BusEndpoint, left_the_bus
 from .caller import Caller, credentials_of
-from .ratelimit import TokenBucket
 from .readaccess import NOBODY, PER_USER, Owners, visible_to
 from .sessions import SessionRegistry
 from .verifier import RegistrationVerifier

@@ -12,8 +12,7 @@ import time
 from collections.abc import Callable
 
 from spice_stream_common import fbgrant, kms
-
-from .ratelimit import LogLimiter, TokenBucket
+from spice_stream_common.ratelimit import LogLimiter, TokenBucket
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
-from .ratelimit import LogLimiter
+from spice_stream_common.ratelimit import LogLimiter
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from collections.abc import Callable
 
 from spice_stream_common import frameparts
 from spice_stream_common import protocol as p
+from spice_stream_common.ratelimit import LogLimiter
 
 from .portwriter import PortWriter
-from .ratelimit import LogLimiter
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 from spice_stream_common import frameparts
 from spice_stream_common import protocol as p
+from spice_stream_common.ratelimit import LogLimiter
 
 from . import guestmessages, heap
-from .ratelimit import LogLimiter
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,8 @@ import asyncio
 import logging
 import re
 
+from spice_stream_common.ratelimit import TokenBucket
 from spice_stream_common.untrusted import shown
-
-from .ratelimit import TokenBucket
 
 log = logging.getLogger("spice_streamd.worker")
 

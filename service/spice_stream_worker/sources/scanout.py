@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from spice_stream_common import kms
 from spice_stream_common.exitcodes import DisplayLost, DisplayUnavailable
 from spice_stream_common.fbgrant import GrantRefused
+from spice_stream_common.ratelimit import LogLimiter
 
 from ..cursor import CursorImage, cursor_from_pixels
 from ..damage import ALIGN, compare_bands, compare_frames
@@ -86,6 +87,7 @@ ACTIVE_S = 15.0
 # that; a compositor flipping at 30 fps gets its flips checked 6 times a second.
 FLIP_CHECKS_PER_S = 6
 CURSOR_MAX_SIDE = 512
+LOG_EVERY_S = 5.0  # a line that a compositor's every frame could cause comes at most this often
 # Looks again at once when the service refused a handle because the framebuffer asked for is no
 # longer shown: the display flipped between the look and the service's check. Debian 12 on
 # virtio-gpu, unlock under TCG: one such refusal dropped the picture and the desktop reached the
@@ -149,6 +151,7 @@ class Scanout:
         self._samples: dict[int, bytes] = {}  # phase -> the held picture's rows of that phase
         self._changes: deque[float] = deque()  # looks that found a change, the last second
         self._granted: deque[float] = deque()  # when handles were asked for, the last second
+        self._log_limit = LogLimiter(log, interval=LOG_EVERY_S, clock=clock)
         self._active_at = clock()  # when the framebuffer shown (or its buffer) last changed
         self._rate = 0.0
         self._wanted = True
@@ -235,7 +238,11 @@ class Scanout:
                 if key == m.key and fb == m.fb:
                     m.checked_at = now
                     return m
-                log.info("scanout: framebuffer %d is another buffer now: read anew", fb_id)
+                # GNOME 48 on virtio-gpu does it at each frame of an animation: a line at most
+                # every few seconds.
+                self._log_limit.log(logging.INFO, "another buffer",
+                                    "scanout: framebuffer %d is another buffer now: read anew",
+                                    fb_id)
                 self._unmap(fb_id)
             view = self._card.map(fb, handle, offset=key)
         finally:
