@@ -2344,6 +2344,9 @@ def s18_wayland_static_and_animation(ctx: Context) -> str:
     return "; ".join(report)
 
 
+READER_ACTIVE_S = 16.0  # the scanout reader's ACTIVE_S (15 s) and a look
+
+
 def sS_scanout_sessions(ctx: Context) -> str:
     """Issue 17's proposal, measured: with wayland_capture = "scanout" the service streams alice's
     Wayland session from the display's scanout (no worker of hers, no screen cast): the picture
@@ -2376,6 +2379,7 @@ def sS_scanout_sessions(ctx: Context) -> str:
         with Viewer(ctx, "scanout-sessions", timeout=120) as viewer:
             wait_until(alice_by_scanout, 60, "alice's session registered and streamed by the "
                        "reader", interval=1.0)
+            streamed_at = time.monotonic()
             report.append(f"alice's session streamed by the reader {time.monotonic() - t0:.1f} s "
                           "after the restart")
             said = [str(e.get("MESSAGE")) for e in ctx.journal_json(f"-b -u {UNIT}")
@@ -2388,12 +2392,16 @@ def sS_scanout_sessions(ctx: Context) -> str:
             values = compare_dump(ctx, viewer, "scanout-session")
             report.append(f"PSNR {values}")
             _frames_settled(ctx)
+            # The reader checks its buffer each second for ACTIVE_S after the framebuffer shown
+            # changed (its start), every 2 s after: the still cost is measured after that.
+            time.sleep(max(0.0, streamed_at + READER_ACTIVE_S - time.monotonic()))
             static = _measure(ctx, 10.0)
             ticks = int(static["seconds"] // 60) + 1
-            check(static["frames"] <= ticks and static["cpu_share"] < CPU_STATIC_MAX,
-                  f"still desktop from the scanout over {static['seconds']} s: {static['frames']} "
-                  f"frames (at most {ticks}), reader CPU {100 * static['cpu_share']:.2f}% of a "
-                  f"core (limit {100 * CPU_STATIC_MAX:g}%)")
+            if not (static["frames"] <= ticks and static["cpu_share"] < CPU_STATIC_MAX):
+                problems.append(f"still desktop from the scanout over {static['seconds']} s: "
+                                f"{static['frames']} frames (at most {ticks}), reader CPU "
+                                f"{100 * static['cpu_share']:.2f}% of a core (limit "
+                                f"{100 * CPU_STATIC_MAX:g}%)")
             report.append(f"still desktop: {static['frames']} frames in {static['seconds']} s, "
                           f"reader CPU {100 * static['cpu_share']:.2f}% of a core")
             env = dict(ALICE_ENV, WAYLAND_DISPLAY="wayland-0", GDK_BACKEND="wayland")
