@@ -275,6 +275,13 @@ def timer_interval(fd: int) -> float:
     return spec.it_interval.tv_sec + spec.it_interval.tv_nsec / 1e9
 
 
+def timer_first(fd: int) -> float:
+    """How long until the timer's next expiry."""
+    spec = timerfd._Itimerspec()
+    assert timerfd._libc.timerfd_gettime(fd, ctypes.byref(spec)) == 0
+    return spec.it_value.tv_sec + spec.it_value.tv_nsec / 1e9
+
+
 # -- the first look ----------------------------------------------------------------------------------
 
 
@@ -960,13 +967,90 @@ def test_a_source_not_wanted_rests_and_then_reads_whole(env, shown):
     # The picture from before the rest is not offered as current (it is no longer what the
     # display shows): no picture until the next look.
     assert not src.live
-    # The pace it had (the first picture a second ago: twice a second).
-    assert timer_interval(src.fileno()) == pytest.approx(1 / max(IDLE_RATE, 2.0), abs=1e-6)
-    env.clock.advance(1 / IDLE_RATE)
+    # Relayed again: the next look at once, then at least FOLLOW_RATE a second (the pace it had,
+    # the first picture a second ago, was twice a second).
+    assert timer_first(src.fileno()) <= scanout.FIRST_LOOK_S + 1e-6
+    assert timer_interval(src.fileno()) == pytest.approx(
+        1 / max(scanout.FOLLOW_RATE, 2.0), abs=1e-6)
+    env.clock.advance(scanout.FIRST_LOOK_S)
     changes = src.poll()
     assert src.reads == 2  # whatever changed meanwhile is read whole, as a new picture
     assert src.live and changes.resized
     assert frame_bytes(src) == fb.visible(0, 0, W, H)
+
+
+def test_relayed_again_it_follows_for_follow_s_then_idles(env, shown):
+    """Back from a rest (relayed again after a VT switch) the display is about to change (Debian
+    13: mutter's first commit 5-8 s after chvt under TCG): at least FOLLOW_RATE looks a second
+    for FOLLOW_S, and IDLE_RATE after, on a screen that stays still."""
+    src, fb = shown
+    env.settle(src)
+    assert timer_interval(src.fileno()) == pytest.approx(1 / IDLE_RATE, abs=1e-6)
+    src.set_wanted(False)
+    env.clock.advance(30)
+    src.set_wanted(True)
+    start = env.clock.now
+    env.clock.advance(scanout.FIRST_LOOK_S)
+    assert src.poll().resized
+    intervals = []
+    while env.clock.now < start + scanout.FOLLOW_S + 3:
+        env.clock.advance(timer_interval(src.fileno()))
+        assert not src.poll()
+        intervals.append((env.clock.now - start, timer_interval(src.fileno())))
+    following = [i for t, i in intervals if t < scanout.FOLLOW_S - 0.01]
+    after = [i for t, i in intervals if t >= scanout.FOLLOW_S]
+    assert following and max(following) <= 1 / scanout.FOLLOW_RATE + 1e-6
+    assert after and all(i == pytest.approx(1 / IDLE_RATE, abs=1e-6) for i in after)
+    # A change in those seconds is seen within a FOLLOW_RATE look, not IDLE_RATE's.
+    src.set_wanted(False)
+    src.set_wanted(True)
+    env.clock.advance(scanout.FIRST_LOOK_S)
+    src.poll()
+    env.settle(src)
+    fb.paint_rows(0, H, tag=9)  # a repaint
+    env.clock.advance(timer_interval(src.fileno()))
+    assert timer_interval(src.fileno()) <= 1 / scanout.FOLLOW_RATE + 1e-6
+    assert src.poll().damage
+
+
+def test_a_framebuffer_newly_shown_is_followed(env, shown):
+    """A framebuffer not shown in the last NEW_FB_AFTER_S (a VT switch: fbcon's, mutter's first
+    commit after Xorg's) starts FOLLOW_S of quick looks; so does one shown again after that long."""
+    src, fb1 = shown
+    env.settle(src)
+    assert timer_interval(src.fileno()) == pytest.approx(1 / IDLE_RATE, abs=1e-6)
+    env.card.add_fb(2, tag=2)
+    env.card.show(2)
+    env.clock.advance(1 / IDLE_RATE)
+    assert src.poll().damage
+    env.settle(src)  # still since: only the follow keeps the looks quick
+    assert timer_interval(src.fileno()) == pytest.approx(1 / scanout.FOLLOW_RATE, abs=1e-6)
+    shown_at = env.clock.now
+    while env.clock.now < shown_at + scanout.FOLLOW_S:
+        env.clock.advance(timer_interval(src.fileno()))
+        assert not src.poll()
+    assert timer_interval(src.fileno()) == pytest.approx(1 / IDLE_RATE, abs=1e-6)
+    env.card.show(1)  # last shown more than NEW_FB_AFTER_S ago
+    env.clock.advance(1 / IDLE_RATE)
+    assert src.poll().damage
+    env.settle(src)
+    assert timer_interval(src.fileno()) == pytest.approx(1 / scanout.FOLLOW_RATE, abs=1e-6)
+
+
+def test_flips_between_buffers_shown_lately_are_not_followed(env, shown):
+    """A compositor flipping between its buffers (a blinking text cursor, every 1.2 s) starts no
+    follow: once the screen is still the looks idle, as on a still screen."""
+    src, _ = shown
+    env.card.add_fb(2, tag=2)
+    start = env.clock.now
+    flips = 0
+    while env.clock.now < start + scanout.FOLLOW_S + 2:
+        env.card.show(2 if flips % 2 == 0 else 1)
+        flips += 1
+        env.clock.advance(1.2)
+        src.poll()
+    env.settle(src)
+    assert timer_interval(src.fileno()) == pytest.approx(1 / IDLE_RATE, abs=1e-6)
 
 
 def test_the_timer_idles_with_no_picture(env):

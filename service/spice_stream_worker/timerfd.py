@@ -46,9 +46,14 @@ class PeriodicTimer:
     def fileno(self) -> int:
         return self.fd
 
-    def arm(self, interval: float) -> None:
-        """Every `interval` seconds from now (0 disarms)."""
-        spec = _Itimerspec(_timespec(interval), _timespec(interval))
+    def arm(self, interval: float, first: float | None = None) -> None:
+        """Every `interval` seconds, the first time after `first` seconds (default: `interval`;
+        an interval of 0 disarms)."""
+        if not interval:
+            first = 0.0
+        elif first is not None:
+            first = max(first, 1e-6)  # 0 would disarm
+        spec = _Itimerspec(_timespec(interval), _timespec(interval if first is None else first))
         if _libc.timerfd_settime(self.fd, 0, ctypes.byref(spec), None) < 0:
             err = ctypes.get_errno()
             raise OSError(err, f"timerfd_settime: {os.strerror(err)}")

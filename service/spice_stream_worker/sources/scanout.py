@@ -13,7 +13,9 @@ on a screen that stands still:
     so do the next two looks;
   - looks come IDLE_RATE times a second, more while the screen changes or the pointer moves (twice
     the looks that found either in the last second), up to the frame rate and the display's
-    refresh.
+    refresh; at least FOLLOW_RATE for FOLLOW_S after what the display shows changed hands (the
+    reader relayed again, a framebuffer not shown for NEW_FB_AFTER_S), when the next picture is
+    about to come.
 A new framebuffer on the CRTC (a page flip, a mode set, a VT switch) is always read whole.
 
 The framebuffer handle comes from the service (fbgrant): the kernel gives it only to the DRM
@@ -88,6 +90,18 @@ ACTIVE_S = 15.0
 FLIP_CHECKS_PER_S = 6
 CURSOR_MAX_SIDE = 512
 LOG_EVERY_S = 5.0  # a line that a compositor's every frame could cause comes at most this often
+# After the reader is relayed again, or a framebuffer not shown in the last NEW_FB_AFTER_S comes on
+# the CRTC (a VT switch, a mode set, a compositor's first commit), looks come at least FOLLOW_RATE
+# a second for FOLLOW_S: the next picture is about to come (a compositor repainting its screen,
+# its own first commit). VM 17, Debian 13 under TCG, back to alice's Wayland session from bob's X11
+# VT: Xorg's last framebuffer stayed on the CRTC until mutter's first commit 5-8 s after chvt, and
+# looking at IDLE_RATE the client had her desktop 2.4-2.8 s after the display. A still look costs
+# ~4 ms of a TCG core: 1.6% for those seconds. A compositor flipping between its buffers shows each
+# of them far more often than NEW_FB_AFTER_S (a blinking cursor: 1.2 s).
+FOLLOW_S = 10.0
+FOLLOW_RATE = 4.0
+NEW_FB_AFTER_S = 5.0
+FIRST_LOOK_S = 0.01  # the first look once relayed again: at once (it was a look's period, 0.8 s)
 # Looks again at once when the service refused a handle because the framebuffer asked for is no
 # longer shown: the display flipped between the look and the service's check. Debian 12 on
 # virtio-gpu, unlock under TCG: one such refusal dropped the picture and the desktop reached the
@@ -153,6 +167,8 @@ class Scanout:
         self._granted: deque[float] = deque()  # when handles were asked for, the last second
         self._log_limit = LogLimiter(log, interval=LOG_EVERY_S, clock=clock)
         self._active_at = clock()  # when the framebuffer shown (or its buffer) last changed
+        self._follow_until = 0.0  # looks at FOLLOW_RATE until then
+        self._seen_fbs: dict[int, float] = {}  # framebuffer id -> when a look last found it shown
         self._rate = 0.0
         self._wanted = True
         self._closed = False
@@ -293,7 +309,10 @@ class Scanout:
             self._fb, self._shown = None, None
             self._hot.clear()
             self._samples.clear()
-            self._timer.arm(1.0 / (self._rate or IDLE_RATE))
+            now = self._clock()
+            self._follow_until = now + FOLLOW_S
+            self._rate = max(self._rate or IDLE_RATE, self._floor(now))
+            self._timer.arm(1.0 / self._rate, first=FIRST_LOOK_S)
         else:
             self._timer.arm(0)
             # While it rests, compositors may free their framebuffers and make new ones under the
@@ -304,6 +323,22 @@ class Scanout:
 
     def _active_rate(self, crtc: kms.Crtc) -> float:
         return float(min(self._fps, crtc.refresh or 60))
+
+    def _floor(self, now: float) -> float:
+        """The fewest looks a second now: FOLLOW_RATE while following a change (see FOLLOW_S),
+        else IDLE_RATE (never past the frame rate)."""
+        return min(float(self._fps), FOLLOW_RATE) if now < self._follow_until else IDLE_RATE
+
+    def _note_shown(self, now: float, fb_id: int) -> None:
+        """Follow (FOLLOW_S) when a framebuffer not shown for NEW_FB_AFTER_S comes on the CRTC;
+        not the first one a reader ever finds (it starts at its frame rate)."""
+        last = self._seen_fbs.get(fb_id)
+        if self._seen_fbs and (last is None or now - last > NEW_FB_AFTER_S):
+            self._follow_until = now + FOLLOW_S
+        self._seen_fbs[fb_id] = now
+        if len(self._seen_fbs) > 2 * MAX_MAPPED:  # a compositor's new ids at each frame
+            recent = {f: t for f, t in self._seen_fbs.items() if now - t <= NEW_FB_AFTER_S}
+            self._seen_fbs = recent if len(recent) <= 2 * MAX_MAPPED else {fb_id: now}
 
     # -- the worker's loop ---------------------------------------------------------------------------
 
@@ -362,6 +397,7 @@ class Scanout:
             self._forget("")
             return None
         self._poll_cursor(crtc, changes)
+        self._note_shown(now, crtc.fb_id)
         shown = (crtc.fb_id, crtc.x, crtc.y, crtc.width, crtc.height)
         self._drop_unshown(now, crtc.fb_id)
         m = self._map(crtc.fb_id, now, check=shown != self._shown)
@@ -408,7 +444,8 @@ class Scanout:
             self._changes.popleft()
         if len(self._hot) > 4096 // ALIGN:  # a tall screen that changed all over: forget the old
             self._hot = {y: t for y, t in self._hot.items() if now - t <= HOT_S}
-        self._set_rate(min(self._active_rate(crtc), max(IDLE_RATE, 2.0 * len(self._changes))))
+        self._set_rate(min(self._active_rate(crtc), max(self._floor(now),
+                                                        2.0 * len(self._changes))))
 
     def _forget(self, why: str) -> None:
         if self._fb is not None and why:
@@ -418,7 +455,7 @@ class Scanout:
         self._fb, self._shown = None, None
         self._hot.clear()
         self._samples.clear()
-        self._set_rate(IDLE_RATE)
+        self._set_rate(self._floor(self._clock()))
 
     def _read_new(self, m: _Mapped, crtc: kms.Crtc, shown: tuple, changes: Changes) -> None:
         self._active_at = self._clock()  # another framebuffer (or buffer) shown: a flip, a mode set
