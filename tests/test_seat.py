@@ -161,6 +161,29 @@ def test_logind_going_away_means_no_vt(bus, logind):
     asyncio.run(run())
 
 
+def test_kernel_vt_is_read_at_the_call_ahead_of_the_published_vt(bus, logind, tmp_path):
+    """kernel_vt() reads the kernel's VT when asked (the supervisor asks when a worker says it has
+    no picture), not what logind has said so far; with either source."""
+    active = tmp_path / "active"
+    active.write_text("tty2\n")
+    logind.add_session("c2", uid=1000, vt=2, active=True)
+
+    async def run():
+        async with vt_source(bus, sysfs_path=str(active)) as (_, src):
+            assert src.kernel_vt() == 2 and src.active_vt == 2
+            active.write_text("tty3\n")  # the kernel switched; logind has not said so
+            assert src.kernel_vt() == 3 and src.active_vt == 2
+            active.write_text("garbage")
+            assert src.kernel_vt() is None
+        sysfs = SysfsVTSource(str(active))
+        active.write_text("tty5\n")
+        assert sysfs.kernel_vt() == 5
+        active.unlink()
+        assert sysfs.kernel_vt() is None
+
+    asyncio.run(run())
+
+
 def test_sysfs_regular_file_is_polled(tmp_path):
     active = tmp_path / "active"
     active.write_bytes(b"tty1\n")

@@ -1422,6 +1422,51 @@ def test_the_scanout_covers_for_a_worker_without_a_picture(workdir, pty_device):
     asyncio.run(run())
 
 
+def test_no_cover_while_the_kernel_shows_another_vt_for_the_grace(workdir, pty_device):
+    """The relayed worker's NO_PICTURE comes before the seat has told the switch (mutter hears
+    of it first): while the kernel shows another VT, no cover for LEFT_GRACE_S (the reader would
+    take CPU from the session switched to); past it, or with the kernel on its VT, covered."""
+    _, script, rec = workdir
+    host = Host(pty_device[1])
+    FakeGrants.opened.clear()
+    open(os.path.join(rec, "back"), "w").close()  # the worker has its picture
+    from spice_streamd.supervisor import LEFT_GRACE_S
+
+    kernel = {"vt": NOBODY.vt + 1}
+
+    async def run():
+        sup, _ = make(script, rec, pty_device[0], "covered", open_grants=FakeGrants,
+                      kernel_vt=lambda: kernel["vt"])
+        try:
+            sup.set_standby([SCANOUT])
+            await wait_async(lambda: len(records(rec)) == 1, what="the reader in standby")
+            sup.set_target(NOBODY)
+            host.send(p.start_stop([1]))
+            await wait_async(lambda: [m for t, m in host.read()
+                                      if t == p.MsgType.DATA and m[2:3] == b"W"],
+                             timeout=15, what="the worker's own frames")
+            relayed = sup._worker
+            sup._on_no_picture(relayed)
+            assert sup._cover is None and relayed.left_at is not None
+            sup._on_no_picture(relayed)  # again (every 2 s), within the grace
+            assert sup._cover is None
+            relayed.left_at -= LEFT_GRACE_S  # past it: the kernel's VT is followed by no switch
+            sup._on_no_picture(relayed)
+            assert sup._cover is not None
+            sup._end_cover(relayed, "test")
+            kernel["vt"] = NOBODY.vt  # the kernel on the session's VT: covered at once
+            sup._on_no_picture(relayed)
+            assert sup._cover is not None
+            sup._end_cover(relayed, "test")
+            kernel["vt"] = None  # unknown: covered at once
+            sup._on_no_picture(relayed)
+            assert sup._cover is not None
+        finally:
+            await sup.close()
+
+    asyncio.run(run())
+
+
 def test_no_cover_for_a_worker_whose_session_has_just_left_the_screen(workdir, pty_device):
     """A VT switch: the relayed worker's session leaves the screen, so its NO_PICTURE may be read
     after the target changed and before the switch is carried out. The scanout reader is not

@@ -118,7 +118,8 @@ class Service:
             closers.append(("device watch", device.close))
             supervisor = WorkerSupervisor(device_path=self.config.device, fps=self.config.fps,
                                           quality=self.config.quality, codecs=self.config.codecs,
-                                          on_change=self._changed)
+                                          on_change=self._changed,
+                                          kernel_vt=vt_source.kernel_vt)
             closers.append(("worker", supervisor.close))
 
             registry = SessionRegistry(max_sessions=self.config.max_sessions,

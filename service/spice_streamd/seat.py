@@ -44,6 +44,15 @@ KERNEL_FOLLOW_S = (0.0, 0.2, 0.5, 1.0, 2.0)
 SESSION_VTS_KEPT = 64
 
 
+def read_kernel_vt(path: str = SYSFS_ACTIVE) -> int | None:
+    """The VT number in the sysfs attribute at `path` now, None if unreadable or not a VT."""
+    try:
+        with open(path, "rb") as f:
+            return parse_active_vt(f.read(64))
+    except OSError:
+        return None
+
+
 class VTSource(Protocol):
     active_vt: int | None
     # seat0's active logind session id; always None when has_sessions is False (no logind).
@@ -51,6 +60,11 @@ class VTSource(Protocol):
     has_sessions: bool
 
     def on_change(self, callback: Callable[[int | None], None]) -> None: ...
+
+    def kernel_vt(self) -> int | None:
+        """The kernel's foreground VT read now (None: unknown), ahead of what the source has
+        published: a switch reaches the kernel first."""
+        ...
 
     async def refresh(self, why: str) -> None: ...
 
@@ -231,11 +245,10 @@ class LogindVTSource(_Notifier):
         return vt, session_id
 
     def _kernel_vt(self) -> int | None:
-        try:
-            with open(self._kernel_vt_path, "rb") as f:
-                return parse_active_vt(f.read(64))
-        except OSError:
-            return None
+        return read_kernel_vt(self._kernel_vt_path)
+
+    def kernel_vt(self) -> int | None:
+        return read_kernel_vt(self._kernel_vt_path)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -320,6 +333,9 @@ class SysfsVTSource(_Notifier):
             log.warning("cannot read %s: %s", self.path, e.strerror)
             data = b""
         self._set(parse_active_vt(data), why)
+
+    def kernel_vt(self) -> int | None:
+        return read_kernel_vt(self.path)
 
     async def refresh(self, why: str) -> None:
         """Reads the attribute again (the poll mode does so on its own timer anyway)."""

@@ -34,6 +34,10 @@ WATCHDOG_S = 10.0
 # said this recently that the picture the host has from it is still current (UNCHANGED).
 STREAMING_WINDOW_S = 5.0
 STARTUP_PERIODS = 3
+# How long a relayed worker without a picture is not covered by the scanout while the kernel shows
+# another VT than its session's (logind's word of the switch is on its way: 0.2-2.2 s under TCG).
+# Its NO_PICTURE comes again every HEARTBEAT_S (2 s): covered at the first one past this.
+LEFT_GRACE_S = 3.0
 STOPPED_TEXT = ("stopped by its user (the desktop's Stop for screen sharing): not restarted "
                 "until the session registers again")
 
@@ -60,6 +64,7 @@ class _Worker:
         self.detached = False
         self.caps: Any = None  # its CAPABILITIES, kept while it waits in standby
         self.first_message_at: float | None = None
+        self.left_at: float | None = None  # its NO_PICTURE, when the kernel showed another VT
         # Relayed again after the scanout covered for it: its frames are dropped until the FORMAT
         # its new START_STOP makes it send (those before were sent for a stream it no longer has).
         self.awaiting_format = False
@@ -116,6 +121,7 @@ class WorkerSupervisor:
         pause_after_s: float | None = None,
         cgroups: cgroup.Tree | None | Literal["auto"] = "auto",
         open_grants: Callable[[str], FramebufferGrants] = FramebufferGrants,
+        kernel_vt: Callable[[], int | None] = lambda: None,
     ) -> None:
         """cgroups: where each worker gets a cgroup of its own; "auto" is the service's own
         delegated cgroup when there is one (cgroup.service_tree()), None is none at all."""
@@ -127,6 +133,7 @@ class WorkerSupervisor:
         self._argv = list(worker_argv or [sys.executable, "-I", "-m", "spice_stream_worker"])
         self._cgroups = cgroups
         self._open_grants_for = open_grants
+        self._kernel_vt = kernel_vt  # the kernel's VT now: a switch the seat has not told yet
         self._on_change = on_change
         self._grace_s = grace_s
         self._watchdog_s = watchdog_s
@@ -584,7 +591,7 @@ class WorkerSupervisor:
             # switch is carried out): the next worker is relayed in a moment, and a cover now
             # would start the reader only to stop it, in the middle of a VT switch.
             return
-        if not self.relay.host_wants_frames:
+        if not self.relay.host_wants_frames or self._left_the_screen(w):
             return
         cover = next((sw for t, sw in self._standby.items()
                       if t.scanout and not sw.wait_task.done()), None)
@@ -597,6 +604,25 @@ class WorkerSupervisor:
             self.relay.submit(cover.caps)
         log.info("worker %s has no picture: the display's scanout (%s) is shown meanwhile", w, cover)
         self._notify()
+
+    def _left_the_screen(self, w: _Worker) -> bool:
+        """Whether the kernel shows another VT than `w`'s session, for less than LEFT_GRACE_S
+        since its NO_PICTURE first said so: mutter hears of a switch before logind's signal
+        reaches the service, and the next worker is relayed in a moment; a cover now starts the
+        reader in the middle of the switch, taking CPU from the session switched to (VM 17 under
+        TCG: bob's X11 worker sent its first frame 2.5 s after it was relayed, while the reader
+        covered for alice's left session). Past the grace, covered: a kernel VT that no session
+        change follows does not keep the picture away."""
+        vt = self._kernel_vt()
+        if vt is None or not w.target.vt or vt == w.target.vt:
+            w.left_at = None
+            return False
+        now = time.monotonic()
+        if w.left_at is None:
+            w.left_at = now
+            log.info("worker %s has no picture: the kernel shows VT %d, the switch is on its way",
+                     w, vt)
+        return now - w.left_at < LEFT_GRACE_S
 
     def _end_cover(self, w: _Worker | None, why: str) -> None:
         """The scanout goes back to standby; `w` (still the relayed worker) is attached again and
