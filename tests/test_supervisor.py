@@ -1422,6 +1422,19 @@ def test_the_scanout_covers_for_a_worker_without_a_picture(workdir, pty_device):
     asyncio.run(run())
 
 
+async def _streaming_with_the_reader_in_standby(sup: WorkerSupervisor, rec, host: Host):
+    """NOBODY's worker relayed and streaming (its own frames on the port), the scanout reader
+    waiting in standby; the relayed worker."""
+    sup.set_standby([SCANOUT])
+    await wait_async(lambda: len(records(rec)) == 1, what="the reader in standby")
+    sup.set_target(NOBODY)
+    host.send(p.start_stop([1]))
+    await wait_async(lambda: [m for t, m in host.read()
+                              if t == p.MsgType.DATA and m[2:3] == b"W"],
+                     timeout=15, what="the worker's own frames")
+    return sup._worker
+
+
 def test_no_cover_while_the_kernel_shows_another_vt_for_the_grace(workdir, pty_device):
     """The relayed worker's NO_PICTURE comes before the seat has told the switch (mutter hears
     of it first): while the kernel shows another VT, no cover for LEFT_GRACE_S (the reader would
@@ -1438,14 +1451,7 @@ def test_no_cover_while_the_kernel_shows_another_vt_for_the_grace(workdir, pty_d
         sup, _ = make(script, rec, pty_device[0], "covered", open_grants=FakeGrants,
                       kernel_vt=lambda: kernel["vt"])
         try:
-            sup.set_standby([SCANOUT])
-            await wait_async(lambda: len(records(rec)) == 1, what="the reader in standby")
-            sup.set_target(NOBODY)
-            host.send(p.start_stop([1]))
-            await wait_async(lambda: [m for t, m in host.read()
-                                      if t == p.MsgType.DATA and m[2:3] == b"W"],
-                             timeout=15, what="the worker's own frames")
-            relayed = sup._worker
+            relayed = await _streaming_with_the_reader_in_standby(sup, rec, host)
             sup._on_no_picture(relayed)
             assert sup._cover is None and relayed.left_at is not None
             sup._on_no_picture(relayed)  # again (every 2 s), within the grace
@@ -1479,14 +1485,7 @@ def test_no_cover_for_a_worker_whose_session_has_just_left_the_screen(workdir, p
     async def run():
         sup, _ = make(script, rec, pty_device[0], "covered", open_grants=FakeGrants)
         try:
-            sup.set_standby([SCANOUT])
-            await wait_async(lambda: len(records(rec)) == 1, what="the reader in standby")
-            sup.set_target(NOBODY)
-            host.send(p.start_stop([1]))
-            await wait_async(lambda: [m for t, m in host.read()
-                                      if t == p.MsgType.DATA and m[2:3] == b"W"],
-                             timeout=15, what="the worker's own frames")
-            relayed = sup._worker
+            relayed = await _streaming_with_the_reader_in_standby(sup, rec, host)
             sup.set_target(None)
             sup._on_no_picture(relayed)  # read before the supervisor's next round
             assert sup._cover is None
