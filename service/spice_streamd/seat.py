@@ -225,11 +225,11 @@ class LogindVTSource(_Notifier):
             )
             active = _active_session(seat.get("ActiveSession"))
         if active is None:
-            return self._kernel_vt(), None
+            return self.kernel_vt(), None
         session_id, path = active
         if not session_id or path in ("", "/"):
             # No session in front (a text console's login prompt): the VT is the kernel's.
-            return self._kernel_vt(), None
+            return self.kernel_vt(), None
         if session_id in self._session_vts:
             self._session_vts.move_to_end(session_id)
             return self._session_vts[session_id], session_id
@@ -243,9 +243,6 @@ class LogindVTSource(_Notifier):
         while len(self._session_vts) > SESSION_VTS_KEPT:
             self._session_vts.popitem(last=False)
         return vt, session_id
-
-    def _kernel_vt(self) -> int | None:
-        return read_kernel_vt(self._kernel_vt_path)
 
     def kernel_vt(self) -> int | None:
         return read_kernel_vt(self._kernel_vt_path)
