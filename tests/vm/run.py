@@ -1874,12 +1874,10 @@ def _close_overview(ctx: Context) -> str:
     changing: under TCG the closing animation had not started when 14's "settled" picture was
     taken (Debian 13, virtio-vga), and the pointer's box was the overview going away. What was
     done, for the report."""
-    ask = (f"runuser -u {ALICE[1]} -- env DBUS_SESSION_BUS_ADDRESS=unix:path=/run/user/{ALICE[0]}"
-           "/bus busctl --user get-property org.gnome.Shell /org/gnome/Shell org.gnome.Shell "
-           "OverviewActive")
+    ask = "busctl --user get-property org.gnome.Shell /org/gnome/Shell org.gnome.Shell OverviewActive"
 
     def active() -> bool | None:
-        res = ctx.vm.sh(ask, quiet=True)
+        res = as_alice(ctx, ask, quiet=True)
         return None if res.rc != 0 else res.out.strip() == "b true"
 
     state = active()
