@@ -564,6 +564,18 @@ def test_flips_keep_few_framebuffers_mapped(env, shown):
     assert env.card.open_maps(fb_id)  # the one shown is
 
 
+def test_a_compositor_making_new_framebuffers_keeps_the_reader_bounded(env, shown):
+    """The ids a compositor (a user's process) puts on the CRTC are remembered for the follow
+    (NEW_FB_AFTER_S) in a bounded table, however many it makes."""
+    src, _ = shown
+    for fb_id in range(2, 60):
+        env.card.add_fb(fb_id, tag=fb_id)
+        env.card.show(fb_id)
+        env.clock.advance(0.05)
+        src.poll()
+        assert len(src._seen_fbs) <= 2 * scanout.MAX_MAPPED
+
+
 def test_a_mode_change(env, shown):
     src, _ = shown
     fb2 = env.card.add_fb(2, 80, 40, tag=2)
